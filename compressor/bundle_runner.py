@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""On-device runner shipped in every bundle as ``run_bundle.py``.
+
+    python3 run_bundle.py [BUNDLE_DIR] [--onnx]
+
+1. checks that this CPU has every ISA feature the manifest requires
+   (exit 6 with the missing list otherwise, instead of crashing on an illegal
+   instruction);
+2. verifies the sha256 of every file listed in the manifest;
+3. runs the compiled artifact (TVM runtime) -- or, with ``--onnx``, the
+   compressed ONNX model (onnxruntime) -- on selfcheck/inputs.npz and compares
+   with selfcheck/expected.npz. Exit 0 when all outputs agree (cosine >= 0.9999).
+Needs only numpy plus ``tvm`` (or ``onnxruntime`` with --onnx). Standalone: no compressor import.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_features() -> set[str]:
+    feats: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                feats.update(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return feats
+
+
+def main(argv: list[str]) -> int:
+    use_onnx = "--onnx" in argv
+    args = [a for a in argv if not a.startswith("--")]
+    bdir = Path(args[0]) if args else Path(__file__).resolve().parent
+    manifest = json.loads((bdir / "manifest.json").read_text())
+    if not use_onnx:
+        need = set(manifest.get("required_isa_features", []))
+        missing = sorted(need - cpu_features())
+        if missing:
+            print(f"this CPU ({platform.machine()}) lacks ISA features the artifact needs: {', '.join(missing)}")
+            return 6
+    for name, info in manifest["files"].items():
+        if hashlib.sha256((bdir / name).read_bytes()).hexdigest() != info["sha256"]:
+            print(f"sha256 mismatch: {name}")
+            return 7
+    with np.load(bdir / "selfcheck" / "inputs.npz") as z:
+        inputs = {k: z[k] for k in z.files}
+    with np.load(bdir / "selfcheck" / "expected.npz") as z:
+        expected = {k: z[k] for k in z.files}
+    names = [o["name"] for o in manifest["outputs"]]
+    order = [i["name"] for i in manifest["inputs"]]
+    n = len(next(iter(inputs.values())))
+    if use_onnx:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(bdir / "model.onnx"), providers=["CPUExecutionProvider"])
+        run = lambda feed: sess.run(None, feed)
+    else:
+        import tvm
+        from tvm import relax
+
+        if not manifest.get("artifact"):
+            print("bundle has no compiled artifact; use --onnx")
+            return 8
+        lib = tvm.runtime.load_module(str(bdir / manifest["artifact"]["path"]))
+        vm = relax.VirtualMachine(lib, tvm.cpu())
+
+        def run(feed):
+            out = vm["main"](*[tvm.runtime.tensor(feed[k]) for k in order])
+            outs = list(out) if not hasattr(out, "numpy") else [out]
+            return [o.numpy() for o in outs]
+    worst = 1.0
+    for i in range(n):
+        outs = run({k: inputs[k][i] for k in order})
+        for name, got in zip(names, outs):
+            a, r = np.ravel(got).astype(np.float64), np.ravel(expected[name][i]).astype(np.float64)
+            denom = np.linalg.norm(a) * np.linalg.norm(r)
+            cos = 1.0 if denom == 0 and np.allclose(a, r) else float(a @ r / denom) if denom else 0.0
+            worst = min(worst, cos)
+    ok = worst >= 0.9999
+    print(f"SELFCHECK {'PASSED' if ok else 'FAILED'} samples={n} min_cosine={worst:.6f} runtime={'onnxruntime' if use_onnx else 'tvm'}")
+    return 0 if ok else 9
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,234 @@
+"""The ``compress`` command line.
+
+    compress MODEL --target TAG [--sparsity S] [--eval DATA] [-o OUT] [...]
+    compress run RECIPE.yaml [-o OUT] [--force] [--dry-run]
+    compress list passes|targets
+    compress explain-target TAG
+    compress demo [-o OUT]          # the embedded default model, with its eval data
+
+Exit codes: 0 ok, 1 internal error, 2 usage, 3 accuracy gate failed (bundle
+written, marked failed), 4 bad input/config, 5 missing dependency.
+Errors are one line on stderr; ``--debug`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from compressor.errors import EXIT_INTERNAL, CompressorError, UsageError
+from compressor.recipe import Options, dump_recipe, load_recipe
+
+SUBCOMMANDS = ("run", "list", "explain-target", "demo")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO_ROOT / "models" / "digits_cnn.onnx"
+DEMO_EVAL = REPO_ROOT / "models" / "digits_eval.npz"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
+    p.add_argument("-o", "--output", help="bundle directory (default: MODEL.TARGET.bundle)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved pipeline and target, run nothing")
+    p.add_argument("--save-recipe", metavar="FILE", help="write the resolved recipe to FILE")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-v", "--verbose", action="store_true")
+    if not with_model_flags:
+        return
+    p.add_argument("--target", default="x86", help="x86 | arm | cuda (or a variant: x86-avx2, arm64-linux, cuda-sm90)")
+    p.add_argument("--sparsity", type=float, default=0.0, help="fraction of prunable weights set to zero, in [0, 1)")
+    p.add_argument("--pass", dest="passes", action="append", metavar="NAME[:k=v,...]",
+                   help="explicit pipeline (repeatable); replaces the default cleanup + flag-driven passes")
+    p.add_argument("--calib", help="calibration data .npz (one array per input, samples on axis 0)")
+    p.add_argument("--eval", help="evaluation data .npz (inputs + 'labels'); verification uses it too")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224", help="fix dynamic input dims")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="load passes/targets from a Python file")
+    p.add_argument("--strict", action="store_true", help="a plugin entry point that fails to load is an error")
+    p.add_argument("--check-each-pass", action="store_true", help="onnx.checker + shape inference after every pass")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the model after every pass into DIR")
+    p.add_argument("--print-pass-times", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip target compilation (reported as a warning)")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--no-gate", action="store_true", help="report gate failures but exit 0")
+    p.add_argument("--min-cosine", type=float, default=0.99, help="gate: min cosine similarity per output (default 0.99)")
+    p.add_argument("--min-top1", type=float, default=0.95, help="gate: min top-1 agreement for classifier outputs (default 0.95)")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="gate: max task-accuracy drop with --eval labels (default 0.01)")
+    p.add_argument("--verify-samples", type=int, default=16, help="samples used for output comparison (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _parse_pass_flag(text: str) -> dict:
+    name, _, rest = text.partition(":")
+    cfg = {}
+    for kv in filter(None, rest.split(",")):
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise UsageError(f"bad --pass {text!r}", hint="use NAME:key=value,key=value")
+        import yaml
+
+        cfg[k.strip()] = yaml.safe_load(v)
+    return {"name": name.strip(), "config": cfg}
+
+
+def _options_from_args(a: argparse.Namespace) -> Options:
+    return Options(
+        model=a.model, target=a.target, output=a.output, sparsity=a.sparsity,
+        passes=[_parse_pass_flag(t) for t in a.passes] if a.passes else None,
+        calib=a.calib, eval=a.eval, input_shape=a.input_shape, plugin=a.plugin, force=a.force,
+        dry_run=a.dry_run, check_each_pass=a.check_each_pass, dump_ir=a.dump_ir,
+        print_pass_times=a.print_pass_times, no_compile=a.no_compile, no_latency=a.no_latency,
+        no_gate=a.no_gate, min_cosine=a.min_cosine, min_top1=a.min_top1,
+        max_accuracy_drop=a.max_accuracy_drop, verify_samples=a.verify_samples, seed=a.seed, strict=a.strict,
+    )
+
+
+def _run(opts: Options, save_recipe: str | None) -> int:
+    from compressor import pipeline, report
+
+    plan = pipeline.plan(opts)
+    if save_recipe:
+        path = Path(save_recipe)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(dump_recipe(plan.recipe(path.resolve().parent)))
+        os.replace(tmp, path)
+        _say(f"recipe written to {path}")
+    if opts.dry_run:
+        for line in pipeline.describe(plan):
+            _say(line)
+        return 0
+    rep, code = pipeline.execute(plan, _say)
+    _say("")
+    for line in report.before_after(rep):
+        _say(line)
+    if rep.get("accuracy"):
+        acc = rep["accuracy"]
+        extra = f", artifact {acc['artifact']:.4f}" if acc.get("artifact") is not None else ""
+        _say(f"task accuracy: original {acc['original']:.4f} -> compressed {acc['compressed']:.4f}{extra} ({acc['n']} samples)")
+    _say("")
+    for comp in rep["verification"]:
+        for line in report.comparison_lines(comp):
+            _say(line)
+    if opts.print_pass_times:
+        _say("")
+        for line in report.table([[r["name"], f"{r['seconds'] * 1000:.1f} ms"] for r in rep["passes"]], ["pass", "time"]):
+            _say(line)
+    for w in rep["warnings"]:
+        _say(f"warning: {w}")
+    for f in rep["gate"]["failures"]:
+        _say(f"gate: {f}")
+    _say(report.result_line(rep))
+    return code
+
+
+def _cmd_list(args: list[str]) -> int:
+    p = _Parser(prog="compress list")
+    p.add_argument("what", choices=["passes", "targets"])
+    p.add_argument("--plugin", action="append", default=[])
+    a = p.parse_args(args)
+    from compressor.plugins import load_plugin_file
+
+    for f in a.plugin:
+        load_plugin_file(Path(f))
+    if a.what == "passes":
+        from passes import PASSES
+
+        for e in PASSES:
+            _say(f"{e.name:<28} {e.obj.description}  [{e.provider}]")
+        for w in PASSES.warnings:
+            _say(f"warning: {w}")
+    else:
+        from targets import TARGETS
+
+        for e in TARGETS:
+            aliases = f" (aliases: {', '.join(e.obj.aliases)})" if e.obj.aliases else ""
+            _say(f"{e.name:<8} {e.obj.description}{aliases}  [{e.provider}]")
+        for w in TARGETS.warnings:
+            _say(f"warning: {w}")
+    return 0
+
+
+def _cmd_explain(args: list[str]) -> int:
+    p = _Parser(prog="compress explain-target")
+    p.add_argument("tag")
+    a = p.parse_args(args)
+    import targets
+
+    _, spec = targets.resolve(a.tag)
+    _say(json.dumps(spec.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_run(args: list[str]) -> int:
+    p = _Parser(prog="compress run")
+    p.add_argument("recipe")
+    _add_run_flags(p, with_model_flags=False)
+    a = p.parse_args(args)
+    _setup_logging(a.verbose)
+    opts = load_recipe(Path(a.recipe))
+    if a.output:
+        opts.output = a.output
+    opts.force, opts.dry_run = a.force, a.dry_run
+    return _run(opts, a.save_recipe)
+
+
+def _cmd_demo(args: list[str]) -> int:
+    p = _Parser(prog="compress demo")
+    _add_run_flags(p, with_model_flags=True)
+    a = p.parse_args(args)
+    _setup_logging(a.verbose)
+    a.model = str(DEMO_MODEL)
+    if a.eval is None:
+        a.eval = str(DEMO_EVAL)
+    if a.sparsity == 0.0:
+        a.sparsity = 0.5
+    if a.output is None:
+        a.output = "demo.bundle"
+    return _run(_options_from_args(a), a.save_recipe)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            cmd, rest = argv[0], argv[1:]
+            return {"run": _cmd_run, "list": _cmd_list, "explain-target": _cmd_explain, "demo": _cmd_demo}[cmd](rest)
+        p = _Parser(prog="compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("model", help="ONNX model file")
+        _add_run_flags(p, with_model_flags=True)
+        a = p.parse_args(argv)
+        _setup_logging(a.verbose)
+        return _run(_options_from_args(a), a.save_recipe)
+    except CompressorError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"compress: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("compress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # last resort: a bug; one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"compress: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (re-run with --debug)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""PassManager: runs an ordered list of passes over an onnx-graphsurgeon graph,
+with instruments hooked before/after each pass.
+
+Instruments (CLI flag):
+  TimingInstrument       always on; ``--print-pass-times`` shows the table
+  ValidityInstrument     ``--check-each-pass``: onnx.checker (full) + strict shape
+                         inference after every pass; a failure names the pass
+  DumpIRInstrument       ``--dump-ir DIR``: the model after every pass
+  ProgressInstrument     a callback for the CLI's progress lines
+The final graph is always checked, whatever the instruments.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from compressor import ir
+from compressor.errors import CompressorError, PassError, PluginError
+from compressor.pass_base import Pass, PassContext, PassResult, config_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassRecord:
+    name: str
+    provider: str
+    config: dict[str, Any]
+    modified: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__, seconds=round(self.seconds, 4))
+
+
+class Instrument:
+    def before(self, p: Pass, graph: gs.Graph, ctx: PassContext) -> None:
+        pass
+
+    def after(self, p: Pass, graph: gs.Graph, ctx: PassContext, record: PassRecord) -> None:
+        pass
+
+
+def check_model(model: onnx.ModelProto, after: str) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise PassError(f"graph invalid after {after}: {' '.join(str(exc).split())[:300]}") from exc
+
+
+class ValidityInstrument(Instrument):
+    def __init__(self, template: onnx.ModelProto):
+        self.template = template
+
+    def after(self, p, graph, ctx, record):
+        check_model(ir.to_model(graph.copy(), self.template), f"pass {p.name}")
+
+
+class DumpIRInstrument(Instrument):
+    def __init__(self, directory: Path, template: onnx.ModelProto):
+        self.dir = directory
+        self.template = template
+        self.count = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def after(self, p, graph, ctx, record):
+        self.count += 1
+        ir.save_model(ir.to_model(graph.copy(), self.template), self.dir / f"{self.count:02d}_{p.name}.onnx")
+
+
+class ProgressInstrument(Instrument):
+    def __init__(self, callback: Callable[[str], None]):
+        self.cb = callback
+
+    def after(self, p, graph, ctx, record):
+        changed = "changed" if record.modified else "no change"
+        self.cb(f"  {p.name:<28} {changed:<9} {record.seconds * 1000:8.1f} ms  {_short_stats(record.stats)}")
+        for w in record.warnings[:5]:
+            self.cb(f"    warning: {w}")
+        if len(record.warnings) > 5:
+            self.cb(f"    ... {len(record.warnings) - 5} more warnings in the report")
+
+
+def _short_stats(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:80]
+
+
+class PassManager:
+    def __init__(self, passes: list[tuple[Pass, str]], instruments: list[Instrument] | None = None):
+        """``passes``: (pass instance, provider) in order."""
+        self.passes = passes
+        self.instruments = instruments or []
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, list[PassRecord]]:
+        graph = ir.to_graph(model)
+        records: list[PassRecord] = []
+        for p, provider in self.passes:
+            rec = PassRecord(p.name, provider, config_dict(p.config))
+            is_plugin = not provider.startswith("builtin:")
+            try:
+                for inst in self.instruments:
+                    inst.before(p, graph, ctx)
+                p.requires(graph, ctx)
+                t0 = time.perf_counter()
+                result = p.run(graph, ctx)
+                rec.seconds = time.perf_counter() - t0
+                if not isinstance(result, PassResult):
+                    raise PassError(f"pass {p.name} returned {type(result).__name__}, not PassResult")
+                p.ensures(graph, ctx)
+                rec.modified, rec.stats, rec.warnings = result.modified, result.stats, list(result.warnings)
+                ctx.history.append(p.name)
+                for inst in self.instruments:
+                    inst.after(p, graph, ctx, rec)
+            except CompressorError as exc:
+                if is_plugin and not isinstance(exc, PluginError):
+                    raise PluginError(f"plugin pass {p.name} ({provider}) failed: {exc.one_line()}") from exc
+                raise
+            except Exception as exc:
+                ran = ", ".join(ctx.history) or "none"
+                msg = f"pass {p.name} ({provider}) raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]} (passes run before: {ran})"
+                raise (PluginError(msg) if is_plugin else PassError(msg)) from exc
+            records.append(rec)
+        out = ir.to_model(graph, model)
+        check_model(out, "the last pass" if self.passes else "load")
+        return ir.infer_shapes(out), records

@@ -1,0 +1,273 @@
+"""The compress pipeline: load -> reference -> passes -> verify -> compile ->
+verify artifact -> bundle. One direction, each stage reported.
+
+``plan(opts)`` resolves everything that can be resolved without touching the
+model (plugins, target, pass configs): ``--dry-run`` prints it. ``execute``
+runs it and returns the report dict plus the exit status.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+import compressor
+from compressor import bundle as bundle_mod
+from compressor import data as data_mod
+from compressor import ir, report as report_mod, runtime, stats, verify
+from compressor.errors import CompressorError, InputError, TargetError, UsageError
+from compressor.pass_base import Pass, PassContext, make_config
+from compressor.pass_manager import (DumpIRInstrument, PassManager, ProgressInstrument, ValidityInstrument)
+from compressor.plugins import load_plugin_file
+from compressor.recipe import Options, dump_recipe, normalize_passes, to_recipe
+
+log = logging.getLogger(__name__)
+Say = Callable[[str], None]
+
+
+@dataclass
+class Plan:
+    opts: Options
+    target: Any  # targets.Target
+    spec: Any  # targets.TargetSpec
+    passes: list[tuple[Pass, str]]  # (instance, provider)
+    output: Path
+
+    def resolved_passes(self) -> list[dict[str, Any]]:
+        from compressor.pass_base import config_dict
+
+        return [{"name": p.name, "config": config_dict(p.config)} for p, _ in self.passes]
+
+    def recipe(self, base: Path) -> dict[str, Any]:
+        return to_recipe(self.opts, self.resolved_passes(), base)
+
+
+def default_pass_list(opts: Options) -> list[dict[str, Any]]:
+    from passes import CLEANUP_PIPELINE
+
+    items = [{"name": n, "config": {}} for n in CLEANUP_PIPELINE]
+    if opts.sparsity > 0:
+        items.append({"name": "sparsify.magnitude", "config": {"sparsity": opts.sparsity}})
+    return items
+
+
+def plan(opts: Options) -> Plan:
+    import targets
+    from passes import PASSES
+
+    opts.validate()
+    if not opts.model:
+        raise UsageError("no model given")
+    PASSES.load_entry_points(strict=opts.strict)
+    targets.TARGETS.load_entry_points(strict=opts.strict)
+    for p in opts.plugin:
+        load_plugin_file(Path(p))
+    target, spec = targets.resolve(opts.target)
+    items = normalize_passes(opts.passes) if opts.passes is not None else default_pass_list(opts)
+    passes = []
+    for item in items:
+        cls = PASSES.get(item["name"])
+        passes.append((cls(make_config(cls, item["config"])), PASSES.entry(item["name"]).provider))
+    model_path = Path(opts.model)
+    output = Path(opts.output) if opts.output else Path(f"{model_path.stem}.{spec.tag}.bundle")
+    return Plan(opts, target, spec, passes, output)
+
+
+def describe(p: Plan) -> list[str]:
+    lines = [f"model:  {p.opts.model}", f"target: {p.spec.tag} -> {p.spec.tvm_target}",
+             f"output: {p.output}", "passes:"]
+    for i, (ps, provider) in enumerate(p.passes, 1):
+        from compressor.pass_base import config_dict
+
+        lines.append(f"  {i}. {ps.name} {config_dict(ps.config) or ''}  [{provider}]")
+    return lines
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _host_description() -> str:
+    from targets.host import detect_host
+
+    h = detect_host()
+    return f"{h.cpu_model} ({platform.machine()}, {len(h.features)} ISA flags)"
+
+
+def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
+    opts = p.opts
+    bundle_mod.check_output_dir(p.output, opts.force)
+    warnings: list[str] = []
+    model_path = Path(opts.model)
+    t_start = time.perf_counter()
+
+    say(f"[1/6] load {model_path}")
+    src_hash = _sha256(model_path) if model_path.is_file() else None
+    model = ir.load(model_path, ir.parse_input_shapes(opts.input_shape))
+    inputs, outputs = ir.input_specs(model), ir.output_specs(model)
+    out_names = [o.name for o in outputs]
+    say(f"      inputs {', '.join(f'{s.name}{list(s.shape)}' for s in inputs)}; outputs {', '.join(out_names)}")
+
+    eval_samples = data_mod.load_npz(Path(opts.eval), inputs, "--eval") if opts.eval else None
+    calib = data_mod.load_npz(Path(opts.calib), inputs, "--calib") if opts.calib else None
+    if eval_samples is not None:
+        verif = eval_samples.head(opts.verify_samples)
+    elif calib is not None:
+        verif = calib.head(opts.verify_samples)
+    else:
+        verif = data_mod.random_samples(inputs, opts.verify_samples, opts.seed)
+        warnings.append(f"verification uses random inputs ({verif.source}): weak evidence; pass --eval data.npz for real data")
+
+    say("[2/6] reference outputs (onnxruntime, optimizations disabled)")
+    ref_sess = runtime.session(model)
+    ref_runs = runtime.run_all(ref_sess, verif.feeds)
+
+    say(f"[3/6] passes ({len(p.passes)})")
+    instruments = [ProgressInstrument(say)]
+    if opts.check_each_pass:
+        instruments.append(ValidityInstrument(model))
+    if opts.dump_ir:
+        instruments.append(DumpIRInstrument(Path(opts.dump_ir), model))
+    ctx = PassContext(target=p.spec, calib=calib, opset=ir.default_opset(model) or 17,
+                      options={"sparsity": opts.sparsity})
+    compressed, records = PassManager(p.passes, instruments).run(model, ctx)
+    for r in records:
+        warnings += [f"{r.name}: {w}" for w in r.warnings]
+
+    say("[4/6] verify compressed model (onnxruntime)")
+    tol = verify.Tolerances(opts.min_cosine, opts.min_top1, opts.max_accuracy_drop)
+    comp_sess = runtime.session(compressed)
+    comp_runs = runtime.run_all(comp_sess, verif.feeds)
+    comparisons = [verify.compare("compressed.onnx", "original.onnx", "lossy", out_names, comp_runs, ref_runs, tol)]
+    accuracy = None
+    if eval_samples is not None and eval_samples.labels is not None:
+        acc_o = verify.accuracy(runtime.run_all(ref_sess, eval_samples.feeds), eval_samples.labels)
+        acc_c = verify.accuracy(runtime.run_all(comp_sess, eval_samples.feeds), eval_samples.labels)
+        accuracy = {"original": acc_o, "compressed": acc_c, "n": len(eval_samples.feeds), "max_drop": tol.max_accuracy_drop,
+                    "artifact": None}
+
+    stage = bundle_mod.StagedDir(p.output)
+    try:
+        bdir = stage.path
+        ir.save_model(compressed, bdir / "model.onnx")
+        artifact, artifact_runs = None, None
+        art_latency = None
+        if opts.no_compile:
+            warnings.append("--no-compile: no target artifact was produced")
+            say("[5/6] compile: skipped (--no-compile)")
+        else:
+            say(f"[5/6] compile for {p.spec.tag} ({p.spec.tvm_target.get('kind')}, {p.spec.triple})")
+            t0 = time.perf_counter()
+            try:
+                artifact = p.target.compile(bdir / "model.onnx", p.spec, bdir, {s.name: list(s.shape) for s in inputs})
+                say(f"      {artifact.path} ({time.perf_counter() - t0:.1f} s)")
+            except TargetError as exc:
+                warnings.append(f"artifact not produced for {p.spec.tag}: {exc.one_line()}")
+                say(f"      warning: artifact not produced: {exc.one_line()}")
+        if artifact is not None:
+            from targets.base import NotRunnableHere
+
+            try:
+                artifact_runs = [p.target.run(bdir / artifact.path, p.spec, f) for f in verif.feeds]
+            except NotRunnableHere as exc:
+                warnings.append(f"artifact not executed here: {exc}; it was verified only as ONNX (onnxruntime)")
+                say(f"      artifact not run here: {exc}")
+            if artifact_runs is not None:
+                comparisons.append(verify.compare(f"artifact({p.spec.tag})", "original.onnx", "lossy", out_names, artifact_runs, ref_runs, tol))
+                comparisons.append(verify.compare(f"artifact({p.spec.tag})", "compressed.onnx", "compile", out_names, artifact_runs, comp_runs, tol))
+                if accuracy is not None:
+                    runs = [p.target.run(bdir / artifact.path, p.spec, f) for f in eval_samples.feeds]
+                    accuracy["artifact"] = verify.accuracy(runs, eval_samples.labels)
+
+        say("[6/6] measure and write bundle")
+        latency = None
+        if not opts.no_latency:
+            orig_fast = runtime.session(model, optimized=True)
+            comp_fast = runtime.session(compressed, optimized=True)
+            feed = verif.feeds[0]
+            lat = runtime.compare_latency({"orig": lambda: orig_fast.run(None, feed), "comp": lambda: comp_fast.run(None, feed)})
+            latency = {"ort_original_s": lat["orig"], "ort_compressed_s": lat["comp"], "artifact_s": None,
+                       "measured_on": _host_description(), "method": "median of 25 interleaved runs, ORT_ENABLE_ALL, batch as in model"}
+            if artifact_runs is not None and hasattr(p.target, "latency"):
+                latency["artifact_s"] = p.target.latency(bdir / artifact.path, p.spec, feed)
+
+        before = stats.compute(model, model_path.stat().st_size)
+        after = stats.compute(compressed, (bdir / "model.onnx").stat().st_size)
+
+        # on-device self-check data
+        (bdir / "selfcheck").mkdir()
+        data_mod.save_samples(bdir / "selfcheck" / "inputs.npz", verif.feeds)
+        np.savez(bdir / "selfcheck" / "expected.npz", **{n: np.stack([r[i] for r in comp_runs]) for i, n in enumerate(out_names)})
+        np.savez(bdir / "selfcheck" / "original.npz", **{n: np.stack([r[i] for r in ref_runs]) for i, n in enumerate(out_names)})
+        shutil.copyfile(Path(__file__).with_name("bundle_runner.py"), bdir / "run_bundle.py")
+
+        gate_failures = [f"{c.candidate} vs {c.reference}: {f}" for c in comparisons for f in c.failures]
+        if accuracy is not None:
+            drop = accuracy["original"] - accuracy["compressed"]
+            if drop > tol.max_accuracy_drop:
+                gate_failures.append(f"accuracy drop {drop:.4f} > {tol.max_accuracy_drop}")
+        if opts.no_gate and gate_failures:
+            warnings.append(f"accuracy gate disabled (--no-gate); {len(gate_failures)} check(s) would have failed")
+        status = "FAILED" if gate_failures and not opts.no_gate else "PASSED"
+
+        rep: dict[str, Any] = {
+            "tool": {"name": "compressor", "version": compressor.__version__},
+            "status": status,
+            "gate": {"enabled": not opts.no_gate, "tolerances": tol.to_dict(), "failures": gate_failures},
+            "model": {"path": str(model_path), "sha256": src_hash, "opset": ir.default_opset(model),
+                      "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]},
+            "target": p.spec.to_dict(),
+            "passes": [r.to_dict() for r in records],
+            "verification_data": verif.source,
+            "verification": [c.to_dict() for c in comparisons],
+            "accuracy": accuracy,
+            "stats": {"original": before.to_dict(), "compressed": after.to_dict()},
+            "latency": latency,
+            "artifact": None if artifact is None else {"path": str(artifact.path), "kind": artifact.kind,
+                                                       "sha256": artifact.sha256, **artifact.details},
+            "warnings": warnings,
+            "bundle": str(p.output),
+            "wall_seconds": None,
+        }
+        rep["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+        manifest = {
+            "schema_version": bundle_mod.MANIFEST_SCHEMA_VERSION,
+            "tool": rep["tool"],
+            "status": status,
+            "source_model": {"path": str(model_path), "sha256": src_hash},
+            "target": p.spec.to_dict(),
+            "required_isa_features": list(p.spec.isa_features),
+            "files": {name: {"sha256": _sha256(bdir / name), "bytes": (bdir / name).stat().st_size}
+                      for name in ["model.onnx", "selfcheck/inputs.npz", "selfcheck/expected.npz", "selfcheck/original.npz", "run_bundle.py"]
+                      + ([str(artifact.path)] if artifact else [])},
+            "artifact": rep["artifact"],
+            "inputs": rep["model"]["inputs"],
+            "outputs": rep["model"]["outputs"],
+            "passes": rep["passes"],
+            "verification": {"data": verif.source, "measured_on": _host_description(),
+                             "runtime": "onnxruntime (ORT_DISABLE_ALL) and the artifact where it runs here",
+                             "comparisons": rep["verification"], "accuracy": accuracy, "gate": rep["gate"]},
+            "latency": latency,
+            "warnings": warnings,
+        }
+        bundle_mod.write_json(bdir / "manifest.json", manifest)
+        bundle_mod.write_json(bdir / "report.json", rep)
+        (bdir / "report.md").write_text(report_mod.markdown(rep))
+        (bdir / "recipe.yaml").write_text(dump_recipe(p.recipe(p.output.resolve())))
+        stage.commit()
+    except BaseException:
+        stage.discard()
+        raise
+    return rep, (3 if status == "FAILED" else 0)

@@ -1,0 +1,49 @@
+"""Loading a user's plugin from a single ``.py`` file (``--plugin path.py``).
+
+Every ``Pass`` subclass with a ``name`` and every ``Target`` subclass with a
+``name`` defined in the file is registered, with the provider ``file:PATH``.
+Plugin packages use entry points instead (see registry.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+from compressor.errors import PluginError, UsageError
+from compressor.pass_base import Pass
+
+
+def load_plugin_file(path: Path) -> list[str]:
+    """Import ``path`` and register what it defines; returns the registered names."""
+    from passes import PASSES
+    from targets import TARGETS
+    from targets.base import Target
+
+    if not path.is_file() or path.suffix != ".py":
+        raise UsageError(f"plugin file not found or not a .py file: {path}")
+    mod_name = f"compressor_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"cannot import plugin {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(mod_name, None)
+        raise PluginError(f"plugin {path} raised while loading: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
+    names = []
+    for _, obj in inspect.getmembers(module, inspect.isclass):
+        if obj.__module__ != mod_name or not getattr(obj, "name", ""):
+            continue
+        if issubclass(obj, Pass):
+            PASSES.register(obj.name, obj, f"file:{path}")
+            names.append(obj.name)
+        elif issubclass(obj, Target):
+            TARGETS.register(obj.name, obj(), f"file:{path}")
+            names.append(obj.name)
+    if not names:
+        raise PluginError(f"plugin {path} defines no Pass or Target subclass with a name")
+    return names

@@ -1,0 +1,161 @@
+"""Options and recipes.
+
+``Options`` is the single resolved form of a run: the CLI fills it from flags,
+``compress run recipe.yaml`` from a versioned YAML whose keys mirror the CLI
+flags (kebab-case, e.g. ``input-shape``, ``check-each-pass``). The bundle stores
+the fully resolved recipe (``recipe.yaml``), which ``compress run`` accepts.
+
+    version: 1
+    model: digits_cnn.onnx        # relative paths are relative to the recipe file
+    target: x86
+    sparsity: 0.5
+    output: out/digits
+    passes:                       # optional; default: cleanup + what the flags ask for
+      - cleanup.fold_batchnorm
+      - name: sparsify.magnitude
+        config: {sparsity: 0.5}
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compressor.errors import InputError, UsageError
+
+RECIPE_VERSION = 1
+
+
+@dataclass
+class Options:
+    model: str | None = None
+    target: str = "x86"
+    output: str | None = None
+    sparsity: float = 0.0
+    passes: list[dict[str, Any]] | None = None  # explicit pipeline [{name, config}]
+    calib: str | None = None
+    eval: str | None = None
+    input_shape: list[str] = field(default_factory=list)
+    plugin: list[str] = field(default_factory=list)
+    force: bool = False
+    dry_run: bool = False
+    check_each_pass: bool = False
+    dump_ir: str | None = None
+    print_pass_times: bool = False
+    no_compile: bool = False
+    no_latency: bool = False
+    no_gate: bool = False
+    min_cosine: float = 0.99
+    min_top1: float = 0.95
+    max_accuracy_drop: float = 0.01
+    verify_samples: int = 16
+    seed: int = 0
+    strict: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise UsageError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        for name in ("min_cosine", "min_top1"):
+            v = getattr(self, name)
+            if not -1.0 <= v <= 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [-1, 1], got {v}")
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise UsageError(f"--max-accuracy-drop must be in [0, 1], got {self.max_accuracy_drop}")
+        if self.verify_samples < 1:
+            raise UsageError(f"--verify-samples must be >= 1, got {self.verify_samples}")
+
+
+# keys that describe where/how a run happens rather than what it computes: not stored in a recipe
+_NOT_IN_RECIPE = {"dry_run", "force"}
+_PATH_KEYS = ("model", "calib", "eval", "output", "dump_ir")
+
+
+def normalize_passes(items: Any) -> list[dict[str, Any]]:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise InputError("recipe 'passes' must be a list")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append({"name": item, "config": {}})
+        elif isinstance(item, dict) and "name" in item:
+            extra = set(item) - {"name", "config"}
+            if extra:
+                raise InputError(f"recipe pass entry has unknown keys: {', '.join(sorted(extra))}")
+            out.append({"name": str(item["name"]), "config": dict(item.get("config") or {})})
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, cfg), = item.items()
+            out.append({"name": str(name), "config": dict(cfg or {})})
+        else:
+            raise InputError(f"recipe pass entry not understood: {item!r}")
+    return out
+
+
+def load_recipe(path: Path) -> Options:
+    if not path.is_file():
+        raise InputError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"recipe {path} is not valid YAML: {' '.join(str(exc).split())[:200]}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"recipe {path} must be a YAML mapping")
+    version = data.pop("version", None)
+    if version != RECIPE_VERSION:
+        raise InputError(f"recipe {path}: unsupported version {version!r}", hint=f"this compressor reads version {RECIPE_VERSION}")
+    fields = {f.name: f for f in dataclasses.fields(Options)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        attr = key.replace("-", "_")
+        if attr not in fields or attr in _NOT_IN_RECIPE:
+            raise InputError(f"recipe {path}: unknown key {key!r}")
+        kwargs[attr] = value
+    if "passes" in kwargs:
+        kwargs["passes"] = normalize_passes(kwargs["passes"])
+    base = path.parent
+    for key in _PATH_KEYS:
+        if kwargs.get(key):
+            kwargs[key] = str((base / str(kwargs[key])))
+    kwargs["plugin"] = [str(base / p) for p in kwargs.get("plugin") or []]
+    for key in ("input_shape", "plugin"):
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = [kwargs[key]]
+    try:
+        opts = Options(**kwargs)
+    except TypeError as exc:
+        raise InputError(f"recipe {path}: {exc}") from exc
+    for f in dataclasses.fields(Options):
+        v = getattr(opts, f.name)
+        if f.type in ("float",) and isinstance(v, int) and not isinstance(v, bool):
+            setattr(opts, f.name, float(v))
+        if f.type == "float" and not isinstance(getattr(opts, f.name), float):
+            raise InputError(f"recipe {path}: {f.name.replace('_', '-')} must be a number")
+        if f.type == "bool" and not isinstance(v, bool):
+            raise InputError(f"recipe {path}: {f.name.replace('_', '-')} must be true or false")
+    return opts
+
+
+def to_recipe(opts: Options, resolved_passes: list[dict[str, Any]], base: Path) -> dict[str, Any]:
+    """The resolved recipe: every option, kebab-case, with the explicit pass list.
+    Paths are written relative to ``base`` (the folder the recipe is saved in)."""
+    d: dict[str, Any] = {"version": RECIPE_VERSION}
+    for f in dataclasses.fields(Options):
+        if f.name in _NOT_IN_RECIPE or f.name == "passes":
+            continue
+        v = getattr(opts, f.name)
+        if f.name in _PATH_KEYS and v:
+            v = os.path.relpath(Path(v).resolve(), base.resolve())
+        elif f.name == "plugin":
+            v = [os.path.relpath(Path(p).resolve(), base.resolve()) for p in v]
+        d[f.name.replace("_", "-")] = v
+    d["passes"] = resolved_passes
+    return d
+
+
+def dump_recipe(recipe: dict[str, Any]) -> str:
+    return yaml.safe_dump(recipe, sort_keys=False)

@@ -1,0 +1,86 @@
+"""Registries: one per kind of extension (passes, targets, op handlers).
+
+Built-ins register at import time; third-party packages register lazily through
+Python entry points (groups ``compressor.passes``, ``compressor.targets``,
+``compressor.op_handlers``); a single ``.py`` file can be loaded with
+``--plugin``. A duplicate name is an error that names both providers. An entry
+point that fails to load is a warning (an error with ``strict=True``).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from typing import Generic, Iterator, TypeVar
+
+from compressor.errors import PluginError, UsageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    provider: str  # where it came from: "builtin:passes.cleanup", "entry-point:pkg", "file:/x.py"
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, entry_point_group: str):
+        self.kind = kind
+        self.group = entry_point_group
+        self._entries: dict[str, Entry[T]] = {}
+        self._entry_points_loaded = False
+        self.warnings: list[str] = []
+
+    def register(self, name: str, obj: T, provider: str) -> None:
+        if name in self._entries:
+            other = self._entries[name]
+            if other.obj is obj:
+                return
+            raise PluginError(
+                f"duplicate {self.kind} name {name!r}: provided by {other.provider} and by {provider}"
+            )
+        self._entries[name] = Entry(name, obj, provider)
+
+    def load_entry_points(self, strict: bool = False) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in importlib.metadata.entry_points(group=self.group):
+            dist = getattr(ep, "dist", None)
+            provider = f"entry-point {ep.value} ({dist.name if dist else 'unknown dist'})"
+            try:
+                obj = ep.load()
+            except Exception as exc:  # plugin code may raise anything
+                msg = f"{self.kind} plugin {ep.name!r} from {provider} failed to load: {type(exc).__name__}: {exc}"
+                if strict:
+                    raise PluginError(msg) from exc
+                log.warning(msg)
+                self.warnings.append(msg)
+                continue
+            self.register(getattr(obj, "name", ep.name), obj, provider)
+
+    def get(self, name: str) -> T:
+        self.load_entry_points()
+        if name not in self._entries:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise UsageError(f"unknown {self.kind} {name!r}", hint=f"known {self.kind}s: {known}")
+        return self._entries[name].obj
+
+    def entry(self, name: str) -> Entry[T]:
+        self.get(name)
+        return self._entries[name]
+
+    def __contains__(self, name: str) -> bool:
+        self.load_entry_points()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        self.load_entry_points()
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def unregister(self, name: str) -> None:
+        """For tests and for unloading a --plugin file."""
+        self._entries.pop(name, None)

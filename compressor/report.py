@@ -1,0 +1,123 @@
+"""Human-readable rendering of a run report (terminal tables and report.md).
+
+The report itself is a plain dict built by the pipeline (report.json); this
+module only formats it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt_int(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _fmt_ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1000:.3f} ms"
+
+
+def _ratio(a, b) -> str:
+    if not a or b is None:
+        return "-"
+    return f"{b / a:.3f}x"
+
+
+def table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+
+
+def before_after(report: dict[str, Any]) -> list[str]:
+    b, a = report["stats"]["original"], report["stats"]["compressed"]
+    lat = report.get("latency") or {}
+    rows = [
+        ["parameters", _fmt_int(b["params"]), _fmt_int(a["params"]), _ratio(b["params"], a["params"])],
+        ["non-zero parameters", _fmt_int(b["nonzero_params"]), _fmt_int(a["nonzero_params"]), _ratio(b["nonzero_params"], a["nonzero_params"])],
+        ["sparsity", f"{b['sparsity']:.1%}", f"{a['sparsity']:.1%}", ""],
+        ["bytes on disk (onnx)", _fmt_bytes(b["bytes_on_disk"]), _fmt_bytes(a["bytes_on_disk"]), _ratio(b["bytes_on_disk"], a["bytes_on_disk"])],
+        ["MACs", _fmt_int(b["macs"]), _fmt_int(a["macs"]), _ratio(b["macs"], a["macs"])],
+    ]
+    if lat.get("ort_original_s") is not None:
+        rows.append(["latency onnxruntime", _fmt_ms(lat["ort_original_s"]), _fmt_ms(lat["ort_compressed_s"]), _ratio(lat["ort_original_s"], lat["ort_compressed_s"])])
+    if lat.get("artifact_s") is not None:
+        rows.append([f"latency {report['target']['tag']} artifact (TVM)", "-", _fmt_ms(lat["artifact_s"]), _ratio(lat["ort_original_s"], lat["artifact_s"]) + " vs ORT orig"])
+    ops = sorted(set(b["op_counts"]) | set(a["op_counts"]))
+    for op in ops:
+        nb, na = b["op_counts"].get(op, 0), a["op_counts"].get(op, 0)
+        rows.append([f"op {op}", str(nb), str(na), "" if nb == na else f"{na - nb:+d}"])
+    return table(rows, ["", "original", "compressed", "ratio"])
+
+
+def comparison_lines(comp: dict[str, Any]) -> list[str]:
+    head = f"{comp['candidate']} vs {comp['reference']} ({comp['kind']} gate, {comp['n_samples']} samples): {'PASS' if comp['passed'] else 'FAIL'}"
+    rows = []
+    for o in comp["outputs"]:
+        rows.append([
+            o["name"], f"{o['max_abs']:.3g}", f"{o['mean_abs']:.3g}", f"{o['p99_abs']:.3g}",
+            f"{o['max_rel']:.3g}", f"{o['p99_rel']:.3g}", f"{o['cosine']:.6f}",
+            "-" if o["top1_agreement"] is None else f"{o['top1_agreement']:.3f}",
+        ])
+    lines = [head] + table(rows, ["output", "max abs", "mean abs", "p99 abs", "max rel", "p99 rel", "cosine", "top-1 agree"])
+    lines += [f"  gate failure: {f}" for f in comp["failures"]]
+    return lines
+
+
+def result_line(report: dict[str, Any]) -> str:
+    a, b = report["stats"]["compressed"], report["stats"]["original"]
+    acc = report.get("accuracy") or {}
+    parts = [
+        f"RESULT {report['status']}",
+        f"target={report['target']['tag']}",
+        f"sparsity={a['sparsity']:.3f}",
+        f"params={a['nonzero_params']}/{b['nonzero_params']}",
+    ]
+    if acc:
+        parts.append(f"accuracy={acc['original']:.4f}->{acc['compressed']:.4f}")
+    worst = [c for c in report["verification"] if c["kind"] == "lossy"]
+    if worst:
+        parts.append(f"min_cosine={min(o['cosine'] for c in worst for o in c['outputs']):.6f}")
+    parts.append(f"warnings={len(report['warnings'])}")
+    parts.append(f"bundle={report['bundle']}")
+    return " ".join(parts)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# compressor report: {report['model']['path']}", "",
+             f"Status: **{report['status']}**  ", f"Target: `{report['target']['tag']}` ({report['target']['tvm_target']})  ",
+             f"Verification data: {report['verification_data']}" + (" (random: weak evidence)" if report['verification_data'].startswith('random') else ""),
+             "", "## Before / after", ""]
+    lines += before_after(report)
+    if report.get("accuracy"):
+        acc = report["accuracy"]
+        lines += ["", "## Task accuracy", "", f"original {acc['original']:.4f}, compressed {acc['compressed']:.4f} "
+                  f"(drop {acc['original'] - acc['compressed']:+.4f}, limit {acc['max_drop']}) on {acc['n']} labelled samples"
+                  + (f"; artifact {acc['artifact']:.4f}" if acc.get("artifact") is not None else "")]
+    lines += ["", "## Verification", ""]
+    for comp in report["verification"]:
+        lines += comparison_lines(comp) + [""]
+    lines += ["## Passes", ""]
+    lines += table([[p["name"], "yes" if p["modified"] else "no", f"{p['seconds'] * 1000:.1f} ms",
+                     ", ".join(f"{k}={v}" for k, v in p["stats"].items() if isinstance(v, (int, float, str)))]
+                    for p in report["passes"]], ["pass", "changed", "time", "stats"])
+    art = report.get("artifact")
+    lines += ["", "## Artifact", ""]
+    lines.append(f"`{art['path']}` ({art['kind']}), sha256 `{art['sha256']}`" if art else "no artifact produced (see warnings)")
+    lines += ["", "## Warnings", ""] + ([f"- {w}" for w in report["warnings"]] or ["none"])
+    if report.get("latency"):
+        lines += ["", f"Latency measured on: {report['latency'].get('measured_on', '?')}"]
+    return "\n".join(lines) + "\n"

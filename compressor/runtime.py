@@ -1,0 +1,63 @@
+"""onnxruntime as the reference runtime: sessions, batched runs, latency.
+
+Reference numerics use ``ORT_DISABLE_ALL`` (no graph rewrites), so what is
+compared is the model itself, not onnxruntime's fusions. Latency uses the
+default optimisation level, as a user would ship it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from compressor.errors import InputError
+
+
+def session(model: onnx.ModelProto | bytes | str, optimized: bool = False, threads: int = 0) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types
+        raise InputError(f"onnxruntime cannot load the model: {' '.join(str(exc).split())[:300]}") from exc
+
+
+def run_all(sess: ort.InferenceSession, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Run each sample; returns outputs[sample][output_index]."""
+    return [sess.run(None, f) for f in feeds]
+
+
+def median_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, budget_s: float = 5.0) -> float:
+    """Median wall time of ``fn`` in seconds, bounded by a time budget."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def compare_latency(fns: dict[str, Callable[[], object]], rounds: int = 5, per_round: int = 5) -> dict[str, float]:
+    """Interleave the candidates round by round (noisy machines) and return median seconds each."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in samples.items()}

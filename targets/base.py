@@ -1,0 +1,80 @@
+"""Target contract: a tag expands to a printable spec; a backend compiles the
+compressed ONNX graph into a deployable artifact (and runs it where it can).
+
+A target is a class registered in ``targets.TARGETS`` (entry-point group
+``compressor.targets``) with:
+
+* ``name`` (tag, e.g. ``x86``) and ``aliases`` (e.g. ``x86-avx2``),
+* ``expand(tag) -> TargetSpec``: the fully expanded, JSON-serialisable spec,
+* ``compile(model_path, spec, out_dir, input_shapes) -> Artifact``,
+* ``run(artifact, spec, inputs) -> list[np.ndarray]`` or raise ``NotRunnableHere``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class NotRunnableHere(Exception):
+    """The artifact cannot be executed on this host (other ISA, no GPU)."""
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    tag: str  # what the user typed (e.g. "arm", "x86-avx2", "cuda-sm90")
+    family: str  # "x86" | "arm" | "cuda" | plugin-defined
+    tvm_target: dict[str, Any]  # the JSON dict given to tvm.target.Target
+    triple: str  # LLVM triple of the host code
+    isa_features: tuple[str, ...]  # features the artifact requires at run time
+    preferred_pattern: str  # sparse pattern the target's kernels exploit ("unstructured", "2:4", "1x4" ...)
+    round_to: int  # channel multiple structured pruning should keep
+    quant_dtype: str  # preferred int8 flavour ("int8", "none" ...)
+    cross_compiler: str | None  # command used to link the shared library, None = host cc
+    runs_here: bool  # can this host execute the artifact
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["isa_features"] = list(self.isa_features)
+        return d
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path  # relative to the bundle dir once written
+    kind: str  # e.g. "tvm-relax-vm-library"
+    sha256: str
+    details: dict[str, Any] = field(default_factory=dict)  # e.g. ELF machine, cuda arch, compile seconds
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Target:
+    """Base class for targets. Subclasses override the methods below."""
+
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+
+    def expand(self, tag: str) -> TargetSpec:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compile(
+        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]]
+    ) -> Artifact:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(
+        self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray]
+    ) -> list[np.ndarray]:
+        raise NotRunnableHere(f"target {spec.tag} artifacts do not run on this host")
