@@ -1,0 +1,77 @@
+"""Registries and plugins: duplicates name both providers, --plugin files,
+entry-point packages (the shipped example installed into a temp dir)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from compressor.errors import PluginError
+from compressor.registry import Registry
+from tests.conftest import REPO, mlp_model, run_cli_subprocess
+
+
+def test_duplicate_name_names_both_providers():
+    reg = Registry("pass", "compressor.test_nothing")
+    reg.register("a.b", object(), "builtin:one")
+    with pytest.raises(PluginError, match="builtin:one.*file:two"):
+        reg.register("a.b", object(), "file:two")
+
+
+def test_plugin_file_duplicate_of_builtin_is_error(cli, tmp_path):
+    plug = tmp_path / "dup.py"
+    plug.write_text("from compressor.pass_base import Pass\nclass D(Pass):\n    name = 'cleanup.dead_code'\n")
+    onnx.save(mlp_model(), tmp_path / "m.onnx")
+    r = cli(tmp_path / "m.onnx", "--plugin", plug, "-o", tmp_path / "o")
+    assert r.code == 2, r
+    assert "duplicate pass name 'cleanup.dead_code'" in r.err and "builtin:passes.cleanup_dead_code" in r.err and str(plug) in r.err
+
+
+def test_list_passes_and_targets(cli):
+    r = cli("list", "passes")
+    assert r.code == 0
+    for name in ("cleanup.fold_constants", "cleanup.remove_identity", "cleanup.fold_batchnorm", "cleanup.dead_code", "sparsify.magnitude"):
+        assert name in r.out
+    r = cli("list", "targets")
+    assert r.code == 0 and all(t in r.out for t in ("x86", "arm", "cuda"))
+
+
+def test_single_file_plugin_runs_through_cli(cli, tmp_path):
+    onnx.save(mlp_model(), tmp_path / "m.onnx")
+    plug = REPO / "examples" / "plugin_file_example.py"
+    try:
+        r = cli(tmp_path / "m.onnx", "--plugin", plug, "--pass", "example.report_ops", "-o", tmp_path / "o", "--no-compile", "--no-latency")
+        assert r.code == 0, r
+        assert "example.report_ops" in r.out
+        import json
+
+        rep = json.loads((tmp_path / "o" / "report.json").read_text())
+        assert rep["passes"][0]["stats"]["ops"] == {"MatMul": 2, "Add": 1, "Relu": 1}
+        assert rep["passes"][0]["provider"] == f"file:{plug}"
+    finally:
+        from passes import PASSES
+
+        PASSES.unregister("example.report_ops")
+
+
+@pytest.mark.slow
+def test_example_plugin_package_installs_and_runs(tmp_path):
+    """pip-install the example package into a private dir and use its entry point from the CLI."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
+                    str(REPO / "examples" / "plugin_package")], check=True, capture_output=True)
+    onnx.save(mlp_model(), tmp_path / "m.onnx")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    r = run_cli_subprocess("list", "passes", env=env)
+    assert r.code == 0 and "example.threshold" in r.out and "compressor-plugin-example" in r.out, r
+    r = run_cli_subprocess(tmp_path / "m.onnx", "--pass", "example.threshold:threshold=0.5", "-o", tmp_path / "o",
+                           "--no-compile", "--no-latency", "--no-gate", env=env)
+    assert r.code == 0, r
+    w = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "o" / "model.onnx").graph.initializer}
+    assert (abs(w["w1"]) >= 0.5).sum() == (w["w1"] != 0).sum()  # everything below 0.5 zeroed
+    assert (w["w1"] == 0).any()
