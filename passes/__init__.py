@@ -16,9 +16,10 @@ def _register_builtins() -> None:
     from passes.cleanup_fold_batchnorm import FoldBatchNorm
     from passes.cleanup_fold_constants import FoldConstants
     from passes.cleanup_remove_identity import RemoveIdentity
+    from passes.lower_rnn import LowerRNN
     from passes.sparsify_magnitude import MagnitudeSparsify
 
-    for cls in (FoldConstants, RemoveIdentity, FoldBatchNorm, DeadCodeElimination, MagnitudeSparsify):
+    for cls in (FoldConstants, RemoveIdentity, FoldBatchNorm, DeadCodeElimination, LowerRNN, MagnitudeSparsify):
         PASSES.register(cls.name, cls, f"builtin:{cls.__module__}")
 
 
