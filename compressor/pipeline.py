@@ -59,6 +59,16 @@ def default_pass_list(opts: Options) -> list[dict[str, Any]]:
     return items
 
 
+def with_target_passes(items: list[dict[str, Any]], required: tuple[str, ...], tag: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Insert the passes a target needs (absent from ``items``) after the leading cleanup passes."""
+    names = {i["name"] for i in items}
+    at = 0
+    while at < len(items) and items[at]["name"].startswith("cleanup."):
+        at += 1
+    added = [{"name": n, "config": {}} for n in required if n not in names]
+    return items[:at] + added + items[at:], {a["name"]: f" (required by target {tag})" for a in added}
+
+
 def plan(opts: Options) -> Plan:
     import targets
     from passes import PASSES
@@ -72,10 +82,14 @@ def plan(opts: Options) -> Plan:
         load_plugin_file(Path(p))
     target, spec = targets.resolve(opts.target)
     items = normalize_passes(opts.passes) if opts.passes is not None else default_pass_list(opts)
+    required = {}
+    if not opts.no_compile:
+        items, required = with_target_passes(items, target.required_passes, spec.tag)
     passes = []
     for item in items:
         cls = PASSES.get(item["name"])
-        passes.append((cls(make_config(cls, item["config"])), PASSES.entry(item["name"]).provider))
+        provider = PASSES.entry(item["name"]).provider + required.get(item["name"], "")
+        passes.append((cls(make_config(cls, item["config"])), provider))
     model_path = Path(opts.model)
     output = Path(opts.output) if opts.output else Path(f"{model_path.stem}.{spec.tag}.bundle")
     return Plan(opts, target, spec, passes, output)
@@ -103,14 +117,16 @@ def _host_description() -> str:
     from targets.host import detect_host
 
     h = detect_host()
-    return f"{h.cpu_model} ({platform.machine()}, {len(h.features)} ISA flags)"
+    return f"{h.model_name} ({h.arch}, {h.simd_summary})"
 
 
 def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     opts = p.opts
+    model_path = Path(opts.model)
+    if p.output.resolve() in model_path.resolve().parents or p.output.resolve() == model_path.resolve():
+        raise InputError(f"output directory {p.output} contains the input model", hint="choose another -o; the input is never overwritten")
     bundle_mod.check_output_dir(p.output, opts.force)
     warnings: list[str] = []
-    model_path = Path(opts.model)
     t_start = time.perf_counter()
 
     say(f"[1/6] load {model_path}")
@@ -150,9 +166,10 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     tol = verify.Tolerances(opts.min_cosine, opts.min_top1, opts.max_accuracy_drop)
     comp_sess = runtime.session(compressed)
     comp_runs = runtime.run_all(comp_sess, verif.feeds)
-    comparisons = [verify.compare("compressed.onnx", "original.onnx", "lossy", out_names, comp_runs, ref_runs, tol)]
+    labelled = eval_samples is not None and eval_samples.labels is not None
+    comparisons = [verify.compare("compressed.onnx", "original.onnx", "lossy", out_names, comp_runs, ref_runs, tol, not labelled)]
     accuracy = None
-    if eval_samples is not None and eval_samples.labels is not None:
+    if labelled:
         acc_o = verify.accuracy(runtime.run_all(ref_sess, eval_samples.feeds), eval_samples.labels)
         acc_c = verify.accuracy(runtime.run_all(comp_sess, eval_samples.feeds), eval_samples.labels)
         accuracy = {"original": acc_o, "compressed": acc_c, "n": len(eval_samples.feeds), "max_drop": tol.max_accuracy_drop,
@@ -185,7 +202,7 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
                 warnings.append(f"artifact not executed here: {exc}; it was verified only as ONNX (onnxruntime)")
                 say(f"      artifact not run here: {exc}")
             if artifact_runs is not None:
-                comparisons.append(verify.compare(f"artifact({p.spec.tag})", "original.onnx", "lossy", out_names, artifact_runs, ref_runs, tol))
+                comparisons.append(verify.compare(f"artifact({p.spec.tag})", "original.onnx", "lossy", out_names, artifact_runs, ref_runs, tol, not labelled))
                 comparisons.append(verify.compare(f"artifact({p.spec.tag})", "compressed.onnx", "compile", out_names, artifact_runs, comp_runs, tol))
                 if accuracy is not None:
                     runs = [p.target.run(bdir / artifact.path, p.spec, f) for f in eval_samples.feeds]
@@ -200,8 +217,12 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
             lat = runtime.compare_latency({"orig": lambda: orig_fast.run(None, feed), "comp": lambda: comp_fast.run(None, feed)})
             latency = {"ort_original_s": lat["orig"], "ort_compressed_s": lat["comp"], "artifact_s": None,
                        "measured_on": _host_description(), "method": "median of 25 interleaved runs, ORT_ENABLE_ALL, batch as in model"}
-            if artifact_runs is not None and hasattr(p.target, "latency"):
-                latency["artifact_s"] = p.target.latency(bdir / artifact.path, p.spec, feed)
+            if artifact_runs is not None:
+                latency["artifact_s"] = p.target.time(bdir / artifact.path, p.spec, feed)
+                slow = latency["artifact_s"] / lat["comp"]
+                if slow > 1.5:
+                    warnings.append(f"the {p.spec.tag} artifact (TVM, untuned schedules) is {slow:.1f}x slower than onnxruntime "
+                                    f"on the compressed model on this host")
 
         before = stats.compute(model, model_path.stat().st_size)
         after = stats.compute(compressed, (bdir / "model.onnx").stat().st_size)

@@ -6,6 +6,12 @@ k = round(sparsity * numel) entries of smallest |w| are set to exactly zero
 (ties broken by position, so the count is exact). A weight shared by several
 nodes is masked once. Weights below ``min_elements`` and weights matching an
 ``ignore`` glob are skipped and listed.
+
+Default exclusions (the field's lesson: the stem and the last layer dominate
+the error under pruning): the stem convolution (a Conv with <= 4 input
+channels) and the final classifier (the last prunable layer before a graph
+output, through bias adds / reshapes / softmax only) stay dense unless
+``keep_stem`` / ``keep_classifier`` are false. Each kept layer is a warning.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ class MagnitudeConfig:
     sparsity: float = 0.5
     min_elements: int = 16
     ignore: tuple[str, ...] = ()
+    keep_stem: bool = True
+    keep_classifier: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -59,6 +67,39 @@ def prunable_weights(graph: gs.Graph) -> list[tuple[gs.Node, gs.Constant]]:
     return found
 
 
+# ops a classifier's logits may pass through on the way to a graph output
+_PASS_THROUGH = {"Add", "Dropout", "Softmax", "LogSoftmax", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Sigmoid", "Cast"}
+
+
+def classifier_nodes(graph: gs.Graph) -> set[str]:
+    """Names of prunable nodes that produce a graph output through pass-through ops only."""
+    found = set()
+    for out in graph.outputs:
+        t = out
+        while t.inputs:
+            node = t.inputs[0]
+            if node.op in WEIGHT_INPUT:
+                found.add(node.name)
+                break
+            if node.op not in _PASS_THROUGH:
+                break
+            t = node.inputs[0]
+    return found
+
+
+def is_stem_conv(node: gs.Node, w: np.ndarray) -> bool:
+    return node.op == "Conv" and w.ndim >= 3 and w.shape[1] * int(node.attrs.get("group", 1)) <= 4
+
+
+def default_exclusion(node: gs.Node, w: np.ndarray, classifiers: set[str], keep_stem: bool, keep_classifier: bool) -> str | None:
+    """Why a layer is kept dense by default (None: prune it)."""
+    if keep_stem and is_stem_conv(node, w):
+        return "stem conv (<= 4 input channels) kept dense by default (keep_stem)"
+    if keep_classifier and node.name in classifiers:
+        return "final classifier kept dense by default (keep_classifier)"
+    return None
+
+
 class MagnitudeSparsify(Pass):
     name = "sparsify.magnitude"
     description = "zero the smallest-magnitude weights of Conv/Gemm/MatMul layers to the requested sparsity"
@@ -68,10 +109,15 @@ class MagnitudeSparsify(Pass):
         cfg: MagnitudeConfig = self.config
         layers, warnings = {}, []
         total = zeros = 0
+        classifiers = classifier_nodes(graph)
         for node, w in prunable_weights(graph):
             vals = np.asarray(w.values)
             if any(fnmatch.fnmatch(node.name, g) or fnmatch.fnmatch(w.name, g) for g in cfg.ignore):
                 warnings.append(f"{node.name}: ignored by pattern, kept dense")
+                continue
+            reason = default_exclusion(node, vals, classifiers, cfg.keep_stem, cfg.keep_classifier)
+            if reason:
+                warnings.append(f"{node.name}: {reason}")
                 continue
             if vals.size < cfg.min_elements:
                 warnings.append(f"{node.name}: {vals.size} weights < min_elements {cfg.min_elements}, kept dense")

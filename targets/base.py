@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 
 
+# The TVM Relax ONNX importer lacks LSTM/GRU: every TVM-backed target needs them unrolled first.
+TVM_FRONTEND_PASSES: tuple[str, ...] = ("lower.rnn",)
+
+
 class NotRunnableHere(Exception):
     """The artifact cannot be executed on this host (other ISA, no GPU)."""
 
@@ -65,6 +69,9 @@ class Target:
     name: str = ""
     aliases: tuple[str, ...] = ()
     description: str = ""
+    # passes the backend needs before it can compile (inserted after the cleanup passes,
+    # before compression, so e.g. unrolled recurrent weights can be pruned too)
+    required_passes: tuple[str, ...] = ()
 
     def expand(self, tag: str) -> TargetSpec:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -77,4 +84,8 @@ class Target:
     def run(
         self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray]
     ) -> list[np.ndarray]:
+        raise NotRunnableHere(f"target {spec.tag} artifacts do not run on this host")
+
+    def time(self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray], **kw) -> float:
+        """Median seconds per inference of the artifact on this host."""
         raise NotRunnableHere(f"target {spec.tag} artifacts do not run on this host")

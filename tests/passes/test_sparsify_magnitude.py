@@ -22,7 +22,7 @@ def sparsify(model, **cfg):
 def test_exact_per_layer_sparsity_and_biases_untouched(s):
     m = mlp_model()
     before = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    out, recs = sparsify(m, sparsity=s)
+    out, recs = sparsify(m, sparsity=s, keep_classifier=False)
     after = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     for name in ("w1", "w2"):
         w = after[name]
@@ -44,9 +44,20 @@ def test_zero_sparsity_is_exact_noop():
 
 
 def test_ignore_and_min_elements_are_reported():
-    out, recs = sparsify(mlp_model(), sparsity=0.5, ignore=["mm2"], min_elements=0)
-    assert set(recs[0].stats["layers"]) == {"mm1"}
-    assert any("mm2" in w and "ignored" in w for w in recs[0].warnings)
+    out, recs = sparsify(mlp_model(), sparsity=0.5, ignore=["mm1"], min_elements=0, keep_classifier=False)
+    assert set(recs[0].stats["layers"]) == {"mm2"}
+    assert any("mm1" in w and "ignored" in w for w in recs[0].warnings)
+
+
+def test_stem_and_classifier_kept_dense_by_default_and_reported():
+    # conv_bn_model: conv has 3 input channels (stem), fc feeds the output through Dropout->Identity-like ops
+    m = conv_bn_model()
+    out, recs = sparsify(m, sparsity=0.5)
+    assert recs[0].stats["layers"] == {}
+    text = " ".join(recs[0].warnings)
+    assert "conv: stem conv" in text
+    out, recs = sparsify(m, sparsity=0.5, keep_stem=False, keep_classifier=False)
+    assert set(recs[0].stats["layers"]) == {"conv", "fc"}
 
 
 def test_mask_ties_give_exact_count():

@@ -1,0 +1,120 @@
+"""aarch64 Linux target: LLVM ``aarch64-linux-gnu`` + NEON, cross-linked.
+
+The shared library is linked with ``aarch64-linux-gnu-gcc`` when it is on PATH,
+otherwise with Zig's bundled clang (``python -m ziglang cc -target
+aarch64-linux-gnu``; ``ziglang`` is a pip dependency, so this always works).
+On a non-aarch64 host the artifact is built and checked (ELF e_machine =
+AArch64) but not executed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import DependencyError, TargetError, UsageError
+from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, sha256_file
+from targets.elf import read_elf_header
+from targets.host import detect_host
+
+TRIPLE = "aarch64-linux-gnu"
+ARTIFACT = "model_aarch64.so"
+
+
+def find_cross_linker() -> str | None:
+    """Command (shell-quoted string) that links aarch64 shared objects, or None."""
+    gcc = shutil.which("aarch64-linux-gnu-gcc")
+    if gcc:
+        return gcc
+    if importlib.util.find_spec("ziglang") is not None:
+        return shlex.join([sys.executable, "-m", "ziglang", "cc", "-target", TRIPLE])
+    return None
+
+
+class ArmTarget(Target):
+    required_passes = TVM_FRONTEND_PASSES
+    name = "arm"
+    aliases = ("arm64", "arm64-linux", "aarch64", "aarch64-linux", "aarch64-linux-gnu")
+    description = "aarch64 Linux shared library (TVM Relax VM, LLVM +neon), cross-linked"
+
+    def expand(self, tag: str) -> TargetSpec:
+        host = detect_host()
+        tvm_target: dict = {"kind": "llvm", "mtriple": TRIPLE, "mattr": ["+neon"]}
+        artifact = ARTIFACT
+        if tag.startswith("arm-"):
+            cpu = tag[4:]
+            from targets.host import _llvm_cpu_is_valid
+
+            if not _llvm_cpu_is_valid(cpu, TRIPLE):
+                raise UsageError(
+                    f"unknown arm target {tag!r}",
+                    hint="use arm (generic aarch64 + NEON) or arm-<llvm cpu>, e.g. arm-cortex-a76",
+                )
+            tvm_target["mcpu"] = cpu
+            artifact = f"model_aarch64_{cpu}.so"
+        required = ("asimd",)  # /proc/cpuinfo name of NEON on aarch64
+        runs_here = host.arch == "aarch64" and all(f in host.features for f in required)
+        return TargetSpec(
+            tag=tag,
+            family="arm",
+            tvm_target=tvm_target,
+            triple=TRIPLE,
+            isa_features=required,
+            preferred_pattern="1x4",
+            round_to=4,
+            quant_dtype="int8",
+            cross_compiler=None if host.arch == "aarch64" else find_cross_linker(),
+            runs_here=runs_here,
+            extra={"artifact_name": artifact, "simd": "neon-128"},
+        )
+
+    def compile(
+        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]]
+    ) -> Artifact:
+        from targets import tvm_backend
+
+        host = detect_host()
+        linker = spec.cross_compiler
+        if host.arch != "aarch64" and not linker:
+            raise DependencyError(
+                "no aarch64 linker: neither aarch64-linux-gnu-gcc on PATH nor the ziglang package",
+                hint="pip install ziglang",
+            )
+        name = spec.extra.get("artifact_name", ARTIFACT)
+        out = Path(out_dir) / name
+        t0 = time.perf_counter()
+        mod = tvm_backend.import_onnx(model_path, input_shapes)
+        timing = tvm_backend.compile_library(mod, spec.tvm_target, out, cc=linker)
+        hdr = read_elf_header(out)
+        if hdr.machine_name != "AArch64":
+            raise TargetError(f"{name} is an ELF for {hdr.machine_name}, expected AArch64")
+        return Artifact(
+            path=Path(name),
+            kind="tvm-relax-vm-library",
+            sha256=sha256_file(out),
+            details={
+                "compile_seconds": round(time.perf_counter() - t0, 3),
+                **timing,
+                "elf_machine": hdr.machine_name,
+                "elf_e_machine": hdr.e_machine,
+                "bytes": out.stat().st_size,
+                "linker": linker or "host cc",
+                "tvm_target": spec.tvm_target,
+            },
+        )
+
+    def run(self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        host = detect_host()
+        if host.arch == "aarch64":
+            from targets import tvm_backend
+
+            return tvm_backend.run_library(artifact_path, inputs, "cpu")
+        why = "qemu-aarch64 is not installed" if not shutil.which("qemu-aarch64") else (
+            "running it under qemu-aarch64 would need an aarch64 Python with the TVM runtime"
+        )
+        raise NotRunnableHere(f"target {spec.tag} builds aarch64 code; this host is {host.arch} ({why})")

@@ -1,0 +1,153 @@
+"""x86-64 target: LLVM for the host ISA (``x86``) or a fixed ISA level
+(``x86-avx2``, ``x86-avx512``, ``x86-avx512vnni``, ``x86-<llvm cpu>``)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import TargetError, UsageError
+from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, sha256_file
+from targets.elf import read_elf_header
+from targets.host import detect_host, host_isa_features, llvm_mcpu_and_mattr
+
+TRIPLE = "x86_64-linux-gnu"
+
+# Fixed ISA levels: (LLVM mcpu, explicit mattr, cpuinfo flags the code needs).
+_V3_FLAGS = ("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm", "popcnt", "sse4_2")
+_V4_FLAGS = _V3_FLAGS + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+LEVELS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "avx2": ("x86-64-v3", ("+avx2", "+fma", "+f16c", "+bmi", "+bmi2"), _V3_FLAGS),
+    "avx512": (
+        "x86-64-v4",
+        ("+avx2", "+fma", "+avx512f", "+avx512bw", "+avx512cd", "+avx512dq", "+avx512vl"),
+        _V4_FLAGS,
+    ),
+    "avx512vnni": (
+        "x86-64-v4",
+        ("+avx2", "+fma", "+avx512f", "+avx512bw", "+avx512cd", "+avx512dq", "+avx512vl", "+avx512vnni"),
+        _V4_FLAGS + ("avx512_vnni",),
+    ),
+}
+
+
+def _knobs(flags: set[str] | frozenset[str]) -> tuple[int, str, str | None]:
+    """(round_to, preferred sparse pattern, int8 dot-product instruction) for an ISA."""
+    wide = {"avx512f", "avx512bw"} <= set(flags)
+    vnni = "avx512_vnni" if ("avx512_vnni" in flags and wide) else ("avx_vnni" if "avx_vnni" in flags else None)
+    return (16 if wide else 8), "1x4", vnni
+
+
+class X86Target(Target):
+    required_passes = TVM_FRONTEND_PASSES
+    name = "x86"
+    aliases = ("x86_64", "x86-64", "amd64", "x86-host", "x86-avx2", "x86-avx512", "x86-avx512vnni")
+    description = "x86-64 Linux shared library (TVM Relax VM, LLVM), host ISA or a fixed AVX2/AVX-512 level"
+
+    def expand(self, tag: str) -> TargetSpec:
+        host = detect_host()
+        level = tag.split("-", 1)[1] if tag.startswith("x86-") and tag not in ("x86-64", "x86-host") else ""
+        level = level.lower().replace("_", "")
+        if level == "":
+            if host.arch != "x86_64":
+                raise UsageError(
+                    f"target {tag!r} means 'this host's x86 ISA' but the host is {host.arch}",
+                    hint="pick a fixed level: x86-avx2 or x86-avx512",
+                )
+            mcpu, mattr = llvm_mcpu_and_mattr(host)
+            required = host_isa_features(host)
+            tvm_target = {"kind": "llvm", "mtriple": TRIPLE, "mattr": mattr}
+            if mcpu:
+                tvm_target["mcpu"] = mcpu
+            isa = "host"
+            artifact = "model_x86_64.so"
+        elif level in LEVELS:
+            mcpu, mattr_t, required = LEVELS[level]
+            tvm_target = {"kind": "llvm", "mtriple": TRIPLE, "mcpu": mcpu, "mattr": list(mattr_t)}
+            isa = level
+            artifact = f"model_x86_64_{level}.so"
+        else:
+            cpu = tag.split("-", 1)[1]
+            from targets.host import _llvm_cpu_is_valid
+
+            if not _llvm_cpu_is_valid(cpu, TRIPLE):
+                raise UsageError(
+                    f"unknown x86 target {tag!r}",
+                    hint="use x86 (host ISA), x86-avx2, x86-avx512, x86-avx512vnni or x86-<llvm cpu name>",
+                )
+            tvm_target = {"kind": "llvm", "mtriple": TRIPLE, "mcpu": cpu}
+            required = ()
+            isa = cpu
+            artifact = f"model_x86_64_{cpu}.so"
+        round_to, pattern, vnni = _knobs(set(required))
+        runs_here = host.arch == "x86_64" and all(f in host.features for f in required)
+        return TargetSpec(
+            tag=tag,
+            family="x86",
+            tvm_target=tvm_target,
+            triple=TRIPLE,
+            isa_features=tuple(required),
+            preferred_pattern=pattern,
+            round_to=round_to,
+            quant_dtype="int8",
+            cross_compiler=None,
+            runs_here=runs_here,
+            extra={
+                "isa": isa,
+                "artifact_name": artifact,
+                "int8_dot": vnni,
+                "host_cpu": host.model_name,
+                "host_simd": host.simd_summary,
+            },
+        )
+
+    def compile(
+        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]]
+    ) -> Artifact:
+        from targets import tvm_backend
+
+        name = spec.extra.get("artifact_name", "model_x86_64.so")
+        out = Path(out_dir) / name
+        t0 = time.perf_counter()
+        mod = tvm_backend.import_onnx(model_path, input_shapes)
+        timing = tvm_backend.compile_library(mod, spec.tvm_target, out)
+        hdr = read_elf_header(out)
+        if hdr.machine_name != "x86-64":
+            raise TargetError(f"{name} is an ELF for {hdr.machine_name}, expected x86-64")
+        return Artifact(
+            path=Path(name),
+            kind="tvm-relax-vm-library",
+            sha256=sha256_file(out),
+            details={
+                "compile_seconds": round(time.perf_counter() - t0, 3),
+                **timing,
+                "elf_machine": hdr.machine_name,
+                "bytes": out.stat().st_size,
+                "tvm_target": spec.tvm_target,
+                "isa_features": list(spec.isa_features),
+            },
+        )
+
+    @staticmethod
+    def _check_runnable(spec: TargetSpec) -> None:
+        host = detect_host()
+        missing = [f for f in spec.isa_features if f not in host.features]
+        if host.arch != "x86_64" or missing:
+            raise NotRunnableHere(
+                f"target {spec.tag} needs an x86_64 CPU with {', '.join(missing) or 'x86_64'}; "
+                f"this host is {host.arch} ({host.simd_summary})"
+            )
+
+    def run(self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._check_runnable(spec)
+        from targets import tvm_backend
+
+        return tvm_backend.run_library(artifact_path, inputs, "cpu")
+
+    def time(self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray], **kw) -> float:
+        """Median seconds per inference of the compiled artifact on this host."""
+        self._check_runnable(spec)
+        from targets import tvm_backend
+
+        return tvm_backend.time_library(artifact_path, inputs, "cpu", **kw)
