@@ -49,6 +49,17 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
         return
     p.add_argument("--target", default="x86", help="x86 | arm | cuda (or a variant: x86-avx2, arm64-linux, cuda-sm90)")
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of prunable weights set to zero, in [0, 1)")
+    p.add_argument("--pattern", default="unstructured", help="sparsity pattern: unstructured | N:M (e.g. 2:4) | RxC blocks (e.g. 1x4, 8x1)")
+    p.add_argument("--method", default="magnitude", help="how weights are chosen for --sparsity: magnitude | wanda | obs (wanda/obs need --calib)")
+    p.add_argument("--allocation", default="uniform", help="per-layer budget: uniform | global | sensitivity")
+    p.add_argument("--structured", type=float, default=0.0, help="fraction of prunable channels removed (prune.channels), in [0, 1)")
+    p.add_argument("--criterion", default="l1", help="channel score for --structured: l1 | l2 | fpgm | bn_gamma | apoz | mean_act | taylor")
+    p.add_argument("--min-channels", type=int, default=1, help="--structured: channels kept per group at least")
+    p.add_argument("--round-to", type=int, default=0, help="--structured: keep channel counts a multiple of this (0: the target's default)")
+    p.add_argument("--reconstruct", action="store_true", help="--structured: refit consumers by least squares on --calib data")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="node/weight name globs left alone by pruning passes")
+    p.add_argument("--quantize", default="none", help="none | int8 | fp16 | int4")
+    p.add_argument("--keep-fp32", default="none", help="--quantize: none | auto (keep the most sensitive layers in fp32)")
     p.add_argument("--pass", dest="passes", action="append", metavar="NAME[:k=v,...]",
                    help="explicit pipeline (repeatable); replaces the default cleanup + flag-driven passes")
     p.add_argument("--calib", help="calibration data .npz (one array per input, samples on axis 0)")
@@ -85,6 +96,9 @@ def _parse_pass_flag(text: str) -> dict:
 def _options_from_args(a: argparse.Namespace) -> Options:
     return Options(
         model=a.model, target=a.target, output=a.output, sparsity=a.sparsity,
+        pattern=a.pattern, method=a.method, allocation=a.allocation, structured=a.structured,
+        criterion=a.criterion, min_channels=a.min_channels, round_to=a.round_to, reconstruct=a.reconstruct,
+        ignore=a.ignore, quantize=a.quantize, keep_fp32=a.keep_fp32,
         passes=[_parse_pass_flag(t) for t in a.passes] if a.passes else None,
         calib=a.calib, eval=a.eval, input_shape=a.input_shape, plugin=a.plugin, force=a.force,
         dry_run=a.dry_run, check_each_pass=a.check_each_pass, dump_ir=a.dump_ir,

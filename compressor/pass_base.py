@@ -41,6 +41,13 @@ class PassContext:
     opset: int = 17
     history: list[str] = field(default_factory=list)  # names of passes already run
     options: dict[str, Any] = field(default_factory=dict)  # resolved global options (sparsity, pattern, ...)
+    template: Any = None  # the loaded (pre-pass) onnx.ModelProto: ir.to_model(graph.copy(), ctx.template) exports
+
+    def export(self, graph: gs.Graph):
+        """The current graph as an onnx.ModelProto (a copy; the graph is not changed)."""
+        from compressor import ir
+
+        return ir.to_model(graph.copy(), self.template)
 
 
 class Pass:

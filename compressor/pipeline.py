@@ -50,12 +50,31 @@ class Plan:
         return to_recipe(self.opts, self.resolved_passes(), base)
 
 
-def default_pass_list(opts: Options) -> list[dict[str, Any]]:
+def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
+    """cleanup -> prune.channels (--structured) -> sparsify.<method> (--sparsity) -> quantize.<q> (--quantize).
+    Flags left at their defaults are not written into pass configs, so each pass keeps its own defaults."""
     from passes import CLEANUP_PIPELINE
 
     items = [{"name": n, "config": {}} for n in CLEANUP_PIPELINE]
+    ignore = {"ignore": list(opts.ignore)} if opts.ignore else {}
+    if opts.structured > 0:
+        cfg = {"ratio": opts.structured, "criterion": opts.criterion, "min_channels": opts.min_channels,
+               "round_to": opts.round_to or spec.round_to, **ignore}
+        if opts.allocation != "uniform":
+            cfg["allocation"] = opts.allocation
+        if opts.reconstruct:
+            cfg["reconstruct"] = True
+        items.append({"name": "prune.channels", "config": cfg})
     if opts.sparsity > 0:
-        items.append({"name": "sparsify.magnitude", "config": {"sparsity": opts.sparsity}})
+        cfg = {"sparsity": opts.sparsity, **ignore}
+        if opts.pattern != "unstructured":
+            cfg["pattern"] = opts.pattern
+        if opts.allocation != "uniform":
+            cfg["allocation"] = opts.allocation
+        items.append({"name": f"sparsify.{opts.method}", "config": cfg})
+    if opts.quantize != "none":
+        cfg = {"keep_fp32": opts.keep_fp32} if opts.keep_fp32 != "none" else {}
+        items.append({"name": f"quantize.{opts.quantize}", "config": cfg})
     return items
 
 
@@ -81,7 +100,7 @@ def plan(opts: Options) -> Plan:
     for p in opts.plugin:
         load_plugin_file(Path(p))
     target, spec = targets.resolve(opts.target)
-    items = normalize_passes(opts.passes) if opts.passes is not None else default_pass_list(opts)
+    items = normalize_passes(opts.passes) if opts.passes is not None else default_pass_list(opts, spec)
     required = {}
     if not opts.no_compile:
         items, required = with_target_passes(items, target.required_passes, spec.tag)
@@ -157,7 +176,8 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     if opts.dump_ir:
         instruments.append(DumpIRInstrument(Path(opts.dump_ir), model))
     ctx = PassContext(target=p.spec, calib=calib, opset=ir.default_opset(model) or 17,
-                      options={"sparsity": opts.sparsity})
+                      options={"sparsity": opts.sparsity, "structured": opts.structured, "pattern": opts.pattern},
+                      template=model)
     compressed, records = PassManager(p.passes, instruments).run(model, ctx)
     for r in records:
         warnings += [f"{r.name}: {w}" for w in r.warnings]

@@ -36,6 +36,17 @@ class Options:
     target: str = "x86"
     output: str | None = None
     sparsity: float = 0.0
+    pattern: str = "unstructured"  # unstructured | N:M (2:4) | RxC blocks (1x4, 8x1)
+    method: str = "magnitude"  # sparsify.<method>: magnitude | wanda | obs
+    allocation: str = "uniform"  # uniform | global | sensitivity
+    structured: float = 0.0  # prune.channels ratio
+    criterion: str = "l1"  # prune.channels criterion
+    min_channels: int = 1
+    round_to: int = 0  # 0 = the target's default channel multiple
+    reconstruct: bool = False
+    ignore: list[str] = field(default_factory=list)  # name globs left alone by pruning/sparsity passes
+    quantize: str = "none"  # none | int8 | fp16 | int4
+    keep_fp32: str = "none"  # none | auto (mixed precision by sensitivity)
     passes: list[dict[str, Any]] | None = None  # explicit pipeline [{name, config}]
     calib: str | None = None
     eval: str | None = None
@@ -59,6 +70,16 @@ class Options:
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise UsageError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0.0 <= self.structured < 1.0:
+            raise UsageError(f"--structured must be in [0, 1), got {self.structured}")
+        if self.quantize not in ("none", "int8", "fp16", "int4"):
+            raise UsageError(f"--quantize must be none, int8, fp16 or int4, got {self.quantize!r}")
+        if self.keep_fp32 not in ("none", "auto"):
+            raise UsageError(f"--keep-fp32 must be none or auto, got {self.keep_fp32!r}")
+        if self.allocation not in ("uniform", "global", "sensitivity"):
+            raise UsageError(f"--allocation must be uniform, global or sensitivity, got {self.allocation!r}")
+        if self.min_channels < 1 or self.round_to < 0:
+            raise UsageError("--min-channels must be >= 1 and --round-to >= 0")
         for name in ("min_cosine", "min_top1"):
             v = getattr(self, name)
             if not -1.0 <= v <= 1.0:
@@ -122,7 +143,7 @@ def load_recipe(path: Path) -> Options:
         if kwargs.get(key):
             kwargs[key] = str((base / str(kwargs[key])))
     kwargs["plugin"] = [str(base / p) for p in kwargs.get("plugin") or []]
-    for key in ("input_shape", "plugin"):
+    for key in ("input_shape", "plugin", "ignore"):
         if isinstance(kwargs.get(key), str):
             kwargs[key] = [kwargs[key]]
     try:
