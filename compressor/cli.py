@@ -76,7 +76,7 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--min-cosine", type=float, default=0.99, help="gate: min cosine similarity per output (default 0.99)")
     p.add_argument("--min-top1", type=float, default=0.95, help="gate: min top-1 agreement for classifier outputs (default 0.95)")
     p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="gate: max task-accuracy drop with --eval labels (default 0.01)")
-    p.add_argument("--verify-samples", type=int, default=16, help="samples used for output comparison (default 16)")
+    p.add_argument("--verify-samples", type=int, default=16, help="random or --calib samples used for output comparison, and samples kept for the bundle self-check (default 16); with --eval every eval sample is compared")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -78,14 +78,19 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
     return items
 
 
-def with_target_passes(items: list[dict[str, Any]], required: tuple[str, ...], tag: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Insert the passes a target needs (absent from ``items``) after the leading cleanup passes."""
-    names = {i["name"] for i in items}
-    at = 0
-    while at < len(items) and items[at]["name"].startswith("cleanup."):
-        at += 1
-    added = [{"name": n, "config": {}} for n in required if n not in names]
-    return items[:at] + added + items[at:], {a["name"]: f" (required by target {tag})" for a in added}
+def lower_for_target(model: onnx.ModelProto, target: Any, spec: Any, say: Say) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """Apply the passes a backend needs before it can compile (``Target.required_passes``,
+    e.g. ``lower.rnn`` for TVM's importer) to a copy of the compressed model. The bundle's
+    model.onnx stays as compressed (an LSTM stays an LSTM for onnxruntime users); the
+    artifact-vs-compressed comparison checks the lowering."""
+    from passes import PASSES
+
+    needed = [(PASSES.get(n)(), PASSES.entry(n).provider) for n in target.required_passes]
+    if not needed:
+        return model, []
+    ctx = PassContext(target=spec, opset=ir.default_opset(model) or 17, template=model)
+    lowered, records = PassManager(needed, [ProgressInstrument(say)]).run(model, ctx)
+    return lowered, [r.to_dict() for r in records]
 
 
 def plan(opts: Options) -> Plan:
@@ -101,14 +106,10 @@ def plan(opts: Options) -> Plan:
         load_plugin_file(Path(p))
     target, spec = targets.resolve(opts.target)
     items = normalize_passes(opts.passes) if opts.passes is not None else default_pass_list(opts, spec)
-    required = {}
-    if not opts.no_compile:
-        items, required = with_target_passes(items, target.required_passes, spec.tag)
     passes = []
     for item in items:
         cls = PASSES.get(item["name"])
-        provider = PASSES.entry(item["name"]).provider + required.get(item["name"], "")
-        passes.append((cls(make_config(cls, item["config"])), provider))
+        passes.append((cls(make_config(cls, item["config"])), PASSES.entry(item["name"]).provider))
     model_path = Path(opts.model)
     output = Path(opts.output) if opts.output else Path(f"{model_path.stem}.{spec.tag}.bundle")
     return Plan(opts, target, spec, passes, output)
@@ -121,6 +122,8 @@ def describe(p: Plan) -> list[str]:
         from compressor.pass_base import config_dict
 
         lines.append(f"  {i}. {ps.name} {config_dict(ps.config) or ''}  [{provider}]")
+    if p.target.required_passes and not p.opts.no_compile:
+        lines.append(f"target lowering (on a copy handed to the {p.spec.tag} backend): {', '.join(p.target.required_passes)}")
     return lines
 
 
@@ -158,7 +161,7 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     eval_samples = data_mod.load_npz(Path(opts.eval), inputs, "--eval") if opts.eval else None
     calib = data_mod.load_npz(Path(opts.calib), inputs, "--calib") if opts.calib else None
     if eval_samples is not None:
-        verif = eval_samples.head(opts.verify_samples)
+        verif = eval_samples  # all of it: accuracy and agreement come from the same runs
     elif calib is not None:
         verif = calib.head(opts.verify_samples)
     else:
@@ -190,16 +193,14 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     comparisons = [verify.compare("compressed.onnx", "original.onnx", "lossy", out_names, comp_runs, ref_runs, tol, not labelled)]
     accuracy = None
     if labelled:
-        acc_o = verify.accuracy(runtime.run_all(ref_sess, eval_samples.feeds), eval_samples.labels)
-        acc_c = verify.accuracy(runtime.run_all(comp_sess, eval_samples.feeds), eval_samples.labels)
-        accuracy = {"original": acc_o, "compressed": acc_c, "n": len(eval_samples.feeds), "max_drop": tol.max_accuracy_drop,
-                    "artifact": None}
+        accuracy = {"original": verify.accuracy(ref_runs, verif.labels), "compressed": verify.accuracy(comp_runs, verif.labels),
+                    "n": len(verif.feeds), "max_drop": tol.max_accuracy_drop, "artifact": None}
 
     stage = bundle_mod.StagedDir(p.output)
     try:
         bdir = stage.path
         ir.save_model(compressed, bdir / "model.onnx")
-        artifact, artifact_runs = None, None
+        artifact, artifact_runs, target_passes = None, None, []
         art_latency = None
         if opts.no_compile:
             warnings.append("--no-compile: no target artifact was produced")
@@ -208,7 +209,16 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
             say(f"[5/6] compile for {p.spec.tag} ({p.spec.tvm_target.get('kind')}, {p.spec.triple})")
             t0 = time.perf_counter()
             try:
-                artifact = p.target.compile(bdir / "model.onnx", p.spec, bdir, {s.name: list(s.shape) for s in inputs})
+                lowered, target_passes = lower_for_target(compressed, p.target, p.spec, say)
+                src = bdir / "model.onnx"
+                if lowered is not compressed:
+                    src = stage.path.parent / f"{stage.path.name}.lowered.onnx"
+                    ir.save_model(lowered, src)
+                try:
+                    artifact = p.target.compile(src, p.spec, bdir, {s.name: list(s.shape) for s in inputs})
+                finally:
+                    if src.name.endswith(".lowered.onnx"):
+                        src.unlink(missing_ok=True)
                 say(f"      {artifact.path} ({time.perf_counter() - t0:.1f} s)")
             except TargetError as exc:
                 warnings.append(f"artifact not produced for {p.spec.tag}: {exc.one_line()}")
@@ -225,8 +235,7 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
                 comparisons.append(verify.compare(f"artifact({p.spec.tag})", "original.onnx", "lossy", out_names, artifact_runs, ref_runs, tol, not labelled))
                 comparisons.append(verify.compare(f"artifact({p.spec.tag})", "compressed.onnx", "compile", out_names, artifact_runs, comp_runs, tol))
                 if accuracy is not None:
-                    runs = [p.target.run(bdir / artifact.path, p.spec, f) for f in eval_samples.feeds]
-                    accuracy["artifact"] = verify.accuracy(runs, eval_samples.labels)
+                    accuracy["artifact"] = verify.accuracy(artifact_runs, verif.labels)
 
         say("[6/6] measure and write bundle")
         latency = None
@@ -249,9 +258,10 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
 
         # on-device self-check data
         (bdir / "selfcheck").mkdir()
-        data_mod.save_samples(bdir / "selfcheck" / "inputs.npz", verif.feeds)
-        np.savez(bdir / "selfcheck" / "expected.npz", **{n: np.stack([r[i] for r in comp_runs]) for i, n in enumerate(out_names)})
-        np.savez(bdir / "selfcheck" / "original.npz", **{n: np.stack([r[i] for r in ref_runs]) for i, n in enumerate(out_names)})
+        k = opts.verify_samples
+        data_mod.save_samples(bdir / "selfcheck" / "inputs.npz", verif.feeds[:k])
+        np.savez(bdir / "selfcheck" / "expected.npz", **{n: np.stack([r[i] for r in comp_runs[:k]]) for i, n in enumerate(out_names)})
+        np.savez(bdir / "selfcheck" / "original.npz", **{n: np.stack([r[i] for r in ref_runs[:k]]) for i, n in enumerate(out_names)})
         shutil.copyfile(Path(__file__).with_name("bundle_runner.py"), bdir / "run_bundle.py")
 
         gate_failures = [f"{c.candidate} vs {c.reference}: {f}" for c in comparisons for f in c.failures]
@@ -271,6 +281,7 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
                       "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]},
             "target": p.spec.to_dict(),
             "passes": [r.to_dict() for r in records],
+            "target_passes": target_passes,
             "verification_data": verif.source,
             "verification": [c.to_dict() for c in comparisons],
             "accuracy": accuracy,
@@ -297,6 +308,7 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
             "inputs": rep["model"]["inputs"],
             "outputs": rep["model"]["outputs"],
             "passes": rep["passes"],
+            "target_passes": target_passes,
             "verification": {"data": verif.source, "measured_on": _host_description(),
                              "runtime": "onnxruntime (ORT_DISABLE_ALL) and the artifact where it runs here",
                              "comparisons": rep["verification"], "accuracy": accuracy, "gate": rep["gate"]},

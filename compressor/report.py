@@ -55,7 +55,7 @@ def before_after(report: dict[str, Any]) -> list[str]:
     if lat.get("ort_original_s") is not None:
         rows.append(["latency onnxruntime", _fmt_ms(lat["ort_original_s"]), _fmt_ms(lat["ort_compressed_s"]), _ratio(lat["ort_original_s"], lat["ort_compressed_s"])])
     if lat.get("artifact_s") is not None:
-        rows.append([f"latency {report['target']['tag']} artifact (TVM)", "-", _fmt_ms(lat["artifact_s"]), _ratio(lat["ort_original_s"], lat["artifact_s"]) + " vs ORT orig"])
+        rows.append([f"latency {report['target']['tag']} artifact (TVM)", "-", _fmt_ms(lat["artifact_s"]), _ratio(lat["ort_original_s"], lat["artifact_s"]) + " of ORT original"])
     ops = sorted(set(b["op_counts"]) | set(a["op_counts"]))
     for op in ops:
         nb, na = b["op_counts"].get(op, 0), a["op_counts"].get(op, 0)

@@ -25,6 +25,9 @@ from compressor.errors import UsageError
 from compressor.pass_base import Pass, PassContext, PassResult
 
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+# recurrent layers: input weights W (input 1) and recurrent weights R (input 2) are pruned,
+# biases are not (Narang et al. 2017)
+RECURRENT_WEIGHT_INPUTS = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ def magnitude_mask(w: np.ndarray, sparsity: float) -> np.ndarray:
 def prunable_weights(graph: gs.Graph) -> list[tuple[gs.Node, gs.Constant]]:
     found, seen = [], set()
     for node in graph.nodes:
+        for idx in RECURRENT_WEIGHT_INPUTS.get(node.op, ()):
+            w = node.inputs[idx] if len(node.inputs) > idx else None
+            if isinstance(w, gs.Constant) and w.name not in seen and np.asarray(w.values).dtype.kind == "f":
+                seen.add(w.name)
+                found.append((node, w))
         idx = WEIGHT_INPUT.get(node.op)
         if idx is None or len(node.inputs) <= idx:
             continue
@@ -126,7 +134,7 @@ class MagnitudeSparsify(Pass):
             new = np.where(mask, vals, np.zeros((), vals.dtype)).astype(vals.dtype)
             w.values = new
             nz = int(np.count_nonzero(new))
-            layers[node.name] = {"op": node.op, "weight": w.name, "numel": int(vals.size), "sparsity": round(1 - nz / vals.size, 6)}
+            layers[node.name if node.op in WEIGHT_INPUT else f"{node.name}/{w.name}"] = {"op": node.op, "weight": w.name, "numel": int(vals.size), "sparsity": round(1 - nz / vals.size, 6)}
             total += vals.size
             zeros += vals.size - nz
         if not layers and cfg.sparsity > 0:

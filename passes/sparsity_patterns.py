@@ -1,0 +1,454 @@
+"""Shared sparsity machinery for the ``sparsify.*`` passes: patterns, masks,
+layer views, allocation and the common config.
+
+Canonical weight matrix ("rows = outputs, columns = reduction axis")
+-------------------------------------------------------------------
+Every prunable weight is viewed as a 2-D matrix ``W2[rows, cols]`` whose rows
+index output features and whose columns index the axis that is summed over
+(the *reduction axis*) when the layer computes ``y[r] = sum_c W2[r, c] x[c]``:
+
+* ``Conv`` weight ``[O, I/g, kH, kW]`` -> ``W2 = w.reshape(O, I/g*kH*kW)``;
+  columns are ordered (input channel, kernel row, kernel column), i.e. the
+  im2col patch order, so an N:M group is M consecutive (channel, kh, kw)
+  taps of one filter.
+* ``ConvTranspose`` weight ``[I, O/g, kH, kW]`` -> ``w.transpose(1, 0, 2, 3)``
+  reshaped to ``[O/g, I*kH*kW]`` (data-aware passes skip ConvTranspose).
+* ``Gemm`` weight B: ``transB=1`` stores ``[N, K]`` = ``W2`` as is;
+  ``transB=0`` stores ``[K, N]`` and ``W2 = B.T``.
+* ``MatMul`` constant B ``[K, N]`` (``y = x @ B``): ``W2 = B.T``; a batched
+  ``[..., K, N]`` weight becomes ``swapaxes(-1, -2).reshape(-1, K)``.
+  Constant A ``[M, K]`` (``y = A @ x``): ``W2 = A`` (``reshape(-1, K)``).
+
+Patterns (all defined on ``W2``)
+--------------------------------
+* ``unstructured``: exactly ``round(s * numel)`` entries of smallest score are
+  zeroed (stable order breaks ties).
+* ``N:M`` (``2:4``, ``4:8``, ``1:4``): every group of M consecutive columns of
+  one row (groups start at column 0) keeps at most N non-zeros; a trailing
+  partial group of g < M columns keeps at most ``max(0, g - (M - N))``. The
+  per-layer sparsity is fixed at ``1 - N/M``.
+* ``RxC`` blocks (``1x4``, ``4x1``, ``8x1``, ``16x1``, any ``RxC``): the grid of
+  R rows (outputs) x C columns (reduction) starting at (0, 0) is either fully
+  zero or kept; blocks are scored by their norm (RMS of the element scores,
+  i.e. the L2 norm for full blocks, size-corrected for partial edge blocks) and
+  the lowest-scoring blocks are dropped until the zeroed element count is
+  closest to ``round(s * numel)`` (exact up to one block).
+
+Allocation (per-layer sparsities meeting the global target)
+-----------------------------------------------------------
+* ``uniform``: every layer gets the target.
+* ``global``: one score threshold t across all layers; layer i gets
+  ``clip(frac(scores_i < t), floor, ceiling)`` and t is found by bisection so
+  the pruned count equals ``round(s * total)`` (within rounding).
+* ``sensitivity``: see ``compressor.sensitivity`` (least total output error).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from compressor.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+# ----------------------------------------------------------------------------- patterns
+
+
+@dataclass(frozen=True)
+class Pattern:
+    kind: str  # "unstructured" | "nm" | "block"
+    n: int = 0
+    m: int = 0
+    r: int = 1
+    c: int = 1
+
+    @property
+    def text(self) -> str:
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        if self.kind == "block":
+            return f"{self.r}x{self.c}"
+        return "unstructured"
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """Per-layer sparsity implied by the pattern (N:M), else None."""
+        return 1.0 - self.n / self.m if self.kind == "nm" else None
+
+
+def parse_pattern(text: str) -> Pattern:
+    t = str(text).strip().lower()
+    if t in ("unstructured", "none", ""):
+        return Pattern("unstructured")
+    m = re.fullmatch(r"(\d+):(\d+)", t)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        if not 0 < n < mm:
+            raise UsageError(f"pattern {text!r}: N:M needs 0 < N < M", hint="e.g. 2:4, 4:8, 1:4")
+        return Pattern("nm", n=n, m=mm)
+    m = re.fullmatch(r"(\d+)x(\d+)", t)
+    if m:
+        r, c = int(m.group(1)), int(m.group(2))
+        if r < 1 or c < 1 or r * c < 2:
+            raise UsageError(f"pattern {text!r}: blocks need R, C >= 1 and R*C >= 2", hint="e.g. 1x4, 4x1, 8x1, 16x1")
+        return Pattern("block", r=r, c=c)
+    raise UsageError(f"unknown sparsity pattern {text!r}", hint="unstructured | N:M (2:4, 4:8, 1:4) | RxC blocks (1x4, 4x1, 8x1, 16x1)")
+
+
+def _exact_k(sparsity: float, n: int) -> int:
+    return int(round(sparsity * n))
+
+
+def unstructured_mask(scores: np.ndarray, sparsity: float, per_row: bool = False) -> np.ndarray:
+    """Keep-mask with exactly round(s * numel) False entries (lowest scores).
+    ``per_row``: each row prunes its own share (row counts differ by at most one)."""
+    s = np.asarray(scores, dtype=np.float64)
+    k = _exact_k(sparsity, s.size)
+    keep = np.ones(s.shape, dtype=bool)
+    if k <= 0:
+        return keep
+    if not per_row or s.ndim != 2:
+        order = np.argsort(s.ravel(), kind="stable")
+        keep.ravel()[order[:k]] = False
+        return keep
+    rows, cols = s.shape
+    per = np.full(rows, k // rows)
+    per[: k - per.sum()] += 1
+    order = np.argsort(s, axis=1, kind="stable")
+    for r in range(rows):
+        keep[r, order[r, : per[r]]] = False
+    return keep
+
+
+def nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Keep-mask: in every group of m consecutive columns, the m-n lowest scores are pruned."""
+    s = np.asarray(scores, dtype=np.float64)
+    rows, cols = s.shape
+    pad = (-cols) % m
+    sp = np.pad(s, ((0, 0), (0, pad)), constant_values=np.inf).reshape(rows, -1, m)
+    order = np.argsort(sp, axis=2, kind="stable")
+    keep = np.ones(sp.shape, dtype=bool)
+    np.put_along_axis(keep, order[:, :, : m - n], False, axis=2)
+    return keep.reshape(rows, -1)[:, :cols]
+
+
+def block_scores(scores: np.ndarray, r: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """(RMS score per block, number of real elements per block) on the r x c grid."""
+    s = np.asarray(scores, dtype=np.float64)
+    rows, cols = s.shape
+    pr, pc = (-rows) % r, (-cols) % c
+    sq = np.pad(s * s, ((0, pr), (0, pc))).reshape((rows + pr) // r, r, (cols + pc) // c, c)
+    cnt = np.pad(np.ones_like(s), ((0, pr), (0, pc))).reshape(sq.shape)
+    size = cnt.sum(axis=(1, 3))
+    return np.sqrt(sq.sum(axis=(1, 3)) / size), size
+
+
+def expand_blocks(block_keep: np.ndarray, r: int, c: int, shape: tuple[int, int]) -> np.ndarray:
+    full = np.repeat(np.repeat(block_keep, r, axis=0), c, axis=1)
+    return full[: shape[0], : shape[1]]
+
+
+def block_mask(scores: np.ndarray, sparsity: float, r: int, c: int) -> np.ndarray:
+    """Keep-mask of whole r x c blocks: lowest-RMS blocks pruned until the pruned element
+    count is closest to round(s * numel)."""
+    s = np.asarray(scores, dtype=np.float64)
+    bs, size = block_scores(s, r, c)
+    k = _exact_k(sparsity, s.size)
+    order = np.argsort(bs.ravel(), kind="stable")
+    cum = np.concatenate([[0.0], np.cumsum(size.ravel()[order])])
+    j = int(np.argmin(np.abs(cum - k)))
+    bk = np.ones(bs.size, dtype=bool)
+    bk[order[:j]] = False
+    return expand_blocks(bk.reshape(bs.shape), r, c, s.shape)
+
+
+def select_mask(scores: np.ndarray, pattern: Pattern, sparsity: float, per_row: bool = False) -> np.ndarray:
+    """Keep-mask on a canonical 2-D score matrix (higher score = more important)."""
+    if pattern.kind == "nm":
+        return nm_mask(scores, pattern.n, pattern.m)
+    if pattern.kind == "block":
+        return block_mask(scores, sparsity, pattern.r, pattern.c)
+    return unstructured_mask(scores, sparsity, per_row)
+
+
+def pattern_violations(keep: np.ndarray, pattern: Pattern) -> int:
+    """Number of N:M groups / blocks that break the pattern (0 = valid)."""
+    k = np.asarray(keep, dtype=bool)
+    rows, cols = k.shape
+    if pattern.kind == "nm":
+        m, n = pattern.m, pattern.n
+        pad = (-cols) % m
+        kp = np.pad(k, ((0, 0), (0, pad))).reshape(rows, -1, m)
+        real = np.pad(np.ones_like(k), ((0, 0), (0, pad))).reshape(rows, -1, m).sum(axis=2)
+        limit = np.maximum(0, real - (m - n))
+        return int((kp.sum(axis=2) > np.minimum(n, limit)).sum())
+    if pattern.kind == "block":
+        r, c = pattern.r, pattern.c
+        pr, pc = (-rows) % r, (-cols) % c
+        kp = np.pad(k.astype(np.int64), ((0, pr), (0, pc))).reshape((rows + pr) // r, r, (cols + pc) // c, c).sum(axis=(1, 3))
+        _, size = block_scores(np.zeros(k.shape), r, c)
+        return int(((kp != 0) & (kp != size)).sum())
+    return 0
+
+
+# ----------------------------------------------------------------------------- layer views
+
+
+@dataclass
+class Layer:
+    node: gs.Node
+    weight: gs.Constant
+    index: int  # input index of the weight in node.inputs
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def groups(self) -> int:
+        return int(self.node.attrs.get("group", 1)) if self.node.op in ("Conv", "ConvTranspose") else 1
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.asarray(self.weight.values)
+
+    def matrix(self, w: np.ndarray | None = None) -> np.ndarray:
+        return to_matrix(self, self.values if w is None else w)
+
+    def set_matrix(self, w2: np.ndarray) -> None:
+        v = self.values
+        self.weight.values = from_matrix(self, w2, v.shape).astype(v.dtype)
+
+
+def to_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
+    op = layer.node.op
+    if op == "Conv":
+        return w.reshape(w.shape[0], -1)
+    if op == "ConvTranspose":
+        return np.swapaxes(w, 0, 1).reshape(w.shape[1], -1)
+    if op == "Gemm":
+        return w if int(layer.node.attrs.get("transB", 0)) else w.T
+    if op == "MatMul":
+        if layer.index == 1:
+            w = w.reshape(1, -1) if w.ndim == 1 else w
+            return np.swapaxes(w, -1, -2).reshape(-1, w.shape[-2])
+        return w.reshape(-1, w.shape[-1])
+    raise ValueError(op)
+
+
+def from_matrix(layer: Layer, w2: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    op = layer.node.op
+    if op == "Conv":
+        return w2.reshape(shape)
+    if op == "ConvTranspose":
+        return np.swapaxes(w2.reshape((shape[1], shape[0]) + tuple(shape[2:])), 0, 1)
+    if op == "Gemm":
+        return w2 if int(layer.node.attrs.get("transB", 0)) else w2.T
+    if op == "MatMul":
+        if layer.index == 1:
+            s2 = (1,) + tuple(shape) if len(shape) == 1 else tuple(shape)
+            swapped = s2[:-2] + (s2[-1], s2[-2])
+            return np.swapaxes(w2.reshape(swapped), -1, -2).reshape(shape)
+        return w2.reshape(shape)
+    raise ValueError(op)
+
+
+def find_layers(graph: gs.Graph) -> list[Layer]:
+    """Prunable layers in graph order: the constant float weight input of Conv/ConvTranspose/Gemm/MatMul
+    (MatMul: B, or A when only A is constant). Shared weights are listed once."""
+    found, seen = [], set()
+    for node in graph.nodes:
+        if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
+            continue
+        idx = 1
+        if node.op == "MatMul" and not isinstance(node.inputs[1], gs.Constant) and isinstance(node.inputs[0], gs.Constant):
+            idx = 0
+        w = node.inputs[idx]
+        if isinstance(w, gs.Constant) and w.name not in seen and np.asarray(w.values).dtype.kind == "f" and np.asarray(w.values).ndim >= 2:
+            seen.add(w.name)
+            found.append(Layer(node, w, idx))
+    return found
+
+
+# ops a classifier's logits may pass through on the way to a graph output
+_PASS_THROUGH = {"Add", "Dropout", "Softmax", "LogSoftmax", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Sigmoid", "Cast"}
+
+
+def classifier_nodes(graph: gs.Graph) -> set[str]:
+    """Names of prunable nodes that produce a graph output through pass-through ops only."""
+    found = set()
+    for out in graph.outputs:
+        t = out
+        while t.inputs:
+            node = t.inputs[0]
+            if node.op in WEIGHT_OPS:
+                found.add(node.name)
+                break
+            if node.op not in _PASS_THROUGH:
+                break
+            t = node.inputs[0]
+    return found
+
+
+def is_stem_conv(node: gs.Node, w: np.ndarray) -> bool:
+    return node.op == "Conv" and w.ndim >= 3 and w.shape[1] * int(node.attrs.get("group", 1)) <= 4
+
+
+# ----------------------------------------------------------------------------- shared config
+
+
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """Keys shared by all sparsify passes (the pipeline writes sparsity, pattern, allocation, ignore)."""
+
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    allocation: str = "uniform"
+    min_layer_sparsity: float = 0.0  # global/sensitivity allocation: per-layer floor
+    max_layer_sparsity: float = 0.98  # global/sensitivity allocation: per-layer ceiling
+    min_elements: int = 16
+    ignore: tuple[str, ...] = ()
+    keep_stem: bool = True
+    keep_classifier: bool = True
+    calib_samples: int = 128  # calibration samples used (sensitivity / wanda / obs); 0 = all
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise UsageError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.min_elements < 0:
+            raise UsageError(f"min_elements must be >= 0, got {self.min_elements}")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if not 0.0 <= self.min_layer_sparsity <= self.max_layer_sparsity < 1.0:
+            raise UsageError("need 0 <= min_layer_sparsity <= max_layer_sparsity < 1, got "
+                             f"{self.min_layer_sparsity}, {self.max_layer_sparsity}")
+        if self.calib_samples < 0:
+            raise UsageError(f"calib_samples must be >= 0, got {self.calib_samples}")
+        p = parse_pattern(self.pattern)
+        fixed = p.fixed_sparsity
+        if fixed is not None and self.sparsity > 0 and abs(fixed - self.sparsity) > 1e-6:
+            raise UsageError(f"pattern {p.text} fixes the sparsity of every pruned layer at {fixed:g}, but sparsity {self.sparsity:g} was requested",
+                             hint=f"pass --sparsity {fixed:g} with --pattern {p.text}")
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+
+def select_layers(graph: gs.Graph, cfg: SparsifyConfig, data_aware: bool = False) -> tuple[list[Layer], list[str]]:
+    """Layers to prune under the shared rules, plus warnings for each layer kept dense and why."""
+    classifiers = classifier_nodes(graph)
+    layers, warnings = [], []
+    for layer in find_layers(graph):
+        node, vals = layer.node, layer.values
+        if any(fnmatch.fnmatch(node.name, g) or fnmatch.fnmatch(layer.weight.name, g) for g in cfg.ignore):
+            warnings.append(f"{node.name}: ignored by pattern, kept dense")
+        elif cfg.keep_stem and is_stem_conv(node, vals):
+            warnings.append(f"{node.name}: stem conv (<= 4 input channels) kept dense by default (keep_stem)")
+        elif cfg.keep_classifier and node.name in classifiers:
+            warnings.append(f"{node.name}: final classifier kept dense by default (keep_classifier)")
+        elif vals.size < cfg.min_elements:
+            warnings.append(f"{node.name}: {vals.size} weights < min_elements {cfg.min_elements}, kept dense")
+        elif data_aware and node.op == "ConvTranspose":
+            warnings.append(f"{node.name}: ConvTranspose is not supported by data-aware pruning, kept dense")
+        elif data_aware and node.op == "Conv" and vals.ndim not in (3, 4):
+            warnings.append(f"{node.name}: {vals.ndim - 2}-D convolution not supported by data-aware pruning, kept dense")
+        elif data_aware and node.op == "MatMul" and vals.ndim != 2:
+            warnings.append(f"{node.name}: batched MatMul weight {list(vals.shape)} not supported by data-aware pruning, kept dense")
+        else:
+            layers.append(layer)
+    return layers, warnings
+
+
+# ----------------------------------------------------------------------------- allocation
+
+
+def global_allocation(scores: dict[str, np.ndarray], pattern: Pattern, target: float, floor: float, ceiling: float
+                      ) -> tuple[dict[str, float], list[str]]:
+    """Per-layer sparsity from one threshold over all layers' (block) scores, clipped to [floor, ceiling]."""
+    units: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, s in scores.items():
+        if pattern.kind == "block":
+            bs, size = block_scores(s, pattern.r, pattern.c)
+            order = np.argsort(bs.ravel(), kind="stable")
+            units[name] = (bs.ravel()[order], np.cumsum(size.ravel()[order]))
+        else:
+            units[name] = (np.sort(np.asarray(s, np.float64).ravel()), np.arange(1, s.size + 1, dtype=np.float64))
+    n = {k: float(s.size) for k, s in scores.items()}
+    total = sum(n.values())
+    warnings = []
+    want = target * total
+    lo_cap, hi_cap = sum(floor * v for v in n.values()), sum(ceiling * v for v in n.values())
+    if not lo_cap <= want <= hi_cap:
+        warnings.append(f"global allocation: target {target:g} outside what the per-layer floor {floor:g} / ceiling {ceiling:g} allow; clamped")
+        want = min(max(want, lo_cap), hi_cap)
+
+    def pruned(t: float) -> dict[str, float]:
+        out = {}
+        for k, (sv, cum) in units.items():
+            j = int(np.searchsorted(sv, t, side="left"))
+            cnt = cum[j - 1] if j > 0 else 0.0
+            out[k] = min(max(cnt, floor * n[k]), ceiling * n[k])
+        return out
+
+    allv = np.concatenate([u[0] for u in units.values()]) if units else np.zeros(1)
+    lo, hi = float(allv.min()) - 1.0, float(allv.max()) + 1.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if sum(pruned(mid).values()) < want:
+            lo = mid
+        else:
+            hi = mid
+    counts = pruned(hi)
+    # distribute the residual (ties at the threshold, rounding) over layers with room, largest first
+    resid = want - sum(counts.values())
+    for k in sorted(counts, key=lambda k: -n[k]):
+        if abs(resid) < 0.5:
+            break
+        room = (ceiling * n[k] - counts[k]) if resid > 0 else (counts[k] - floor * n[k])
+        step = min(abs(resid), max(room, 0.0)) * np.sign(resid)
+        counts[k] += step
+        resid -= step
+    return {k: counts[k] / n[k] for k in counts}, warnings
+
+
+@dataclass
+class LayerReport:
+    op: str
+    weight: str
+    numel: int
+    requested: float
+    sparsity: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "weight": self.weight, "numel": self.numel, "requested": round(self.requested, 6),
+                "sparsity": round(self.sparsity, 6), **self.extra}
+
+
+def summarize(layers: dict[str, LayerReport], cfg: SparsifyConfig, warnings: list[str]) -> dict[str, Any]:
+    total = sum(r.numel for r in layers.values())
+    zeros = sum(r.sparsity * r.numel for r in layers.values())
+    return {"layers": {k: r.to_dict() for k, r in layers.items()}, "prunable_params": total,
+            "requested_sparsity": cfg.sparsity, "pattern": cfg.parsed_pattern.text, "allocation": cfg.allocation,
+            "achieved_sparsity": round(zeros / total, 6) if total else 0.0}
+
+
+def check_valid(name: str, keep: np.ndarray, pattern: Pattern) -> None:
+    bad = pattern_violations(keep, pattern)
+    if bad:
+        from compressor.errors import PassError
+
+        raise PassError(f"{name}: {bad} group(s) violate pattern {pattern.text} (internal error)")

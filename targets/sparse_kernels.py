@@ -1,0 +1,399 @@
+"""Block-sparse (BSR) x dense kernels written in TIR for TVM 0.27 (which has no sparse ops).
+
+Semantics (one op, every target)::
+
+    Y[m, n] = act( sum_k X[m, k] * W[n, k] + bias[n] )        X: [M, K], W: [N, K], Y: [M, N]
+
+``W`` (output features x input features, i.e. Gemm's ``transB=1`` layout, MatMul's weight
+transposed) is stored in BSR form with blocks of ``R`` output rows x ``C`` input columns
+(``"8x1"`` = 8 consecutive output channels sharing one input column; ``"1x1"`` =
+unstructured), in scipy's convention:
+
+* ``data``    float32 ``[nnzb, R, C]`` -- the stored blocks, block-row major,
+* ``indices`` int32   ``[nnzb]``       -- block-column index of each stored block,
+* ``indptr``  int32   ``[N/R + 1]``    -- blocks of block-row ``i`` are ``indptr[i]:indptr[i+1]``.
+
+Explicit zero blocks are allowed: for ``R == 1`` patterns every block row is padded
+(:func:`to_bsr` ``group``) to a multiple of ``G`` blocks so the "lanes" kernel can run
+``G*C`` independent accumulators without a remainder loop.
+
+Kernels (hand-scheduled low-level TIR, ``tir.is_scheduled`` so no Relax/dlight rule
+touches them again):
+
+* ``rows``  (``R >= 2``): one task per block row (``T.parallel``); the ``R`` outputs of
+  the block row are a SIMD vector (``T.vectorized(R)``), every stored element is one
+  broadcast-FMA per batch row; batch rows are register-tiled in tiles of ``MT``.
+* ``lanes`` (``R == 1``, small batch): ``L = G*C`` accumulators per output row, vectorized
+  over the lanes (the unstructured case is a gather of ``x``), reduced at the end.
+* ``xt``    (``R == 1``, batch >= 4): ``X`` is transposed once into a scratch ``[K, M]``
+  buffer, then every stored element is an FMA over a contiguous batch vector.
+* CUDA: one thread block per block row, ``32`` threads stride over its blocks, each keeps
+  ``R x M`` partial sums, reduced through shared memory.
+
+Per-target knobs (:func:`kernel_params`): vector lanes (x86 AVX2 8 / AVX-512 16 floats,
+NEON 4 x2 for latency hiding), batch tile. The same TIR runs on x86 and aarch64; LLVM
+lowers ``T.vectorized`` to AVX/NEON.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = ("none", "relu")
+CUDA_THREADS = 32
+
+
+# ------------------------------------------------------------------ BSR format
+
+
+@dataclass(frozen=True)
+class BSR:
+    data: np.ndarray  # float32 [nnzb, R, C]
+    indices: np.ndarray  # int32 [nnzb]
+    indptr: np.ndarray  # int32 [N/R + 1]
+    shape: tuple[int, int]  # (N, K) of the dense weight
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return int(self.data.shape[1]), int(self.data.shape[2])
+
+    @property
+    def nnzb(self) -> int:
+        return int(self.data.shape[0])
+
+    def density(self) -> float:
+        """Stored (incl. padding) elements / dense elements."""
+        return self.data.size / float(self.shape[0] * self.shape[1])
+
+
+def parse_block(pattern: str) -> tuple[int, int]:
+    """``"unstructured"`` -> (1, 1); ``"8x1"`` -> (8, 1); ``"1x4"`` -> (1, 4)."""
+    if pattern in ("unstructured", "1x1"):
+        return 1, 1
+    try:
+        r, c = (int(v) for v in pattern.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"not a block pattern: {pattern!r} (want 'unstructured' or 'RxC')") from None
+    if r < 1 or c < 1:
+        raise ValueError(f"block dims must be >= 1: {pattern!r}")
+    return r, c
+
+
+def block_mask(w_nk: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """[N/R, K/C] bool: which blocks hold a non-zero."""
+    n, k = w_nk.shape
+    r, c = block
+    if n % r or k % c:
+        raise ValueError(f"weight {w_nk.shape} not divisible by block {block}")
+    return (w_nk.reshape(n // r, r, k // c, c) != 0).any(axis=(1, 3))
+
+
+def to_bsr(w_nk: np.ndarray, block: tuple[int, int], group: int = 1) -> BSR:
+    """Dense [N, K] -> BSR keeping every block with a non-zero; each block row padded with
+    explicit zero blocks (on block columns not already stored, so no duplicates) to a
+    multiple of ``group`` blocks."""
+    w_nk = np.asarray(w_nk, dtype=np.float32)
+    n, k = w_nk.shape
+    r, c = block
+    keep = block_mask(w_nk, block)
+    nbr, nbc = keep.shape
+    if group > 1:
+        keep = keep.copy()
+        for i in range(nbr):
+            short = (-int(keep[i].sum())) % group
+            if short:
+                free = np.flatnonzero(~keep[i])[:short]
+                keep[i, free] = True  # zero blocks (w is zero there)
+    bi, bj = np.nonzero(keep)
+    blocks = w_nk.reshape(nbr, r, nbc, c).transpose(0, 2, 1, 3)[bi, bj]
+    indptr = np.zeros(nbr + 1, dtype=np.int32)
+    np.cumsum(keep.sum(axis=1), out=indptr[1:])
+    return BSR(np.ascontiguousarray(blocks, dtype=np.float32), bj.astype(np.int32), indptr, (n, k))
+
+
+def from_bsr(b: BSR) -> np.ndarray:
+    n, k = b.shape
+    r, c = b.block
+    out = np.zeros((n // r, k // c, r, c), dtype=np.float32)
+    rows = np.repeat(np.arange(n // r), np.diff(b.indptr))
+    np.add.at(out, (rows, b.indices), b.data)
+    return out.transpose(0, 2, 1, 3).reshape(n, k)
+
+
+CANDIDATE_BLOCKS: tuple[tuple[int, int], ...] = ((16, 1), (8, 1), (4, 1), (1, 4), (1, 1))
+
+
+def detect_block(w_nk: np.ndarray, candidates=CANDIDATE_BLOCKS) -> tuple[int, int]:
+    """Largest candidate block shape under which the weight's zeros are exactly block
+    structured (no zero stored inside a kept block beyond what chance gives: we require
+    that storing blocks adds < 2% of the non-zero count in explicit zeros)."""
+    nz = int(np.count_nonzero(w_nk))
+    for r, c in candidates:
+        if w_nk.shape[0] % r or w_nk.shape[1] % c:
+            continue
+        stored = int(block_mask(w_nk, (r, c)).sum()) * r * c
+        if stored <= nz * 1.02 + r * c:
+            return r, c
+    return 1, 1
+
+
+def reference(x: np.ndarray, b: BSR, bias: np.ndarray | None = None, activation: str = "none") -> np.ndarray:
+    """numpy oracle (float64 accumulate)."""
+    y = x.astype(np.float64) @ from_bsr(b).astype(np.float64).T
+    if bias is not None:
+        y = y + bias
+    if activation == "relu":
+        y = np.maximum(y, 0)
+    return y.astype(np.float32)
+
+
+# ------------------------------------------------------------------ kernel choice
+
+
+@dataclass(frozen=True)
+class KernelParams:
+    variant: str  # rows | lanes | xt | cuda
+    lanes: int  # fp32 lanes the lanes-kernel accumulates in (G*C)
+    mtile: int  # batch rows per register tile (rows kernel)
+
+
+def target_family(target: Any) -> str:
+    """'x86' | 'arm' | 'cuda' | 'cpu' from a tvm Target / dict / family string."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, dict):
+        kind, triple = target.get("kind"), str(target.get("mtriple", ""))
+    else:
+        kind, triple = target.kind.name, str(target.attrs.get("mtriple", ""))
+    if kind == "cuda":
+        return "cuda"
+    if triple.startswith("aarch64") or triple.startswith("arm"):
+        return "arm"
+    return "x86"
+
+
+def vector_floats(target: Any) -> int:
+    """fp32 lanes of the widest SIMD register the target code may use."""
+    fam = target_family(target)
+    if fam == "arm":
+        return 4
+    attrs = ""
+    if isinstance(target, dict):
+        attrs = " ".join([str(target.get("mcpu", "")), *map(str, target.get("mattr", []) or [])])
+    elif not isinstance(target, str):
+        attrs = " ".join([str(target.attrs.get("mcpu", "")), *map(str, target.attrs.get("mattr", []) or [])])
+    if "avx512" in attrs or "znver4" in attrs or "znver5" in attrs or "x86-64-v4" in attrs or "sapphire" in attrs:
+        return 16
+    return 8
+
+
+def lanes_group(block: tuple[int, int], target: Any) -> int:
+    """Blocks per padded group for R == 1 patterns (what :func:`to_bsr` ``group`` wants)."""
+    r, c = block
+    if r != 1:
+        return 1
+    lanes = 2 * vector_floats(target)  # two vectors of accumulators hide the FMA latency
+    return max(1, lanes // c)
+
+
+def kernel_params(block: tuple[int, int], m: int, target: Any) -> KernelParams:
+    r, c = block
+    fam = target_family(target)
+    if fam == "cuda":
+        return KernelParams("cuda", 1, 1)
+    if r >= 2:
+        cap = 8 if r <= 8 else 4
+        mt = max(d for d in range(1, min(cap, m) + 1) if m % d == 0)
+        return KernelParams("rows", r, mt)
+    if m >= 4:
+        return KernelParams("xt", 1, 1)
+    return KernelParams("lanes", lanes_group(block, target) * c, 1)
+
+
+# ------------------------------------------------------------------ TIR
+
+
+def make_primfunc(
+    m: int,
+    n: int,
+    k: int,
+    block: tuple[int, int],
+    nnzb: int,
+    activation: str = "none",
+    target: Any = "x86",
+    params: KernelParams | None = None,
+):
+    """PrimFunc ``f(x[M,K], data[nnzb,C,R] (kernel layout, see :func:`kernel_data`),
+    indices[nnzb], indptr[N/R+1], bias[N], y[M,N])``."""
+    from tvm.script import tirx as T
+
+    r, c = block
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} not in {ACTIVATIONS}")
+    if n % r or k % c:
+        raise ValueError(f"weight [{n}, {k}] not divisible by block {block}")
+    p = params or kernel_params(block, m, target)
+    nbr = n // r
+    relu = activation == "relu"
+    zero = T.float32(0)
+
+    def act(v):
+        return T.max(v, zero) if relu else v
+
+    nnzb_ = max(nnzb, 1)  # a buffer may not be empty; indptr keeps the loops at 0 trips
+
+    if p.variant == "rows":
+        mt = p.mtile
+        assert m % mt == 0
+
+        @T.prim_func
+        def rows(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
+                 indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                 bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            for i in T.parallel(nbr):
+                for mo in T.serial(m // mt):
+                    acc = T.decl_buffer((mt, r), "float32", scope="local")
+                    for mi in T.unroll(mt):
+                        for rr in T.vectorized(r):
+                            acc[mi, rr] = zero
+                    for j in T.serial(indptr[i], indptr[i + 1]):
+                        for cc in T.unroll(c):
+                            for mi in T.unroll(mt):
+                                for rr in T.vectorized(r):
+                                    acc[mi, rr] = acc[mi, rr] + data[j, cc, rr] * x[mo * mt + mi, indices[j] * c + cc]
+                    for mi in T.unroll(mt):
+                        for rr in T.vectorized(r):
+                            y[mo * mt + mi, i * r + rr] = act(acc[mi, rr] + bias[i * r + rr])
+
+        return rows
+
+    if p.variant == "lanes":
+        lanes = p.lanes
+        g = lanes // c
+        assert g * c == lanes
+
+        @T.prim_func
+        def lanes_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
+                     indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                     bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            for i in T.parallel(nbr):
+                acc = T.decl_buffer((m, lanes), "float32", scope="local")
+                for mi in T.unroll(m):
+                    for ln in T.vectorized(lanes):
+                        acc[mi, ln] = zero
+                for jg in T.serial((indptr[i + 1] - indptr[i]) // g):
+                    for mi in T.unroll(m):
+                        for ln in T.vectorized(lanes):
+                            acc[mi, ln] = acc[mi, ln] + data[indptr[i] + jg * g + ln // c, ln % c, 0] * x[
+                                mi, indices[indptr[i] + jg * g + ln // c] * c + ln % c]
+                for mi in T.serial(m):
+                    s = T.decl_buffer((1,), "float32", scope="local")
+                    s[0] = bias[i]
+                    for ln in T.serial(lanes):
+                        s[0] = s[0] + acc[mi, ln]
+                    # remainder (rows not padded to a multiple of g blocks)
+                    for j in T.serial(indptr[i] + (indptr[i + 1] - indptr[i]) // g * g, indptr[i + 1]):
+                        for cc in T.serial(c):
+                            s[0] = s[0] + data[j, cc, 0] * x[mi, indices[j] * c + cc]
+                    y[mi, i] = act(s[0])
+
+        return lanes_fn
+
+    if p.variant == "xt":
+
+        @T.prim_func
+        def xt_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
+                  indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                  bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            xt = T.decl_buffer((k, m), "float32")
+            for kk in T.parallel(k):
+                for mi in T.serial(m):
+                    xt[kk, mi] = x[mi, kk]
+            for i in T.parallel(nbr):
+                acc = T.decl_buffer((m,), "float32", scope="local")
+                for mi in T.vectorized(m):
+                    acc[mi] = bias[i]
+                for j in T.serial(indptr[i], indptr[i + 1]):
+                    for cc in T.unroll(c):
+                        for mi in T.vectorized(m):
+                            acc[mi] = acc[mi] + data[j, cc, 0] * xt[indices[j] * c + cc, mi]
+                for mi in T.serial(m):
+                    y[mi, i] = act(acc[mi])
+
+        return xt_fn
+
+    if p.variant == "cuda":
+        nt = CUDA_THREADS
+        rm = r * m
+
+        @T.prim_func
+        def cuda_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
+                    indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                    bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            bx = T.launch_thread("blockIdx.x", nbr)
+            tx = T.launch_thread("threadIdx.x", nt)
+            acc = T.decl_buffer((rm,), "float32", scope="local")
+            red = T.decl_buffer((nt, rm), "float32", scope="shared")
+            for q in T.serial(rm):
+                acc[q] = zero
+            for jj in T.serial((indptr[bx + 1] - indptr[bx] + nt - 1) // nt):
+                if indptr[bx] + jj * nt + tx < indptr[bx + 1]:
+                    for cc in T.serial(c):
+                        for mi in T.serial(m):
+                            for rr in T.serial(r):
+                                acc[mi * r + rr] = acc[mi * r + rr] + data[indptr[bx] + jj * nt + tx, cc, rr] * x[
+                                    mi, indices[indptr[bx] + jj * nt + tx] * c + cc]
+            for q in T.serial(rm):
+                red[tx, q] = acc[q]
+            T.tvm_storage_sync("shared")
+            for qo in T.serial((rm + nt - 1) // nt):
+                if qo * nt + tx < rm:
+                    s = T.decl_buffer((1,), "float32", scope="local")
+                    s[0] = zero
+                    for t in T.serial(nt):
+                        s[0] = s[0] + red[t, qo * nt + tx]
+                    y[(qo * nt + tx) // r, bx * r + (qo * nt + tx) % r] = act(s[0] + bias[bx * r + (qo * nt + tx) % r])
+
+        return cuda_fn
+
+    raise ValueError(f"unknown kernel variant {p.variant!r}")
+
+
+def kernel_data(b: BSR) -> np.ndarray:
+    """The kernels' data layout: [nnzb, C, R] (R contiguous = the SIMD axis), never empty."""
+    d = np.ascontiguousarray(b.data.transpose(0, 2, 1))
+    if d.shape[0] == 0:
+        d = np.zeros((1, *d.shape[1:]), dtype=np.float32)
+    return d
+
+
+def kernel_indices(b: BSR) -> np.ndarray:
+    return b.indices if b.nnzb else np.zeros(1, dtype=np.int32)
+
+
+def kernel_args(x: np.ndarray, b: BSR, bias: np.ndarray | None) -> list[np.ndarray]:
+    n = b.shape[0]
+    bias = np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32)
+    return [np.ascontiguousarray(x, np.float32), kernel_data(b), kernel_indices(b), b.indptr, bias]
+
+
+def build(m: int, b: BSR, activation: str, tvm_target: Any, params: KernelParams | None = None):
+    """Compile a standalone kernel: returns the tvm runtime function ``f(*kernel_args, y)``."""
+    import tvm
+
+    tgt = tvm_target if isinstance(tvm_target, tvm.target.Target) else tvm.target.Target(tvm_target)
+    f = make_primfunc(m, b.shape[0], b.shape[1], b.block, b.nnzb, activation, tgt, params)
+    f = f.with_attr("global_symbol", "bsr_kernel")
+    mod = tvm.IRModule({"bsr_kernel": f})
+    with tgt:
+        lib = tvm.compile(mod, target=tgt)
+    return lib["bsr_kernel"]
