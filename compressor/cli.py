@@ -5,6 +5,7 @@
     compress list passes|targets
     compress explain-target TAG
     compress demo [-o OUT]          # the embedded default model, with its eval data
+    compress compare A.onnx B.onnx [--eval DATA]
 
 Exit codes: 0 ok, 1 internal error, 2 usage, 3 accuracy gate failed (bundle
 written, marked failed), 4 bad input/config, 5 missing dependency.
@@ -23,7 +24,7 @@ from pathlib import Path
 from compressor.errors import EXIT_INTERNAL, CompressorError, UsageError
 from compressor.recipe import Options, dump_recipe, load_recipe
 
-SUBCOMMANDS = ("run", "list", "explain-target", "demo")
+SUBCOMMANDS = ("run", "list", "explain-target", "demo", "compare")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO_ROOT / "models" / "digits_cnn.onnx"
 DEMO_EVAL = REPO_ROOT / "models" / "digits_eval.npz"
@@ -197,6 +198,31 @@ def _cmd_run(args: list[str]) -> int:
     return _run(opts, a.save_recipe)
 
 
+def _cmd_compare(args: list[str]) -> int:
+    p = _Parser(prog="compress compare")
+    p.add_argument("a", help="reference model")
+    p.add_argument("b", help="candidate model")
+    p.add_argument("--eval", help="data .npz (inputs, optional labels)")
+    p.add_argument("--input-shape", action="append", default=[])
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(args)
+    from compressor import compare, ir, report, verify
+
+    rep = compare.compare_models(Path(a.a), Path(a.b), Path(a.eval) if a.eval else None, a.samples, a.seed,
+                                 ir.parse_input_shapes(a.input_shape), verify.Tolerances())
+    for line in report.before_after({**rep, "target": {"tag": "-"}}):
+        _say(line)
+    if rep["accuracy"]:
+        _say(f"task accuracy: {rep['accuracy']['original']:.4f} -> {rep['accuracy']['compressed']:.4f} ({rep['accuracy']['n']} samples)")
+    for line in report.comparison_lines(rep["verification"][0]):
+        _say(line)
+    passed = rep["verification"][0]["passed"]
+    _say(f"RESULT {'PASSED' if passed else 'FAILED'} compare {a.a} {a.b} data={rep['verification_data']}")
+    return 0 if passed else 3
+
+
 def _cmd_demo(args: list[str]) -> int:
     p = _Parser(prog="compress demo")
     _add_run_flags(p, with_model_flags=True)
@@ -222,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             cmd, rest = argv[0], argv[1:]
-            return {"run": _cmd_run, "list": _cmd_list, "explain-target": _cmd_explain, "demo": _cmd_demo}[cmd](rest)
+            return {"run": _cmd_run, "list": _cmd_list, "explain-target": _cmd_explain, "demo": _cmd_demo,
+                    "compare": _cmd_compare}[cmd](rest)
         p = _Parser(prog="compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("model", help="ONNX model file")
         _add_run_flags(p, with_model_flags=True)
