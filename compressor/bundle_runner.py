@@ -39,6 +39,8 @@ def main(argv: list[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
     bdir = Path(args[0]) if args else Path(__file__).resolve().parent
     manifest = json.loads((bdir / "manifest.json").read_text())
+    # quantized bundles run in onnxruntime (manifest "runtime"; TVM would dequantize them)
+    use_onnx = use_onnx or (manifest.get("runtime") or {}).get("name") == "onnxruntime"
     if not use_onnx:
         need = set(manifest.get("required_isa_features", []))
         missing = sorted(need - cpu_features())

@@ -5,6 +5,7 @@
     compress list passes|targets
     compress explain-target TAG
     compress demo [-o OUT]          # the embedded default model, with its eval data
+    compress analyze MODEL --calib DATA [-o DIR]   # per-layer sensitivity table + plot
     compress compare A.onnx B.onnx [--eval DATA]
 
 Exit codes: 0 ok, 1 internal error, 2 usage, 3 accuracy gate failed (bundle
@@ -24,7 +25,7 @@ from pathlib import Path
 from compressor.errors import EXIT_INTERNAL, CompressorError, UsageError
 from compressor.recipe import Options, dump_recipe, load_recipe
 
-SUBCOMMANDS = ("run", "list", "explain-target", "demo", "compare")
+SUBCOMMANDS = ("run", "list", "explain-target", "demo", "compare", "analyze")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO_ROOT / "models" / "digits_cnn.onnx"
 DEMO_EVAL = REPO_ROOT / "models" / "digits_eval.npz"
@@ -65,6 +66,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
                    help="explicit pipeline (repeatable); replaces the default cleanup + flag-driven passes")
     p.add_argument("--calib", help="calibration data .npz (one array per input, samples on axis 0)")
     p.add_argument("--eval", help="evaluation data .npz (inputs + 'labels'); verification uses it too")
+    p.add_argument("--finetune", metavar="DATA.npz", help="recovery fine-tuning after pruning: distil from the original model on these inputs (+ optional labels)")
+    p.add_argument("--epochs", type=int, default=3, help="--finetune: training epochs (default 3)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224", help="fix dynamic input dims")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="load passes/targets from a Python file")
     p.add_argument("--strict", action="store_true", help="a plugin entry point that fails to load is an error")
@@ -101,7 +104,7 @@ def _options_from_args(a: argparse.Namespace) -> Options:
         criterion=a.criterion, min_channels=a.min_channels, round_to=a.round_to, reconstruct=a.reconstruct,
         ignore=a.ignore, quantize=a.quantize, keep_fp32=a.keep_fp32,
         passes=[_parse_pass_flag(t) for t in a.passes] if a.passes else None,
-        calib=a.calib, eval=a.eval, input_shape=a.input_shape, plugin=a.plugin, force=a.force,
+        calib=a.calib, eval=a.eval, finetune=a.finetune, epochs=a.epochs, input_shape=a.input_shape, plugin=a.plugin, force=a.force,
         dry_run=a.dry_run, check_each_pass=a.check_each_pass, dump_ir=a.dump_ir,
         print_pass_times=a.print_pass_times, no_compile=a.no_compile, no_latency=a.no_latency,
         no_gate=a.no_gate, min_cosine=a.min_cosine, min_top1=a.min_top1,
@@ -238,6 +241,26 @@ def _cmd_demo(args: list[str]) -> int:
     return _run(_options_from_args(a), a.save_recipe)
 
 
+def _cmd_analyze(args: list[str]) -> int:
+    p = _Parser(prog="compress analyze", description="per-layer sensitivity to sparsity: table + sensitivity.png")
+    p.add_argument("model")
+    p.add_argument("--calib", required=True, help="calibration data .npz (samples on axis 0)")
+    p.add_argument("--eval", help="labelled data .npz: measure on it and add task accuracy")
+    p.add_argument("-o", "--output", help="directory for sensitivity.png/json (default: MODEL.sensitivity)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured | N:M | RxC")
+    p.add_argument("--sparsity", type=float, help="also print the sensitivity allocation for this global sparsity")
+    p.add_argument("--samples", type=int, default=64, help="samples used (default 64)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(args)
+    _setup_logging(a.verbose)
+    from compressor.sensitivity import run_analyze
+
+    return run_analyze(Path(a.model), Path(a.calib), Path(a.output) if a.output else None, _say, a.pattern, a.sparsity,
+                       a.samples, Path(a.eval) if a.eval else None, a.input_shape)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -249,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in SUBCOMMANDS:
             cmd, rest = argv[0], argv[1:]
             return {"run": _cmd_run, "list": _cmd_list, "explain-target": _cmd_explain, "demo": _cmd_demo,
-                    "compare": _cmd_compare}[cmd](rest)
+                    "compare": _cmd_compare, "analyze": _cmd_analyze}[cmd](rest)
         p = _Parser(prog="compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("model", help="ONNX model file")
         _add_run_flags(p, with_model_flags=True)

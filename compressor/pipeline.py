@@ -72,6 +72,10 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
         if opts.allocation != "uniform":
             cfg["allocation"] = opts.allocation
         items.append({"name": f"sparsify.{opts.method}", "config": cfg})
+    if opts.finetune:
+        items.append({"name": "finetune.distill", "config": {"epochs": opts.epochs, "data": str(opts.finetune)}})
+    if opts.sparsity > 0 and not opts.no_compile and opts.quantize == "none" and getattr(spec, "family", "") in ("x86", "arm"):
+        items.append({"name": "lower.sparse", "config": {}})  # BSR kernels where the cost model predicts a win
     if opts.quantize != "none":
         cfg = {"keep_fp32": opts.keep_fp32} if opts.keep_fp32 != "none" else {}
         items.append({"name": f"quantize.{opts.quantize}", "config": cfg})
@@ -160,6 +164,8 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
 
     eval_samples = data_mod.load_npz(Path(opts.eval), inputs, "--eval") if opts.eval else None
     calib = data_mod.load_npz(Path(opts.calib), inputs, "--calib") if opts.calib else None
+    if opts.finetune:  # checked before any work; finetune.distill reads it
+        data_mod.load_npz(Path(opts.finetune), inputs, "--finetune")
     if eval_samples is not None:
         verif = eval_samples  # all of it: accuracy and agreement come from the same runs
     elif calib is not None:
@@ -179,7 +185,8 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     if opts.dump_ir:
         instruments.append(DumpIRInstrument(Path(opts.dump_ir), model))
     ctx = PassContext(target=p.spec, calib=calib, opset=ir.default_opset(model) or 17,
-                      options={"sparsity": opts.sparsity, "structured": opts.structured, "pattern": opts.pattern},
+                      options={"sparsity": opts.sparsity, "structured": opts.structured, "pattern": opts.pattern,
+                               "finetune": opts.finetune},
                       template=model)
     compressed, records = PassManager(p.passes, instruments).run(model, ctx)
     for r in records:
@@ -200,11 +207,29 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     try:
         bdir = stage.path
         ir.save_model(compressed, bdir / "model.onnx")
+        from compressor.sparse_storage import write_sparse_weights
+
+        sparse_storage = write_sparse_weights(compressed, bdir / "weights.sparse.npz")
         artifact, artifact_runs, target_passes = None, None, []
         art_latency = None
+        from passes.quant_common import choose_runtime
+
+        runtime_choice = choose_runtime(compressed, p.spec)  # quantized ops -> onnxruntime (TVM would dequantize)
+        ort_runs = None
         if opts.no_compile:
             warnings.append("--no-compile: no target artifact was produced")
             say("[5/6] compile: skipped (--no-compile)")
+        elif runtime_choice["name"] == "onnxruntime":
+            warnings.append(f"runtime: onnxruntime ({runtime_choice['reason']}); no TVM artifact")
+            say(f"[5/6] compile: skipped, runtime onnxruntime ({runtime_choice['reason']})")
+            ort_runs = runtime.run_all(runtime.session(compressed, optimized=True), verif.feeds)
+            rt_name = "runtime(onnxruntime, ORT_ENABLE_ALL)"
+            comparisons.append(verify.compare(rt_name, "original.onnx", "lossy", out_names, ort_runs, ref_runs, tol, not labelled))
+            # fused int8 kernels requantize with their own rounding (one step per layer at most), so this is
+            # gated like a lossy change, not with the bit-level compile tolerance
+            comparisons.append(verify.compare(rt_name, "compressed.onnx", "lossy", out_names, ort_runs, comp_runs, tol))
+            if accuracy is not None:
+                accuracy["artifact"] = verify.accuracy(ort_runs, verif.labels)
         else:
             say(f"[5/6] compile for {p.spec.tag} ({p.spec.tvm_target.get('kind')}, {p.spec.triple})")
             t0 = time.perf_counter()
@@ -237,6 +262,9 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
                 if accuracy is not None:
                     accuracy["artifact"] = verify.accuracy(artifact_runs, verif.labels)
 
+        if artifact is None and runtime_choice["name"] == "tvm":
+            runtime_choice = {"name": "onnxruntime", "reason": "no TVM artifact (see warnings): the bundle's model.onnx runs with onnxruntime",
+                              "quantized_ops": {}}
         say("[6/6] measure and write bundle")
         latency = None
         if not opts.no_latency:
@@ -260,7 +288,8 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
         (bdir / "selfcheck").mkdir()
         k = opts.verify_samples
         data_mod.save_samples(bdir / "selfcheck" / "inputs.npz", verif.feeds[:k])
-        np.savez(bdir / "selfcheck" / "expected.npz", **{n: np.stack([r[i] for r in comp_runs[:k]]) for i, n in enumerate(out_names)})
+        exp_runs = ort_runs if ort_runs is not None else comp_runs  # what the bundle's runtime produces
+        np.savez(bdir / "selfcheck" / "expected.npz", **{n: np.stack([r[i] for r in exp_runs[:k]]) for i, n in enumerate(out_names)})
         np.savez(bdir / "selfcheck" / "original.npz", **{n: np.stack([r[i] for r in ref_runs[:k]]) for i, n in enumerate(out_names)})
         shutil.copyfile(Path(__file__).with_name("bundle_runner.py"), bdir / "run_bundle.py")
 
@@ -287,10 +316,12 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
             "accuracy": accuracy,
             "stats": {"original": before.to_dict(), "compressed": after.to_dict()},
             "latency": latency,
+            "runtime": runtime_choice,
             "artifact": None if artifact is None else {"path": str(artifact.path), "kind": artifact.kind,
                                                        "sha256": artifact.sha256, **artifact.details},
             "warnings": warnings,
             "bundle": str(p.output),
+            "sparse_storage": sparse_storage,
             "wall_seconds": None,
         }
         rep["wall_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -302,9 +333,11 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
             "target": p.spec.to_dict(),
             "required_isa_features": list(p.spec.isa_features),
             "files": {name: {"sha256": _sha256(bdir / name), "bytes": (bdir / name).stat().st_size}
-                      for name in ["model.onnx", "selfcheck/inputs.npz", "selfcheck/expected.npz", "selfcheck/original.npz", "run_bundle.py"]
+                      for name in ["model.onnx", "selfcheck/inputs.npz", "selfcheck/expected.npz", "selfcheck/original.npz", "run_bundle.py",
+                                   sparse_storage["file"]]
                       + ([str(artifact.path)] if artifact else [])},
             "artifact": rep["artifact"],
+            "runtime": runtime_choice,
             "inputs": rep["model"]["inputs"],
             "outputs": rep["model"]["outputs"],
             "passes": rep["passes"],

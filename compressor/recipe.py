@@ -50,6 +50,8 @@ class Options:
     passes: list[dict[str, Any]] | None = None  # explicit pipeline [{name, config}]
     calib: str | None = None
     eval: str | None = None
+    finetune: str | None = None  # --finetune DATA.npz: recovery fine-tuning (finetune.distill)
+    epochs: int = 3  # --epochs for --finetune
     input_shape: list[str] = field(default_factory=list)
     plugin: list[str] = field(default_factory=list)
     force: bool = False
@@ -86,13 +88,15 @@ class Options:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [-1, 1], got {v}")
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise UsageError(f"--max-accuracy-drop must be in [0, 1], got {self.max_accuracy_drop}")
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
         if self.verify_samples < 1:
             raise UsageError(f"--verify-samples must be >= 1, got {self.verify_samples}")
 
 
 # keys that describe where/how a run happens rather than what it computes: not stored in a recipe
 _NOT_IN_RECIPE = {"dry_run", "force"}
-_PATH_KEYS = ("model", "calib", "eval", "output", "dump_ir")
+_PATH_KEYS = ("model", "calib", "eval", "output", "dump_ir", "finetune")
 
 
 def normalize_passes(items: Any) -> list[dict[str, Any]]:

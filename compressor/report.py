@@ -50,6 +50,11 @@ def before_after(report: dict[str, Any]) -> list[str]:
         ["non-zero parameters", _fmt_int(b["nonzero_params"]), _fmt_int(a["nonzero_params"]), _ratio(b["nonzero_params"], a["nonzero_params"])],
         ["sparsity", f"{b['sparsity']:.1%}", f"{a['sparsity']:.1%}", ""],
         ["bytes on disk (onnx)", _fmt_bytes(b["bytes_on_disk"]), _fmt_bytes(a["bytes_on_disk"]), _ratio(b["bytes_on_disk"], a["bytes_on_disk"])],
+    ]
+    if report.get("sparse_storage"):
+        st = report["sparse_storage"]["stored_bytes"]
+        rows.append(["bytes stored (sparse)", _fmt_bytes(b["bytes_on_disk"]), _fmt_bytes(st), _ratio(b["bytes_on_disk"], st)])
+    rows += [
         ["MACs", _fmt_int(b["macs"]), _fmt_int(a["macs"]), _ratio(b["macs"], a["macs"])],
     ]
     if lat.get("ort_original_s") is not None:

@@ -12,14 +12,34 @@ PASSES: Registry[type[Pass]] = Registry("pass", "compressor.passes")
 
 
 def _register_builtins() -> None:
+    from passes.finetune_distill import FinetuneDistill
+
+    PASSES.register(FinetuneDistill.name, FinetuneDistill, f"builtin:{FinetuneDistill.__module__}")
+
     from passes.cleanup_dead_code import DeadCodeElimination
     from passes.cleanup_fold_batchnorm import FoldBatchNorm
     from passes.cleanup_fold_constants import FoldConstants
     from passes.cleanup_remove_identity import RemoveIdentity
     from passes.lower_rnn import LowerRNN
     from passes.sparsify_magnitude import MagnitudeSparsify
+    from passes.sparsify_obs import OBSSparsify
+    from passes.sparsify_wanda import WandaSparsify
 
     for cls in (FoldConstants, RemoveIdentity, FoldBatchNorm, DeadCodeElimination, LowerRNN, MagnitudeSparsify):
+        PASSES.register(cls.name, cls, f"builtin:{cls.__module__}")
+    from passes.lower_sparse import LowerSparse
+
+    PASSES.register(LowerSparse.name, LowerSparse, f"builtin:{LowerSparse.__module__}")
+    for cls in (WandaSparsify, OBSSparsify):
+        PASSES.register(cls.name, cls, f"builtin:{cls.__module__}")
+    from passes.prune_channels import PruneChannels
+
+    PASSES.register(PruneChannels.name, PruneChannels, f"builtin:{PruneChannels.__module__}")
+    from passes.quantize_fp16 import QuantizeFp16
+    from passes.quantize_int4 import QuantizeInt4
+    from passes.quantize_int8 import QuantizeInt8
+
+    for cls in (QuantizeInt8, QuantizeFp16, QuantizeInt4):
         PASSES.register(cls.name, cls, f"builtin:{cls.__module__}")
 
 

@@ -58,6 +58,9 @@ from compressor.errors import UsageError
 log = logging.getLogger(__name__)
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# recurrent layers: input weights W (input 1) and recurrent weights R (input 2) are pruned, biases are not
+# (Narang et al. 2017). W [dirs, gates*H, I] / R [dirs, gates*H, H]: W2 = w.reshape(-1, last axis).
+RECURRENT_WEIGHT_INPUTS = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 
 
 # ----------------------------------------------------------------------------- patterns
@@ -108,11 +111,11 @@ def _exact_k(sparsity: float, n: int) -> int:
     return int(round(sparsity * n))
 
 
-def unstructured_mask(scores: np.ndarray, sparsity: float, per_row: bool = False) -> np.ndarray:
-    """Keep-mask with exactly round(s * numel) False entries (lowest scores).
+def unstructured_mask(scores: np.ndarray, sparsity: float, per_row: bool = False, k: int | None = None) -> np.ndarray:
+    """Keep-mask with exactly round(s * numel) (or ``k``) False entries (lowest scores).
     ``per_row``: each row prunes its own share (row counts differ by at most one)."""
     s = np.asarray(scores, dtype=np.float64)
-    k = _exact_k(sparsity, s.size)
+    k = _exact_k(sparsity, s.size) if k is None else k
     keep = np.ones(s.shape, dtype=bool)
     if k <= 0:
         return keep
@@ -157,12 +160,12 @@ def expand_blocks(block_keep: np.ndarray, r: int, c: int, shape: tuple[int, int]
     return full[: shape[0], : shape[1]]
 
 
-def block_mask(scores: np.ndarray, sparsity: float, r: int, c: int) -> np.ndarray:
+def block_mask(scores: np.ndarray, sparsity: float, r: int, c: int, k: int | None = None) -> np.ndarray:
     """Keep-mask of whole r x c blocks: lowest-RMS blocks pruned until the pruned element
-    count is closest to round(s * numel)."""
+    count is closest to round(s * numel) (or ``k``)."""
     s = np.asarray(scores, dtype=np.float64)
     bs, size = block_scores(s, r, c)
-    k = _exact_k(sparsity, s.size)
+    k = _exact_k(sparsity, s.size) if k is None else k
     order = np.argsort(bs.ravel(), kind="stable")
     cum = np.concatenate([[0.0], np.cumsum(size.ravel()[order])])
     j = int(np.argmin(np.abs(cum - k)))
@@ -211,7 +214,9 @@ class Layer:
 
     @property
     def name(self) -> str:
-        return self.node.name
+        if self.node.op in RECURRENT_WEIGHT_INPUTS:
+            return f"{self.node.name}/{self.weight.name}"
+        return self.node.name or self.weight.name
 
     @property
     def groups(self) -> int:
@@ -231,6 +236,8 @@ class Layer:
 
 def to_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
     op = layer.node.op
+    if op in RECURRENT_WEIGHT_INPUTS:
+        return w.reshape(-1, w.shape[-1])
     if op == "Conv":
         return w.reshape(w.shape[0], -1)
     if op == "ConvTranspose":
@@ -247,7 +254,7 @@ def to_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
 
 def from_matrix(layer: Layer, w2: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     op = layer.node.op
-    if op == "Conv":
+    if op == "Conv" or op in RECURRENT_WEIGHT_INPUTS:
         return w2.reshape(shape)
     if op == "ConvTranspose":
         return np.swapaxes(w2.reshape((shape[1], shape[0]) + tuple(shape[2:])), 0, 1)
@@ -264,9 +271,14 @@ def from_matrix(layer: Layer, w2: np.ndarray, shape: tuple[int, ...]) -> np.ndar
 
 def find_layers(graph: gs.Graph) -> list[Layer]:
     """Prunable layers in graph order: the constant float weight input of Conv/ConvTranspose/Gemm/MatMul
-    (MatMul: B, or A when only A is constant). Shared weights are listed once."""
+    (MatMul: B, or A when only A is constant) and W/R of LSTM/GRU/RNN. Shared weights are listed once."""
     found, seen = [], set()
     for node in graph.nodes:
+        for idx in RECURRENT_WEIGHT_INPUTS.get(node.op, ()):
+            w = node.inputs[idx] if len(node.inputs) > idx else None
+            if isinstance(w, gs.Constant) and w.name not in seen and np.asarray(w.values).dtype.kind == "f":
+                seen.add(w.name)
+                found.append(Layer(node, w, idx))
         if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
             continue
         idx = 1
@@ -361,6 +373,9 @@ def select_layers(graph: gs.Graph, cfg: SparsifyConfig, data_aware: bool = False
             warnings.append(f"{node.name}: final classifier kept dense by default (keep_classifier)")
         elif vals.size < cfg.min_elements:
             warnings.append(f"{node.name}: {vals.size} weights < min_elements {cfg.min_elements}, kept dense")
+        elif data_aware and node.op in RECURRENT_WEIGHT_INPUTS:
+            warnings.append(f"{layer.name}: recurrent weights are not supported by data-aware pruning, kept dense "
+                            "(use sparsify.magnitude, or lower.rnn first)")
         elif data_aware and node.op == "ConvTranspose":
             warnings.append(f"{node.name}: ConvTranspose is not supported by data-aware pruning, kept dense")
         elif data_aware and node.op == "Conv" and vals.ndim not in (3, 4):
@@ -452,3 +467,184 @@ def check_valid(name: str, keep: np.ndarray, pattern: Pattern) -> None:
         from compressor.errors import PassError
 
         raise PassError(f"{name}: {bad} group(s) violate pattern {pattern.text} (internal error)")
+
+
+# ----------------------------------------------------------------------------- layer inputs (data-aware passes)
+
+
+def input_tensor(layer: Layer) -> str:
+    """Name of the activation that multiplies the weight."""
+    return activation(layer).name
+
+
+def _conv_pads(node: gs.Node, spatial: tuple[int, ...], kernel: tuple[int, ...], strides, dil) -> list[int]:
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    nd = len(spatial)
+    if auto in ("NOTSET", "") or auto is None:
+        pads = list(node.attrs.get("pads", [0] * (2 * nd)))
+        return pads
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    begin, end = [], []
+    for i in range(nd):
+        out = -(-spatial[i] // strides[i])
+        total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - spatial[i])
+        small, big = total // 2, total - total // 2
+        begin.append(big if auto == "SAME_LOWER" else small)
+        end.append(small if auto == "SAME_LOWER" else big)
+    return begin + end
+
+
+def im2col(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    """Patches ``[N, OH, OW, C, kH, kW]`` of a Conv input (1-D convs get H = 1)."""
+    one_d = x.ndim == 3
+    if one_d:
+        x = x[:, :, None, :]
+        kernel = (1,) + tuple(kernel)
+    nd = 2
+    strides = list(node.attrs.get("strides", [1] * (1 if one_d else 2)))
+    dil = list(node.attrs.get("dilations", [1] * (1 if one_d else 2)))
+    if one_d:
+        strides, dil = [1] + strides, [1] + dil
+    spatial = tuple(x.shape[2:])
+    pads = _conv_pads(node, spatial[1:] if one_d else spatial, kernel[1:] if one_d else kernel,
+                      strides[1:] if one_d else strides, dil[1:] if one_d else dil)
+    if one_d:
+        pads = [0, pads[0], 0, pads[1]]
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[nd]), (pads[1], pads[nd + 1])))
+    eff = tuple((k - 1) * d + 1 for k, d in zip(kernel, dil))
+    win = np.lib.stride_tricks.sliding_window_view(xp, eff, axis=(2, 3))
+    win = win[:, :, :: strides[0], :: strides[1], :: dil[0], :: dil[1]]
+    return win.transpose(0, 2, 3, 1, 4, 5)
+
+
+def layer_features(layer: Layer, x: np.ndarray) -> list[np.ndarray]:
+    """Input rows ``X_g[tokens, cols]`` per group g such that the layer computes ``X_g @ W2_g.T``
+    (``W2_g`` = the rows of the canonical matrix belonging to group g)."""
+    node, w = layer.node, layer.values
+    if node.op == "Conv":
+        g = layer.groups
+        patches = im2col(node, x, tuple(w.shape[2:]))  # [N, OH, OW, C, kH, kW]
+        cg = patches.shape[3] // g
+        return [patches[:, :, :, i * cg:(i + 1) * cg].reshape(-1, cg * int(np.prod(w.shape[2:]))) for i in range(g)]
+    if node.op == "Gemm":
+        x2 = x.T if int(node.attrs.get("transA", 0)) else x
+        return [x2.reshape(-1, x2.shape[-1])]
+    if node.op == "MatMul":
+        if layer.index == 1:
+            return [x.reshape(-1, x.shape[-1])]
+        return [np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])]
+    raise ValueError(node.op)
+
+
+def ancestors(tensor: gs.Tensor) -> set[int]:
+    """ids of all nodes upstream of a tensor."""
+    seen: set[int] = set()
+    stack = [tensor]
+    while stack:
+        t = stack.pop()
+        for node in t.inputs:
+            if id(node) not in seen:
+                seen.add(id(node))
+                stack.extend(node.inputs)
+    return seen
+
+
+def activation(layer: Layer) -> gs.Tensor:
+    """The activation tensor that multiplies the weight."""
+    return layer.node.inputs[1] if layer.node.op == "MatMul" and layer.index == 0 else layer.node.inputs[0]
+
+
+def feature_stats(model: Any, samples: list[dict], layers: list[Layer], full: bool) -> dict[str, list[np.ndarray]]:
+    """Stream calibration samples through onnxruntime and accumulate, per layer and group, either
+    the full Gram matrix H = sum X^T X (``full``) or its diagonal (squared feature norms), in float64.
+    Returns ``{layer name: [H_g or diag_g]}`` divided by the token count."""
+    from compressor.activations import iter_capture
+
+    names = sorted({input_tensor(l) for l in layers})
+    acc: dict[str, list[np.ndarray]] = {}
+    buf: dict[str, list[list[np.ndarray]]] = {}
+    tokens: dict[str, int] = {l.name: 0 for l in layers}
+
+    def flush(name: str) -> None:
+        # one GEMM per buffered chunk instead of a rank-few update per sample (memory-bound)
+        for i, chunks in enumerate(buf[name]):
+            if chunks:
+                f = np.concatenate(chunks)
+                acc[name][i] += f.T @ f if full else np.einsum("ij,ij->j", f, f)
+                chunks.clear()
+
+    for acts in iter_capture(model, samples, names):
+        for l in layers:
+            feats = layer_features(l, np.asarray(acts[input_tensor(l)], dtype=np.float64))
+            if l.name not in acc:
+                acc[l.name] = [np.zeros((f.shape[1], f.shape[1]) if full else f.shape[1]) for f in feats]
+                buf[l.name] = [[] for _ in feats]
+            for i, f in enumerate(feats):
+                buf[l.name][i].append(f)
+            tokens[l.name] += feats[0].shape[0]
+            if sum(c.shape[0] for c in buf[l.name][0]) >= _FLUSH_ROWS:
+                flush(l.name)
+    for name in acc:
+        flush(name)
+    return {k: [a / max(tokens[k], 1) for a in v] for k, v in acc.items()}
+
+
+_FLUSH_ROWS = 1024  # buffered feature rows per layer group before they are folded into H
+
+
+def expand_group_rows(layer: Layer, per_group: list[np.ndarray], rows: int) -> np.ndarray:
+    """Per-row copy of a per-group vector ([rows, cols])."""
+    g = len(per_group)
+    return np.repeat(np.stack(per_group), rows // g, axis=0)
+
+
+# ----------------------------------------------------------------------------- per-layer budgets
+
+
+def calib_feeds(ctx: Any, cfg: SparsifyConfig, who: str) -> list[dict[str, np.ndarray]]:
+    """The calibration feeds a data-aware step uses, or a UsageError naming --calib."""
+    if ctx is None or getattr(ctx, "calib", None) is None:
+        raise UsageError(f"{who} needs calibration data: pass --calib data.npz",
+                         hint="an .npz with one array per model input, samples on axis 0")
+    feeds = list(ctx.calib.feeds)
+    if not feeds:
+        raise UsageError(f"{who}: the calibration data holds no samples", hint="pass --calib with at least one sample")
+    return feeds[: cfg.calib_samples] if cfg.calib_samples else feeds
+
+
+def plan_sparsities(graph: gs.Graph, ctx: Any, cfg: SparsifyConfig, layers: list[Layer],
+                    score: Any, who: str) -> tuple[dict[str, float], list[str], dict[str, Any]]:
+    """Per-layer sparsity under ``cfg.allocation``. ``score(layer) -> 2-D score matrix`` (canonical view)
+    is the criterion the pass uses (global thresholds and sensitivity probes use it too)."""
+    pat = cfg.parsed_pattern
+    names = [l.name for l in layers]
+    if pat.kind == "nm" or cfg.allocation == "uniform" or not layers:
+        warnings = []
+        if pat.kind == "nm" and cfg.allocation != "uniform":
+            warnings.append(f"allocation {cfg.allocation} ignored: pattern {pat.text} fixes every pruned layer at {pat.fixed_sparsity:g}")
+        s = pat.fixed_sparsity if pat.kind == "nm" else cfg.sparsity
+        return {n: s for n in names}, warnings, {}
+    if cfg.allocation == "global":
+        alloc, warnings = global_allocation({l.name: score(l) for l in layers}, pat, cfg.sparsity,
+                                            cfg.min_layer_sparsity, cfg.max_layer_sparsity)
+        return alloc, warnings, {}
+    from compressor import sensitivity
+
+    feeds = calib_feeds(ctx, cfg, f"{who} with allocation=sensitivity")
+    model = ctx.export(graph)
+    by_name = {l.name: l for l in layers}
+    scores = {l.name: score(l) for l in layers}
+
+    def masked(name: str, s: float) -> np.ndarray:
+        l = by_name[name]
+        w2 = l.matrix()
+        return from_matrix(l, np.where(select_mask(scores[name], pat, s), w2, 0), l.values.shape)
+
+    weights = {l.name: (l.node.op, l.weight.name, l.values) for l in layers}
+    curves = sensitivity.measure(model, feeds, weights, masked)
+    alloc, warnings = sensitivity.allocate(curves, cfg.sparsity, cfg.min_layer_sparsity, cfg.max_layer_sparsity)
+    extra = {"sensitivity": {c.layer: {"levels": c.levels, "errors": [round(e, 8) for e in c.errors]} for c in curves},
+             "sensitivity_samples": len(feeds)}
+    return alloc, warnings, extra

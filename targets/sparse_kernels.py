@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("none", "relu")
 CUDA_THREADS = 32
+# CPU scratch: TVM's LowerTVMBuiltin keeps small constant-size allocations on the stack only
+# for storage scope "global" ("local" ones become TVMBackendAllocWorkspace calls per loop
+# iteration, which LLVM cannot promote to registers: ~3x slower kernels).
+CPU_STACK = "global"
 
 
 # ------------------------------------------------------------------ BSR format
@@ -160,6 +164,8 @@ class KernelParams:
     variant: str  # rows | lanes | xt | cuda
     lanes: int  # fp32 lanes the lanes-kernel accumulates in (G*C)
     mtile: int  # batch rows per register tile (rows kernel)
+    unroll: int = 1  # independent accumulator sets (rows kernel)
+    vector: bool = True  # lanes kernel: SIMD lanes (True) or unrolled scalar accumulators
 
 
 def target_family(target: Any) -> str:
@@ -193,15 +199,19 @@ def vector_floats(target: Any) -> int:
 
 
 def lanes_group(block: tuple[int, int], target: Any) -> int:
-    """Blocks per padded group for R == 1 patterns (what :func:`to_bsr` ``group`` wants)."""
+    """Blocks per padded group for R == 1 patterns (what :func:`to_bsr` ``group`` wants).
+    Unstructured: two SIMD registers of accumulators (hides the FMA latency); 1xC, C > 1:
+    one block (C contiguous lanes) per step measured fastest (bench/sparse_kernels.py)."""
     r, c = block
-    if r != 1:
+    if r != 1 or c > 1:
         return 1
-    lanes = 2 * vector_floats(target)  # two vectors of accumulators hide the FMA latency
-    return max(1, lanes // c)
+    return 2 * vector_floats(target)
 
 
 def kernel_params(block: tuple[int, int], m: int, target: Any) -> KernelParams:
+    """Kernel variant and knobs, picked from measurements on x86 (AMD EPYC Zen 4, AVX-512,
+    2 cores, N=K=4096, 90%, batch 1; /tmp sweeps recorded in bench/sparse_kernels.md):
+    rows-kernel unroll 8/4/2 for R = 4/8/16 beat unroll 1 by 1.3-2.5x."""
     r, c = block
     fam = target_family(target)
     if fam == "cuda":
@@ -209,7 +219,8 @@ def kernel_params(block: tuple[int, int], m: int, target: Any) -> KernelParams:
     if r >= 2:
         cap = 8 if r <= 8 else 4
         mt = max(d for d in range(1, min(cap, m) + 1) if m % d == 0)
-        return KernelParams("rows", r, mt)
+        u = max(1, min(8, 32 // (r * mt)))
+        return KernelParams("rows", r, mt, u)
     if m >= 4:
         return KernelParams("xt", 1, 1)
     return KernelParams("lanes", lanes_group(block, target) * c, 1)
@@ -249,6 +260,7 @@ def make_primfunc(
 
     if p.variant == "rows":
         mt = p.mtile
+        u = p.unroll
         assert m % mt == 0
 
         @T.prim_func
@@ -258,18 +270,31 @@ def make_primfunc(
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
             for i in T.parallel(nbr):
                 for mo in T.serial(m // mt):
-                    acc = T.decl_buffer((mt, r), "float32", scope="local")
-                    for mi in T.unroll(mt):
-                        for rr in T.vectorized(r):
-                            acc[mi, rr] = zero
-                    for j in T.serial(indptr[i], indptr[i + 1]):
+                    # u independent accumulator sets: u FMA chains in flight per batch row
+                    acc = T.decl_buffer((u, mt, r), "float32", scope=CPU_STACK)
+                    for q in T.unroll(u):
+                        for mi in T.unroll(mt):
+                            for rr in T.vectorized(r):
+                                acc[q, mi, rr] = zero
+                    for jg in T.serial((indptr[i + 1] - indptr[i]) // u):
+                        for q in T.unroll(u):
+                            for cc in T.unroll(c):
+                                for mi in T.unroll(mt):
+                                    for rr in T.vectorized(r):
+                                        acc[q, mi, rr] = acc[q, mi, rr] + data[indptr[i] + jg * u + q, cc, rr] * x[
+                                            mo * mt + mi, indices[indptr[i] + jg * u + q] * c + cc]
+                    for j in T.serial(indptr[i] + (indptr[i + 1] - indptr[i]) // u * u, indptr[i + 1]):
                         for cc in T.unroll(c):
                             for mi in T.unroll(mt):
                                 for rr in T.vectorized(r):
-                                    acc[mi, rr] = acc[mi, rr] + data[j, cc, rr] * x[mo * mt + mi, indices[j] * c + cc]
+                                    acc[0, mi, rr] = acc[0, mi, rr] + data[j, cc, rr] * x[mo * mt + mi, indices[j] * c + cc]
+                    for q in T.unroll(u - 1):
+                        for mi in T.unroll(mt):
+                            for rr in T.vectorized(r):
+                                acc[0, mi, rr] = acc[0, mi, rr] + acc[q + 1, mi, rr]
                     for mi in T.unroll(mt):
                         for rr in T.vectorized(r):
-                            y[mo * mt + mi, i * r + rr] = act(acc[mi, rr] + bias[i * r + rr])
+                            y[mo * mt + mi, i * r + rr] = act(acc[0, mi, rr] + bias[i * r + rr])
 
         return rows
 
@@ -277,6 +302,9 @@ def make_primfunc(
         lanes = p.lanes
         g = lanes // c
         assert g * c == lanes
+        # gathers (c == 1) vectorize badly (scalar loads + inserts, or microcoded vgather):
+        # independent scalar accumulators are faster there
+        lane_loop = T.vectorized if p.vector else T.unroll
 
         @T.prim_func
         def lanes_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
@@ -284,17 +312,17 @@ def make_primfunc(
                      bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
             for i in T.parallel(nbr):
-                acc = T.decl_buffer((m, lanes), "float32", scope="local")
+                acc = T.decl_buffer((m, lanes), "float32", scope=CPU_STACK)
                 for mi in T.unroll(m):
                     for ln in T.vectorized(lanes):
                         acc[mi, ln] = zero
                 for jg in T.serial((indptr[i + 1] - indptr[i]) // g):
                     for mi in T.unroll(m):
-                        for ln in T.vectorized(lanes):
+                        for ln in lane_loop(lanes):
                             acc[mi, ln] = acc[mi, ln] + data[indptr[i] + jg * g + ln // c, ln % c, 0] * x[
                                 mi, indices[indptr[i] + jg * g + ln // c] * c + ln % c]
                 for mi in T.serial(m):
-                    s = T.decl_buffer((1,), "float32", scope="local")
+                    s = T.decl_buffer((1,), "float32", scope=CPU_STACK)
                     s[0] = bias[i]
                     for ln in T.serial(lanes):
                         s[0] = s[0] + acc[mi, ln]
@@ -318,7 +346,7 @@ def make_primfunc(
                 for mi in T.serial(m):
                     xt[kk, mi] = x[mi, kk]
             for i in T.parallel(nbr):
-                acc = T.decl_buffer((m,), "float32", scope="local")
+                acc = T.decl_buffer((m,), "float32", scope=CPU_STACK)
                 for mi in T.vectorized(m):
                     acc[mi] = bias[i]
                 for j in T.serial(indptr[i], indptr[i + 1]):
@@ -397,3 +425,50 @@ def build(m: int, b: BSR, activation: str, tvm_target: Any, params: KernelParams
     with tgt:
         lib = tvm.compile(mod, target=tgt)
     return lib["bsr_kernel"]
+
+
+# ------------------------------------------------------------------ Relax ONNX frontend hook
+
+SPARSE_OPS = ("SparseMatMul", "SparseMatMulRelu")  # domain "compressor", see passes/lower_sparse.py
+
+
+def relax_converters(tvm_target: Any) -> dict[str, type]:
+    """Converters for the Relax ONNX frontend's convert map: ``compressor::SparseMatMul[Relu]``
+    -> ``call_tir`` of the BSR kernel specialised for the layer (shapes, block, nnz, target)."""
+    from tvm import relax
+    from tvm.ir import expr as tvm_ir_expr
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from compressor.errors import TargetError
+
+    if target_family(tvm_target) == "cuda":
+        # the CUDA kernel compiles (tests) but the relax CUDA pipeline integration is not done
+        raise TargetError("the sparse BSR op is not lowered for CUDA yet", hint="compile without lower.sparse")
+
+    def make(op: str) -> type:
+        activation = "relu" if op.endswith("Relu") else "none"
+
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            consts = inputs[1:5]
+            if len(consts) != 4 or not all(isinstance(c, tvm_ir_expr.Constant) for c in consts):
+                raise TargetError(f"compressor::{op}: data/indices/indptr/bias must be initializers")
+            data, indices, indptr, bias = (c.value.numpy() for c in consts)
+            shape = [int(d) for d in x.ty.shape]
+            k = shape[-1]
+            m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            r, c = int(data.shape[1]), int(data.shape[2])
+            n = (len(indptr) - 1) * r
+            b = BSR(data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int32), (n, k))
+            prim = make_primfunc(m, n, k, (r, c), b.nnzb, activation, tvm_target)
+            gv = bb.add_func(prim, f"bsr_{r}x{c}_{activation}")
+            x2 = x if len(shape) == 2 else relax.op.reshape(x, (m, k))
+            args = [x2, *(relax.const(a) for a in (kernel_data(b), kernel_indices(b), b.indptr, bias.astype(np.float32)))]
+            y = relax.call_tir(gv, args, relax.TensorType((m, n), "float32"))
+            if len(shape) != 2:
+                y = relax.op.reshape(bb.normalize(y), (*shape[:-1], n))
+            return y
+
+        return type(f"Convert{op}", (OnnxOpConverter,), {"_impl_v1": classmethod(_impl_v1)})
+
+    return {op: make(op) for op in SPARSE_OPS}

@@ -10,6 +10,7 @@ TVM is imported lazily: ``import targets`` must stay cheap for the CLI.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import statistics
@@ -73,9 +74,10 @@ def graph_inputs(model) -> list[Any]:
     return [vi for vi in model.graph.input if vi.name not in inits]
 
 
-def unsupported_ops(model) -> list[str]:
+def unsupported_ops(model, extra: Sequence[str] = ()) -> list[str]:
     """Operator types (domain-qualified when not the default domain) the Relax ONNX
-    frontend has no converter for. Empty when everything is supported."""
+    frontend has no converter for. Empty when everything is supported. ``extra``: custom
+    ``compressor``-domain ops a converter is registered for (see ``import_onnx``)."""
     try:
         from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -85,6 +87,8 @@ def unsupported_ops(model) -> list[str]:
     known |= {"If", "Constant"}
     missing: set[str] = set()
     for node in model.graph.node:
+        if node.domain == "compressor" and node.op_type in extra:
+            continue
         if node.op_type in known and node.domain in ("", "ai.onnx"):
             continue
         if node.op_type not in known or node.domain not in ("", "ai.onnx", "com.microsoft"):
@@ -100,20 +104,32 @@ def _opset(model) -> int | None:
     return None
 
 
-def import_onnx(model_path: str | Path | Any, input_shapes: dict[str, Sequence[int]] | None = None):
+def import_onnx(
+    model_path: str | Path | Any,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    target: dict[str, Any] | None = None,
+):
     """ONNX -> Relax IRModule via ``tvm.relax.frontend.onnx.from_onnx``.
 
     Weights are embedded as constants (``keep_params_in_input=False``) so ``main``
     takes exactly the graph inputs in graph order. ``input_shapes`` overrides the
     shapes of named inputs (e.g. to pin a dynamic batch); input dtypes come from
-    the graph.
+    the graph. ``target`` (the TVM target dict) enables the converters for the
+    ``compressor::SparseMatMul[Relu]`` ops of ``lower.sparse``, lowered to TIR kernels
+    specialised for that target (``targets.sparse_kernels``).
     """
     tvm = _tvm()
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
     model = _load_onnx(model_path)
-    missing = unsupported_ops(model)
+    sparse_ops = [n.op_type for n in model.graph.node if n.domain == "compressor"]
+    extra_converters: dict[str, Any] = {}
+    if sparse_ops and target is not None:
+        from targets import sparse_kernels
+
+        extra_converters = sparse_kernels.relax_converters(target)
+    missing = unsupported_ops(model, tuple(extra_converters))
     if missing:
         raise TargetError(
             f"TVM Relax ONNX frontend does not support operator(s): {', '.join(missing)}",
@@ -144,18 +160,40 @@ def import_onnx(model_path: str | Path | Any, input_shapes: dict[str, Sequence[i
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Renaming name x.1 to x_1" noise
-            mod = from_onnx(
-                model,
-                shape_dict=shapes or None,
-                dtype_dict=dtypes or "float32",
-                opset=_opset(model),
-                keep_params_in_input=False,
-            )
+            with _extra_onnx_converters(extra_converters):
+                mod = from_onnx(
+                    model,
+                    shape_dict=shapes or None,
+                    dtype_dict=dtypes or "float32",
+                    opset=_opset(model),
+                    keep_params_in_input=False,
+                )
     except tvm.error.OpNotImplemented as exc:
         raise TargetError(f"TVM Relax ONNX frontend: {one_line(exc)}") from exc
     except Exception as exc:
         raise TargetError(f"TVM Relax ONNX import failed: {type(exc).__name__}: {one_line(exc)}") from exc
     return mod
+
+
+@contextlib.contextmanager
+def _extra_onnx_converters(extra: dict[str, Any]):
+    """Temporarily add converters to the Relax ONNX frontend's convert map (it looks the
+    map up through the module-level ``_get_convert_map`` on every import)."""
+    if not extra:
+        yield
+        return
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+
+    def patched():
+        return {**original(), **extra}
+
+    onnx_frontend._get_convert_map = patched
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
 
 
 # ---------------------------------------------------------------- compilation

@@ -110,7 +110,7 @@ class X86Target(Target):
         name = spec.extra.get("artifact_name", "model_x86_64.so")
         out = Path(out_dir) / name
         t0 = time.perf_counter()
-        mod = tvm_backend.import_onnx(model_path, input_shapes)
+        mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out)
         hdr = read_elf_header(out)
         if hdr.machine_name != "x86-64":

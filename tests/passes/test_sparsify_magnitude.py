@@ -76,3 +76,52 @@ def test_unknown_config_key_rejected():
     cls = PASSES.get("sparsify.magnitude")
     with pytest.raises(UsageError, match="unknown config key"):
         make_config(cls, {"sparsty": 0.5})
+
+
+# --- patterns and allocation -------------------------------------------------------------------------------
+
+from compressor.data import Samples  # noqa: E402
+from passes.sparsity_patterns import parse_pattern, pattern_violations  # noqa: E402
+
+
+@pytest.mark.parametrize("pattern,s", [("2:4", 0.5), ("4:8", 0.5), ("1:4", 0.75), ("1x4", 0.5), ("4x1", 0.7), ("8x1", 0.5), ("16x1", 0.9)])
+def test_patterns_through_the_pass_are_valid(pattern, s):
+    m = mlp_model()  # w1 [16, 32] (MatMul B: canonical view is w.T [32 outputs, 16 reduction])
+    out, recs = sparsify(m, sparsity=s, pattern=pattern, keep_classifier=False, min_elements=0)
+    w1 = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}["w1"]
+    p = parse_pattern(pattern)
+    assert pattern_violations(w1.T != 0, p) == 0
+    # exact for N:M (16 columns) and up to one block for RxC (whole blocks only)
+    assert abs(np.count_nonzero(w1 == 0) - round(s * w1.size)) <= (p.r * p.c / 2 if p.kind == "block" else 0)
+    assert recs[0].stats["layers"]["mm1"]["sparsity"] == pytest.approx(s, abs=(p.r * p.c / 2 + 0.5) / w1.size)
+
+
+def test_global_allocation_meets_target_with_one_threshold():
+    m = mlp_model()
+    out, recs = sparsify(m, sparsity=0.6, allocation="global", keep_classifier=False, min_elements=0)
+    st = recs[0].stats
+    assert st["achieved_sparsity"] == pytest.approx(0.6, abs=1 / 640)
+    w = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    before = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    kept = np.concatenate([np.abs(before[n][w[n] != 0]) for n in ("w1", "w2")])
+    dropped = np.concatenate([np.abs(before[n][w[n] == 0]) for n in ("w1", "w2")])
+    assert kept.min() >= dropped.max()  # one threshold across layers
+
+
+def test_sensitivity_allocation_needs_calib_and_meets_target():
+    m = mlp_model()
+    with pytest.raises(UsageError, match="--calib"):
+        sparsify(m, sparsity=0.5, allocation="sensitivity", keep_classifier=False)
+    rng = np.random.default_rng(0)
+    calib = Samples([{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(16)], None, "t")
+    cls = PASSES.get("sparsify.magnitude")
+    out, recs = PassManager([(cls(make_config(cls, {"sparsity": 0.7, "allocation": "sensitivity", "keep_classifier": False})), "t")]
+                            ).run(m, PassContext(calib=calib, template=m))
+    st = recs[0].stats
+    assert st["achieved_sparsity"] == pytest.approx(0.7, abs=1 / 640)
+    assert set(st["sensitivity"]) == {"mm1", "mm2"}
+
+
+def test_nm_with_allocation_is_a_warning():
+    out, recs = sparsify(mlp_model(), sparsity=0.5, pattern="2:4", allocation="global", keep_classifier=False)
+    assert any("allocation global ignored" in w for w in recs[0].warnings)

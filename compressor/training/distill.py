@@ -1,0 +1,171 @@
+"""Recovery fine-tuning by knowledge distillation (Hinton et al. 2015) with fixed masks.
+
+The student (a pruned model as a torch module) learns to reproduce the teacher's
+(the dense original's) outputs on the fine-tuning inputs:
+
+    classifier-like output (``[N, C]``):  KL(softmax(t / T) || softmax(s / T)) * T^2
+    any other output:                     mean((s - t)^2) / mean(t^2)
+    with labels:                          + cross-entropy(s_0, labels)   (first output)
+
+After every optimizer step the masks are multiplied into the weights, so a
+pruned weight stays exactly zero.  Models exported with a static batch of 1 are
+run batched when the graph allows it (checked numerically on two samples);
+otherwise one sample at a time with the gradient accumulated over the minibatch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.verify import is_classifier_like
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillResult:
+    epochs: int
+    seconds: float
+    batched: bool
+    loss_before: float
+    loss_after: float
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "seconds": round(self.seconds, 3), "batched": self.batched,
+                "loss_before": round(self.loss_before, 6), "loss_after": round(self.loss_after, 6),
+                "loss_per_epoch": [round(v, 6) for v in self.losses]}
+
+
+def _outs(y: Any) -> tuple[torch.Tensor, ...]:
+    return y if isinstance(y, tuple) else (y,)
+
+
+class _Runner:
+    """Feeds stacked samples to the student, batched if the graph allows."""
+
+    def __init__(self, student: nn.Module, input_names: list[str], feeds: list[dict[str, np.ndarray]]):
+        self.student = student
+        self.names = input_names
+        self.x = {n: torch.from_numpy(np.stack([f[n] for f in feeds])) for n in input_names}  # [N, *model shape]
+        self.batched = all(self.x[n].dim() >= 2 and self.x[n].shape[1] == 1 for n in input_names) and len(feeds) >= 2
+        if self.batched:
+            self.batched = self._batch_ok()
+
+    def _batch_ok(self) -> bool:
+        idx = torch.arange(2)
+        try:
+            with torch.no_grad():
+                both = self._forward_batched(idx)
+                single = [self._forward_single(idx[i:i + 1]) for i in range(2)]
+        except Exception as exc:  # the graph bakes in batch 1 (e.g. a Reshape to [1, ...])
+            log.info("student runs one sample at a time (batched run failed: %s)", str(exc)[:120])
+            return False
+        for k, b in enumerate(both):
+            ref = torch.cat([s[k] for s in single])
+            if b.shape != ref.shape or not torch.allclose(b, ref, rtol=1e-4, atol=1e-5):
+                log.info("student runs one sample at a time (batched outputs differ)")
+                return False
+        return True
+
+    def _forward_batched(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = [self.x[n][idx].flatten(0, 1) for n in self.names]
+        return _outs(self.student(*args))
+
+    def _forward_single(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = [_outs(self.student(*[self.x[n][int(i)] for n in self.names])) for i in idx]
+        return tuple(torch.cat([o[k] for o in outs]) for k in range(len(outs[0])))
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Outputs for samples ``idx``, each concatenated along axis 0."""
+        return self._forward_batched(idx) if self.batched else self._forward_single(idx)
+
+
+def distill_loss(student_out: tuple[torch.Tensor, ...], teacher_out: list[torch.Tensor], classifier: list[bool],
+                 labels: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32)
+    for s, t, cls in zip(student_out, teacher_out, classifier):
+        if cls:
+            s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+            logp_s = F.log_softmax(s2 / temperature, -1)
+            logp_t = F.log_softmax(t2 / temperature, -1)
+            total = total + F.kl_div(logp_s, logp_t, reduction="batchmean", log_target=True) * temperature ** 2
+        else:
+            total = total + F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
+    if labels is not None:
+        s0 = student_out[0].reshape(-1, student_out[0].shape[-1])
+        total = total + F.cross_entropy(s0, labels)
+    return total
+
+
+def distill(student: nn.Module, input_names: list[str], feeds: list[dict[str, np.ndarray]],
+            teacher_runs: list[list[np.ndarray]], labels: np.ndarray | None = None, *,
+            masks: dict[str, tuple[nn.Parameter, torch.Tensor]] | None = None, epochs: int = 3, lr: float = 1e-3,
+            batch_size: int = 32, temperature: float = 1.0, seed: int = 0,
+            classifier: list[bool] | None = None) -> DistillResult:
+    """Fine-tune ``student`` in place. ``teacher_runs[i]`` are the teacher's outputs on ``feeds[i]``;
+    ``masks``: name -> (parameter, keep mask) re-applied after every step; ``classifier``: per
+    output, KL on softmax over the last axis (True) or normalised MSE (False); default: detected
+    (``verify.is_classifier_like``)."""
+    t0 = time.perf_counter()
+    masks = masks or {}
+    runner = _Runner(student, input_names, feeds)
+    n = len(feeds)
+    teacher = [torch.from_numpy(np.concatenate([np.asarray(r[k]) for r in teacher_runs])) for k in range(len(teacher_runs[0]))]
+    classifier = classifier if classifier is not None else [is_classifier_like(tuple(np.asarray(teacher_runs[0][k]).shape), np.asarray(teacher_runs[0][k]).dtype)
+                  for k in range(len(teacher))]
+    per_sample_rows = [int(np.asarray(teacher_runs[0][k]).shape[0]) if np.asarray(teacher_runs[0][k]).ndim else 1 for k in range(len(teacher))]
+    y = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
+
+    def rows(k: int, idx: torch.Tensor) -> torch.Tensor:
+        r = per_sample_rows[k]
+        return teacher[k].reshape(n, r, *teacher[k].shape[1:])[idx].flatten(0, 1)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        out = runner(idx)
+        return distill_loss(out, [rows(k, idx) for k in range(len(teacher))], classifier,
+                            None if y is None or not classifier[0] or per_sample_rows[0] != 1 else y[idx], temperature)
+
+    @torch.no_grad()
+    def full_loss() -> float:
+        tot = 0.0
+        for i in range(0, n, max(batch_size, 64)):
+            idx = torch.arange(i, min(n, i + max(batch_size, 64)))
+            tot += float(batch_loss(idx)) * len(idx)
+        return tot / n
+
+    @torch.no_grad()
+    def apply() -> None:
+        for p, m in masks.values():
+            p.mul_(m.to(p.dtype))
+
+    apply()
+    before = full_loss()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * ((n + batch_size - 1) // batch_size)))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for ep in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        tot = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            opt.zero_grad()
+            loss = batch_loss(idx)
+            loss.backward()
+            opt.step()
+            sched.step()
+            apply()
+            tot += float(loss.detach()) * len(idx)
+        losses.append(tot / n)
+        log.info("fine-tune epoch %d/%d: loss %.5f", ep + 1, epochs, losses[-1])
+    after = full_loss()
+    return DistillResult(epochs, time.perf_counter() - t0, runner.batched, before, after, losses)

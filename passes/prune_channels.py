@@ -1,0 +1,554 @@
+"""``prune.channels``: structured channel / filter / head removal with dependency propagation.
+
+1. Build the channel-dependency graph (``passes.channel_deps``): pruning groups of coupled channel
+   spaces, each split into *units* (the smallest index sets removable together).
+2. A group is pruned only if every op touching it has a handler (else: barrier, listed in the report),
+   no op changes numerics when channels go (LayerNorm/Softmax over the channel axis: "inexact",
+   allowed with ``allow_inexact``), and no member matches an ``ignore`` glob. Units that touch a
+   graph input/output, or contain no weight-produced channel, are locked (IO shapes never change).
+3. Score units. Per parameter slice s_i along the channel axis (normalised by the parameter's mean so
+   layers of different scale are comparable), then averaged over every member of the unit:
+   ``l1`` = sum|w|, ``l2`` = ||w||_2 (producers and consumers), ``fpgm`` = sum_j ||w_i - w_j||_2 over the
+   producer's filters (small = close to the geometric median = redundant), ``bn_gamma`` = |gamma| of the
+   BatchNormalization on the channel (read from the graph, or from the loaded model ``ctx.template`` when
+   ``cleanup.fold_batchnorm`` has already folded it: the folded producer's output keeps the BN output
+   name), and with calibration data ``mean_act`` = E|a|, ``apoz`` = P(a > 0) (1 - APoZ) of the
+   consumers' inputs, ``taylor`` = E|a_c| * ||W_consumer[:, c]||_1 (activation x weight, the first-order
+   term without gradients).
+4. Allocate. ``uniform``: each group keeps n - round(ratio * n) units; ``global``: units of all groups
+   are ranked by normalised score and the lowest ratio * total go, subject to per-group floors
+   (``min_channels``). Kept counts are rounded to the nearest multiple of ``round_to`` channels
+   (onnxruntime's NCHWc kernels want multiples of 8/16), never below the floor, never all removed.
+5. Remove: every parameter slice of a removed unit is deleted (weights, biases, BN terms, broadcast
+   constants), attributes and shape constants are rewritten (Conv ``group``, Reshape shapes, Slice
+   bounds, Split sizes, GroupNorm ``num_groups``). Removed channels, zeroed in the original, contribute
+   exactly nothing, so the pruned graph equals the zeroed original (the tests' oracle, ``mode="zero"``).
+6. ``reconstruct`` (needs ``--calib``): for each Conv (group 1) / Gemm / MatMul reading pruned channels,
+   re-fit its weight and bias by ridge least squares  min ||X' W' + b' - Y||^2 + lambda ||W'||^2  where
+   X' is its input in the pruned model and Y its output in the original model (He et al. 2017, ThiNet).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from math import gcd
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from compressor.errors import UsageError
+from compressor.pass_base import Pass, PassContext, PassResult
+from passes.channel_deps import DepGraph, Group, build, lookup
+from passes.channel_deps.graph import Space
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("l1", "l2", "fpgm", "bn_gamma", "mean_act", "apoz", "taylor")
+DATA_CRITERIA = ("mean_act", "apoz", "taylor")
+MAX_CALIB = 32  # samples for activation criteria
+MAX_RECONSTRUCT = 512  # samples for the least-squares refit (rows >> unknowns)
+
+
+@dataclass(frozen=True)
+class PruneChannelsConfig:
+    ratio: float = 0.3
+    criterion: str = "l1"
+    min_channels: int = 1
+    round_to: int = 1
+    ignore: tuple[str, ...] = ()
+    allocation: str = "uniform"
+    reconstruct: bool = False
+    allow_inexact: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"unknown criterion {self.criterion!r}", hint=f"one of {', '.join(CRITERIA)}")
+        if self.min_channels < 1:
+            raise UsageError(f"min_channels must be >= 1, got {self.min_channels}")
+        if self.round_to < 1:
+            raise UsageError(f"round_to must be >= 1, got {self.round_to}")
+        if self.allocation not in ("uniform", "global"):
+            raise UsageError(f"allocation must be uniform or global for prune.channels, got {self.allocation!r}")
+
+
+@dataclass
+class Plan:
+    dep: DepGraph
+    removed: dict[Space, np.ndarray]  # space -> removed indices
+    group_stats: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+def _cached_lookup():
+    cache: dict[tuple[str, str, int], Any] = {}
+
+    def f(node: gs.Node, opset: int) -> Any:
+        key = (node.domain or "", node.op, opset)
+        if key not in cache:
+            cache[key] = lookup(node, opset)
+        return cache[key]
+
+    return f
+
+
+def _slice_scores(w: np.ndarray, axis: int, kind: str) -> np.ndarray:
+    m = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
+    if kind == "l1":
+        return np.abs(m).sum(1)
+    if kind == "l2":
+        return np.sqrt((m * m).sum(1))
+    if kind == "fpgm":
+        sq = (m * m).sum(1)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * m @ m.T, 0.0)
+        return np.sqrt(d2).sum(1)
+    raise ValueError(kind)
+
+
+def _norm(v: np.ndarray) -> np.ndarray:
+    mean = float(np.mean(np.abs(v))) if v.size else 0.0
+    return v / mean if mean > 0 else np.zeros_like(v)
+
+
+def _template_gammas(template: onnx.ModelProto | None) -> dict[str, np.ndarray]:
+    """BN output name -> |gamma| in the loaded (pre-pass) model."""
+    if template is None:
+        return {}
+    inits = {t.name: t for t in template.graph.initializer}
+    out = {}
+    for n in template.graph.node:
+        if n.op_type == "BatchNormalization" and len(n.input) > 1 and n.input[1] in inits:
+            out[n.output[0]] = np.abs(onnx.numpy_helper.to_array(inits[n.input[1]]).astype(np.float64))
+    return out
+
+
+def _activation_stats(model: onnx.ModelProto, names: list[str], calib: Any, limit: int = MAX_CALIB) -> dict[str, list[np.ndarray]]:
+    """Run the model with extra outputs; per tensor a list of per-sample arrays."""
+    from compressor import runtime
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    del m.graph.value_info[:]
+    sess = runtime.session(m)
+    outs = [o.name for o in sess.get_outputs()]
+    res: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in calib.feeds[:limit]:
+        vals = sess.run(names, feed) if names else []
+        for n, v in zip(names, vals):
+            res[n].append(v)
+    del outs
+    return res
+
+
+def _axis_mean(arrs: list[np.ndarray], axis: int, fn) -> np.ndarray:
+    tot = None
+    for a in arrs:
+        v = fn(a.astype(np.float64))
+        s = np.moveaxis(v, axis, 0).reshape(a.shape[axis], -1).mean(1)
+        tot = s if tot is None else tot + s
+    return tot / max(len(arrs), 1)
+
+
+def unit_scores(graph: gs.Graph, grp: Group, criterion: str, gammas: dict[str, np.ndarray],
+                acts: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, str]:
+    """Score per unit (higher = keep) and the criterion actually used."""
+    nodes = {n.name: n for n in graph.nodes}
+    per_member: list[tuple[Space, Any, np.ndarray]] = []  # (space, index_fn param or None, normalised scores)
+    used = criterion
+    if criterion == "bn_gamma":
+        for p in grp.params:
+            if p.role == "bn" and p.input_index == 1:
+                per_member.append((p.space, p, _norm(np.abs(np.asarray(nodes[p.node].inputs[1].values, np.float64)))))
+        for s in grp.spaces:
+            g = gammas.get(s[0])
+            if g is not None and s[1] == 1 and g.shape[0] == grp.sizes[s]:
+                per_member.append((s, None, _norm(g)))
+        if not per_member:
+            used = "l1"
+    if criterion in DATA_CRITERIA:
+        for p in grp.params:
+            if p.role != "consumer":
+                continue
+            a = acts.get(p.space[0])
+            if not a:
+                continue
+            mean_abs = _axis_mean(a, p.space[1], np.abs)
+            if criterion == "mean_act":
+                sc = mean_abs
+            elif criterion == "apoz":
+                sc = _axis_mean(a, p.space[1], lambda x: (x > 0).astype(np.float64))
+            else:
+                w = np.asarray(nodes[p.node].inputs[p.input_index].values)
+                sc = mean_abs * _slice_scores(w, p.axis, "l1")
+            per_member.append((p.space, None, _norm(sc)))
+        if not per_member:
+            used = "l1"
+    if used in ("l1", "l2", "fpgm"):
+        for p in grp.params:
+            if p.role == "producer" or (p.role == "consumer" and used != "fpgm"):
+                w = np.asarray(nodes[p.node].inputs[p.input_index].values)
+                per_member.append((p.space, p, _norm(_slice_scores(w, p.axis, used))))
+    scores = np.zeros(len(grp.units))
+    for k, unit in enumerate(grp.units):
+        vals = []
+        for space, p, sc in per_member:
+            idx = unit.get(space)
+            if idx is None:
+                continue
+            ii = p.indices(idx) if p is not None else idx
+            vals.append(float(sc[ii].mean()))
+        scores[k] = float(np.mean(vals)) if vals else 0.0
+    return scores, used
+
+
+def _width(grp: Group) -> int:
+    n = len(grp.units)
+    w = 1
+    for p in grp.producers:
+        size = grp.sizes[p.space]
+        if size % n == 0:
+            w = max(w, size // n)
+    return w
+
+
+def _round_keep(keep: float, n: int, floor: int, mult: int) -> int:
+    k = int(round(keep / mult)) * mult
+    floor_m = -(-floor // mult) * mult
+    k = max(k, floor_m if floor_m <= n else floor)
+    return int(min(max(k, floor, 1), n))
+
+
+def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
+    model = ctx.export(graph)
+    dep = build(graph, model, ctx.opset, _cached_lookup())
+    warnings: list[str] = []
+    criterion = cfg.criterion
+    if criterion in DATA_CRITERIA and ctx.calib is None:
+        warnings.append(f"criterion {criterion} needs calibration data (--calib); used l1 instead")
+        criterion = "l1"
+    gammas = _template_gammas(ctx.template) if criterion == "bn_gamma" else {}
+
+    eligible: list[tuple[Group, np.ndarray, np.ndarray, str]] = []  # group, scores, removable mask, used criterion
+    stats: list[dict[str, Any]] = []
+    acts: dict[str, list[np.ndarray]] = {}
+    candidates = []
+    for grp in dep.groups:
+        st = {"group": grp.gid, "members": grp.nodes[:12] + ([f"... {len(grp.nodes) - 12} more"] if len(grp.nodes) > 12 else []),
+              "spaces": len(grp.spaces), "channels_before": len(grp.units), "channels_after": len(grp.units),
+              "criterion": None, "barriers": grp.barriers, "status": "pruned"}
+        stats.append(st)
+        names = set(grp.nodes) | {p.node for p in grp.params} | {s[0] for s in grp.spaces}
+        if grp.barriers:
+            st["status"] = "barrier"
+        elif grp.inexact and not cfg.allow_inexact:
+            st["status"] = "inexact"
+            st["barriers"] = grp.inexact
+        elif cfg.ignore and any(fnmatch.fnmatchcase(n, g) for n in names for g in cfg.ignore):
+            st["status"] = "ignored"
+        elif not (~grp.locked).any():
+            st["status"] = "locked (graph input/output or no weight-produced channel)"
+        else:
+            candidates.append((grp, st))
+    if criterion in DATA_CRITERIA and candidates:
+        need = sorted({p.space[0] for grp, _ in candidates for p in grp.params if p.role == "consumer"})
+        acts = _activation_stats(model, need, ctx.calib)
+    for grp, st in candidates:
+        sc, used = unit_scores(graph, grp, criterion, gammas, acts)
+        st["criterion"] = used
+        if used != criterion:
+            warnings.append(f"group {grp.gid}: criterion {criterion} has no data for this group ({', '.join(grp.nodes[:3])}); used {used}")
+        if grp.inexact:
+            warnings.append(f"group {grp.gid} pruned although inexact (allow_inexact): {'; '.join(grp.inexact[:3])}")
+        eligible.append((grp, sc, ~grp.locked, used))
+
+    removed_units: dict[int, list[int]] = {}
+    floors = {grp.gid: max(cfg.min_channels, int(grp.locked.sum()), 1) for grp, *_ in eligible}
+    if cfg.allocation == "uniform":
+        for grp, sc, rem, _ in eligible:
+            n = len(grp.units)
+            removed_units[grp.gid] = _select(grp, sc, rem, n - round(cfg.ratio * n), floors[grp.gid], cfg.round_to)
+    else:
+        total = sum(len(g.units) for g, *_ in eligible)
+        budget = round(cfg.ratio * total)
+        ranked = sorted(((sc[k] / (np.mean(sc) or 1.0), grp.gid, k) for grp, sc, rem, _ in eligible
+                         for k in np.nonzero(rem)[0]))
+        count = Counter()
+        sizes = {grp.gid: len(grp.units) for grp, *_ in eligible}
+        for _, gid, k in ranked:
+            if budget <= 0:
+                break
+            if sizes[gid] - count[gid] - 1 >= floors[gid]:
+                count[gid] += 1
+                budget -= 1
+        for grp, sc, rem, _ in eligible:
+            n = len(grp.units)
+            removed_units[grp.gid] = _select(grp, sc, rem, n - count[grp.gid], floors[grp.gid], cfg.round_to)
+
+    removed: dict[Space, list[np.ndarray]] = defaultdict(list)
+    by_gid = {st["group"]: st for st in stats}
+    for grp, *_ in eligible:
+        ks = removed_units.get(grp.gid, [])
+        by_gid[grp.gid]["channels_after"] = len(grp.units) - len(ks)
+        if not ks:
+            by_gid[grp.gid]["status"] = "unchanged"
+        for k in ks:
+            for s, idx in grp.units[k].items():
+                removed[s].append(idx)
+    final = {s: np.unique(np.concatenate(v)) for s, v in removed.items()}
+    return Plan(dep, final, stats, warnings)
+
+
+def _select(grp: Group, scores: np.ndarray, removable: np.ndarray, keep: float, floor: int, round_to: int) -> list[int]:
+    n = len(grp.units)
+    mult = round_to // gcd(_width(grp), round_to)
+    k = _round_keep(keep, n, floor, mult)
+    n_remove = min(n - k, int(removable.sum()))
+    if n_remove <= 0:
+        return []
+    order = [int(i) for i in np.argsort(np.where(removable, scores, np.inf), kind="stable")]
+    return sorted(order[:n_remove])
+
+
+# ------------------------------------------------------------------------------------------ rewriting
+
+def apply_plan(graph: gs.Graph, p: Plan, mode: str = "remove") -> int:
+    """Remove (``mode="remove"``) or zero (``mode="zero"``, the test oracle) the planned channels.
+    Returns the number of parameter tensors rewritten."""
+    if not p.removed:
+        return 0
+    nodes = {n.name: n for n in graph.nodes}
+    edits: dict[tuple[str, int], dict[int, tuple[set[int], float]]] = defaultdict(dict)
+    for grp in p.dep.groups:
+        for prm in grp.params:
+            r = p.removed.get(prm.space)
+            if r is None:
+                continue
+            idx, fill = edits[(prm.node, prm.input_index)].get(prm.axis, (set(), prm.fill))
+            idx |= set(prm.indices(r).tolist())
+            edits[(prm.node, prm.input_index)][prm.axis] = (idx, fill)
+    for (nname, i), axes in edits.items():
+        node = nodes[nname]
+        old = node.inputs[i]
+        vals = np.array(old.values, copy=True)
+        for axis, (idx, fill) in sorted(axes.items(), reverse=True):
+            ii = np.array(sorted(idx), dtype=np.int64)
+            if mode == "zero":
+                sl = [slice(None)] * vals.ndim
+                sl[axis] = ii
+                vals[tuple(sl)] = fill
+            else:
+                vals = np.delete(vals, ii, axis=axis)
+        node.inputs[i] = gs.Constant(f"{old.name}__{nname}_{mode}", np.ascontiguousarray(vals))
+    if mode == "zero":
+        return len(edits)
+    view = p.dep.view
+
+    def new_shape(name: str) -> tuple[int, ...]:
+        shp = list(view.shape(name))
+        for a in range(len(shp)):
+            r = p.removed.get((name, a))
+            if r is not None:
+                shp[a] -= len(r)
+        return tuple(shp)
+
+    touched = {s[0] for s in p.removed}
+    opset_lookup = _cached_lookup()
+    for node in graph.nodes:
+        names = {t.name for t in node.inputs} | {t.name for t in node.outputs}
+        if not names & touched:
+            continue
+        h = opset_lookup(node, view.opset)
+        if h is not None and hasattr(h, "fix"):
+            mine = {s: r for s, r in p.removed.items() if s[0] in names}
+            h.fix(node, mine, new_shape, view)
+    io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and name not in io:
+            t.shape = None
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    _reinfer_shapes(graph)
+    return len(edits)
+
+
+def _reinfer_shapes(graph: gs.Graph) -> None:
+    """Give the intermediate tensors their new static shapes (ONNX shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(gs.export_onnx(graph.copy(), do_type_check=False))
+    shapes = {}
+    for vi in inferred.graph.value_info:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = ([int(d.dim_value) for d in tt.shape.dim], tt.elem_type)
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and name in shapes:
+            t.shape = shapes[name][0]
+            if t.dtype is None:
+                t.dtype = onnx.helper.tensor_dtype_to_np_dtype(shapes[name][1])
+
+
+# ------------------------------------------------------------------------------------------ reconstruction
+
+def _im2col(x: np.ndarray, node: gs.Node, kshape: tuple[int, ...]) -> np.ndarray:
+    """x [N, C, H, W] -> rows [N*Ho*Wo, C*kh*kw] for a 2-D Conv (explicit pads)."""
+    kh, kw = kshape
+    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    st = list(node.attrs.get("strides", [1, 1]))
+    dl = list(node.attrs.get("dilations", [1, 1]))
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    eh, ew = (kh - 1) * dl[0] + 1, (kw - 1) * dl[1] + 1
+    win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::st[0], ::st[1], ::dl[0], ::dl[1]]
+    n, c, ho, wo = win.shape[:4]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+
+
+def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassContext, template: onnx.ModelProto,
+                ridge: float = 1e-3, max_rows: int = 20000) -> tuple[int, list[str]]:
+    """Refit the consumers of pruned channels; returns (count, warnings)."""
+    warnings: list[str] = []
+    targets = []
+    for n in graph.nodes:
+        if not n.inputs or (n.inputs[0].name, 1 if n.op in ("Conv", "Gemm") else -1) is None:
+            continue
+        x = n.inputs[0].name
+        if n.op == "Conv" and (x, 1) in p.removed and isinstance(n.inputs[1], gs.Constant):
+            if int(n.attrs.get("group", 1)) != 1 or np.asarray(n.inputs[1].values).ndim != 4 or n.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+                warnings.append(f"reconstruct: {n.name} skipped (grouped, non-2-D or auto_pad Conv)")
+                continue
+            targets.append(n)
+        elif n.op in ("Gemm", "MatMul") and isinstance(n.inputs[1], gs.Constant):
+            rank = len(p.dep.view.shapes.get(x, ()))
+            if rank and (x, rank - 1) in p.removed:
+                if n.op == "Gemm" and (n.attrs.get("transA", 0) or rank != 2):
+                    warnings.append(f"reconstruct: {n.name} skipped (transA Gemm)")
+                    continue
+                targets.append(n)
+    if not targets:
+        return 0, warnings
+    ys = _activation_stats(original, [n.outputs[0].name for n in targets], ctx.calib, MAX_RECONSTRUCT)
+    rng = np.random.default_rng(0)
+    done = 0
+    for n in targets:  # topological order; each refit sees the already refitted layers above it
+        yname = n.outputs[0].name
+        xs = _activation_stats(ctx.export(graph), [n.inputs[0].name], ctx.calib, MAX_RECONSTRUCT)
+        X = np.concatenate([a.astype(np.float64) for a in xs[n.inputs[0].name]])
+        Y = np.concatenate([a.astype(np.float64) for a in ys[yname]])
+        w = np.asarray(n.inputs[1].values)
+        if n.op == "Conv":
+            r = p.removed.get((yname, 1))
+            if r is not None:
+                Y = np.delete(Y, r, axis=1)
+            A = _im2col(X, n, w.shape[2:])
+            T = Y.transpose(0, 2, 3, 1).reshape(-1, Y.shape[1])
+        else:
+            r = p.removed.get((yname, Y.ndim - 1))
+            if r is not None:
+                Y = np.delete(Y, r, axis=-1)
+            A, T = X.reshape(-1, X.shape[-1]), Y.reshape(-1, Y.shape[-1])
+        if A.shape[0] != T.shape[0]:
+            warnings.append(f"reconstruct: {n.name} skipped (row mismatch)")
+            continue
+        if A.shape[0] > max_rows:
+            sel = rng.choice(A.shape[0], max_rows, replace=False)
+            A, T = A[sel], T[sel]
+        A1 = np.concatenate([A, np.ones((A.shape[0], 1))], axis=1)
+        G = A1.T @ A1
+        lam = ridge * float(np.trace(G)) / G.shape[0]
+        reg = lam * np.eye(G.shape[0])
+        reg[-1, -1] = 0.0
+        try:
+            sol = np.linalg.solve(G + reg, A1.T @ T)
+        except np.linalg.LinAlgError:
+            warnings.append(f"reconstruct: {n.name} skipped (singular system)")
+            continue
+        W, b = sol[:-1], sol[-1]
+        dt = w.dtype
+        if n.op == "Conv":
+            n.inputs[1] = gs.Constant(n.inputs[1].name + "_refit", W.T.reshape(w.shape).astype(dt))
+        elif n.op == "Gemm":
+            tb = int(n.attrs.get("transB", 0))
+            alpha = float(n.attrs.get("alpha", 1.0))
+            n.inputs[1] = gs.Constant(n.inputs[1].name + "_refit", ((W.T if tb else W) / alpha).astype(dt))
+            n.attrs["beta"] = 1.0
+        else:
+            n.inputs[1] = gs.Constant(n.inputs[1].name + "_refit", W.astype(dt))
+        if n.op == "MatMul":
+            _fold_matmul_bias(graph, n, b.astype(dt))
+        else:
+            bias = gs.Constant(f"{n.name}_bias_refit", b.astype(dt))
+            if len(n.inputs) > 2:
+                n.inputs[2] = bias
+            else:
+                n.inputs.append(bias)
+        done += 1
+    return done, warnings
+
+
+def _fold_matmul_bias(graph: gs.Graph, n: gs.Node, b: np.ndarray) -> None:
+    """MatMul has no bias input: the fitted bias replaces the constant of a following Add, or a new Add."""
+    y = n.outputs[0]
+    readers = list(y.outputs)
+    if len(readers) == 1 and readers[0].op == "Add" and y not in graph.outputs:
+        add = readers[0]
+        j = 1 if add.inputs[0] is y else 0
+        if isinstance(add.inputs[j], gs.Constant) and np.asarray(add.inputs[j].values).shape == b.shape:
+            add.inputs[j] = gs.Constant(f"{n.name}_bias_refit", b)
+            return
+    mid = gs.Variable(f"{y.name}__nobias", dtype=y.dtype)
+    n.outputs[0] = mid
+    graph.nodes.append(gs.Node("Add", f"{n.name}_bias_refit_add", inputs=[mid, gs.Constant(f"{n.name}_bias_refit", b)], outputs=[y]))
+
+
+# ------------------------------------------------------------------------------------------ the pass
+
+class PruneChannels(Pass):
+    name = "prune.channels"
+    description = "remove whole channels/filters/heads with dependency propagation (dense, smaller graph)"
+    Config = PruneChannelsConfig
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        cfg: PruneChannelsConfig = self.config
+        warnings: list[str] = []
+        if cfg.reconstruct and ctx.calib is None:
+            warnings.append("reconstruct needs calibration data (--calib); skipped")
+        original = ctx.export(graph) if cfg.reconstruct and ctx.calib is not None else None
+        pl = plan(graph, ctx, cfg)
+        warnings += pl.warnings
+        params_before = _param_count(graph)
+        edited = apply_plan(graph, pl, "remove")
+        refit = 0
+        if original is not None and pl.removed:
+            refit, w = reconstruct(graph, original, pl, ctx, ctx.template)
+            warnings += w
+        groups = pl.group_stats
+        barrier_ops = Counter(b.split(" ", 1)[0] for g in groups if g["status"] == "barrier" for b in g["barriers"])
+        if barrier_ops:
+            warnings.append("groups not pruned at barriers: " + ", ".join(f"{op} x{c}" for op, c in sorted(barrier_ops.items())))
+        inexact = [g for g in groups if g["status"] == "inexact"]
+        if inexact:
+            warnings.append(f"{len(inexact)} group(s) not pruned: an op normalises over their channels "
+                            f"(e.g. {inexact[0]['barriers'][0]}); set allow_inexact to prune them")
+        stats = {
+            "ratio": cfg.ratio, "criterion": cfg.criterion, "allocation": cfg.allocation,
+            "groups": len(groups), "groups_pruned": sum(g["status"] == "pruned" for g in groups),
+            "channels_before": sum(g["channels_before"] for g in groups),
+            "channels_after": sum(g["channels_after"] for g in groups),
+            "params_before": params_before, "params_after": _param_count(graph),
+            "tensors_rewritten": edited, "reconstructed": refit,
+            "barrier_ops": dict(barrier_ops), "group_stats": groups,
+        }
+        return PassResult(bool(pl.removed), stats, warnings)
+
+
+def _param_count(graph: gs.Graph) -> int:
+    return int(sum(np.asarray(t.values).size for t in graph.tensors().values()
+                   if isinstance(t, gs.Constant) and np.asarray(t.values).dtype.kind == "f"))

@@ -1,0 +1,219 @@
+"""``sparsify.obs``: one-shot Optimal Brain Surgeon pruning, SparseGPT style
+(Frantar & Alistarh, 2023; OBC, Frantar et al., 2022).
+
+For a layer ``y = W2 x`` (canonical ``W2[outputs, reduction]``, see
+``passes/sparsity_patterns.py``) and calibration inputs ``X[tokens, cols]``
+(Gemm/MatMul rows; Conv: im2col patches, one Hessian per group), the
+layer-wise reconstruction objective ``||W2 X^T - Ŵ X^T||^2`` has Hessian
+
+    H = X^T X / tokens + lambda I,   lambda = damp * mean(diag(X^T X / tokens)).
+
+OBS removes weight q with saliency ``w_q^2 / [H^-1]_qq`` and compensates the
+other weights of the row by ``delta = -(w_q / [H^-1]_qq) H^-1_{:,q}``.
+SparseGPT makes this tractable by processing columns left to right with the
+upper Cholesky factor U of H^-1 (H^-1 = U^T U): when column i is reached its
+pruned entries are zeroed and the error ``err = (w - q) / U_ii`` is propagated
+to the not-yet-processed columns, ``W[:, i:] -= err U[i, i:]`` (lazily, in
+column blocks of ``block_size``). Masks are chosen with the saliency
+``w^2 / U_ii^2`` on the partially updated weights:
+
+* unstructured: per column block of ``block_size`` columns, the exact share of
+  the layer's pruned count (cumulative rounding, so the layer total is exact);
+* N:M: each group of M columns when its first column is reached (M-N pruned
+  per row and group);
+* RxC blocks: per column block, whole blocks by summed saliency.
+
+Pruned weights are exact zeros; kept weights change (the update). Layers are
+processed in topological order and *sequentially*: a layer's activations are
+captured (onnxruntime, layer inputs added as graph outputs of an export of the
+current graph) only after every layer upstream of it has been pruned, so it
+compensates the error already introduced. Layers whose inputs are independent
+of each other (e.g. q/k/v projections) share one capture. Memory is bounded:
+calibration samples are streamed one at a time into H (float64, cols^2 per
+group) and only the layers of one such capture are held at once.
+
+Allocation: ``uniform``; ``global`` and ``sensitivity`` rank with the Wanda
+score ``|w| ||x||`` on the dense model, which is the OBS saliency under a
+diagonal Hessian (``w^2 / [H^-1]_qq ~ w^2 H_qq``), then OBS prunes each layer
+to its allocated sparsity.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from compressor.errors import UsageError
+from compressor.pass_base import Pass, PassContext, PassResult
+from passes.sparsity_patterns import (Layer, LayerReport, Pattern, SparsifyConfig, activation, ancestors, block_mask, calib_feeds,
+                                      check_valid, feature_stats, nm_mask, plan_sparsities, select_layers,
+                                      summarize, unstructured_mask)
+from passes.sparsify_wanda import wanda_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OBSConfig(SparsifyConfig):
+    damp: float = 0.01  # dampening, fraction of mean(diag(H))
+    block_size: int = 128  # lazy-update / mask-selection column block
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.damp <= 1.0:
+            raise UsageError(f"damp must be in (0, 1], got {self.damp}")
+        if self.block_size < 1:
+            raise UsageError(f"block_size must be >= 1, got {self.block_size}")
+
+
+def _upper_hinv(h: np.ndarray, damp: float) -> np.ndarray:
+    h = np.array(h, dtype=np.float64)
+    diag = np.diag(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    lam = damp * float(np.mean(np.diag(h)))
+    for _ in range(8):
+        try:
+            hinv = np.linalg.inv(h + lam * np.eye(h.shape[0]))
+            hinv = 0.5 * (hinv + hinv.T)
+            return np.linalg.cholesky(hinv).T
+        except np.linalg.LinAlgError:
+            lam = lam * 10 if lam > 0 else 1e-8
+    raise np.linalg.LinAlgError("Hessian not positive definite even with heavy dampening")
+
+
+def sparsegpt(w: np.ndarray, h: np.ndarray, pattern: Pattern, sparsity: float, k: int | None = None,
+              block_size: int = 128, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Prune ``w[rows, cols]`` given ``h[cols, cols]`` (OBS/SparseGPT). Returns (new weights, keep-mask).
+    ``k``: exact number of pruned entries (unstructured; default round(sparsity * size))."""
+    W = np.array(w, dtype=np.float64)
+    rows, cols = W.shape
+    U = _upper_hinv(h, damp)
+    keep = np.ones(W.shape, dtype=bool)
+    unit = math.lcm(pattern.m if pattern.kind == "nm" else 1, pattern.c if pattern.kind == "block" else 1)
+    B = max(unit, (block_size // unit) * unit)
+    k_total = int(round(sparsity * W.size)) if k is None else k
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        W1 = W[:, i1:i2].copy()
+        U1 = U[i1:i2, i1:i2]
+        dg = np.diag(U1)
+        Q1 = np.zeros_like(W1)
+        E1 = np.zeros_like(W1)
+        sal = np.abs(W1) / dg  # sqrt of the OBS saliency w^2 / [H^-1]_qq
+        if pattern.kind == "unstructured":
+            kb = int(round(k_total * i2 / cols)) - int(round(k_total * i1 / cols))
+            keep1 = unstructured_mask(sal, 0.0, k=kb)
+        elif pattern.kind == "block":
+            kb = int(round(k_total * i2 / cols)) - int(round(k_total * i1 / cols))
+            keep1 = block_mask(sal, 0.0, pattern.r, pattern.c, k=kb)
+        else:
+            keep1 = np.ones(W1.shape, dtype=bool)
+        for i in range(i2 - i1):
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                j = min(i + pattern.m, i2 - i1)
+                keep1[:, i:j] = nm_mask(np.abs(W1[:, i:j]) / dg[i:j], pattern.n, pattern.m)
+            col = W1[:, i]
+            q = np.where(keep1[:, i], col, 0.0)
+            Q1[:, i] = q
+            err = (col - q) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            E1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        keep[:, i1:i2] = keep1
+    W[~keep] = 0.0
+    return W, keep
+
+
+def rel_recon_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
+    """||(W - Wq) X^T||^2 / ||W X^T||^2 computed through H = X^T X / tokens."""
+    d = w - wq
+    num = float(np.sum((d @ h) * d))
+    den = float(np.sum((w @ h) * w))
+    return num / max(den, 1e-30)
+
+
+def _counts(total_k: int, sizes: list[int]) -> list[int]:
+    """Split ``total_k`` over parts of the given sizes by cumulative rounding (sums exactly)."""
+    out, cum, n = [], 0, sum(sizes)
+    for s in sizes:
+        prev = int(round(total_k * cum / n))
+        cum += s
+        out.append(int(round(total_k * cum / n)) - prev)
+    return out
+
+
+class OBSSparsify(Pass):
+    name = "sparsify.obs"
+    description = "OBS/SparseGPT one-shot pruning with weight reconstruction on calibration data (needs --calib)"
+    Config = OBSConfig
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        cfg: OBSConfig = self.config
+        layers, warnings = select_layers(graph, cfg, data_aware=True)
+        if cfg.sparsity == 0:
+            return PassResult(False, summarize({}, cfg, warnings), warnings)
+        feeds = calib_feeds(ctx, cfg, self.name)
+        pat = cfg.parsed_pattern
+        if pat.kind == "block" and pat.r > 1:
+            ok = []
+            for l in layers:
+                rows_g = l.values.shape[0] // l.groups if l.node.op == "Conv" else l.matrix().shape[0]
+                if l.groups > 1 and rows_g % pat.r:
+                    warnings.append(f"{l.name}: {pat.text} blocks would straddle conv groups ({rows_g} outputs per group), kept dense")
+                else:
+                    ok.append(l)
+            layers = ok
+        if not layers:
+            warnings.append("no prunable Conv/Gemm/MatMul weights found: nothing was sparsified")
+            return PassResult(False, summarize({}, cfg, warnings), warnings)
+        score = None
+        if cfg.allocation != "uniform" and pat.kind != "nm":
+            norms = feature_stats(ctx.export(graph), feeds, layers, full=False)
+            wscores = {l.name: wanda_scores(l, norms[l.name]) for l in layers}
+            score = lambda l: wscores[l.name]
+        alloc, w2, extra = plan_sparsities(graph, ctx, cfg, layers, score, self.name)
+        warnings += w2
+
+        anc = {l.name: ancestors(activation(l)) for l in layers}
+        pending = list(layers)
+        reports, captures = {}, 0
+        while pending:
+            ids = {id(p.node) for p in pending}
+            ready = [l for l in pending if not (anc[l.name] & (ids - {id(l.node)}))]
+            model = ctx.export(graph)
+            hess = feature_stats(model, feeds, ready, full=True)
+            captures += 1
+            for l in ready:
+                reports[l.name] = self._prune_layer(l, hess[l.name], alloc[l.name], pat, cfg)
+            pending = [p for p in pending if p not in ready]
+        stats = summarize(reports, cfg, warnings)
+        stats.update(extra, calib_samples_used=len(feeds), captures=captures)
+        return PassResult(True, stats, warnings)
+
+    def _prune_layer(self, l: Layer, hs: list[np.ndarray], s: float, pat: Pattern, cfg: OBSConfig) -> LayerReport:
+        vals = l.values
+        W2 = l.matrix().astype(np.float64)
+        g = len(hs)
+        rows_g = W2.shape[0] // g
+        k_total = int(round(s * W2.size))
+        ks = _counts(k_total, [rows_g * W2.shape[1]] * g)
+        out = np.empty_like(W2)
+        keep = np.ones(W2.shape, dtype=bool)
+        err_num = err_den = 0.0
+        for gi, h in enumerate(hs):
+            sl = slice(gi * rows_g, (gi + 1) * rows_g)
+            wq, kq = sparsegpt(W2[sl], h, pat, s, k=ks[gi], block_size=cfg.block_size, damp=cfg.damp)
+            out[sl], keep[sl] = wq, kq
+            d = W2[sl] - wq
+            err_num += float(np.sum((d @ h) * d))
+            err_den += float(np.sum((W2[sl] @ h) * W2[sl]))
+        check_valid(l.name, keep, pat)
+        l.set_matrix(out.astype(vals.dtype))
+        nz = int(np.count_nonzero(l.values))
+        return LayerReport(l.node.op, l.weight.name, int(vals.size), s, 1 - nz / vals.size,
+                           {"rel_recon_error": round(err_num / max(err_den, 1e-30), 8)})

@@ -1,0 +1,135 @@
+"""sparsify.obs (SparseGPT/OBS) and sparsify.wanda: exact oracles on small layers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor.data import Samples
+from compressor.errors import UsageError
+from compressor.pass_base import PassContext, make_config
+from compressor.pass_manager import PassManager
+from passes import PASSES
+from passes.sparsify_obs import sparsegpt
+from passes.sparsity_patterns import parse_pattern, pattern_violations
+from tests.conftest import conv_bn_model, make_model, mlp_model
+
+
+def run_pass(name, model, calib, **cfg):
+    cls = PASSES.get(name)
+    return PassManager([(cls(make_config(cls, cfg)), "builtin:test")]).run(model, PassContext(calib=calib, template=model))
+
+
+def inits(m):
+    return {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+
+
+def correlated(n, d, rng, rank=8, mix=None):
+    """Features with strong correlations: rank-``rank`` mixture plus small noise (same ``mix`` = same distribution)."""
+    mix = rng.standard_normal((rank, d)) if mix is None else mix
+    return (rng.standard_normal((n, rank)) @ mix + 0.05 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def linear_model(w):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="lin")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])], {"w": w})
+
+
+@pytest.mark.parametrize("pattern,s", [("unstructured", 0.5), ("unstructured", 0.8), ("2:4", 0.5), ("4x1", 0.6), ("1x4", 0.6)])
+def test_obs_beats_magnitude_on_correlated_features(pattern, s):
+    rng = np.random.default_rng(42)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    mix = rng.standard_normal((8, 64))
+    xc, xt = correlated(256, 64, rng, mix=mix), correlated(512, 64, rng, mix=mix)
+    calib = Samples([{"x": r[None]} for r in xc], None, "test")
+    m = linear_model(w)
+    cfg = dict(sparsity=s, pattern=pattern, keep_classifier=False, calib_samples=0)
+    errs = {}
+    for name in ("sparsify.magnitude", "sparsify.wanda", "sparsify.obs"):
+        out, recs = run_pass(name, m, calib, **cfg)
+        wq = inits(out)["w"]
+        errs[name] = float(np.sum((xt @ w - xt @ wq) ** 2) / np.sum((xt @ w) ** 2))
+        assert pattern_violations((wq != 0).T, parse_pattern(pattern)) == 0
+        assert recs[0].stats["achieved_sparsity"] == pytest.approx(s, abs=4 / w.size)
+    # asserted margin: OBS reconstruction error at most half of magnitude's on held-out correlated data
+    assert errs["sparsify.obs"] < 0.5 * errs["sparsify.magnitude"], errs
+
+
+def test_sparsegpt_exact_count_and_keeps_zero_error_when_nothing_pruned():
+    rng = np.random.default_rng(1)
+    x = correlated(200, 24, rng)
+    h = x.T.astype(np.float64) @ x / len(x)
+    w = rng.standard_normal((10, 24))
+    wq, keep = sparsegpt(w, h, parse_pattern("unstructured"), 0.0, block_size=8)
+    np.testing.assert_allclose(wq, w, atol=1e-12)
+    wq, keep = sparsegpt(w, h, parse_pattern("unstructured"), 0.37, block_size=8)
+    assert (~keep).sum() == round(0.37 * w.size) and np.all(wq[~keep] == 0)
+
+
+def _np_sparsegpt_sequential(m, xs, s):
+    """Oracle: prune mm1 from the calib inputs, then mm2 from the *pruned* mm1's activations."""
+    w = inits(m)
+    p = parse_pattern("unstructured")
+    h1 = sum(x.T.astype(np.float64) @ x for x in xs) / len(xs)
+    w1, _ = sparsegpt(w["w1"].T, h1, p, s)
+    acts = [np.maximum(x @ w1.T.astype(np.float32) + w["b1"], 0) for x in xs]
+    h2 = sum(a.T.astype(np.float64) @ a for a in acts) / len(acts)
+    w2, _ = sparsegpt(w["w2"].T, h2, p, s)
+    return w1.T, w2.T
+
+
+def test_obs_is_sequential_each_layer_sees_pruned_inputs():
+    m = mlp_model()
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1, 16)).astype(np.float32) for _ in range(40)]
+    out, recs = run_pass("sparsify.obs", m, Samples([{"x": x} for x in xs], None, "t"), sparsity=0.5,
+                         keep_classifier=False, min_elements=0, calib_samples=0)
+    w1, w2 = _np_sparsegpt_sequential(m, xs, 0.5)
+    got = inits(out)
+    np.testing.assert_allclose(got["w1"], w1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["w2"], w2, rtol=1e-4, atol=1e-5)
+    assert recs[0].stats["captures"] == 2
+    np.testing.assert_array_equal(got["b1"], inits(m)["b1"])  # biases untouched
+
+
+def test_wanda_scores_per_output_oracle():
+    m = mlp_model()
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((1, 16)).astype(np.float32) * np.linspace(0.1, 3, 16, dtype=np.float32) for _ in range(30)]
+    out, _ = run_pass("sparsify.wanda", m, Samples([{"x": x} for x in xs], None, "t"), sparsity=0.5, calib_samples=0)
+    w1 = inits(m)["w1"]  # [K=16, N=32]
+    norm = np.sqrt(sum((x[0].astype(np.float64) ** 2) for x in xs))
+    score = np.abs(w1.T) * norm  # [N, K]
+    kept = inits(out)["w1"].T != 0
+    assert (~kept).sum(axis=1).tolist() == [8] * 32
+    for r in range(32):
+        assert score[r][kept[r]].min() >= score[r][~kept[r]].max()
+
+
+def test_obs_conv_patterns_valid_and_counts_exact():
+    # conv_bn_model's conv has 3 input channels (stem): include it explicitly; it has BN but obs only needs the conv input
+    m = conv_bn_model()
+    rng = np.random.default_rng(5)
+    calib = Samples([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)], None, "t")
+    for pattern, s in (("unstructured", 0.7), ("2:4", 0.5), ("8x1", 0.5)):
+        out, recs = run_pass("sparsify.obs", m, calib, sparsity=s, pattern=pattern, keep_stem=False, keep_classifier=False)
+        w = inits(out)["w"].reshape(8, -1)
+        assert pattern_violations(w != 0, parse_pattern(pattern)) == 0
+        layer = recs[0].stats["layers"]["conv"]
+        assert layer["rel_recon_error"] < 1.0
+        if pattern != "8x1":
+            assert (w == 0).sum() == (round(s * w.size) if pattern == "unstructured" else 8 * (6 * 2 + 2))  # 27 cols: 6 full groups + a 3-col tail, 2 pruned each
+
+
+@pytest.mark.parametrize("name", ["sparsify.obs", "sparsify.wanda"])
+def test_data_aware_passes_need_calib(name):
+    with pytest.raises(UsageError, match="--calib"):
+        run_pass(name, mlp_model(), None, sparsity=0.5)
+
+
+def test_nm_pattern_fixes_sparsity():
+    cls = PASSES.get("sparsify.obs")
+    with pytest.raises(UsageError, match="2:4"):
+        make_config(cls, {"sparsity": 0.7, "pattern": "2:4"})
+    make_config(cls, {"sparsity": 0.75, "pattern": "1:4"})

@@ -1,0 +1,138 @@
+"""Shared sparsity machinery: pattern masks (exact counts, validity), canonical views, im2col, global allocation."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper
+
+from compressor.errors import UsageError
+from passes.sparsity_patterns import (Layer, from_matrix, global_allocation, layer_features, parse_pattern,
+                                      pattern_violations, select_mask, to_matrix)
+from tests.conftest import make_model, ort_run
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("text,kind", [("unstructured", "unstructured"), ("2:4", "nm"), ("4:8", "nm"), ("1:4", "nm"),
+                                       ("1x4", "block"), ("4x1", "block"), ("8x1", "block"), ("16x1", "block"), ("3x5", "block")])
+def test_parse_pattern(text, kind):
+    p = parse_pattern(text)
+    assert p.kind == kind and p.text == text
+
+
+@pytest.mark.parametrize("bad", ["4:2", "0:4", "1x1", "diagonal", "2-4"])
+def test_bad_pattern_rejected(bad):
+    with pytest.raises(UsageError):
+        parse_pattern(bad)
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (7, 13), (1, 50)])
+@pytest.mark.parametrize("s", [0.1, 0.5, 0.9])
+def test_unstructured_exact(shape, s):
+    sc = RNG.random(shape)
+    keep = select_mask(sc, parse_pattern("unstructured"), s)
+    assert (~keep).sum() == round(s * sc.size)
+    assert sc[keep].min() >= sc[~keep].max()
+    per_row = select_mask(sc, parse_pattern("unstructured"), s, per_row=True)
+    assert (~per_row).sum() == round(s * sc.size)
+    cnt = (~per_row).sum(axis=1)
+    assert cnt.max() - cnt.min() <= 1
+    for r in range(shape[0]):  # per-row order respected
+        if keep[r].any() and (~per_row[r]).any():
+            assert sc[r][per_row[r]].min() >= sc[r][~per_row[r]].max()
+
+
+@pytest.mark.parametrize("text", ["2:4", "4:8", "1:4"])
+@pytest.mark.parametrize("cols", [16, 18, 3])
+def test_nm_groups(text, cols):
+    p = parse_pattern(text)
+    sc = RNG.random((5, cols))
+    keep = select_mask(sc, p, 1 - p.n / p.m)
+    assert pattern_violations(keep, p) == 0
+    full = cols // p.m * p.m
+    g = keep[:, :full].reshape(5, -1, p.m)
+    assert (g.sum(axis=2) == p.n).all()  # full groups keep exactly N
+    sg = sc[:, :full].reshape(5, -1, p.m)
+    kept_min = np.where(g, sg, np.inf).min(axis=2)
+    dropped_max = np.where(~g, sg, -np.inf).max(axis=2)
+    assert (kept_min >= dropped_max).all()
+    # the oracle counts a violation
+    bad = keep.copy()
+    bad[0, : min(p.m, cols)] = True
+    if min(p.m, cols) > p.n:
+        assert pattern_violations(bad, p) >= 1
+
+
+@pytest.mark.parametrize("text", ["1x4", "4x1", "8x1", "16x1", "2x3"])
+@pytest.mark.parametrize("shape", [(32, 64), (20, 30)])
+@pytest.mark.parametrize("s", [0.5, 0.7, 0.9])
+def test_block_mask(text, shape, s):
+    p = parse_pattern(text)
+    sc = np.abs(RNG.standard_normal(shape))
+    keep = select_mask(sc, p, s)
+    assert pattern_violations(keep, p) == 0
+    assert abs((~keep).sum() - round(s * sc.size)) <= p.r * p.c / 2 + 1e-9  # exact up to one block
+    # every dropped full block has a norm <= every kept full block
+    R, C = shape[0] // p.r * p.r, shape[1] // p.c * p.c
+    b = sc[:R, :C].reshape(R // p.r, p.r, C // p.c, p.c)
+    kb = keep[:R, :C].reshape(b.shape).all(axis=(1, 3))
+    norms = np.sqrt((b ** 2).sum(axis=(1, 3)))
+    if kb.any() and (~kb).any():
+        assert norms[kb].min() >= norms[~kb].max() - 1e-12
+    bad = keep.copy()
+    bad[0, 0] = not bad[0, 0]
+    assert pattern_violations(bad, p) == 1
+
+
+def _layer(op, w, index=1, **attrs):
+    x = gs.Variable("x")
+    wc = gs.Constant("w", w)
+    inputs = [x, wc] if index == 1 else [wc, x]
+    return Layer(gs.Node(op, "n", attrs=attrs, inputs=inputs, outputs=[gs.Variable("y")]), wc, index)
+
+
+@pytest.mark.parametrize("op,shape,index,attrs", [("Conv", (8, 4, 3, 3), 1, {}), ("Gemm", (6, 10), 1, {"transB": 1}),
+                                                   ("Gemm", (10, 6), 1, {"transB": 0}), ("MatMul", (10, 6), 1, {}),
+                                                   ("MatMul", (6, 10), 0, {}), ("ConvTranspose", (4, 8, 3, 3), 1, {})])
+def test_canonical_view_round_trip_and_axes(op, shape, index, attrs):
+    w = RNG.standard_normal(shape).astype(np.float32)
+    l = _layer(op, w, index, **attrs)
+    w2 = to_matrix(l, w)
+    np.testing.assert_array_equal(from_matrix(l, w2, w.shape), w)
+    out_ch = {"Conv": 8, "Gemm": 6, "MatMul": 6, "ConvTranspose": 8}[op]
+    assert w2.shape[0] == out_ch  # rows are outputs, columns the reduction axis
+
+
+@pytest.mark.parametrize("attrs", [dict(pads=[1, 1, 1, 1]), dict(strides=[2, 2], pads=[0, 1, 1, 0]),
+                                   dict(dilations=[2, 1], group=2, pads=[2, 1, 2, 1]), dict(auto_pad="SAME_UPPER", strides=[2, 2])])
+def test_im2col_features_reproduce_conv(attrs):
+    """X_g @ W2_g.T must equal onnxruntime's Conv output (the exact oracle for Wanda/OBS statistics)."""
+    g = attrs.get("group", 1)
+    w = RNG.standard_normal((6, 4 // g, 3, 3)).astype(np.float32)
+    x = RNG.standard_normal((1, 4, 9, 8)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)
+    m = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])], {"w": w})
+    y = ort_run(m, {"x": x})[0]
+    l = _layer("Conv", w, 1, **attrs)
+    feats = layer_features(l, x.astype(np.float64))
+    w2 = to_matrix(l, w)
+    rows_g = 6 // g
+    outs = [f @ w2[i * rows_g:(i + 1) * rows_g].T for i, f in enumerate(feats)]  # [OH*OW, rows_g]
+    got = np.concatenate(outs, axis=1).reshape(y.shape[2], y.shape[3], 6).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-4)
+
+
+def test_global_allocation_single_threshold_floor_ceiling():
+    scores = {"a": RNG.random((10, 10)) * 0.1, "b": RNG.random((20, 20)), "c": RNG.random((5, 40)) * 10}
+    p = parse_pattern("unstructured")
+    alloc, warns = global_allocation(scores, p, 0.6, 0.1, 0.95)
+    n = {k: v.size for k, v in scores.items()}
+    total = sum(alloc[k] * n[k] for k in n)
+    assert abs(total - 0.6 * sum(n.values())) <= 1.0 and not warns
+    assert all(0.1 - 1e-9 <= alloc[k] <= 0.95 + 1e-9 for k in n)
+    assert alloc["a"] == pytest.approx(0.95)  # small-scale layer hits the ceiling
+    assert alloc["c"] < alloc["b"] < alloc["a"]
+    _, warns = global_allocation(scores, p, 0.97, 0.0, 0.95)
+    assert warns  # infeasible target is reported, not silent

@@ -1,0 +1,85 @@
+"""onnx2torch: the interpreter module equals onnxruntime; write-back and re-export keep outputs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from compressor import ir, runtime
+from compressor.errors import UsageError
+from compressor.training.onnx2torch import OnnxModule, export_onnx, unsupported_ops
+from models.zoo import ensure_built, shared_cache_dir
+from tests.conftest import make_model, ort_run
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    cache = shared_cache_dir(tmp_path_factory)
+    return lambda name: ensure_built(name, cache)
+
+
+def _feeds(model: onnx.ModelProto, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{s.name: rng.standard_normal(s.shape).astype(np.float32) for s in ir.input_specs(model)} for _ in range(n)]
+
+
+def _torch_run(mod: OnnxModule, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = mod(*[torch.from_numpy(feed[n]) for n in mod.input_names])
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "mobilenetv2", "densenet", "transformer", "gru", "lstm", "digits_cnn"])
+def test_round_trip_equals_onnxruntime(zoo, name):
+    model = ir.load(zoo(name))  # as the pipeline loads it (constants lifted, BN not yet folded)
+    mod = OnnxModule(model)
+    sess = runtime.session(model)
+    for feed in _feeds(model, 2):
+        ref = sess.run(None, feed)
+        got = _torch_run(mod, feed)
+        assert len(got) == len(ref)
+        for g, r in zip(got, ref):
+            assert g.shape == r.shape
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    assert len(mod.named_onnx_parameters()) > 0
+
+
+def test_write_back_changes_only_constants(zoo):
+    model = ir.load(zoo("cnn"))
+    mod = OnnxModule(model)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.mul_(0.5)
+    graph = ir.to_graph(model)
+    n_nodes = len(graph.nodes)
+    assert mod.write_back(graph) == len(mod.named_onnx_parameters())
+    new = ir.to_model(graph, model)
+    assert len(new.graph.node) == n_nodes
+    feed = _feeds(model, 1)[0]
+    np.testing.assert_allclose(runtime.session(new).run(None, feed)[0], _torch_run(mod, feed)[0], rtol=1e-5, atol=1e-5)
+    # BN statistics are buffers, not trained
+    bn_stats = {n.inputs[k].name for n in graph.nodes if n.op == "BatchNormalization" for k in (3, 4)}
+    assert bn_stats and not bn_stats & set(mod.named_onnx_parameters())
+
+
+def test_export_onnx_keeps_names_and_outputs(zoo, tmp_path):
+    model = ir.load(zoo("mlp"))
+    mod = OnnxModule(model)
+    feed = _feeds(model, 1)[0]
+    export_onnx(mod, feed, tmp_path / "re.onnx")
+    re = onnx.load(tmp_path / "re.onnx")
+    assert [i.name for i in re.graph.input] == mod.input_names and [o.name for o in re.graph.output] == mod.output_names
+    np.testing.assert_allclose(ort_run(re, feed)[0], runtime.session(model).run(None, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_ops_are_listed():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    m = make_model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Hardmax", ["r"], ["s"]),
+                    helper.make_node("Softsign", ["s"], ["y"])], [x], [y], {})
+    assert unsupported_ops(m) == ["Hardmax", "Softsign"]
+    with pytest.raises(UsageError, match="Hardmax, Softsign"):
+        OnnxModule(m)
