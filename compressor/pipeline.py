@@ -74,8 +74,6 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
         items.append({"name": f"sparsify.{opts.method}", "config": cfg})
     if opts.finetune:
         items.append({"name": "finetune.distill", "config": {"epochs": opts.epochs, "data": str(opts.finetune)}})
-    if opts.sparsity > 0 and not opts.no_compile and opts.quantize == "none" and getattr(spec, "family", "") in ("x86", "arm"):
-        items.append({"name": "lower.sparse", "config": {}})  # BSR kernels where the cost model predicts a win
     if opts.quantize != "none":
         cfg = {"keep_fp32": opts.keep_fp32} if opts.keep_fp32 != "none" else {}
         items.append({"name": f"quantize.{opts.quantize}", "config": cfg})
@@ -237,6 +235,11 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
                 lowered, target_passes = lower_for_target(compressed, p.target, p.spec, say)
                 src = bdir / "model.onnx"
                 if lowered is not compressed:
+                    # the lowered graph (unrolled RNNs, BSR ops with a standard-op reference body) still
+                    # runs in onnxruntime: check it bit-tight against the compressed model, so targets
+                    # whose artifact cannot run here (arm, cuda) have their lowering verified too
+                    low_runs = runtime.run_all(runtime.session(lowered), verif.feeds)
+                    comparisons.append(verify.compare("lowered.onnx", "compressed.onnx", "compile", out_names, low_runs, comp_runs, tol))
                     src = stage.path.parent / f"{stage.path.name}.lowered.onnx"
                     ir.save_model(lowered, src)
                 try:

@@ -37,7 +37,7 @@ def find_cross_linker() -> str | None:
 
 
 class ArmTarget(Target):
-    required_passes = TVM_FRONTEND_PASSES
+    required_passes = TVM_FRONTEND_PASSES + ("lower.sparse",)  # BSR kernels where the cost model predicts a win
     name = "arm"
     aliases = ("arm64", "arm64-linux", "aarch64", "aarch64-linux", "aarch64-linux-gnu")
     description = "aarch64 Linux shared library (TVM Relax VM, LLVM +neon), cross-linked"
@@ -88,7 +88,7 @@ class ArmTarget(Target):
         name = spec.extra.get("artifact_name", ARTIFACT)
         out = Path(out_dir) / name
         t0 = time.perf_counter()
-        mod = tvm_backend.import_onnx(model_path, input_shapes)
+        mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, cc=linker)
         hdr = read_elf_header(out)
         if hdr.machine_name != "AArch64":

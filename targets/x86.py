@@ -40,7 +40,7 @@ def _knobs(flags: set[str] | frozenset[str]) -> tuple[int, str, str | None]:
 
 
 class X86Target(Target):
-    required_passes = TVM_FRONTEND_PASSES
+    required_passes = TVM_FRONTEND_PASSES + ("lower.sparse",)  # BSR kernels where the cost model predicts a win
     name = "x86"
     aliases = ("x86_64", "x86-64", "amd64", "x86-host", "x86-avx2", "x86-avx512", "x86-avx512vnni")
     description = "x86-64 Linux shared library (TVM Relax VM, LLVM), host ISA or a fixed AVX2/AVX-512 level"

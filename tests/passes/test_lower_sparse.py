@@ -118,11 +118,48 @@ def test_config_validation():
         LowerSparseConfig(min_speedup=0)
 
 
-def test_pipeline_adds_lower_sparse_for_x86_when_compiling():
+def test_lower_sparse_is_target_lowering_for_cpu_targets_only():
+    """lower.sparse runs on the copy handed to the backend (the bundle's model.onnx stays standard ONNX)."""
+    import targets
     from compressor.pipeline import default_pass_list
     from compressor.recipe import Options
 
-    names = lambda **kw: [i["name"] for i in default_pass_list(Options(model="m.onnx", **kw), _Spec())]  # noqa: E731
-    assert names(sparsity=0.9)[-1] == "lower.sparse"
-    assert "lower.sparse" not in names(sparsity=0.9, no_compile=True)
-    assert "lower.sparse" not in names(sparsity=0.0)
+    for tag in ("x86", "arm"):
+        assert targets.resolve(tag)[0].required_passes[-1] == "lower.sparse"
+    assert "lower.sparse" not in targets.resolve("cuda")[0].required_passes
+    assert "lower.sparse" not in [i["name"] for i in default_pass_list(Options(model="m.onnx", sparsity=0.9), _Spec())]
+
+
+@pytest.mark.slow
+def test_cli_lowers_big_sparse_layers_for_x86_and_arm(cli, tmp_path):
+    """End to end: 90% 8x1-block sparsity on 1024-wide layers -> BSR kernels in the artifact,
+    the lowered copy verified against the compressed model, model.onnx left standard ONNX."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tests.conftest import make_model
+
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((1024, 1024)).astype(np.float32) * 0.03, "b1": rng.standard_normal(1024).astype(np.float32),
+             "w2": rng.standard_normal((1024, 1024)).astype(np.float32) * 0.03, "w3": rng.standard_normal((1024, 10)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu1"), helper.make_node("MatMul", ["r", "w2"], ["h2"], name="fc2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"), helper.make_node("MatMul", ["r2", "w3"], ["y"], name="head")]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    onnx.save(m, tmp_path / "big.onnx")
+    for target in ("x86", "arm"):
+        out = tmp_path / target
+        r = cli(tmp_path / "big.onnx", "--target", target, "--sparsity", "0.9", "--pattern", "8x1", "-o", out,
+                "--no-gate", "--verify-samples", "4")
+        assert r.code == 0, r
+        rep = json.loads((out / "report.json").read_text())
+        low = [t for t in rep["target_passes"] if t["name"] == "lower.sparse"][0]
+        assert low["modified"], low
+        comps = {(c["candidate"], c["reference"]): c for c in rep["verification"]}
+        assert comps[("lowered.onnx", "compressed.onnx")]["passed"]
+        assert all(n.domain in ("", "ai.onnx") for n in onnx.load(out / "model.onnx").graph.node)
+        if target == "x86":
+            assert comps[("artifact(x86)", "compressed.onnx")]["passed"]
