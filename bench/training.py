@@ -50,7 +50,7 @@ SPARSITIES = (0.8, 0.9)
 class Config:
     cnn_epochs: int = 30
     cnn_recovery_epochs: int = 5
-    ssl_lambda: float = 2e-4
+    ssl_lambda: float = 3e-2
     lm_chars: int = 400_000
     lm_hidden: int = 128
     lm_embed: int = 32
@@ -182,7 +182,7 @@ def bench_cnn(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     dense_acc = cnn_acc(dense, x_te, y_te)
     dense_params = prunable_parameters(dense, exclude=CNN_KEEP_DENSE)
     n_prunable = sum(p.numel() for p in dense_params.values())
-    res["rows"].append(("dense", 0.0, count_nonzero(dense), dense_acc))
+    res["rows"].append(("dense", 0.0, 0.0, count_nonzero(dense), dense_acc))
     log(f"cnn dense: acc {dense_acc:.4f} ({time.perf_counter() - t0:.1f} s)")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "dense.onnx"
@@ -195,11 +195,11 @@ def bench_cnn(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
         for s in SPARSITIES:
             t = time.perf_counter()
             one, recs = run_passes(loaded, base + [("sparsify.magnitude", {"sparsity": s})])
-            res["rows"].append(("one-shot magnitude", s, _onnx_nonzero(one), onnx_acc(one, x_te, y_te)))
+            res["rows"].append(("one-shot magnitude", s, s, _onnx_nonzero(one), onnx_acc(one, x_te, y_te)))
             rec_model, recs = run_passes(loaded, base + [("sparsify.magnitude", {"sparsity": s}),
                                                          ("finetune.distill", {"data": str(Path(tmp) / "ft.npz"),
                                                                                "epochs": cfg.cnn_recovery_epochs})])
-            res["rows"].append((f"one-shot + recovery ({cfg.cnn_recovery_epochs} ep. distillation, no labels)", s,
+            res["rows"].append((f"one-shot + recovery ({cfg.cnn_recovery_epochs} ep. distillation, no labels)", s, s,
                                 _onnx_nonzero(rec_model), onnx_acc(rec_model, x_te, y_te)))
             log(f"cnn {s}: one-shot / +recovery done ({time.perf_counter() - t:.1f} s)")
         res["onnx_dense_nonzero"] = _onnx_nonzero(run_passes(loaded, base)[0])
@@ -208,15 +208,15 @@ def bench_cnn(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
             t = time.perf_counter()
             m, sp = train_cnn(data, cfg.cnn_epochs, make_sp=lambda mod, n, s=s, kind=kind: GradualPruner(
                 mod, s, schedule=kind, exact_final=True, exclude=CNN_KEEP_DENSE, **schedule_steps(n)))
-            res["rows"].append((label, sp.sparsity()["overall"], count_nonzero(m), cnn_acc(m, x_te, y_te)))
-            log(f"cnn {s}: {kind} acc {res['rows'][-1][3]:.4f} ({time.perf_counter() - t:.1f} s)")
+            res["rows"].append((label, s, sp.sparsity()["overall"], count_nonzero(m), cnn_acc(m, x_te, y_te)))
+            log(f"cnn {s}: {kind} acc {res['rows'][-1][-1]:.4f} ({time.perf_counter() - t:.1f} s)")
             if s == 0.9 and kind == "narang":
-                res["pruned90"] = (count_nonzero(m), res["rows"][-1][3])
+                res["pruned90"] = (count_nonzero(m), res["rows"][-1][-1])
         t = time.perf_counter()
         m, sp = train_cnn(data, cfg.cnn_epochs, make_sp=lambda mod, n, s=s: GaPPruner(
             mod, s, period=max(1, int(0.8 * n) // 6), num_partitions=2, total_steps=int(0.8 * n), exclude=CNN_KEEP_DENSE))
-        res["rows"].append(("GaP (2 partitions, 3 cycles, sparse from init)", sp.sparsity()["overall"], count_nonzero(m), cnn_acc(m, x_te, y_te)))
-        log(f"cnn {s}: GaP acc {res['rows'][-1][3]:.4f} ({time.perf_counter() - t:.1f} s)")
+        res["rows"].append(("GaP (2 partitions, 3 cycles, sparse from init)", s, sp.sparsity()["overall"], count_nonzero(m), cnn_acc(m, x_te, y_te)))
+        log(f"cnn {s}: GaP acc {res['rows'][-1][-1]:.4f} ({time.perf_counter() - t:.1f} s)")
     # dense smaller model with the 90%-pruned model's parameter count
     target = res["pruned90"][0]
     best = min((abs(count_nonzero(DigitsNet(max(1, round(16 * f)), max(1, round(32 * f)), max(1, round(64 * f)))) - target), f)
@@ -229,7 +229,7 @@ def bench_cnn(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     t = time.perf_counter()
     net = DigitsNet()
     torch.manual_seed(0)
-    gl = GroupLasso(net, cfg.ssl_lambda, structures=("filters",), linear_rows=True)
+    gl = GroupLasso(net, cfg.ssl_lambda, structures=("filters",), linear_rows=True, norm_scales=True)
     m, _ = train_cnn(data, cfg.cnn_epochs, net=net, penalty=gl)
     n_zero = gl.zero_small_groups(1e-2)
     ssl_masks = _ssl_channel_masks(m)
@@ -269,7 +269,7 @@ def _ssl_channel_masks(m: DigitsNet) -> dict[str, tuple[nn.Parameter, torch.Tens
     f, c = m.features, m.classifier
     out = {}
     for conv, bn, tag in ((f[0], f[1], "c1"), (f[3], f[4], "c2")):
-        keep = (conv.weight.flatten(1) != 0).any(1)
+        keep = (conv.weight.flatten(1) != 0).any(1) & (bn.weight != 0)
         out[f"{tag}.w"] = (conv.weight, keep[:, None, None, None].expand_as(conv.weight).clone())
         out[f"{tag}.g"] = (bn.weight, keep.clone())
         out[f"{tag}.b"] = (bn.bias, keep.clone())
@@ -376,8 +376,8 @@ def bench_lm(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     res: dict[str, Any] = {"rows": [], "chars": (len(tr), len(te))}
     t = time.perf_counter()
     dense, _ = train_lm(cfg, tr, cfg.lm_hidden)
-    res["rows"].append(("dense", 0.0, count_nonzero(dense), bpc(dense, te)))
-    log(f"lm dense: {res['rows'][-1][3]:.3f} bpc ({time.perf_counter() - t:.1f} s)")
+    res["rows"].append(("dense", 0.0, 0.0, count_nonzero(dense), bpc(dense, te)))
+    log(f"lm dense: {res['rows'][-1][-1]:.3f} bpc ({time.perf_counter() - t:.1f} s)")
     # fine-tuning inputs for recovery: training windows, teacher = the dense model
     rng = np.random.default_rng(1)
     starts = rng.integers(0, len(tr) - cfg.lm_seq - 1, cfg.lm_recovery_steps * cfg.lm_batch // 4)
@@ -394,25 +394,25 @@ def bench_lm(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
                 m = magnitude_keep_mask(p, s)
                 p.mul_(m)
                 masks[n] = (p, m)
-        res["rows"].append(("one-shot magnitude", pruned_sparsity(params), count_nonzero(one), bpc(one, te)))
+        res["rows"].append(("one-shot magnitude", s, pruned_sparsity(params), count_nonzero(one), bpc(one, te)))
         t = time.perf_counter()
         r = distill(one, ["tokens"], feeds, teacher, masks=masks, epochs=4, lr=1e-3, batch_size=cfg.lm_batch, classifier=[True])
-        res["rows"].append((f"one-shot + recovery (distillation, {r.epochs} ep. on {len(feeds)} windows)",
+        res["rows"].append((f"one-shot + recovery (distillation, {r.epochs} ep. on {len(feeds)} windows)", s,
                             pruned_sparsity(params), count_nonzero(one), bpc(one, te)))
-        log(f"lm {s}: one-shot {res['rows'][-2][3]:.3f}, +recovery {res['rows'][-1][3]:.3f} ({time.perf_counter() - t:.1f} s)")
+        log(f"lm {s}: one-shot {res['rows'][-2][-1]:.3f}, +recovery {res['rows'][-1][-1]:.3f} ({time.perf_counter() - t:.1f} s)")
         t = time.perf_counter()
         m, sp = train_lm(cfg, tr, cfg.lm_hidden, make_sp=lambda mod, n, s=s: GradualPruner(
             mod, s, exact_final=True, **schedule_steps(n)))
-        res["rows"].append(("gradual (Narang et al. threshold schedule)", sp.sparsity()["overall"], count_nonzero(m), bpc(m, te)))
+        res["rows"].append(("gradual (Narang et al. threshold schedule)", s, sp.sparsity()["overall"], count_nonzero(m), bpc(m, te)))
         if s == 0.9:
-            res["pruned90"] = (count_nonzero(m), res["rows"][-1][3])
-        log(f"lm {s}: gradual {res['rows'][-1][3]:.3f} ({time.perf_counter() - t:.1f} s)")
+            res["pruned90"] = (count_nonzero(m), res["rows"][-1][-1])
+        log(f"lm {s}: gradual {res['rows'][-1][-1]:.3f} ({time.perf_counter() - t:.1f} s)")
         t = time.perf_counter()
         m, sp = train_lm(cfg, tr, cfg.lm_hidden, make_sp=lambda mod, n, s=s: GaPPruner(
             mod, s, period=max(1, int(0.8 * n) // 6), num_partitions=3, total_steps=int(0.8 * n)))
-        res["rows"].append(("GaP (3 partitions = W, R, output; 2 cycles, sparse from init)", sp.sparsity()["overall"],
+        res["rows"].append(("GaP (3 partitions = W, R, output; 2 cycles, sparse from init)", s, sp.sparsity()["overall"],
                             count_nonzero(m), bpc(m, te)))
-        log(f"lm {s}: GaP {res['rows'][-1][3]:.3f} ({time.perf_counter() - t:.1f} s)")
+        log(f"lm {s}: GaP {res['rows'][-1][-1]:.3f} ({time.perf_counter() - t:.1f} s)")
     target = res["pruned90"][0]
     h = min(range(4, cfg.lm_hidden + 1), key=lambda k: abs(count_nonzero(CharGRU(k, cfg.lm_embed)) - target))
     small, _ = train_lm(cfg, tr, h)
@@ -425,16 +425,16 @@ def bench_lm(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ report
 
 def _table(rows, metric: str, dense_val: float, better: str) -> list[str]:
-    out = [f"| method | pruned-layer sparsity | non-zero params | {metric} | vs dense |", "|---|---|---|---|---|"]
-    for name, s, nz, v in rows:
+    out = [f"| target | method | pruned-layer sparsity reached | non-zero params | {metric} | vs dense |", "|---|---|---|---|---|---|"]
+    for name, target, s, nz, v in rows:
         d = v - dense_val
-        out.append(f"| {name} | {s:.1%} | {nz:,} | {v:.4f} | {d:+.4f} |")
+        out.append(f"| {target:.0%} | {name} | {s:.1%} | {nz:,} | {v:.4f} | {d:+.4f} |")
     return out
 
 
 def _verdict(rows, s: float, higher_better: bool) -> list[str]:
     def get(prefix):
-        vals = [v for n, sp, _, v in rows if n.startswith(prefix) and abs(sp - s) < 0.02]
+        vals = [v for n, target, _, _, v in rows if n.startswith(prefix) and target == s]
         return vals[0] if vals else None
 
     one, rec, grad, gap = get("one-shot magnitude"), get("one-shot + recovery"), get("gradual (Narang"), get("GaP")
@@ -462,7 +462,7 @@ def report(cfg: Config, cnn: dict[str, Any], lm: dict[str, Any], seconds: float,
           "(sparsify.magnitude's defaults). One-shot rows go through the ONNX pipeline (`sparsify.magnitude`, "
           "`finetune.distill` with the training inputs and no labels; params counted on the BN-folded graph); "
           "the others train in torch with `compressor.training`.", ""]
-    dense_acc = cnn["rows"][0][3]
+    dense_acc = cnn["rows"][0][-1]
     L += _table(cnn["rows"], "test accuracy", dense_acc, "higher")
     w, nz, acc = cnn["small"]
     L += ["", f"**Pruned larger vs dense smaller** (Narang): gradual 90% model, {cnn['pruned90'][0]:,} non-zero params, "
@@ -484,7 +484,7 @@ def report(cfg: Config, cnn: dict[str, Any], lm: dict[str, Any], seconds: float,
           f"{lm['chars'][1]:,} held-out characters; {cfg.lm_steps} steps of {cfg.lm_batch}x{cfg.lm_seq} (Adam, cosine, clip 1). "
           "Pruned: GRU input and recurrent weights and the output layer (Narang et al.); the embedding stays dense. "
           "Metric: bits per character on the held-out tail (lower is better).", ""]
-    L += _table(lm["rows"], "test bpc", lm["rows"][0][3], "lower")
+    L += _table(lm["rows"], "test bpc", lm["rows"][0][-1], "lower")
     h, nz, v = lm["small"]
     L += ["", f"**Pruned larger vs dense smaller**: gradual 90% GRU-{cfg.lm_hidden}, {lm['pruned90'][0]:,} non-zero params, "
           f"{lm['pruned90'][1]:.3f} bpc; dense GRU-{h} with {nz:,} params: {v:.3f} bpc -> "

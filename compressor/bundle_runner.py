@@ -23,8 +23,32 @@ from pathlib import Path
 import numpy as np
 
 
+# Linux arm64 AT_HWCAP bits, named as /proc/cpuinfo "Features" names them (asm/hwcap.h)
+AARCH64_HWCAP = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma "
+                 "lrcpc dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg").split()
+
+
+def _aarch64_hwcap_features() -> set[str] | None:
+    """Features from getauxval(AT_HWCAP): what the kernel (or qemu-user, whose /proc/cpuinfo
+    is the host's) tells this process; None when unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.getauxval.restype = ctypes.c_ulong
+        libc.getauxval.argtypes = [ctypes.c_ulong]
+        hwcap = int(libc.getauxval(16))  # AT_HWCAP
+    except (OSError, AttributeError, ImportError):
+        return None
+    return {name for bit, name in enumerate(AARCH64_HWCAP) if hwcap >> bit & 1} if hwcap else None
+
+
 def cpu_features() -> set[str]:
     feats: set[str] = set()
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        hw = _aarch64_hwcap_features()
+        if hw is not None:
+            return hw
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -42,6 +66,11 @@ def main(argv: list[str]) -> int:
     # quantized bundles run in onnxruntime (manifest "runtime"; TVM would dequantize them)
     use_onnx = use_onnx or (manifest.get("runtime") or {}).get("name") == "onnxruntime"
     if not use_onnx:
+        want = str(((manifest.get("target") or {}).get("triple") or "")).split("-")[0]
+        here = {"arm64": "aarch64", "amd64": "x86_64"}.get(platform.machine().lower(), platform.machine().lower())
+        if want in ("aarch64", "x86_64") and want != here:
+            print(f"this CPU ({here}) cannot run an artifact built for {want}")
+            return 6
         need = set(manifest.get("required_isa_features", []))
         missing = sorted(need - cpu_features())
         if missing:
@@ -65,13 +94,17 @@ def main(argv: list[str]) -> int:
         run = lambda feed: sess.run(None, feed)
     else:
         import tvm
-        from tvm import relax
+
+        try:  # the runtime-only TVM (TVM_USE_RUNTIME_LIB=1, as on a device) has no tvm.relax
+            from tvm.runtime.vm import VirtualMachine
+        except ImportError:
+            from tvm.relax import VirtualMachine
 
         if not manifest.get("artifact"):
             print("bundle has no compiled artifact; use --onnx")
             return 8
         lib = tvm.runtime.load_module(str(bdir / manifest["artifact"]["path"]))
-        vm = relax.VirtualMachine(lib, tvm.cpu())
+        vm = VirtualMachine(lib, tvm.cpu())
 
         def run(feed):
             out = vm["main"](*[tvm.runtime.tensor(feed[k]) for k in order])

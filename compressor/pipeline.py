@@ -92,7 +92,7 @@ def lower_for_target(model: onnx.ModelProto, target: Any, spec: Any, say: Say) -
         return model, []
     ctx = PassContext(target=spec, opset=ir.default_opset(model) or 17, template=model)
     lowered, records = PassManager(needed, [ProgressInstrument(say)]).run(model, ctx)
-    return lowered, [r.to_dict() for r in records]
+    return (lowered if any(r.modified for r in records) else model), [r.to_dict() for r in records]
 
 
 def plan(opts: Options) -> Plan:

@@ -82,29 +82,74 @@ def _accuracy(outs: list[list[np.ndarray]], labels: np.ndarray) -> float:
     return float(np.mean(pred == labels[: len(pred)]))
 
 
-def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], weights: dict[str, tuple[str, str, np.ndarray]],
-            masked: Callable[[str, float], np.ndarray], levels: tuple[float, ...] = DEFAULT_LEVELS,
-            labels: np.ndarray | None = None, progress: Callable[[str], None] | None = None) -> list[Curve]:
-    """Curves for the layers in ``weights`` ({layer: (op, weight name, dense value)}).
-    ``masked(layer, s)`` returns that layer's weight pruned to sparsity s."""
+_SESSIONS: dict[str, Any] = {}  # sweep id -> onnxruntime session (one per worker process, the latest sweep)
+
+
+def _sweep_session(sweep: str, model_bytes: np.ndarray) -> Any:
     from compressor import runtime
 
+    if sweep not in _SESSIONS:
+        _SESSIONS.clear()
+        _SESSIONS[sweep] = runtime.session(model_bytes.tobytes())
+    return _SESSIONS[sweep]
+
+
+def _probe(sweep: str, model_bytes: np.ndarray, feeds: list[dict[str, np.ndarray]], dense: dict[str, np.ndarray],
+           ref: list[list[np.ndarray]], labels: np.ndarray | None, wname: str, weight: np.ndarray) -> tuple[float, float | None]:
+    """One (layer, sparsity) measurement: run every sample with ``wname`` fed as ``weight``.
+    A task of the sweep (local or on a Ray worker); the model, samples, dense weights and reference
+    outputs are shared objects, only the masked weight travels with the task."""
+    sess = _sweep_session(sweep, model_bytes)
+    feed_w = {**dense, wname: weight}
+    outs = [sess.run(None, {**f, **feed_w}) for f in feeds]
+    return _rel_error(outs, ref), (_accuracy(outs, labels) if labels is not None else None)
+
+
+def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], weights: dict[str, tuple[str, str, np.ndarray]],
+            masked: Callable[[str, float], np.ndarray], levels: tuple[float, ...] = DEFAULT_LEVELS,
+            labels: np.ndarray | None = None, progress: Callable[[str], None] | None = None,
+            executor: Any = None, task_progress: Callable[[Any], None] | None = None) -> list[Curve]:
+    """Curves for the layers in ``weights`` ({layer: (op, weight name, dense value)}).
+    ``masked(layer, s)`` returns that layer's weight pruned to sparsity s.
+
+    Every (layer, s > 0) probe is an independent task of ``executor`` (a
+    compressor.executor.Executor; default: in this process). The model (weights
+    as inputs), samples, dense weights and reference outputs are put once; masks are
+    computed here, lazily, as tasks are handed out. Results do not depend on the
+    executor: each probe is the same onnxruntime computation on the same inputs."""
+    import uuid
+
+    from compressor.executor import ExecutorError, LocalExecutor
+
+    ex = executor or LocalExecutor()
     wnames = [w for _, w, _ in weights.values()]
-    sess = runtime.session(weights_as_inputs(model, wnames))
+    mbytes = np.frombuffer(weights_as_inputs(model, wnames).SerializeToString(), dtype=np.uint8)
     dense = {w: v for _, w, v in weights.values()}
-    ref = [sess.run(None, {**f, **dense}) for f in feeds]
+    sweep = uuid.uuid4().hex
+    ref = [_sweep_session(sweep, mbytes).run(None, {**f, **dense}) for f in feeds]
+    if not isinstance(ex, LocalExecutor):
+        _SESSIONS.clear()  # the driver's session is not needed while workers measure
+    shared = (sweep, ex.put(mbytes), ex.put(feeds), ex.put(dense), ex.put(ref), ex.put(labels))
+    jobs = [(layer, s) for layer in weights for s in levels if s != 0]
+
+    def tasks():
+        for layer, s in jobs:
+            _, wname, value = weights[layer]
+            yield wname, masked(layer, s).astype(value.dtype)
+
+    outcomes = ex.map(_probe, tasks(), shared, label="sensitivity", total=len(jobs), progress=task_progress)
+    _SESSIONS.clear()
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        first = jobs[failed[0].index]
+        raise ExecutorError(f"sensitivity sweep: {len(failed)} of {len(jobs)} probes failed; first ({first[0]} at {first[1]:g}): "
+                            f"{failed[0].error}")
+    got = {job: o.value for job, o in zip(jobs, outcomes)}
+    ref_acc = _accuracy(ref, labels) if labels is not None else None
     curves = []
     for layer, (op, wname, value) in weights.items():
-        errs, accs = [], []
-        for s in levels:
-            if s == 0:
-                outs = ref
-            else:
-                feed_w = {**dense, wname: masked(layer, s).astype(value.dtype)}
-                outs = [sess.run(None, {**f, **feed_w}) for f in feeds]
-            errs.append(0.0 if s == 0 else _rel_error(outs, ref))
-            if labels is not None:
-                accs.append(_accuracy(outs, labels))
+        errs = [0.0 if s == 0 else got[(layer, s)][0] for s in levels]
+        accs = [ref_acc if s == 0 else got[(layer, s)][1] for s in levels]
         curves.append(Curve(layer, op, int(value.size), list(map(float, levels)), errs, accs if labels is not None else None))
         if progress:
             progress(f"sensitivity {layer}: " + " ".join(f"{s:g}:{e:.3g}" for s, e in zip(levels, errs)))
@@ -180,12 +225,14 @@ class Analysis:
     allocation: dict[str, float] | None = None
     warnings: list[str] = field(default_factory=list)
     pattern: str = "unstructured"
+    run: dict[str, Any] | None = None  # executor statistics (tasks, retries, seconds)
 
 
 def analyze(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], pattern: str = "unstructured",
             levels: tuple[float, ...] = DEFAULT_LEVELS, labels: np.ndarray | None = None,
             target: float | None = None, keep_stem: bool = True, keep_classifier: bool = True,
-            progress: Callable[[str], None] | None = None) -> Analysis:
+            progress: Callable[[str], None] | None = None, executor: Any = None,
+            task_progress: Callable[[Any], None] | None = None) -> Analysis:
     """Measure every prunable layer of a (cleaned) model with magnitude scores; with ``target``,
     also the allocation over the layers the default rules would prune."""
     from compressor import ir
@@ -204,7 +251,7 @@ def analyze(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], pattern:
         w2 = l.matrix()
         return from_matrix(l, np.where(select_mask(np.abs(w2), pat, s), w2, 0), l.values.shape)
 
-    curves = measure(model, feeds, weights, masked, tuple(levels), labels, progress)
+    curves = measure(model, feeds, weights, masked, tuple(levels), labels, progress, executor, task_progress)
     for c in curves:
         l = layers[c.layer]
         if keep_stem and is_stem_conv(l.node, l.values):
@@ -242,13 +289,13 @@ def write(an: Analysis, out_dir: Path, title: str) -> list[Path]:
     png, js = out_dir / "sensitivity.png", out_dir / "sensitivity.json"
     plot(an.curves, png, title)
     js.write_text(json.dumps({"pattern": an.pattern, "curves": [c.to_dict() for c in an.curves],
-                              "allocation": an.allocation, "warnings": an.warnings}, indent=2))
+                              "allocation": an.allocation, "warnings": an.warnings, "run": an.run}, indent=2))
     return [png, js]
 
 
 def run_analyze(model_path: Path, calib_path: Path, out_dir: Path | None, say: Callable[[str], None],
                 pattern: str = "unstructured", sparsity: float | None = None, samples: int = 64,
-                eval_path: Path | None = None, input_shapes: list[str] | None = None) -> int:
+                eval_path: Path | None = None, input_shapes: list[str] | None = None, executor: Any = None) -> int:
     """``compress analyze``: load + clean the model, measure, print the table, write PNG/JSON."""
     from compressor import data as data_mod
     from compressor import report
@@ -271,7 +318,15 @@ def run_analyze(model_path: Path, calib_path: Path, out_dir: Path | None, say: C
         feeds, labels = ev.feeds[:samples], ev.labels[:samples]
         say(f"measuring on {len(feeds)} labelled --eval samples (output error and accuracy)")
     model, _ = PassManager([(PASSES.get(n)(), "builtin") for n in CLEANUP_PIPELINE], []).run(model, PassContext(template=model))
-    an = analyze(model, feeds, pattern=pattern, labels=labels, target=sparsity)
+    from compressor.executor import LocalExecutor, progress_printer
+
+    ex = executor or LocalExecutor()
+    say(f"sweep on {ex.describe()}")
+    an = analyze(model, feeds, pattern=pattern, labels=labels, target=sparsity, executor=ex, task_progress=progress_printer(say))
+    an.run = ex.last_stats.to_dict()
+    if an.run["retries"]:
+        an.warnings.append(f"{an.run['retries']} probe attempt(s) were retried after worker failures "
+                           f"(tasks {an.run['retried_tasks']}); results are from the completed attempts")
     if not an.curves:
         say("no prunable Conv/Gemm/MatMul weights found")
         return 0

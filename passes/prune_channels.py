@@ -223,6 +223,16 @@ def _width(grp: Group) -> int:
 
 
 def _round_keep(keep: float, n: int, floor: int, mult: int) -> int:
+    """Kept unit count: ``keep`` rounded to a multiple of ``mult`` within [floor, n].
+
+    A group smaller than ``mult`` cannot reach the hardware multiple by pruning; rounding it as if it could
+    would drive it to the floor (an 8-channel stem or squeeze-excite group pruned to 1 channel at
+    round_to 16: far more MACs gone than asked, the unaligned result off onnxruntime's NCHWc kernels, and
+    the accuracy lost). Such a group rounds to the largest power-of-two step that fits it instead
+    (8 -> keep 8 or 0 -> kept whole at ratio 0.5; 6 -> 4).
+    """
+    while mult > 1 and mult > n:
+        mult //= 2
     k = int(round(keep / mult)) * mult
     floor_m = -(-floor // mult) * mult
     k = max(k, floor_m if floor_m <= n else floor)
@@ -309,15 +319,43 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
     return Plan(dep, final, stats, warnings)
 
 
+def _segments(grp: Group) -> list[np.ndarray]:
+    """Units partitioned by the producer spaces they hold. One segment for a plain or residual group (every
+    unit spans the same producers); one per Concat input in a concat-merged group (DenseNet: the stem and
+    each dense layer own a disjoint slice of the concatenated channels)."""
+    prod = sorted({p.space for p in grp.producers})
+    keys: dict[tuple, list[int]] = defaultdict(list)
+    for k, u in enumerate(grp.units):
+        keys[tuple(s for s in prod if s in u)].append(k)
+    return [np.array(v, dtype=np.int64) for v in keys.values()]
+
+
 def _select(grp: Group, scores: np.ndarray, removable: np.ndarray, keep: float, floor: int, round_to: int) -> list[int]:
+    """Units to remove. Rounding applies per producer segment, so that every conv output (and every Concat
+    slice) stays a multiple of ``round_to``, not only the group's total: rounding the total of a concat group
+    left segments such as 7 + 3 + 3 + 3 = 16, all off onnxruntime's NCHWc kernels."""
     n = len(grp.units)
     mult = round_to // gcd(_width(grp), round_to)
-    k = _round_keep(keep, n, floor, mult)
-    n_remove = min(n - k, int(removable.sum()))
-    if n_remove <= 0:
-        return []
-    order = [int(i) for i in np.argsort(np.where(removable, scores, np.inf), kind="stable")]
-    return sorted(order[:n_remove])
+    segs = _segments(grp)
+    if len(segs) <= 1 or mult == 1:
+        k = _round_keep(keep, n, floor, mult)
+        n_remove = min(n - k, int(removable.sum()))
+        if n_remove <= 0:
+            return []
+        order = [int(i) for i in np.argsort(np.where(removable, scores, np.inf), kind="stable")]
+        return sorted(order[:n_remove])
+    out: list[int] = []
+    frac = keep / n
+    for seg in segs:
+        ns = len(seg)
+        seg_floor = max(1, int(np.ceil(floor * ns / n)), int((~removable[seg]).sum()))
+        k = _round_keep(frac * ns, ns, min(seg_floor, ns), mult)
+        n_remove = min(ns - k, int(removable[seg].sum()))
+        if n_remove <= 0:
+            continue
+        order = np.argsort(np.where(removable[seg], scores[seg], np.inf), kind="stable")
+        out += [int(seg[i]) for i in order[:n_remove]]
+    return sorted(out)
 
 
 # ------------------------------------------------------------------------------------------ rewriting

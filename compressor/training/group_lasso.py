@@ -6,8 +6,10 @@ The training loss gets the term
 
 where the groups of a Conv weight ``[O, I, kh, kw]`` are its output filters
 ``W[o, :, :, :]`` (``"filters"``) and/or its input channels ``W[:, i, :, :]``
-(``"channels"``), and the groups of a Linear weight ``[O, I]`` its rows
-``W[o, :]`` (output neurons).  The L2 norm (not squared) has a kink at zero, so
+(``"channels"``), the groups of a Linear weight ``[O, I]`` its rows ``W[o, :]``
+(output neurons), and optionally each BatchNorm scale ``gamma_c`` (``norm_scales``:
+a filter followed by BatchNorm can shrink without changing the output, so there the
+scale is what must reach zero; with one element per group this is network slimming's L1).  The L2 norm (not squared) has a kink at zero, so
 the (sub)gradient pushes whole groups to zero rather than shrinking every
 weight a little.  After training, ``zero_small_groups(tol)`` sets the groups
 whose norm is below ``tol`` times the layer's largest group norm to exactly
@@ -34,9 +36,12 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 class GroupLasso:
     def __init__(self, model: nn.Module, lam: float, structures: Iterable[str] = ("filters",), linear_rows: bool = True,
-                 exclude: Iterable[str] = (), skip_last: bool = True):
+                 exclude: Iterable[str] = (), skip_last: bool = True, norm_scales: bool = False):
         """``structures``: subset of {"filters", "channels"} for Conv layers; ``linear_rows``: Linear
-        output neurons; ``skip_last``: leave the last Linear/Conv (the classifier's outputs) alone."""
+        output neurons; ``skip_last``: leave the last Linear/Conv (the classifier's outputs) alone;
+        ``norm_scales``: also each BatchNorm scale gamma_c as a group of one (an L1 term, as in
+        network slimming), for convs followed by BatchNorm, whose output does not depend on the
+        filter's scale, so the filter penalty alone cannot switch a channel off."""
         if lam < 0:
             raise UsageError(f"lambda must be >= 0, got {lam}")
         structures = tuple(structures)
@@ -62,6 +67,11 @@ class GroupLasso:
             elif linear_rows:
                 self.groups.append((f"{n}.weight", m.weight, 0))
                 self._labels.append(f"{n}.weight[rows]")
+        if norm_scales:
+            for n, m in model.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and not any(fnmatch.fnmatch(n, g) for g in exclude):
+                    self.groups.append((f"{n}.weight", m.weight, 0))
+                    self._labels.append(f"{n}.weight[bn_scale]")
         if not self.groups:
             raise UsageError("no Conv/Linear groups to regularise")
         self.masks: dict[str, torch.Tensor] = {n: torch.ones_like(p, dtype=torch.bool) for n, p, _ in self.groups}
@@ -69,6 +79,8 @@ class GroupLasso:
 
     @staticmethod
     def _norms(p: torch.Tensor, dim: int) -> torch.Tensor:
+        if p.dim() == 1:
+            return p.abs()
         return p.transpose(0, dim).flatten(1).norm(dim=1)
 
     def penalty(self) -> torch.Tensor:

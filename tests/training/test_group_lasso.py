@@ -60,6 +60,14 @@ def test_group_lasso_conv_filters_and_channels():
     expect = 0.1 * (w0.flatten(1).norm(dim=1).sum() + w0.transpose(0, 1).flatten(1).norm(dim=1).sum()
                     + w2.flatten(1).norm(dim=1).sum() + w2.transpose(0, 1).flatten(1).norm(dim=1).sum())
     assert float(gl.penalty().detach()) == pytest.approx(float(expect.detach()), rel=1e-6)
+    bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        bn[1].weight.copy_(torch.tensor([0.5, -1.0, 2.0, 0.001]))
+    glb = GroupLasso(bn, 1.0, norm_scales=True)
+    assert sorted(glb.group_report()) == ["0.weight[filters]", "1.weight[bn_scale]"]
+    expect = bn[0].weight.flatten(1).norm(dim=1).sum() + 3.501
+    assert float(glb.penalty().detach()) == pytest.approx(float(expect.detach()), rel=1e-5)
+    assert glb.zero_small_groups(1e-3) == 1 and float(bn[1].weight[3].detach()) == 0.0  # |0.001| <= 1e-3 * 2.0
     with pytest.raises(UsageError):
         GroupLasso(model, 0.1, structures=("rows",))
     with pytest.raises(UsageError):
