@@ -44,6 +44,7 @@ from models.build import export_onnx  # noqa: E402
 from models.train_digits import load_split  # noqa: E402
 
 SPARSITIES = (0.8, 0.9)
+BPC_NOISE = 0.02  # bits per character treated as a tie (one seed)
 
 
 @dataclass(frozen=True)
@@ -432,19 +433,25 @@ def _table(rows, metric: str, dense_val: float, better: str) -> list[str]:
     return out
 
 
-def _verdict(rows, s: float, higher_better: bool) -> list[str]:
+def _compare(a: float, b: float, higher_better: bool, noise: float) -> str:
+    """'beats' / 'ties with (within noise)' / 'loses to'."""
+    d = (a - b) if higher_better else (b - a)
+    return "beats" if d > noise else "loses to" if d < -noise else "ties with (within noise)"
+
+
+def _verdict(rows, s: float, higher_better: bool, noise: float) -> list[str]:
     def get(prefix):
         vals = [v for n, target, _, _, v in rows if n.startswith(prefix) and target == s]
         return vals[0] if vals else None
 
     one, rec, grad, gap = get("one-shot magnitude"), get("one-shot + recovery"), get("gradual (Narang"), get("GaP")
-    cmp = (lambda a, b: a > b) if higher_better else (lambda a, b: a < b)
     out = []
     for label, v in (("gradual", grad), ("GaP", gap), ("one-shot + recovery", rec)):
         if v is not None and one is not None:
-            out.append(f"{label} {'beats' if cmp(v, one) else 'does NOT beat'} one-shot at {s:.0%}")
-    if grad is not None and rec is not None:
-        out.append(f"gradual {'beats' if cmp(grad, rec) else 'does not beat'} one-shot + recovery at {s:.0%}")
+            out.append(f"{label} {_compare(v, one, higher_better, noise)} one-shot magnitude at {s:.0%}")
+    for label, v in (("gradual", grad), ("GaP", gap)):
+        if v is not None and rec is not None:
+            out.append(f"{label} {_compare(v, rec, higher_better, noise)} one-shot + recovery at {s:.0%}")
     return out
 
 
@@ -490,9 +497,15 @@ def report(cfg: Config, cnn: dict[str, Any], lm: dict[str, Any], seconds: float,
           f"{lm['pruned90'][1]:.3f} bpc; dense GRU-{h} with {nz:,} params: {v:.3f} bpc -> "
           f"{'pruned larger wins' if lm['pruned90'][1] < v else 'pruned larger does NOT win'}.", ""]
     L += ["## Verdicts (computed from the tables above)", ""]
+    acc_noise = 1.5 / cnn["n_test"]
+    L += [f"(noise band: {acc_noise:.2%} accuracy = 1.5 test samples; {BPC_NOISE} bpc)", ""]
     for s_ in SPARSITIES:
-        L += [f"- CNN: {x}" for x in _verdict(cnn["rows"], s_, True)]
-        L += [f"- GRU: {x}" for x in _verdict(lm["rows"], s_, False)]
+        L += [f"- CNN: {x}" for x in _verdict(cnn["rows"], s_, True, acc_noise)]
+        L += [f"- GRU: {x}" for x in _verdict(lm["rows"], s_, False, BPC_NOISE)]
+    cnn_pl = _compare(cnn["pruned90"][1], cnn["small"][2], True, acc_noise)
+    lm_pl = _compare(lm["pruned90"][1], lm["small"][2], False, BPC_NOISE)
+    L += [f"- CNN: the 90%-pruned larger model {cnn_pl} the dense smaller one of equal size",
+          f"- GRU: the 90%-pruned larger model {lm_pl} the dense smaller one of equal size"]
     L += ["", "## Where this differs from the papers, and why", "",
           "- Scale: the papers train Deep Speech 2 / ResNet-50 for days; here models have 10^4-10^5 weights and train "
           "for seconds. Narang et al.'s 7-9% relative gain of gradual over hard pruning is measured *at equal training "
@@ -506,6 +519,15 @@ def report(cfg: Config, cnn: dict[str, Any], lm: dict[str, Any], seconds: float,
           "2-3 partitions (one per pruned layer) and 2-3 cycles, then train the sparse model for the last 20% of steps.",
           "- SSL: Wen et al. report speedups of whole AlexNet conv layers; here the model is tiny, so onnxruntime's "
           "per-op overhead limits the measured latency gain even when parameters drop several-fold.",
+          *([f"- Pruned larger vs dense smaller: the 90%-sparse GRU-{cfg.lm_hidden} {lm_pl} a dense GRU of equal size, "
+             "unlike Narang et al., who compare GRUs of 1760-3072 units trained for many epochs. Ours trains "
+             f"{cfg.lm_steps} steps, so the sparse model is undertrained (its mask is final at 60% of the steps) "
+             "while a small dense GRU converges faster per step; pruning the 97-way output layer to 90% also costs "
+             "more at this size than in a speech model."] if lm_pl != "beats" else []),
+          *(["- Digits is nearly saturated: every training-time row matches the dense model within noise, so the "
+             "ordering among gradual / cubic / GaP is not resolved by this data set; the GRU rows separate them."]
+            if all(abs(v - dense_acc) <= acc_noise for n, t, _, _, v in cnn["rows"] if t and not n.startswith("one-shot"))
+            else []),
           "- The GRU recovery row is run in torch (`compressor.training.distill`, KL per position) rather than through "
           "the ONNX path, to keep the run short; the CNN rows use the real `finetune.distill` pass on ONNX.", ""]
     return "\n".join(L) + "\n"

@@ -5,8 +5,10 @@
     compress list passes|targets
     compress explain-target TAG
     compress demo [-o OUT]          # the embedded default model, with its eval data
-    compress analyze MODEL --calib DATA [-o DIR]   # per-layer sensitivity table + plot
+    compress analyze MODEL --calib DATA [-o DIR] [--executor local|ray]   # per-layer sensitivity table + plot
+    compress batch MODEL... --target T[,T2] -o OUTDIR [--executor local|ray]  # models x targets, summary
     compress compare A.onnx B.onnx [--eval DATA]
+    compress bench BUNDLE [--device host|qemu-aarch64] [--rpc HOST:PORT [--rpc-key KEY]]
 
 Exit codes: 0 ok, 1 internal error, 2 usage, 3 accuracy gate failed (bundle
 written, marked failed), 4 bad input/config, 5 missing dependency.
@@ -25,7 +27,7 @@ from pathlib import Path
 from compressor.errors import EXIT_INTERNAL, CompressorError, UsageError
 from compressor.recipe import Options, dump_recipe, load_recipe
 
-SUBCOMMANDS = ("run", "list", "explain-target", "demo", "compare", "analyze")
+SUBCOMMANDS = ("run", "list", "explain-target", "demo", "compare", "analyze", "batch", "bench")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO_ROOT / "models" / "digits_cnn.onnx"
 DEMO_EVAL = REPO_ROOT / "models" / "digits_eval.npz"
@@ -75,6 +77,10 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--dump-ir", metavar="DIR", help="write the model after every pass into DIR")
     p.add_argument("--print-pass-times", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip target compilation (reported as a warning)")
+    p.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="meta_schedule trials for the dense (fused) TVM functions, spread over them; 0 = untuned (default)")
+    p.add_argument("--tuning-db", metavar="DIR",
+                   help="tuning database root, reused across runs (default ~/.cache/compressor/tuning); applied even with 0 trials")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--no-gate", action="store_true", help="report gate failures but exit 0")
     p.add_argument("--min-cosine", type=float, default=0.99, help="gate: min cosine similarity per output (default 0.99)")
@@ -107,6 +113,7 @@ def _options_from_args(a: argparse.Namespace) -> Options:
         calib=a.calib, eval=a.eval, finetune=a.finetune, epochs=a.epochs, input_shape=a.input_shape, plugin=a.plugin, force=a.force,
         dry_run=a.dry_run, check_each_pass=a.check_each_pass, dump_ir=a.dump_ir,
         print_pass_times=a.print_pass_times, no_compile=a.no_compile, no_latency=a.no_latency,
+        tune_trials=a.tune_trials, tuning_db=a.tuning_db,
         no_gate=a.no_gate, min_cosine=a.min_cosine, min_top1=a.min_top1,
         max_accuracy_drop=a.max_accuracy_drop, verify_samples=a.verify_samples, seed=a.seed, strict=a.strict,
     )
@@ -253,12 +260,67 @@ def _cmd_analyze(args: list[str]) -> int:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224")
     p.add_argument("--debug", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
+    from compressor import executor
+
+    executor.add_cli_flags(p)
     a = p.parse_args(args)
     _setup_logging(a.verbose)
     from compressor.sensitivity import run_analyze
 
-    return run_analyze(Path(a.model), Path(a.calib), Path(a.output) if a.output else None, _say, a.pattern, a.sparsity,
-                       a.samples, Path(a.eval) if a.eval else None, a.input_shape)
+    with executor.from_cli(a) as ex:
+        return run_analyze(Path(a.model), Path(a.calib), Path(a.output) if a.output else None, _say, a.pattern, a.sparsity,
+                           a.samples, Path(a.eval) if a.eval else None, a.input_shape, executor=ex)
+
+
+def _cmd_batch(args: list[str]) -> int:
+    p = _Parser(prog="compress batch", description="compress several models for several targets: one bundle per "
+                "model x target under OUTDIR, summary.md/json; re-runs skip unchanged jobs")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    _add_run_flags(p, with_model_flags=True)
+    from compressor import executor
+
+    executor.add_cli_flags(p)
+    p.set_defaults(target=None)
+    a = p.parse_args(args)
+    _setup_logging(a.verbose)
+    if not a.output:
+        raise UsageError("compress batch needs -o OUTDIR")
+    if not a.target:
+        raise UsageError("compress batch needs --target T[,T2...]")
+    if a.save_recipe:
+        raise UsageError("--save-recipe is per model: each bundle of a batch keeps its recipe.yaml")
+    a.model = a.models[0]
+    opts = _options_from_args(a)
+    from compressor.batch import run_batch
+
+    with executor.from_cli(a) as ex:
+        return run_batch(a.models, a.target, opts, Path(a.output), ex, _say)
+
+
+def _cmd_bench(args: list[str]) -> int:
+    from compressor import device_bench
+
+    p = _Parser(prog="compress bench", description="run a bundle's self-check on a device: pass/fail, timings; "
+                "under qemu-aarch64 also executed-instruction counts of the artifact vs its dense twin")
+    p.add_argument("bundle")
+    p.add_argument("--device", default="host", choices=device_bench.DEVICES)
+    p.add_argument("--rpc", metavar="HOST:PORT", help="run and time the artifact on a TVM RPC server instead")
+    p.add_argument("--rpc-key", default="", metavar="KEY", help="device key (RPC tracker/proxy)")
+    p.add_argument("--no-dense-twin", action="store_true", help="qemu: do not build and count the dense twin")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(args)
+    _setup_logging(a.verbose)
+    code, rep = device_bench.bench(Path(a.bundle), a.device, a.rpc, a.rpc_key, say=_say, twin=not a.no_dense_twin)
+    for line in device_bench.report_lines(rep):
+        _say(line)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rep, indent=2))
+    ratio = (rep.get("insns") or {}).get("dense_over_sparse")
+    _say(f"RESULT {'PASSED' if code == 0 else 'FAILED'} bench device={rep['device'].replace(' ', '=')} bundle={a.bundle}"
+         + (f" dense_over_sparse_insns={ratio}" if ratio else ""))
+    return code
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -272,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in SUBCOMMANDS:
             cmd, rest = argv[0], argv[1:]
             return {"run": _cmd_run, "list": _cmd_list, "explain-target": _cmd_explain, "demo": _cmd_demo,
-                    "compare": _cmd_compare, "analyze": _cmd_analyze}[cmd](rest)
+                    "compare": _cmd_compare, "analyze": _cmd_analyze, "batch": _cmd_batch, "bench": _cmd_bench}[cmd](rest)
         p = _Parser(prog="compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("model", help="ONNX model file")
         _add_run_flags(p, with_model_flags=True)

@@ -207,7 +207,16 @@ def load(path: Path, input_shapes: dict[str, list[int]] | None = None) -> onnx.M
     _fix_shapes(model, input_shapes or {})
     model = infer_shapes(model)
     model = normalize(model)
-    return infer_shapes(model)
+    model = infer_shapes(model)
+    for _ in range(4):  # a folded Shape chain gives the next Reshape a static shape, whose output feeds the next
+        # Shape: fold to a fixpoint (Swin's window/head Reshapes need two rounds; prune.channels needs them constant)
+        if not any(n.op_type == "Shape" for n in model.graph.node):
+            break
+        count = len(model.graph.node)
+        model = infer_shapes(normalize(model))
+        if len(model.graph.node) == count:
+            break
+    return model
 
 
 def input_specs(model: onnx.ModelProto) -> list[TensorSpec]:

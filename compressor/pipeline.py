@@ -51,7 +51,8 @@ class Plan:
 
 
 def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
-    """cleanup -> prune.channels (--structured) -> sparsify.<method> (--sparsity) -> quantize.<q> (--quantize).
+    """cleanup -> prune.channels (--structured) -> sparsify.<method> (--sparsity) -> finetune.distill (--finetune)
+    -> quantize.<q> (--quantize).
     Flags left at their defaults are not written into pass configs, so each pass keeps its own defaults."""
     from passes import CLEANUP_PIPELINE
 
@@ -135,6 +136,22 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _compile_artifact(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say, warnings: list[str]):
+    """``Target.compile`` with the build options (tuning) when the target takes them."""
+    import inspect
+
+    opts = {"tune_trials": p.opts.tune_trials, "tuning_db": p.opts.tuning_db, "progress": say}
+    try:
+        takes_options = "options" in inspect.signature(p.target.compile).parameters
+    except (TypeError, ValueError):
+        takes_options = False
+    if takes_options:
+        return p.target.compile(src, p.spec, bdir, shapes, options=opts)
+    if p.opts.tune_trials or p.opts.tuning_db:
+        warnings.append(f"target {p.spec.tag} does not support tuning options: --tune-trials/--tuning-db ignored, artifact untuned")
+    return p.target.compile(src, p.spec, bdir, shapes)
 
 
 def _host_description() -> str:
@@ -243,11 +260,12 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
                     src = stage.path.parent / f"{stage.path.name}.lowered.onnx"
                     ir.save_model(lowered, src)
                 try:
-                    artifact = p.target.compile(src, p.spec, bdir, {s.name: list(s.shape) for s in inputs})
+                    artifact = _compile_artifact(p, src, bdir, {s.name: list(s.shape) for s in inputs}, say, warnings)
                 finally:
                     if src.name.endswith(".lowered.onnx"):
                         src.unlink(missing_ok=True)
                 say(f"      {artifact.path} ({time.perf_counter() - t0:.1f} s)")
+                warnings += [f"compile: {w}" for w in getattr(artifact, "warnings", ())]
             except TargetError as exc:
                 warnings.append(f"artifact not produced for {p.spec.tag}: {exc.one_line()}")
                 say(f"      warning: artifact not produced: {exc.one_line()}")
@@ -281,7 +299,9 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
                 latency["artifact_s"] = p.target.time(bdir / artifact.path, p.spec, feed)
                 slow = latency["artifact_s"] / lat["comp"]
                 if slow > 1.5:
-                    warnings.append(f"the {p.spec.tag} artifact (TVM, untuned schedules) is {slow:.1f}x slower than onnxruntime "
+                    tuned = (artifact.details.get("tuning") or {}).get("records_applied")
+                    how = f"tuned: {tuned} fused functions with tuning records" if tuned else "untuned schedules; try --tune-trials 64"
+                    warnings.append(f"the {p.spec.tag} artifact (TVM, {how}) is {slow:.1f}x slower than onnxruntime "
                                     f"on the compressed model on this host")
 
         before = stats.compute(model, model_path.stat().st_size)
@@ -338,7 +358,7 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
             "files": {name: {"sha256": _sha256(bdir / name), "bytes": (bdir / name).stat().st_size}
                       for name in ["model.onnx", "selfcheck/inputs.npz", "selfcheck/expected.npz", "selfcheck/original.npz", "run_bundle.py",
                                    sparse_storage["file"]]
-                      + ([str(artifact.path)] if artifact else [])},
+                      + ([str(artifact.path), *getattr(artifact, "extra_files", ())] if artifact else [])},
             "artifact": rep["artifact"],
             "runtime": runtime_choice,
             "inputs": rep["model"]["inputs"],

@@ -60,6 +60,8 @@ class Options:
     dump_ir: str | None = None
     print_pass_times: bool = False
     no_compile: bool = False
+    tune_trials: int = 0  # meta_schedule trials for the TVM artifact's dense functions (0 = untuned)
+    tuning_db: str | None = None  # tuning database root (default: per-user cache), host-specific: not in recipes
     no_latency: bool = False
     no_gate: bool = False
     min_cosine: float = 0.99
@@ -90,12 +92,14 @@ class Options:
             raise UsageError(f"--max-accuracy-drop must be in [0, 1], got {self.max_accuracy_drop}")
         if self.epochs < 1:
             raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.tune_trials < 0:
+            raise UsageError(f"--tune-trials must be >= 0, got {self.tune_trials}")
         if self.verify_samples < 1:
             raise UsageError(f"--verify-samples must be >= 1, got {self.verify_samples}")
 
 
 # keys that describe where/how a run happens rather than what it computes: not stored in a recipe
-_NOT_IN_RECIPE = {"dry_run", "force"}
+_NOT_IN_RECIPE = {"dry_run", "force", "tuning_db"}
 _PATH_KEYS = ("model", "calib", "eval", "output", "dump_ir", "finetune")
 
 

@@ -42,6 +42,17 @@ def table(rows: list[list[str]], header: list[str]) -> list[str]:
     return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
 
 
+def tuning_note(report: dict[str, Any]) -> str:
+    """', tuned 64 new trials, 3/3 functions with records, 0 reused' / ', untuned' for the artifact latency row."""
+    tun = (report.get("artifact") or {}).get("tuning")
+    if not tun:
+        return ""
+    if tun.get("mode") == "untuned":
+        return ", untuned"
+    return (f", tuned {tun.get('trials_run', 0)} new trials, {tun.get('records_applied', 0)}/{tun.get('tasks', 0)} "
+            f"functions with records, {tun.get('tasks_reused', 0)} reused")
+
+
 def before_after(report: dict[str, Any]) -> list[str]:
     b, a = report["stats"]["original"], report["stats"]["compressed"]
     lat = report.get("latency") or {}
@@ -60,7 +71,7 @@ def before_after(report: dict[str, Any]) -> list[str]:
     if lat.get("ort_original_s") is not None:
         rows.append(["latency onnxruntime", _fmt_ms(lat["ort_original_s"]), _fmt_ms(lat["ort_compressed_s"]), _ratio(lat["ort_original_s"], lat["ort_compressed_s"])])
     if lat.get("artifact_s") is not None:
-        rows.append([f"latency {report['target']['tag']} artifact (TVM)", "-", _fmt_ms(lat["artifact_s"]), _ratio(lat["ort_original_s"], lat["artifact_s"]) + " of ORT original"])
+        rows.append([f"latency {report['target']['tag']} artifact (TVM{tuning_note(report)})", "-", _fmt_ms(lat["artifact_s"]), _ratio(lat["ort_original_s"], lat["artifact_s"]) + " of ORT original"])
     ops = sorted(set(b["op_counts"]) | set(a["op_counts"]))
     for op in ops:
         nb, na = b["op_counts"].get(op, 0), a["op_counts"].get(op, 0)

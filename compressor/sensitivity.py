@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -90,7 +91,10 @@ def _sweep_session(sweep: str, model_bytes: np.ndarray) -> Any:
 
     if sweep not in _SESSIONS:
         _SESSIONS.clear()
-        _SESSIONS[sweep] = runtime.session(model_bytes.tobytes())
+        # a Ray worker is granted one CPU per task and says so in OMP_NUM_THREADS: size onnxruntime's pool to it
+        # (results do not depend on the thread count: the equality test compares local and Ray bit for bit)
+        threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else 0
+        _SESSIONS[sweep] = runtime.session(model_bytes.tobytes(), threads=threads)
     return _SESSIONS[sweep]
 
 

@@ -23,12 +23,13 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 
 
-def _vision(cfg_name: str, model_name: str, **kw) -> Callable:
+def _vision(cfg_name: str, model_name: str, img: int | None = None, **kw) -> Callable:
     def make():
         import transformers as tf
 
         cfg = getattr(tf, cfg_name)(**kw)
-        return getattr(tf, model_name)(cfg), {"pixel_values": ("float", (1, kw.get("num_channels", 3), IMG, IMG))}
+        size = img or IMG
+        return getattr(tf, model_name)(cfg), {"pixel_values": ("float", (1, kw.get("num_channels", 3), size, size))}
     return make
 
 
@@ -64,6 +65,20 @@ HF_MODELS: dict[str, Callable] = {
                        depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=5),
 }
 
+# bench-only (bench/structured.py): 224x224 inputs and realistic widths, so that latency is compute-bound
+HF_BENCH: dict[str, Callable] = {
+    "hf_resnet50ish_224": _vision("ResNetConfig", "ResNetForImageClassification", img=224, embedding_size=64,
+                                  hidden_sizes=[256, 512, 1024, 2048], depths=[1, 1, 1, 1], layer_type="bottleneck",
+                                  num_labels=10),
+    "hf_mobilenetv2_224": _vision("MobileNetV2Config", "MobileNetV2ForImageClassification", img=224, image_size=224,
+                                  depth_multiplier=1.0, num_labels=10),
+    "hf_regnet_224": _vision("RegNetConfig", "RegNetForImageClassification", img=224, embedding_size=32,
+                             hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 2, 1], groups_width=16, num_labels=10),
+    "hf_efficientnet_224": _vision("EfficientNetConfig", "EfficientNetForImageClassification", img=224, image_size=224,
+                                   width_coefficient=1.0, depth_coefficient=0.5, hidden_dim=1280,
+                                   num_labels=10),
+}
+
 
 def _fingerprint() -> str:
     import transformers
@@ -71,14 +86,17 @@ def _fingerprint() -> str:
     return hashlib.sha256(Path(__file__).read_bytes() + transformers.__version__.encode()).hexdigest()[:10]
 
 
-def build(name: str, out: Path) -> None:
+def make_model(name: str):
+    """``(module, example_input, input_name)``: the seeded, eval-mode torch model of ``name`` wrapped to return
+    the logits -- exactly what ``build`` exports (other tools, e.g. Torch-Pruning, start from this module)."""
     import torch
 
-    if name not in HF_MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(HF_MODELS)}")
+    makers = {**HF_MODELS, **HF_BENCH}
+    if name not in makers:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(makers)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sum(map(ord, name)))
-        model, spec = HF_MODELS[name]()
+        model, spec = makers[name]()
         gen = torch.Generator().manual_seed(7)
         with torch.no_grad():  # non-trivial norm statistics/affine terms
             for m in model.modules():
@@ -88,9 +106,9 @@ def build(name: str, out: Path) -> None:
                 if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)) and m.weight is not None:
                     m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+        (iname, (kind, shape)), = spec.items()
+        x = torch.randint(0, 100, shape) if kind == "int" else torch.randn(shape)
     model.eval()
-    (iname, (kind, shape)), = spec.items()
-    x = torch.randint(0, 100, shape) if kind == "int" else torch.randn(shape)
 
     class Logits(torch.nn.Module):
         def __init__(self, m):
@@ -100,10 +118,22 @@ def build(name: str, out: Path) -> None:
         def forward(self, x):
             return self.m(**{iname: x}).logits
 
+    return Logits(model).eval(), x, iname
+
+
+def export(module, x, iname: str, out: Path) -> None:
+    """Legacy TorchScript export (``dynamo=False``), opset 17, static shapes, output ``logits``."""
+    import torch
+
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(Logits(model), (x,), str(out), dynamo=False, opset_version=17, input_names=[iname],
+        torch.onnx.export(module, (x,), str(out), dynamo=False, opset_version=17, input_names=[iname],
                           output_names=["logits"], do_constant_folding=True)
+
+
+def build(name: str, out: Path) -> None:
+    module, x, iname = make_model(name)
+    export(module, x, iname, out)
 
 
 def ensure_built(name: str, cache_dir: Path | str) -> Path:
@@ -124,4 +154,4 @@ if __name__ == "__main__":
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/hf_zoo")
     for n in HF_MODELS:
-        print(n, ensure_built(n, out))
+        print(n, ensure_built(n, out))  # noqa: T201 (script entry point)

@@ -110,6 +110,9 @@ class FinetuneDistill(Pass):
                       epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, temperature=cfg.temperature, seed=cfg.seed)
         warnings = [f"fine-tuning metrics are measured on the fine-tuning data itself ({len(samples.feeds)} samples); "
                     "held-out quality is what --eval reports"]
+        if not res.batched and len(samples.feeds) > 1:
+            warnings.append("the graph does not run batched (e.g. a Reshape to a fixed batch of 1): fine-tuning ran "
+                            "one sample at a time with accumulated gradients (same result, slower)")
         written = student.write_back(graph)
 
         # verify: zeros still zero, the written graph (onnxruntime) equals the torch module

@@ -115,6 +115,6 @@ class ArmTarget(Target):
 
             return tvm_backend.run_library(artifact_path, inputs, "cpu")
         why = "qemu-aarch64 is not installed" if not shutil.which("qemu-aarch64") else (
-            "running it under qemu-aarch64 would need an aarch64 Python with the TVM runtime"
+            "run its self-check under qemu with: compress bench BUNDLE --device qemu-aarch64"
         )
         raise NotRunnableHere(f"target {spec.tag} builds aarch64 code; this host is {host.arch} ({why})")

@@ -6,7 +6,9 @@ A target is a class registered in ``targets.TARGETS`` (entry-point group
 
 * ``name`` (tag, e.g. ``x86``) and ``aliases`` (e.g. ``x86-avx2``),
 * ``expand(tag) -> TargetSpec``: the fully expanded, JSON-serialisable spec,
-* ``compile(model_path, spec, out_dir, input_shapes) -> Artifact``,
+* ``compile(model_path, spec, out_dir, input_shapes, options=None) -> Artifact``
+  (``options``: optional build knobs such as ``tune_trials``, ``tuning_db``, ``progress``;
+  a target that does not take the keyword is called without it and the run warns),
 * ``run(artifact, spec, inputs) -> list[np.ndarray]`` or raise ``NotRunnableHere``.
 """
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Artifact:
     kind: str  # e.g. "tvm-relax-vm-library"
     sha256: str
     details: dict[str, Any] = field(default_factory=dict)  # e.g. ELF machine, cuda arch, compile seconds
+    extra_files: tuple[str, ...] = ()  # further bundle files (relative), e.g. tuning records; listed in the manifest
+    warnings: tuple[str, ...] = ()  # things the backend did not do (go into the report)
 
 
 def sha256_file(path: Path) -> str:
@@ -77,7 +81,8 @@ class Target:
         raise NotImplementedError
 
     def compile(
-        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]]
+        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]],
+        options: dict[str, Any] | None = None,
     ) -> Artifact:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -460,7 +460,8 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
             r, c = int(data.shape[1]), int(data.shape[2])
             n = (len(indptr) - 1) * r
             b = BSR(data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int32), (n, k))
-            prim = make_primfunc(m, n, k, (r, c), b.nnzb, activation, tvm_target)
+            # no global_symbol: add_func makes the name unique; several layers share one kernel name
+            prim = make_primfunc(m, n, k, (r, c), b.nnzb, activation, tvm_target).without_attr("global_symbol")
             gv = bb.add_func(prim, f"bsr_{r}x{c}_{activation}")
             x2 = x if len(shape) == 2 else relax.op.reshape(x, (m, k))
             args = [x2, *(relax.const(a) for a in (kernel_data(b), kernel_indices(b), b.indptr, bias.astype(np.float32)))]

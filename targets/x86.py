@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,15 +104,26 @@ class X86Target(Target):
         )
 
     def compile(
-        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]]
+        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]],
+        options: dict[str, Any] | None = None,
     ) -> Artifact:
+        """``options``: ``tune_trials`` (meta_schedule trials, 0 = none), ``tuning_db`` (database
+        root; with 0 trials an explicit one is still applied), ``progress`` (callable for lines)."""
         from targets import tvm_backend
 
         name = spec.extra.get("artifact_name", "model_x86_64.so")
         out = Path(out_dir) / name
         t0 = time.perf_counter()
         mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
-        timing = tvm_backend.compile_library(mod, spec.tvm_target, out)
+        opts = options or {}
+        trials = int(opts.get("tune_trials") or 0)
+        pipeline, tuning_info = None, None
+        if trials > 0 or opts.get("tuning_db"):
+            from targets import tuning
+
+            pipeline, tuning_info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), trials, opts.get("tuning_db"),
+                                                   opts.get("progress"), measure_here=spec.runs_here)
+        timing = tvm_backend.compile_library(mod, spec.tvm_target, out, relax_pipeline=pipeline)
         hdr = read_elf_header(out)
         if hdr.machine_name != "x86-64":
             raise TargetError(f"{name} is an ELF for {hdr.machine_name}, expected x86-64")
@@ -126,7 +138,10 @@ class X86Target(Target):
                 "bytes": out.stat().st_size,
                 "tvm_target": spec.tvm_target,
                 "isa_features": list(spec.isa_features),
+                "tuning": tuning_info.to_dict() if tuning_info else {"mode": "untuned", "trials_run": 0},
             },
+            extra_files=tuple(tuning_info.files) if tuning_info else (),
+            warnings=tuple(tuning_info.warnings) if tuning_info else (),
         )
 
     @staticmethod

@@ -1,0 +1,136 @@
+"""meta_schedule tuning (targets/tuning.py) through ``compress --tune-trials``: a tiny run
+creates a database, a second run reuses it without new trials, the tuned artifact still
+matches onnxruntime, and the bundle carries (and lists) the records it used."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor.errors import UsageError
+
+
+def _records(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.slow
+def test_tune_reuse_and_bundle(cli, gemm_relu, tmp_path):
+    from targets import tuning, tvm_backend
+    from tests.targets.conftest import ort_reference, random_inputs
+
+    db_root = tmp_path / "db"
+    r1 = cli(gemm_relu, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root, "-o", tmp_path / "b1",
+             "--verify-samples", "4")
+    assert r1.code == 0, r1
+    assert "tuning 4/4 trials" in r1.out  # progress lines from the measure callback
+    rep1 = json.loads((tmp_path / "b1" / "report.json").read_text())
+    tun1 = rep1["artifact"]["tuning"]
+    assert tun1["mode"] == "tune" and tun1["trials_requested"] == 4
+    assert tun1["tasks"] >= 1 and tun1["tasks_tuned"] == tun1["tasks"] and tun1["tasks_reused"] == 0
+    assert 1 <= tun1["trials_run"] <= 4
+    assert tun1["records_applied"] == tun1["tasks"]
+    db_dir = Path(tun1["database"])
+    assert db_dir.parent == db_root
+    db_records = _records(db_dir / tuning.RECORD_FILE)
+    # every measured candidate is kept, plus TVM's default schedule of each function (empty trace)
+    assert len(db_records) == tun1["trials_run"] + tun1["tasks"]
+    assert sum(1 for r in db_records if json.loads(r)[1][0][0] == []) == tun1["tasks"]
+    assert sum(1 for t in tun1["task_table"] if t["schedule"] == "default") == tun1["default_kept"]
+    bundle_recs = _records(tmp_path / "b1" / "tuning" / tuning.RECORD_FILE)
+    assert len(bundle_recs) == tun1["records_applied"]  # only the best one per function
+    manifest = json.loads((tmp_path / "b1" / "manifest.json").read_text())
+    for f in tun1["files"]:
+        assert f in manifest["files"] and (tmp_path / "b1" / f).is_file()
+    assert f"tuned {tun1['trials_run']} new trials" in (tmp_path / "b1" / "report.md").read_text()
+
+    # the tuned artifact still computes the model (explicit tolerance vs onnxruntime)
+    feeds = random_inputs(gemm_relu, seed=3)
+    got = tvm_backend.run_library(tmp_path / "b1" / rep1["artifact"]["path"], feeds)
+    ref = ort_reference(gemm_relu, feeds)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    assert all(c["passed"] for c in rep1["verification"])
+
+    # second run: everything reused, no new trial, database unchanged, same records shipped
+    r2 = cli(gemm_relu, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root, "-o", tmp_path / "b2",
+             "--verify-samples", "4")
+    assert r2.code == 0, r2
+    tun2 = json.loads((tmp_path / "b2" / "report.json").read_text())["artifact"]["tuning"]
+    assert tun2["trials_run"] == 0 and tun2["tasks_tuned"] == 0
+    assert tun2["tasks_reused"] == tun1["tasks"] and tun2["records_applied"] == tun1["records_applied"]
+    assert _records(db_dir / tuning.RECORD_FILE) == db_records
+    assert _records(tmp_path / "b2" / "tuning" / tuning.RECORD_FILE) == bundle_recs
+    assert "tuning 4/4 trials" not in r2.out and "reused" in r2.out
+
+    # a larger budget tunes again (the ledger remembers 4 trials per function, not 8)
+    r3 = cli(gemm_relu, "--target", "x86", "--tune-trials", str(8 * tun1["tasks"]), "--tuning-db", db_root,
+             "-o", tmp_path / "b3", "--no-latency", "--verify-samples", "2")
+    assert r3.code == 0, r3
+    tun3 = json.loads((tmp_path / "b3" / "report.json").read_text())["artifact"]["tuning"]
+    assert tun3["tasks_tuned"] == tun1["tasks"] and tun3["trials_run"] > 0
+
+
+def test_untuned_default_is_reported(cli, gemm_relu, tmp_path):
+    r = cli(gemm_relu, "--target", "x86", "-o", tmp_path / "b", "--verify-samples", "2")
+    assert r.code == 0, r
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rep["artifact"]["tuning"] == {"mode": "untuned", "trials_run": 0}
+    assert not (tmp_path / "b" / "tuning").exists()
+    assert "TVM, untuned" in r.out
+
+
+def test_bad_trials_is_usage_error(cli, gemm_relu, tmp_path):
+    r = cli(gemm_relu, "--target", "x86", "--tune-trials", "-1", "-o", tmp_path / "b")
+    assert r.code == 2 and "--tune-trials" in r.err
+
+
+def test_recipe_keeps_trials_not_db(cli, gemm_relu, tmp_path):
+    import yaml
+
+    rec = tmp_path / "r.yaml"
+    r = cli(gemm_relu, "--target", "x86", "--tune-trials", "16", "--tuning-db", tmp_path / "db", "--dry-run",
+            "--save-recipe", rec)
+    assert r.code == 0, r
+    data = yaml.safe_load(rec.read_text())
+    assert data["tune-trials"] == 16 and "tuning-db" not in data
+
+
+def test_db_dir_is_keyed_by_target(tmp_path, monkeypatch):
+    from targets import tuning
+
+    a = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}
+    b = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4"}
+    assert tuning.db_dir_for(a, tmp_path) == tuning.db_dir_for(dict(a), tmp_path)
+    assert tuning.db_dir_for(a, tmp_path) != tuning.db_dir_for(b, tmp_path)
+    assert tuning.db_dir_for(a, tmp_path).parent == tmp_path
+    monkeypatch.setenv("COMPRESSOR_TUNING_DB", str(tmp_path / "env"))
+    assert tuning.db_dir_for(a).parent == tmp_path / "env"
+    monkeypatch.delenv("COMPRESSOR_TUNING_DB")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tuning.db_dir_for(a).parent == tmp_path / "xdg" / "compressor" / "tuning"
+    with pytest.raises(UsageError):
+        tuning.tune(None, a, -1)
+
+
+def test_target_without_options_warns(tmp_path):
+    """A (plugin) target whose compile predates the ``options`` keyword still compiles, and
+    the run says that tuning was not applied."""
+    from types import SimpleNamespace
+
+    from compressor import pipeline
+    from compressor.recipe import Options
+
+    calls = []
+
+    class OldTarget:
+        def compile(self, model_path, spec, out_dir, input_shapes):
+            calls.append(input_shapes)
+            return "artifact"
+
+    p = SimpleNamespace(opts=Options(tune_trials=8), target=OldTarget(), spec=SimpleNamespace(tag="old"))
+    warnings: list[str] = []
+    assert pipeline._compile_artifact(p, tmp_path / "m.onnx", tmp_path, {"x": [1]}, print, warnings) == "artifact"
+    assert calls == [{"x": [1]}]
+    assert len(warnings) == 1 and "--tune-trials" in warnings[0] and "old" in warnings[0]
