@@ -113,6 +113,76 @@ def bench_case(n, m, sparsity, pattern, tgt, rounds, rng, tol=1e-4):
     }
 
 
+# ------------------------------------------------------------------ --conv1x1 section
+# 1x1 convolutions (NCHW, batch 1): our channel-major BSR kernel (make_conv1x1_primfunc)
+# vs onnxruntime Conv vs torch conv2d. "C:M" = C input = output channels, M = H*W pixels.
+CONV_SHAPES = ("64:3136", "128:784", "256:784", "256:196", "512:196", "512:49", "1024:49")
+CONV_PATTERNS = ("unstructured", "4x1", "8x1")
+
+
+def ort_conv_session(w_nk: np.ndarray, hw: tuple[int, int]):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = w_nk.shape
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k, *hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n, *hw])],
+        [numpy_helper.from_array(np.ascontiguousarray(w_nk.reshape(n, k, 1, 1)), "w")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def bench_conv_case(ch, m, sparsity, pattern, tgt, rounds, rng, tol=1e-4):
+    import torch
+    import tvm
+
+    from targets import sparse_kernels as sk
+
+    side = int(round(m ** 0.5))
+    hw = (side, m // side) if side * (m // side) == m else (1, m)
+    block = sk.parse_block(pattern)
+    w = random_block_sparse(ch, ch, block, sparsity, rng)
+    x = rng.standard_normal((1, ch, m)).astype(np.float32)
+    b = sk.to_bsr(w, block)
+    f = sk.build_conv1x1(1, m, b, "none", tgt)
+    dev = tvm.cpu()
+    targs = [tvm.runtime.tensor(a, dev) for a in (x, sk.kernel_data(b), sk.kernel_indices(b), b.indptr,
+                                                  np.zeros(ch, np.float32), np.zeros((1, ch, m), np.float32))]
+    sess = ort_conv_session(w, hw)
+    x4 = x.reshape(1, ch, *hw)
+    wt = torch.from_numpy(w.reshape(ch, ch, 1, 1))
+    xt = torch.from_numpy(x4)
+    ref = np.einsum("nk,bkm->bnm", w.astype(np.float64), x.astype(np.float64))
+    scale = float(np.abs(ref).max()) or 1.0
+    f(*targs)
+    errs = {
+        "tvm": float(np.abs(targs[-1].numpy() - ref).max()) / scale,
+        "ort": float(np.abs(sess.run(None, {"x": x4})[0].reshape(ref.shape) - ref).max()) / scale,
+        "torch": float(np.abs(torch.nn.functional.conv2d(xt, wt).numpy().reshape(ref.shape) - ref).max()) / scale,
+    }
+    engines = {
+        "tvm": lambda: f(*targs),
+        "ort": lambda: sess.run(None, {"x": x4}),
+        "torch": lambda: torch.nn.functional.conv2d(xt, wt),
+    }
+    one = max(time_calls(e, 2) for e in engines.values())
+    reps = max(3, min(200, int(0.02 / max(one, 1e-6))))
+    times = {k: [] for k in engines}
+    for _ in range(rounds):
+        for name, e in engines.items():
+            times[name].append(time_calls(e, reps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "N=K": ch, "batch": m, "sparsity": sparsity, "pattern": pattern, "kernel": f"conv1x1/mt{sk.conv_mtile(m, block[0])}",
+        "tvm_ms": med["tvm"] * 1e3, "ort_ms": med["ort"] * 1e3, "torch_ms": med["torch"] * 1e3,
+        "ort_x": med["ort"] / med["tvm"], "torch_x": med["torch"] / med["tvm"],
+        "max_rel_err": max(errs.values()), "ok": all(v <= tol for v in errs.values()),
+    }
+
+
 def fmt_table(rows: list[dict]) -> str:
     cols = ["N=K", "batch", "sparsity", "pattern", "kernel", "tvm_ms", "ort_ms", "torch_ms", "ort_x", "torch_x",
             "max_rel_err", "ok"]
@@ -136,6 +206,10 @@ def main(argv=None) -> int:
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS[:4]))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--conv1x1", action="store_true",
+                    help="1x1 Conv section instead: our conv1x1 kernel vs onnxruntime Conv vs torch conv2d "
+                         "(batch column = M = H*W pixels, N=K = channels)")
+    ap.add_argument("--conv-shapes", nargs="+", default=list(CONV_SHAPES), help="C:M pairs for --conv1x1")
     ap.add_argument("--md", type=Path, help="also write the table (with host info) to this markdown file")
     a = ap.parse_args(argv)
     if a.quick:
@@ -143,8 +217,15 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(a.seed)
     tgt = host_target()
     rows = []
-    for n, m, s, pat in itertools.product(a.sizes, a.batches, a.sparsities, a.patterns):
-        r = bench_case(n, m, s, pat, tgt, a.rounds, rng)
+    if a.conv1x1:
+        pats = [p for p in a.patterns if p in CONV_PATTERNS] if a.patterns != list(PATTERNS[:4]) else list(CONV_PATTERNS)
+        grid = [(*map(int, cs.split(":")), s, p) for cs in a.conv_shapes for s in a.sparsities for p in pats]
+        case = bench_conv_case
+    else:
+        grid = list(itertools.product(a.sizes, a.batches, a.sparsities, a.patterns))
+        case = bench_case
+    for n, m, s, pat in grid:
+        r = case(n, m, s, pat, tgt, a.rounds, rng)
         rows.append(r)
         print(f"N=K={n} M={m} s={s} {pat:>12} [{r['kernel']}]: tvm {r['tvm_ms']:.3f} ms  ort {r['ort_ms']:.3f} ms "
               f"torch {r['torch_ms']:.3f} ms  -> {r['ort_x']:.2f}x vs ort, {r['torch_x']:.2f}x vs torch"

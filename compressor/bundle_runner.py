@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """On-device runner shipped in every bundle as ``run_bundle.py``.
 
-    python3 run_bundle.py [BUNDLE_DIR] [--onnx]
+    python3 run_bundle.py [BUNDLE_DIR] [--onnx | --tvm]
 
 1. checks that this CPU has every ISA feature the manifest requires
    (exit 6 with the missing list otherwise, instead of crashing on an illegal
@@ -78,7 +78,9 @@ def main(argv: list[str]) -> int:
     bdir = Path(args[0]) if args else Path(__file__).resolve().parent
     manifest = json.loads((bdir / "manifest.json").read_text())
     # quantized bundles run in onnxruntime (manifest "runtime"; TVM would dequantize them)
-    use_onnx = use_onnx or (manifest.get("runtime") or {}).get("name") == "onnxruntime"
+    # a float bundle whose artifact measured slower than onnxruntime defaults to onnxruntime too; --tvm forces the artifact
+    use_onnx = use_onnx or ((manifest.get("runtime") or {}).get("name") == "onnxruntime"
+                            and not ("--tvm" in argv and manifest.get("artifact") and not (manifest["runtime"].get("quantized_ops"))))
     if not use_onnx:
         want = str(((manifest.get("target") or {}).get("triple") or "")).split("-")[0]
         here = {"arm64": "aarch64", "amd64": "x86_64"}.get(platform.machine().lower(), platform.machine().lower())

@@ -285,7 +285,9 @@ def cuda_relax_pipeline(target):
 
 
 class CudaTarget(Target):
-    required_passes = TVM_FRONTEND_PASSES
+    # lower.sparse: BSR ops -> the CUDA kernels of targets/sparse_kernels.py (tirx.is_scheduled,
+    # so the dlight rules below skip them)
+    required_passes = TVM_FRONTEND_PASSES + ("lower.sparse",)
     name = "cuda"
     aliases = ("cuda-sm75", "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90", "cuda-sm90a", "cuda-sm100", "cuda-sm120")
     description = "NVIDIA GPU shared library (TVM Relax VM + CUDA kernels, dlight schedules, nvcc fatbin for sm_XY)"
@@ -333,7 +335,7 @@ class CudaTarget(Target):
         name = spec.extra.get("artifact_name", f"model_cuda_{arch}.so")
         out = Path(out_dir) / name
         t0 = time.perf_counter()
-        mod = tvm_backend.import_onnx(model_path, input_shapes)
+        mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
         packed: list[dict[str, Any]] = []
         nvcc_seconds = [0.0]
 

@@ -17,8 +17,9 @@ Explicit zero blocks are allowed: for ``R == 1`` patterns every block row is pad
 (:func:`to_bsr` ``group``) to a multiple of ``G`` blocks so the "lanes" kernel can run
 ``G*C`` independent accumulators without a remainder loop.
 
-Kernels (hand-scheduled low-level TIR, ``tir.is_scheduled`` so no Relax/dlight rule
-touches them again):
+Kernels (hand-scheduled low-level TIR marked ``tirx.is_scheduled`` -- the attribute TVM
+0.27's dlight ``ApplyDefaultSchedule`` and meta_schedule's task extraction check (the old
+``tir.is_scheduled`` spelling is ignored) -- so no Relax/dlight rule touches them again):
 
 * ``rows``  (``R >= 2``): one task per block row (``T.parallel``); the ``R`` outputs of
   the block row are a SIMD vector (``T.vectorized(R)``), every stored element is one
@@ -29,6 +30,8 @@ touches them again):
   buffer, then every stored element is an FMA over a contiguous batch vector.
 * CUDA: one thread block per block row, ``32`` threads stride over its blocks, each keeps
   ``R x M`` partial sums, reduced through shared memory.
+* 1x1 convolution (:func:`make_conv1x1_primfunc`, NCHW, ``x [B, K, H*W]``): channel-major,
+  no transpose; CPU tiles pixels (vectorized) x block rows, CUDA one thread per pixel.
 
 Per-target knobs (:func:`kernel_params`): vector lanes (x86 AVX2 8 / AVX-512 16 floats,
 NEON 4 x2 for latency hiding), batch tile. The same TIR runs on x86 and aarch64; LLVM
@@ -267,7 +270,7 @@ def make_primfunc(
         def rows(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
                  indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
                  bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             for i in T.parallel(nbr):
                 for mo in T.serial(m // mt):
                     # u independent accumulator sets: u FMA chains in flight per batch row
@@ -310,7 +313,7 @@ def make_primfunc(
         def lanes_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
                      indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
                      bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             for i in T.parallel(nbr):
                 acc = T.decl_buffer((m, lanes), "float32", scope=CPU_STACK)
                 for mi in T.unroll(m):
@@ -340,7 +343,7 @@ def make_primfunc(
         def xt_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
                   indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
                   bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             xt = T.decl_buffer((k, m), "float32")
             for kk in T.parallel(k):
                 for mi in T.serial(m):
@@ -366,7 +369,7 @@ def make_primfunc(
         def cuda_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
                     indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
                     bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             bx = T.launch_thread("blockIdx.x", nbr)
             tx = T.launch_thread("threadIdx.x", nt)
             acc = T.decl_buffer((rm,), "float32", scope="local")
@@ -394,6 +397,131 @@ def make_primfunc(
         return cuda_fn
 
     raise ValueError(f"unknown kernel variant {p.variant!r}")
+
+
+# ------------------------------------------------------------------ 1x1 convolution (NCHW)
+
+CONV_ACC_FLOATS = 128  # r * mtile accumulators per task: 8 AVX-512 / 16 AVX2 registers' worth
+CONV_MAX_MTILE = 64
+CUDA_CONV_THREADS = 128
+
+
+def conv_mtile(m: int, r: int) -> int:
+    """Pixels per register tile of the channel-major kernel: ``min(m, 64, 128 // r)``
+    (a multiple of the SIMD width whenever ``m`` allows). Pixel tiles start at
+    ``min(t * mtile, M - mtile)``: the last tile overlaps its neighbour instead of needing a
+    remainder loop (the overlapping pixels are computed twice with identical results)."""
+    return max(1, min(m, CONV_MAX_MTILE, CONV_ACC_FLOATS // r))
+
+
+def make_conv1x1_primfunc(
+    bsz: int,
+    m: int,
+    n: int,
+    k: int,
+    block: tuple[int, int],
+    nnzb: int,
+    activation: str = "none",
+    target: Any = "x86",
+):
+    """Channel-major SpMM for a 1x1 convolution (stride 1, no padding, group 1, NCHW):
+    ``f(x[B,K,M], data[nnzb,C,R], indices, indptr, bias[N], y[B,N,M])`` computing
+    ``y[b, o, p] = act(sum_i W[o, i] x[b, i, p] + bias[o])`` with ``M = H*W`` pixels.
+
+    No transposes: the input channel rows ``x[b, i, :]`` are contiguous over pixels, so
+    every stored weight element is one broadcast-FMA over a pixel vector. CPU ("cm"):
+    one task per (batch, pixel tile, block row) (pixel tile outer, so the tasks running
+    together share the ``K x mtile`` slice of ``x`` in cache), ``R x mtile`` accumulators
+    vectorized over pixels. CUDA: one thread per pixel (coalesced loads of ``x`` and
+    stores of ``y`` across the warp), ``R`` accumulators per thread, one thread block
+    row-range per block row."""
+    from tvm.script import tirx as T
+
+    r, c = block
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} not in {ACTIVATIONS}")
+    if n % r or k % c:
+        raise ValueError(f"weight [{n}, {k}] not divisible by block {block}")
+    nbr = n // r
+    relu = activation == "relu"
+    zero = T.float32(0)
+    nnzb_ = max(nnzb, 1)
+
+    def act(v):
+        return T.max(v, zero) if relu else v
+
+    if target_family(target) == "cuda":
+        nt = CUDA_CONV_THREADS
+        npt = (m + nt - 1) // nt
+
+        @T.prim_func
+        def conv_cuda(x: T.Buffer((bsz, k, m), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
+                      indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                      bias: T.Buffer((n,), "float32"), y: T.Buffer((bsz, n, m), "float32")):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            bx = T.launch_thread("blockIdx.x", bsz * nbr * npt)
+            tx = T.launch_thread("threadIdx.x", nt)
+            acc = T.decl_buffer((r,), "float32", scope="local")
+            if bx % npt * nt + tx < m:
+                for rr in T.unroll(r):
+                    acc[rr] = bias[bx // npt % nbr * r + rr]
+                for j in T.serial(indptr[bx // npt % nbr], indptr[bx // npt % nbr + 1]):
+                    for cc in T.unroll(c):
+                        for rr in T.unroll(r):
+                            acc[rr] = acc[rr] + data[j, cc, rr] * x[bx // (npt * nbr), indices[j] * c + cc,
+                                                                     bx % npt * nt + tx]
+                for rr in T.unroll(r):
+                    y[bx // (npt * nbr), bx // npt % nbr * r + rr, bx % npt * nt + tx] = act(acc[rr])
+
+        return conv_cuda
+
+    mt = conv_mtile(m, r)
+    nmt = (m + mt - 1) // mt
+
+    @T.prim_func
+    def conv_cm(x: T.Buffer((bsz, k, m), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
+                indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                bias: T.Buffer((n,), "float32"), y: T.Buffer((bsz, n, m), "float32")):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        for t in T.parallel(bsz * nmt * nbr):
+            acc = T.decl_buffer((r, mt), "float32", scope=CPU_STACK)
+            for rr in T.unroll(r):
+                for mi in T.vectorized(mt):
+                    acc[rr, mi] = bias[t % nbr * r + rr]
+            for j in T.serial(indptr[t % nbr], indptr[t % nbr + 1]):
+                for cc in T.unroll(c):
+                    for rr in T.unroll(r):
+                        for mi in T.vectorized(mt):
+                            acc[rr, mi] = acc[rr, mi] + data[j, cc, rr] * x[
+                                t // (nmt * nbr), indices[j] * c + cc, T.min(t // nbr % nmt * mt, m - mt) + mi]
+            for rr in T.unroll(r):
+                for mi in T.vectorized(mt):
+                    y[t // (nmt * nbr), t % nbr * r + rr, T.min(t // nbr % nmt * mt, m - mt) + mi] = act(acc[rr, mi])
+
+    return conv_cm
+
+
+def build_conv1x1(bsz: int, m: int, b: BSR, activation: str, tvm_target: Any):
+    """Compile a standalone conv1x1 kernel: ``f(x[B,K,M], data, indices, indptr, bias, y[B,N,M])``."""
+    import tvm
+
+    tgt = tvm_target if isinstance(tvm_target, tvm.target.Target) else tvm.target.Target(tvm_target)
+    f = make_conv1x1_primfunc(bsz, m, b.shape[0], b.shape[1], b.block, b.nnzb, activation, tgt)
+    f = f.with_attr("global_symbol", "bsr_conv1x1")
+    mod = tvm.IRModule({"bsr_conv1x1": f})
+    with tgt:
+        lib = tvm.compile(mod, target=tgt)
+    return lib["bsr_conv1x1"]
+
+
+def reference_conv1x1(x: np.ndarray, b: BSR, bias: np.ndarray | None = None, activation: str = "none") -> np.ndarray:
+    """numpy oracle for x [B, K, M] -> y [B, N, M] (float64 accumulate)."""
+    y = np.einsum("nk,bkm->bnm", from_bsr(b).astype(np.float64), x.astype(np.float64))
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)[None, :, None]
+    if activation == "relu":
+        y = np.maximum(y, 0)
+    return y.astype(np.float32)
 
 
 def kernel_data(b: BSR) -> np.ndarray:
@@ -430,46 +558,78 @@ def build(m: int, b: BSR, activation: str, tvm_target: Any, params: KernelParams
 # ------------------------------------------------------------------ Relax ONNX frontend hook
 
 SPARSE_OPS = ("SparseMatMul", "SparseMatMulRelu")  # domain "compressor", see passes/lower_sparse.py
+CONV_OPS = ("SparseConv1x1", "SparseConv1x1Relu")
 
 
 def relax_converters(tvm_target: Any) -> dict[str, type]:
-    """Converters for the Relax ONNX frontend's convert map: ``compressor::SparseMatMul[Relu]``
-    -> ``call_tir`` of the BSR kernel specialised for the layer (shapes, block, nnz, target)."""
+    """Converters for the Relax ONNX frontend's convert map:
+
+    * ``compressor::SparseMatMul[Relu]`` -> ``call_tir`` of the BSR kernel specialised for
+      the layer (shapes, block, nnz, target; the CUDA kernel for cuda targets);
+    * ``compressor::SparseConv1x1[Relu]`` (NCHW ``[B, K, H, W]``) -> reshape to
+      ``[B, K, H*W]``, ``call_tir`` of the channel-major conv1x1 kernel, reshape back.
+
+    The kernels carry ``tirx.is_scheduled`` so the CUDA pipeline's dlight rules leave them
+    alone (and meta_schedule does not extract them as tuning tasks)."""
     from tvm import relax
     from tvm.ir import expr as tvm_ir_expr
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
     from compressor.errors import TargetError
 
-    if target_family(tvm_target) == "cuda":
-        # the CUDA kernel compiles (tests) but the relax CUDA pipeline integration is not done
-        raise TargetError("the sparse BSR op is not lowered for CUDA yet", hint="compile without lower.sparse")
+    fam = target_family(tvm_target)
+
+    def bsr_args(op: str, inputs, k: int):
+        consts = inputs[1:5]
+        if len(consts) != 4 or not all(isinstance(c, tvm_ir_expr.Constant) for c in consts):
+            raise TargetError(f"compressor::{op}: data/indices/indptr/bias must be initializers")
+        data, indices, indptr, bias = (c.value.numpy() for c in consts)
+        r = int(data.shape[1])
+        n = (len(indptr) - 1) * r
+        b = BSR(data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int32), (n, k))
+        return b, [relax.const(a) for a in (kernel_data(b), kernel_indices(b), b.indptr, bias.astype(np.float32))]
 
     def make(op: str) -> type:
         activation = "relu" if op.endswith("Relu") else "none"
 
         def _impl_v1(cls, bb, inputs, attr, params):
             x = inputs[0]
-            consts = inputs[1:5]
-            if len(consts) != 4 or not all(isinstance(c, tvm_ir_expr.Constant) for c in consts):
-                raise TargetError(f"compressor::{op}: data/indices/indptr/bias must be initializers")
-            data, indices, indptr, bias = (c.value.numpy() for c in consts)
             shape = [int(d) for d in x.ty.shape]
             k = shape[-1]
             m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-            r, c = int(data.shape[1]), int(data.shape[2])
-            n = (len(indptr) - 1) * r
-            b = BSR(data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int32), (n, k))
+            b, consts = bsr_args(op, inputs, k)
+            (r, c), n = b.block, b.shape[0]
             # no global_symbol: add_func makes the name unique; several layers share one kernel name
             prim = make_primfunc(m, n, k, (r, c), b.nnzb, activation, tvm_target).without_attr("global_symbol")
             gv = bb.add_func(prim, f"bsr_{r}x{c}_{activation}")
             x2 = x if len(shape) == 2 else relax.op.reshape(x, (m, k))
-            args = [x2, *(relax.const(a) for a in (kernel_data(b), kernel_indices(b), b.indptr, bias.astype(np.float32)))]
-            y = relax.call_tir(gv, args, relax.TensorType((m, n), "float32"))
+            y = relax.call_tir(gv, [x2, *consts], relax.TensorType((m, n), "float32"))
             if len(shape) != 2:
                 y = relax.op.reshape(bb.normalize(y), (*shape[:-1], n))
             return y
 
         return type(f"Convert{op}", (OnnxOpConverter,), {"_impl_v1": classmethod(_impl_v1)})
 
-    return {op: make(op) for op in SPARSE_OPS}
+    def make_conv(op: str) -> type:
+        activation = "relu" if op.endswith("Relu") else "none"
+
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            shape = [int(d) for d in x.ty.shape]
+            if len(shape) != 4:
+                raise TargetError(f"compressor::{op}: input must be NCHW, got shape {shape}")
+            bsz, k, h, w = shape
+            b, consts = bsr_args(op, inputs, k)
+            (r, c), n = b.block, b.shape[0]
+            prim = make_conv1x1_primfunc(bsz, h * w, n, k, (r, c), b.nnzb, activation,
+                                         tvm_target).without_attr("global_symbol")
+            gv = bb.add_func(prim, f"bsr_conv1x1_{r}x{c}_{activation}")
+            y = relax.call_tir(gv, [relax.op.reshape(x, (bsz, k, h * w)), *consts],
+                               relax.TensorType((bsz, n, h * w), "float32"))
+            return relax.op.reshape(bb.normalize(y), (bsz, n, h, w))
+
+        return type(f"Convert{op}", (OnnxOpConverter,), {"_impl_v1": classmethod(_impl_v1)})
+
+    if fam not in ("x86", "arm", "cuda", "cpu"):
+        raise TargetError(f"no BSR kernels for target family {fam!r}")
+    return {**{op: make(op) for op in SPARSE_OPS}, **{op: make_conv(op) for op in CONV_OPS}}

@@ -22,7 +22,7 @@ Flow (``TuningSession.prepare``):
    build timeout; ``LocalRunner``: measuring needs a quiet CPU; cost model ``xgb`` when
    xgboost is installed, else ``random``). Progress (trials done / total, best latency so
    far per task) goes through the ``progress`` callback. TVM's *default* schedule of each
-   tuned function is measured as well and stored as a record with an empty trace, so the
+   tuned function is measured as well and stored as a record with an identity trace, so the
    best record is never one that is slower than an untuned build.
 4. Compile with the same pipeline plus ``MetaScheduleApplyDatabase`` right after
    FuseTIR: every fused function with a record gets its best schedule, the rest keep
@@ -273,6 +273,8 @@ class TuningInfo:
     tasks_reused: int = 0
     records_applied: int = 0
     default_kept: int = 0  # functions whose best measured schedule is TVM's default one
+    whole_model_ms: dict[str, float] = field(default_factory=dict)  # end-to-end check: tuned vs untuned build
+    kept: str = "tuned"  # "untuned" when the whole tuned model measured slower (see keep_faster)
     cost_model: str = ""
     seconds: float = 0.0
     mode: str = "tune"  # tune | apply-only
@@ -368,8 +370,13 @@ def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | Non
 
         rand = ms.utils.fork_seed(seed, n=len(todo))
         for t, r in zip(todo, rand):
+            # population sized to the budget: the default (512 candidates, 4 genetic rounds per
+            # iteration) costs tens of seconds per task on 2 cores, more than a small budget's trials
+            pop = int(min(512, max(64, 16 * budget)))
+            strategy = ms.search_strategy.EvolutionarySearch(
+                population_size=pop, init_min_unmeasured=min(50, pop // 2), genetic_num_iters=2 if budget < 32 else 4)
             ctxs.append(TuneContext(mod=t.dispatched[0], target=tune_target, space_generator="post-order-apply",
-                                    search_strategy="evolutionary", task_name=t.task_name,
+                                    search_strategy=strategy, task_name=t.task_name,
                                     logger=logging.getLogger(f"{__name__}.task.{t.task_name}"),
                                     rand_state=r, num_threads=_num_cores()).clone())
             weights.append(float(t.weight))
@@ -426,9 +433,26 @@ def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | Non
     return db, info, tasks
 
 
+def _identity_trace(s_tir, mod):
+    """A trace that leaves the function as it is. The JSON database never returns records with
+    an *empty* trace from ``get_top_k``, so the trace holds one no-op ``GetSBlock``."""
+    sch = s_tir.Schedule(mod)
+    try:
+        sch.get_sblock("root", "main")
+    except Exception:  # no root block: the first block of the function
+        name = re.findall(r'T\.sblock\("([^"]+)"\)', mod.script())
+        if name:
+            sch.get_sblock(name[0], "main")
+    return sch.trace
+
+
+def _is_identity(trace) -> bool:
+    return all(str(inst.kind.name) == "GetSBlock" for inst in trace.insts)
+
+
 def _measure_defaults(ms, builder, runner, tasks: list, target, db) -> int:
     """Measure every task's *default* (unscheduled) function with the same builder/runner and
-    commit it as a record with an empty trace. The database's best record is then never
+    commit it as a record with an identity trace. The database's best record is then never
     slower than what an untuned build does (up to timing noise): with a small budget the
     random search can end with a worse schedule than the default one."""
     import tvm.s_tir as s_tir
@@ -450,7 +474,7 @@ def _measure_defaults(ms, builder, runner, tasks: list, target, db) -> int:
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
         if res.error_msg is None and res.run_secs:
             db.commit_tuning_record(ms.database.TuningRecord(
-                s_tir.Schedule(m).trace, db.commit_workload(m), res.run_secs, target, args))
+                _identity_trace(s_tir, m), db.commit_workload(m), res.run_secs, target, args))
             committed += 1
     return committed
 
@@ -482,7 +506,7 @@ def export(db, tasks: list, out_dir: Path, info: TuningInfo) -> list[str]:
     for t in tasks:
         rec = _best_record(db, t.dispatched[0])
         secs = _record_seconds(rec) if rec is not None else None
-        default = rec is not None and len(rec.trace.insts) == 0
+        default = rec is not None and _is_identity(rec.trace)
         table.append({"task": t.task_name, "weight": int(t.weight), "tuned": rec is not None,
                       "schedule": "none" if rec is None else ("default" if default else "tuned"),
                       "best_ms": None if secs is None else round(secs * 1e3, 5)})
@@ -524,3 +548,46 @@ def prepare(mod, tvm_target: dict[str, Any], out_dir: Path, trials: int, db_root
         info.warnings.append(f"{info.tasks - info.records_applied} of {info.tasks} fused functions have no tuning "
                              f"record and keep TVM's default (slow) schedule")
     return tuned_pipeline(make_target(tvm_target), db), info
+
+
+def _random_args(mod) -> dict[str, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for prm in mod["main"].params:
+        si = prm.struct_info
+        shape = [int(d) for d in si.shape.values]
+        dt = str(si.dtype)
+        feeds[prm.name_hint] = (rng.standard_normal(shape).astype(dt) if dt.startswith("float")
+                                else np.zeros(shape, dtype=dt))
+    return feeds
+
+
+def keep_faster(mod, tvm_target: dict[str, Any], out: Path, info: TuningInfo, rounds: int = 5) -> None:
+    """End-to-end guard: per-function records are measured in isolation (hot loop, warm thread
+    pool); a chain of small parallel functions can still run slower as a whole model than
+    TVM's untuned serial code. Build the untuned library too, time both (interleaved rounds,
+    median) on random inputs, and keep the faster one; keeping the untuned one is a warning."""
+    import statistics
+
+    from targets import tvm_backend
+
+    alt = out.with_name(out.name + ".untuned.so")
+    try:
+        tvm_backend.compile_library(mod, tvm_target, alt)
+        feeds = _random_args(mod)
+        t_tuned, t_untuned = [], []
+        for _ in range(rounds):
+            t_tuned.append(tvm_backend.time_library(out, feeds, repeat=10))
+            t_untuned.append(tvm_backend.time_library(alt, feeds, repeat=10))
+        tuned, untuned = statistics.median(t_tuned), statistics.median(t_untuned)
+        info.whole_model_ms = {"tuned": round(tuned * 1e3, 5), "untuned": round(untuned * 1e3, 5)}
+        if untuned < tuned * 0.97:
+            os.replace(alt, out)
+            info.kept = "untuned"
+            info.warnings.append(f"the tuned build measured slower end to end ({tuned * 1e3:.4f} ms) than the untuned "
+                                 f"one ({untuned * 1e3:.4f} ms) on this host: the untuned library is shipped "
+                                 f"(more --tune-trials may help)")
+    finally:
+        alt.unlink(missing_ok=True)

@@ -124,6 +124,8 @@ class X86Target(Target):
             pipeline, tuning_info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), trials, opts.get("tuning_db"),
                                                    opts.get("progress"), measure_here=spec.runs_here)
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, relax_pipeline=pipeline)
+        if tuning_info is not None and spec.runs_here and tuning_info.records_applied > tuning_info.default_kept:
+            tuning.keep_faster(mod, spec.tvm_target, out, tuning_info)
         hdr = read_elf_header(out)
         if hdr.machine_name != "x86-64":
             raise TargetError(f"{name} is an ELF for {hdr.machine_name}, expected x86-64")

@@ -56,8 +56,10 @@ def test_model_target(cli, tmp_path, zoo_dir, name, target):
         assert compile_check["passed"], compile_check
         assert all(o["cosine"] >= 0.9999 for o in compile_check["outputs"])
         # the shipped on-device runner agrees
-        p = subprocess.run([sys.executable, str(out / "run_bundle.py")], capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0 and "SELFCHECK PASSED" in p.stdout, p.stdout + p.stderr
+        for flag in ([], ["--tvm"]):  # the default runtime (measured faster one) and the TVM artifact itself
+            p = subprocess.run([sys.executable, str(out / "run_bundle.py"), *flag], capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0 and "SELFCHECK PASSED" in p.stdout, p.stdout + p.stderr
+        assert "runtime=tvm" in p.stdout
     elif target == "arm":
         assert _elf_machine(so) == 183  # EM_AARCH64
         assert "asimd" in manifest["required_isa_features"]  # NEON, as /proc/cpuinfo names it

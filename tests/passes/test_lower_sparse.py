@@ -118,15 +118,14 @@ def test_config_validation():
         LowerSparseConfig(min_speedup=0)
 
 
-def test_lower_sparse_is_target_lowering_for_cpu_targets_only():
+def test_lower_sparse_is_target_lowering():
     """lower.sparse runs on the copy handed to the backend (the bundle's model.onnx stays standard ONNX)."""
     import targets
     from compressor.pipeline import default_pass_list
     from compressor.recipe import Options
 
-    for tag in ("x86", "arm"):
+    for tag in ("x86", "arm", "cuda"):
         assert targets.resolve(tag)[0].required_passes[-1] == "lower.sparse"
-    assert "lower.sparse" not in targets.resolve("cuda")[0].required_passes
     assert "lower.sparse" not in [i["name"] for i in default_pass_list(Options(model="m.onnx", sparsity=0.9), _Spec())]
 
 
