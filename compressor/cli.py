@@ -62,6 +62,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--round-to", type=int, default=0, help="--structured: keep channel counts a multiple of this (0: the target's default)")
     p.add_argument("--reconstruct", action="store_true", help="--structured: refit consumers by least squares on --calib data")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="node/weight name globs left alone by pruning passes")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="--sparsity: node/weight name globs pruned even where a default rule keeps them dense (stem conv, final classifier)")
     p.add_argument("--quantize", default="none", help="none | int8 | fp16 | int4")
     p.add_argument("--keep-fp32", default="none", help="--quantize: none | auto (keep the most sensitive layers in fp32)")
     p.add_argument("--pass", dest="passes", action="append", metavar="NAME[:k=v,...]",
@@ -108,7 +110,7 @@ def _options_from_args(a: argparse.Namespace) -> Options:
         model=a.model, target=a.target, output=a.output, sparsity=a.sparsity,
         pattern=a.pattern, method=a.method, allocation=a.allocation, structured=a.structured,
         criterion=a.criterion, min_channels=a.min_channels, round_to=a.round_to, reconstruct=a.reconstruct,
-        ignore=a.ignore, quantize=a.quantize, keep_fp32=a.keep_fp32,
+        ignore=a.ignore, include=a.include, quantize=a.quantize, keep_fp32=a.keep_fp32,
         passes=[_parse_pass_flag(t) for t in a.passes] if a.passes else None,
         calib=a.calib, eval=a.eval, finetune=a.finetune, epochs=a.epochs, input_shape=a.input_shape, plugin=a.plugin, force=a.force,
         dry_run=a.dry_run, check_each_pass=a.check_each_pass, dump_ir=a.dump_ir,

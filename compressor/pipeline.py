@@ -67,7 +67,7 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
             cfg["reconstruct"] = True
         items.append({"name": "prune.channels", "config": cfg})
     if opts.sparsity > 0:
-        cfg = {"sparsity": opts.sparsity, **ignore}
+        cfg = {"sparsity": opts.sparsity, **ignore, **({"include": list(opts.include)} if opts.include else {})}
         if opts.pattern != "unstructured":
             cfg["pattern"] = opts.pattern
         if opts.allocation != "uniform":

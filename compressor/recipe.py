@@ -45,6 +45,7 @@ class Options:
     round_to: int = 0  # 0 = the target's default channel multiple
     reconstruct: bool = False
     ignore: list[str] = field(default_factory=list)  # name globs left alone by pruning/sparsity passes
+    include: list[str] = field(default_factory=list)  # name globs sparsified despite default exclusions (stem, classifier)
     quantize: str = "none"  # none | int8 | fp16 | int4
     keep_fp32: str = "none"  # none | auto (mixed precision by sensitivity)
     passes: list[dict[str, Any]] | None = None  # explicit pipeline [{name, config}]
@@ -151,7 +152,7 @@ def load_recipe(path: Path) -> Options:
         if kwargs.get(key):
             kwargs[key] = str((base / str(kwargs[key])))
     kwargs["plugin"] = [str(base / p) for p in kwargs.get("plugin") or []]
-    for key in ("input_shape", "plugin", "ignore"):
+    for key in ("input_shape", "plugin", "ignore", "include"):
         if isinstance(kwargs.get(key), str):
             kwargs[key] = [kwargs[key]]
     try:

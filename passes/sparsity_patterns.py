@@ -332,6 +332,7 @@ class SparsifyConfig:
     max_layer_sparsity: float = 0.98  # global/sensitivity allocation: per-layer ceiling
     min_elements: int = 16
     ignore: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()  # name globs pruned even where a default rule keeps them dense (stem, classifier)
     keep_stem: bool = True
     keep_classifier: bool = True
     calib_samples: int = 128  # calibration samples used (sensitivity / wanda / obs); 0 = all
@@ -365,11 +366,12 @@ def select_layers(graph: gs.Graph, cfg: SparsifyConfig, data_aware: bool = False
     layers, warnings = [], []
     for layer in find_layers(graph):
         node, vals = layer.node, layer.values
+        included = any(fnmatch.fnmatch(node.name, g) or fnmatch.fnmatch(layer.weight.name, g) for g in cfg.include)
         if any(fnmatch.fnmatch(node.name, g) or fnmatch.fnmatch(layer.weight.name, g) for g in cfg.ignore):
             warnings.append(f"{node.name}: ignored by pattern, kept dense")
-        elif cfg.keep_stem and is_stem_conv(node, vals):
+        elif cfg.keep_stem and not included and is_stem_conv(node, vals):
             warnings.append(f"{node.name}: stem conv (<= 4 input channels) kept dense by default (keep_stem)")
-        elif cfg.keep_classifier and node.name in classifiers:
+        elif cfg.keep_classifier and not included and node.name in classifiers:
             warnings.append(f"{node.name}: final classifier kept dense by default (keep_classifier)")
         elif vals.size < cfg.min_elements:
             warnings.append(f"{node.name}: {vals.size} weights < min_elements {cfg.min_elements}, kept dense")

@@ -125,3 +125,16 @@ def test_sensitivity_allocation_needs_calib_and_meets_target():
 def test_nm_with_allocation_is_a_warning():
     out, recs = sparsify(mlp_model(), sparsity=0.5, pattern="2:4", allocation="global", keep_classifier=False)
     assert any("allocation global ignored" in w for w in recs[0].warnings)
+
+
+def test_include_overrides_default_exclusions_through_cli(cli, tmp_path):
+    import json
+
+    import onnx
+
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx")
+    r = cli(tmp_path / "m.onnx", "--sparsity", "0.5", "--include", "conv", "-o", tmp_path / "o", "--no-compile", "--no-latency", "--no-gate")
+    assert r.code == 0, r
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    layers = [p for p in rep["passes"] if p["name"] == "sparsify.magnitude"][0]["stats"]["layers"]
+    assert "conv" in layers and "fc" not in layers  # stem included on request; classifier still kept by default

@@ -144,3 +144,36 @@ def test_cuda_kernel_codegen():
     mod = getattr(ex, "mod", ex)
     src = "".join(m.inspect_source() for m in mod.imports)
     assert "__shared__" in src and "__syncthreads" in src and "blockIdx.x" in src
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+def test_conv1x1_kernel_matches_numpy_x86(block):
+    """Channel-major conv1x1 kernel: pixel counts below, equal to and not a multiple of the
+    tile (the last tile overlaps), batch 2, bias + relu."""
+    import tvm
+
+    rng = np.random.default_rng(11)
+    n, k = 32, 16
+    w = _weight(rng, n, k, block, 0.3)
+    b = sk.to_bsr(w, block)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for bsz, m in [(1, 7), (2, 70), (1, 128)]:
+        x = rng.standard_normal((bsz, k, m)).astype(np.float32)
+        for act in ("none", "relu"):
+            f = sk.build_conv1x1(bsz, m, b, act, X86)
+            t = [tvm.runtime.tensor(a) for a in (x, sk.kernel_data(b), sk.kernel_indices(b), b.indptr, bias,
+                                                   np.full((bsz, n, m), np.nan, np.float32))]
+            f(*t)
+            np.testing.assert_allclose(t[-1].numpy(), sk.reference_conv1x1(x, b, bias, act), rtol=1e-5, atol=1e-5)
+
+
+def test_conv1x1_tile_overlap_covers_every_pixel():
+    assert sk.conv_mtile(70, 1) == 64 and 70 % 64 != 0  # exercised above: tiles [0, 64) and [6, 70)
+    assert sk.conv_mtile(49, 1) == 49 and sk.conv_mtile(3136, 8) == 16
+
+
+def test_x86_conv1x1_kernel_uses_vector_fma():
+    f = sk.make_conv1x1_primfunc(1, 196, 64, 64, (4, 1), 40, "relu", {**X86, "mcpu": "x86-64-v3"})
+    asm = _asm(f, {**X86, "mcpu": "x86-64-v3"})
+    assert "vfmadd" in asm and "%ymm" in asm
+    assert "AllocWorkspace" not in asm
