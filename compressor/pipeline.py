@@ -161,26 +161,51 @@ def _host_description() -> str:
     return f"{h.model_name} ({h.arch}, {h.simd_summary})"
 
 
-def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
+@dataclass
+class _Run:
+    """State of one execution, filled stage by stage (see ``execute``)."""
+
+    p: Plan
+    say: Say
+    warnings: list[str]
+    model: onnx.ModelProto
+    inputs: list[Any]
+    outputs: list[Any]
+    verif: data_mod.Samples
+    calib: data_mod.Samples | None
+    tol: verify.Tolerances
+    ref_runs: list[list[np.ndarray]] | None = None
+    compressed: onnx.ModelProto | None = None
+    comp_runs: list[list[np.ndarray]] | None = None
+    comparisons: list[verify.Comparison] | None = None
+    accuracy: dict[str, Any] | None = None
+
+    @property
+    def out_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+    @property
+    def labelled(self) -> bool:
+        return self.verif.labels is not None and self.p.opts.eval is not None
+
+    def compare(self, candidate: str, reference: str, kind: str, cand_runs, ref_runs) -> None:
+        self.comparisons.append(verify.compare(candidate, reference, kind, self.out_names, cand_runs, ref_runs, self.tol,
+                                               gate_cosine=not (kind == "lossy" and self.labelled)))
+
+
+def _load(p: Plan, say: Say) -> _Run:
+    """Stage 1: load + normalise the model, check every data file, choose the verification samples."""
     opts = p.opts
     model_path = Path(opts.model)
-    if p.output.resolve() in model_path.resolve().parents or p.output.resolve() == model_path.resolve():
-        raise InputError(f"output directory {p.output} contains the input model", hint="choose another -o; the input is never overwritten")
-    bundle_mod.check_output_dir(p.output, opts.force)
-    warnings: list[str] = []
-    t_start = time.perf_counter()
-
     say(f"[1/6] load {model_path}")
-    src_hash = _sha256(model_path) if model_path.is_file() else None
     model = ir.load(model_path, ir.parse_input_shapes(opts.input_shape))
     inputs, outputs = ir.input_specs(model), ir.output_specs(model)
-    out_names = [o.name for o in outputs]
-    say(f"      inputs {', '.join(f'{s.name}{list(s.shape)}' for s in inputs)}; outputs {', '.join(out_names)}")
-
+    say(f"      inputs {', '.join(f'{s.name}{list(s.shape)}' for s in inputs)}; outputs {', '.join(o.name for o in outputs)}")
     eval_samples = data_mod.load_npz(Path(opts.eval), inputs, "--eval") if opts.eval else None
     calib = data_mod.load_npz(Path(opts.calib), inputs, "--calib") if opts.calib else None
     if opts.finetune:  # checked before any work; finetune.distill reads it
         data_mod.load_npz(Path(opts.finetune), inputs, "--finetune")
+    warnings: list[str] = []
     if eval_samples is not None:
         verif = eval_samples  # all of it: accuracy and agreement come from the same runs
     elif calib is not None:
@@ -188,173 +213,209 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     else:
         verif = data_mod.random_samples(inputs, opts.verify_samples, opts.seed)
         warnings.append(f"verification uses random inputs ({verif.source}): weak evidence; pass --eval data.npz for real data")
+    tol = verify.Tolerances(opts.min_cosine, opts.min_top1, opts.max_accuracy_drop)
+    return _Run(p, say, warnings, model, inputs, outputs, verif, calib, tol)
 
+
+def _compress(r: _Run) -> list[Any]:
+    """Stages 2-4: reference outputs, the pass pipeline, the compressed model verified with onnxruntime."""
+    opts, say = r.p.opts, r.say
     say("[2/6] reference outputs (onnxruntime, optimizations disabled)")
-    ref_sess = runtime.session(model)
-    ref_runs = runtime.run_all(ref_sess, verif.feeds)
-
-    say(f"[3/6] passes ({len(p.passes)})")
+    r.ref_runs = runtime.run_all(runtime.session(r.model), r.verif.feeds)
+    say(f"[3/6] passes ({len(r.p.passes)})")
     instruments = [ProgressInstrument(say)]
     if opts.check_each_pass:
-        instruments.append(ValidityInstrument(model))
+        instruments.append(ValidityInstrument(r.model))
     if opts.dump_ir:
-        instruments.append(DumpIRInstrument(Path(opts.dump_ir), model))
-    ctx = PassContext(target=p.spec, calib=calib, opset=ir.default_opset(model) or 17,
+        instruments.append(DumpIRInstrument(Path(opts.dump_ir), r.model))
+    ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17,
                       options={"sparsity": opts.sparsity, "structured": opts.structured, "pattern": opts.pattern,
                                "finetune": opts.finetune},
-                      template=model)
-    compressed, records = PassManager(p.passes, instruments).run(model, ctx)
-    for r in records:
-        warnings += [f"{r.name}: {w}" for w in r.warnings]
-
+                      template=r.model)
+    r.compressed, records = PassManager(r.p.passes, instruments).run(r.model, ctx)
+    for rec in records:
+        r.warnings += [f"{rec.name}: {w}" for w in rec.warnings]
     say("[4/6] verify compressed model (onnxruntime)")
-    tol = verify.Tolerances(opts.min_cosine, opts.min_top1, opts.max_accuracy_drop)
-    comp_sess = runtime.session(compressed)
-    comp_runs = runtime.run_all(comp_sess, verif.feeds)
-    labelled = eval_samples is not None and eval_samples.labels is not None
-    comparisons = [verify.compare("compressed.onnx", "original.onnx", "lossy", out_names, comp_runs, ref_runs, tol, not labelled)]
-    accuracy = None
-    if labelled:
-        accuracy = {"original": verify.accuracy(ref_runs, verif.labels), "compressed": verify.accuracy(comp_runs, verif.labels),
-                    "n": len(verif.feeds), "max_drop": tol.max_accuracy_drop, "artifact": None}
+    r.comp_runs = runtime.run_all(runtime.session(r.compressed), r.verif.feeds)
+    r.comparisons = []
+    r.compare("compressed.onnx", "original.onnx", "lossy", r.comp_runs, r.ref_runs)
+    if r.labelled:
+        r.accuracy = {"original": verify.accuracy(r.ref_runs, r.verif.labels), "compressed": verify.accuracy(r.comp_runs, r.verif.labels),
+                      "n": len(r.verif.feeds), "max_drop": r.tol.max_accuracy_drop, "artifact": None}
+    return records
 
+
+@dataclass
+class _Build:
+    artifact: Any = None
+    artifact_runs: list[list[np.ndarray]] | None = None
+    target_passes: list[dict[str, Any]] | None = None
+    runtime_choice: dict[str, Any] | None = None
+    expected_runs: list[list[np.ndarray]] | None = None  # what the bundle's default runtime produces
+
+
+def _build(r: _Run, stage: bundle_mod.StagedDir) -> _Build:
+    """Stage 5: pick the runtime, lower + compile for the target, run and verify the artifact where it runs."""
+    from passes.quant_common import choose_runtime
+    from targets.base import NotRunnableHere
+
+    p, say, bdir = r.p, r.say, stage.path
+    b = _Build(target_passes=[], runtime_choice=choose_runtime(r.compressed, p.spec), expected_runs=r.comp_runs)
+    if p.opts.no_compile:
+        r.warnings.append("--no-compile: no target artifact was produced")
+        say("[5/6] compile: skipped (--no-compile)")
+    elif b.runtime_choice["name"] == "onnxruntime":  # quantized ops: TVM would dequantize them
+        r.warnings.append(f"runtime: onnxruntime ({b.runtime_choice['reason']}); no TVM artifact")
+        say(f"[5/6] compile: skipped, runtime onnxruntime ({b.runtime_choice['reason']})")
+        b.expected_runs = runtime.run_all(runtime.session(r.compressed, optimized=True), r.verif.feeds)
+        rt_name = "runtime(onnxruntime, ORT_ENABLE_ALL)"
+        r.compare(rt_name, "original.onnx", "lossy", b.expected_runs, r.ref_runs)
+        # fused int8 kernels requantize with their own rounding (one step per layer at most), so this is
+        # gated like a lossy change, not with the bit-level compile tolerance
+        r.compare(rt_name, "compressed.onnx", "lossy", b.expected_runs, r.comp_runs)
+        if r.accuracy is not None:
+            r.accuracy["artifact"] = verify.accuracy(b.expected_runs, r.verif.labels)
+    else:
+        say(f"[5/6] compile for {p.spec.tag} ({p.spec.tvm_target.get('kind')}, {p.spec.triple})")
+        t0 = time.perf_counter()
+        try:
+            lowered, b.target_passes = lower_for_target(r.compressed, p.target, p.spec, say)
+            src = bdir / "model.onnx"
+            if lowered is not r.compressed:
+                # the lowered graph (unrolled RNNs, BSR ops with a standard-op reference body) still
+                # runs in onnxruntime: check it bit-tight against the compressed model, so targets
+                # whose artifact cannot run here (arm, cuda) have their lowering verified too
+                r.compare("lowered.onnx", "compressed.onnx", "compile", runtime.run_all(runtime.session(lowered), r.verif.feeds), r.comp_runs)
+                src = stage.path.parent / f"{stage.path.name}.lowered.onnx"
+                ir.save_model(lowered, src)
+            try:
+                b.artifact = _compile_artifact(p, src, bdir, {s.name: list(s.shape) for s in r.inputs}, say, r.warnings)
+            finally:
+                if src.name.endswith(".lowered.onnx"):
+                    src.unlink(missing_ok=True)
+            say(f"      {b.artifact.path} ({time.perf_counter() - t0:.1f} s)")
+            r.warnings += [f"compile: {w}" for w in getattr(b.artifact, "warnings", ())]
+        except TargetError as exc:
+            r.warnings.append(f"artifact not produced for {p.spec.tag}: {exc.one_line()}")
+            say(f"      warning: artifact not produced: {exc.one_line()}")
+    if b.artifact is not None:
+        try:
+            b.artifact_runs = [p.target.run(bdir / b.artifact.path, p.spec, f) for f in r.verif.feeds]
+        except NotRunnableHere as exc:
+            r.warnings.append(f"artifact not executed here: {exc}; it was verified only as ONNX (onnxruntime)")
+            say(f"      artifact not run here: {exc}")
+        if b.artifact_runs is not None:
+            r.compare(f"artifact({p.spec.tag})", "original.onnx", "lossy", b.artifact_runs, r.ref_runs)
+            r.compare(f"artifact({p.spec.tag})", "compressed.onnx", "compile", b.artifact_runs, r.comp_runs)
+            if r.accuracy is not None:
+                r.accuracy["artifact"] = verify.accuracy(b.artifact_runs, r.verif.labels)
+    if b.artifact is None and b.runtime_choice["name"] == "tvm":
+        b.runtime_choice = {"name": "onnxruntime", "quantized_ops": {},
+                            "reason": "no TVM artifact (see warnings): the bundle's model.onnx runs with onnxruntime"}
+    return b
+
+
+def _measure(r: _Run, b: _Build, bdir: Path) -> dict[str, Any] | None:
+    """Latency of original vs compressed (onnxruntime, interleaved) and of the artifact; a measured-slower
+    artifact makes the bundle's runner default to onnxruntime (the artifact is still shipped)."""
+    if r.p.opts.no_latency:
+        return None
+    p = r.p
+    orig_fast = runtime.session(r.model, optimized=True)
+    comp_fast = runtime.session(r.compressed, optimized=True)
+    feed = r.verif.feeds[0]
+    lat = runtime.compare_latency({"orig": lambda: orig_fast.run(None, feed), "comp": lambda: comp_fast.run(None, feed)})
+    latency = {"ort_original_s": lat["orig"], "ort_compressed_s": lat["comp"], "artifact_s": None,
+               "measured_on": _host_description(), "method": "median of 25 interleaved runs, ORT_ENABLE_ALL, batch as in model"}
+    if b.artifact_runs is None:
+        return latency
+    latency["artifact_s"] = p.target.time(bdir / b.artifact.path, p.spec, feed)
+    slow = latency["artifact_s"] / lat["comp"]
+    if slow > 1.5:
+        tuned = (b.artifact.details.get("tuning") or {}).get("records_applied")
+        how = f"tuned: {tuned} fused functions with tuning records" if tuned else "untuned schedules; try --tune-trials 64"
+        r.warnings.append(f"the {p.spec.tag} artifact (TVM, {how}) is {slow:.1f}x slower than onnxruntime "
+                          f"on the compressed model on this host")
+    if slow > 1.1 and b.runtime_choice["name"] == "tvm":
+        # measured, not assumed: ship the artifact, but make the runner default to the faster runtime
+        b.runtime_choice = {"name": "onnxruntime", "quantized_ops": {}, "measured_slowdown_of_tvm": round(slow, 3),
+                            "reason": f"measured on this host: the TVM artifact takes {latency['artifact_s'] * 1e3:.3f} ms, "
+                                      f"onnxruntime {lat['comp'] * 1e3:.3f} ms on the compressed model; run_bundle.py "
+                                      f"defaults to onnxruntime (--tvm runs the shipped artifact)"}
+        r.warnings.append(f"runtime: onnxruntime ({b.runtime_choice['reason']})")
+    return latency
+
+
+def _write_selfcheck(r: _Run, b: _Build, bdir: Path) -> None:
+    (bdir / "selfcheck").mkdir()
+    k = r.p.opts.verify_samples
+    data_mod.save_samples(bdir / "selfcheck" / "inputs.npz", r.verif.feeds[:k])
+    for name, runs in (("expected.npz", b.expected_runs), ("original.npz", r.ref_runs)):
+        np.savez(bdir / "selfcheck" / name, **{n: np.stack([run[i] for run in runs[:k]]) for i, n in enumerate(r.out_names)})
+    shutil.copyfile(Path(__file__).with_name("bundle_runner.py"), bdir / "run_bundle.py")
+
+
+def _gate(r: _Run) -> tuple[str, list[str]]:
+    failures = [f"{c.candidate} vs {c.reference}: {f}" for c in r.comparisons for f in c.failures]
+    if r.accuracy is not None:
+        drop = r.accuracy["original"] - r.accuracy["compressed"]
+        if drop > r.tol.max_accuracy_drop:
+            failures.append(f"accuracy drop {drop:.4f} > {r.tol.max_accuracy_drop}")
+    if r.p.opts.no_gate and failures:
+        r.warnings.append(f"accuracy gate disabled (--no-gate); {len(failures)} check(s) would have failed")
+    return ("FAILED" if failures and not r.p.opts.no_gate else "PASSED"), failures
+
+
+def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
+    """load -> reference -> passes -> verify -> compile + verify artifact -> measure -> bundle (staged, atomic)."""
+    opts = p.opts
+    model_path = Path(opts.model)
+    if p.output.resolve() in model_path.resolve().parents or p.output.resolve() == model_path.resolve():
+        raise InputError(f"output directory {p.output} contains the input model", hint="choose another -o; the input is never overwritten")
+    bundle_mod.check_output_dir(p.output, opts.force)
+    t_start = time.perf_counter()
+    src_hash = _sha256(model_path) if model_path.is_file() else None
+    r = _load(p, say)
+    records = _compress(r)
     stage = bundle_mod.StagedDir(p.output)
     try:
         bdir = stage.path
-        ir.save_model(compressed, bdir / "model.onnx")
+        ir.save_model(r.compressed, bdir / "model.onnx")
         from compressor.sparse_storage import write_sparse_weights
 
-        sparse_storage = write_sparse_weights(compressed, bdir / "weights.sparse.npz")
-        artifact, artifact_runs, target_passes = None, None, []
-        art_latency = None
-        from passes.quant_common import choose_runtime
-
-        runtime_choice = choose_runtime(compressed, p.spec)  # quantized ops -> onnxruntime (TVM would dequantize)
-        ort_runs = None
-        if opts.no_compile:
-            warnings.append("--no-compile: no target artifact was produced")
-            say("[5/6] compile: skipped (--no-compile)")
-        elif runtime_choice["name"] == "onnxruntime":
-            warnings.append(f"runtime: onnxruntime ({runtime_choice['reason']}); no TVM artifact")
-            say(f"[5/6] compile: skipped, runtime onnxruntime ({runtime_choice['reason']})")
-            ort_runs = runtime.run_all(runtime.session(compressed, optimized=True), verif.feeds)
-            rt_name = "runtime(onnxruntime, ORT_ENABLE_ALL)"
-            comparisons.append(verify.compare(rt_name, "original.onnx", "lossy", out_names, ort_runs, ref_runs, tol, not labelled))
-            # fused int8 kernels requantize with their own rounding (one step per layer at most), so this is
-            # gated like a lossy change, not with the bit-level compile tolerance
-            comparisons.append(verify.compare(rt_name, "compressed.onnx", "lossy", out_names, ort_runs, comp_runs, tol))
-            if accuracy is not None:
-                accuracy["artifact"] = verify.accuracy(ort_runs, verif.labels)
-        else:
-            say(f"[5/6] compile for {p.spec.tag} ({p.spec.tvm_target.get('kind')}, {p.spec.triple})")
-            t0 = time.perf_counter()
-            try:
-                lowered, target_passes = lower_for_target(compressed, p.target, p.spec, say)
-                src = bdir / "model.onnx"
-                if lowered is not compressed:
-                    # the lowered graph (unrolled RNNs, BSR ops with a standard-op reference body) still
-                    # runs in onnxruntime: check it bit-tight against the compressed model, so targets
-                    # whose artifact cannot run here (arm, cuda) have their lowering verified too
-                    low_runs = runtime.run_all(runtime.session(lowered), verif.feeds)
-                    comparisons.append(verify.compare("lowered.onnx", "compressed.onnx", "compile", out_names, low_runs, comp_runs, tol))
-                    src = stage.path.parent / f"{stage.path.name}.lowered.onnx"
-                    ir.save_model(lowered, src)
-                try:
-                    artifact = _compile_artifact(p, src, bdir, {s.name: list(s.shape) for s in inputs}, say, warnings)
-                finally:
-                    if src.name.endswith(".lowered.onnx"):
-                        src.unlink(missing_ok=True)
-                say(f"      {artifact.path} ({time.perf_counter() - t0:.1f} s)")
-                warnings += [f"compile: {w}" for w in getattr(artifact, "warnings", ())]
-            except TargetError as exc:
-                warnings.append(f"artifact not produced for {p.spec.tag}: {exc.one_line()}")
-                say(f"      warning: artifact not produced: {exc.one_line()}")
-        if artifact is not None:
-            from targets.base import NotRunnableHere
-
-            try:
-                artifact_runs = [p.target.run(bdir / artifact.path, p.spec, f) for f in verif.feeds]
-            except NotRunnableHere as exc:
-                warnings.append(f"artifact not executed here: {exc}; it was verified only as ONNX (onnxruntime)")
-                say(f"      artifact not run here: {exc}")
-            if artifact_runs is not None:
-                comparisons.append(verify.compare(f"artifact({p.spec.tag})", "original.onnx", "lossy", out_names, artifact_runs, ref_runs, tol, not labelled))
-                comparisons.append(verify.compare(f"artifact({p.spec.tag})", "compressed.onnx", "compile", out_names, artifact_runs, comp_runs, tol))
-                if accuracy is not None:
-                    accuracy["artifact"] = verify.accuracy(artifact_runs, verif.labels)
-
-        if artifact is None and runtime_choice["name"] == "tvm":
-            runtime_choice = {"name": "onnxruntime", "reason": "no TVM artifact (see warnings): the bundle's model.onnx runs with onnxruntime",
-                              "quantized_ops": {}}
+        sparse_storage = write_sparse_weights(r.compressed, bdir / "weights.sparse.npz")
+        b = _build(r, stage)
         say("[6/6] measure and write bundle")
-        latency = None
-        if not opts.no_latency:
-            orig_fast = runtime.session(model, optimized=True)
-            comp_fast = runtime.session(compressed, optimized=True)
-            feed = verif.feeds[0]
-            lat = runtime.compare_latency({"orig": lambda: orig_fast.run(None, feed), "comp": lambda: comp_fast.run(None, feed)})
-            latency = {"ort_original_s": lat["orig"], "ort_compressed_s": lat["comp"], "artifact_s": None,
-                       "measured_on": _host_description(), "method": "median of 25 interleaved runs, ORT_ENABLE_ALL, batch as in model"}
-            if artifact_runs is not None:
-                latency["artifact_s"] = p.target.time(bdir / artifact.path, p.spec, feed)
-                slow = latency["artifact_s"] / lat["comp"]
-                if slow > 1.5:
-                    tuned = (artifact.details.get("tuning") or {}).get("records_applied")
-                    how = f"tuned: {tuned} fused functions with tuning records" if tuned else "untuned schedules; try --tune-trials 64"
-                    warnings.append(f"the {p.spec.tag} artifact (TVM, {how}) is {slow:.1f}x slower than onnxruntime "
-                                    f"on the compressed model on this host")
-                if slow > 1.1 and runtime_choice["name"] == "tvm":
-                    # measured, not assumed: ship the artifact, but make the runner default to the faster runtime
-                    runtime_choice = {"name": "onnxruntime", "quantized_ops": {}, "measured_slowdown_of_tvm": round(slow, 3),
-                                      "reason": f"measured on this host: the TVM artifact takes {latency['artifact_s'] * 1e3:.3f} ms, "
-                                                f"onnxruntime {lat['comp'] * 1e3:.3f} ms on the compressed model; run_bundle.py "
-                                                f"defaults to onnxruntime (--tvm runs the shipped artifact)"}
-                    warnings.append(f"runtime: onnxruntime ({runtime_choice['reason']})")
-
-        before = stats.compute(model, model_path.stat().st_size)
-        after = stats.compute(compressed, (bdir / "model.onnx").stat().st_size)
-
-        # on-device self-check data
-        (bdir / "selfcheck").mkdir()
-        k = opts.verify_samples
-        data_mod.save_samples(bdir / "selfcheck" / "inputs.npz", verif.feeds[:k])
-        exp_runs = ort_runs if ort_runs is not None else comp_runs  # what the bundle's runtime produces
-        np.savez(bdir / "selfcheck" / "expected.npz", **{n: np.stack([r[i] for r in exp_runs[:k]]) for i, n in enumerate(out_names)})
-        np.savez(bdir / "selfcheck" / "original.npz", **{n: np.stack([r[i] for r in ref_runs[:k]]) for i, n in enumerate(out_names)})
-        shutil.copyfile(Path(__file__).with_name("bundle_runner.py"), bdir / "run_bundle.py")
-
-        gate_failures = [f"{c.candidate} vs {c.reference}: {f}" for c in comparisons for f in c.failures]
-        if accuracy is not None:
-            drop = accuracy["original"] - accuracy["compressed"]
-            if drop > tol.max_accuracy_drop:
-                gate_failures.append(f"accuracy drop {drop:.4f} > {tol.max_accuracy_drop}")
-        if opts.no_gate and gate_failures:
-            warnings.append(f"accuracy gate disabled (--no-gate); {len(gate_failures)} check(s) would have failed")
-        status = "FAILED" if gate_failures and not opts.no_gate else "PASSED"
-
+        latency = _measure(r, b, bdir)
+        before = stats.compute(r.model, model_path.stat().st_size)
+        after = stats.compute(r.compressed, (bdir / "model.onnx").stat().st_size)
+        _write_selfcheck(r, b, bdir)
+        status, gate_failures = _gate(r)
+        artifact = b.artifact
         rep: dict[str, Any] = {
             "tool": {"name": "compressor", "version": compressor.__version__},
             "status": status,
-            "gate": {"enabled": not opts.no_gate, "tolerances": tol.to_dict(), "failures": gate_failures},
-            "model": {"path": str(model_path), "sha256": src_hash, "opset": ir.default_opset(model),
-                      "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]},
+            "gate": {"enabled": not opts.no_gate, "tolerances": r.tol.to_dict(), "failures": gate_failures},
+            "model": {"path": str(model_path), "sha256": src_hash, "opset": ir.default_opset(r.model),
+                      "inputs": [s.to_dict() for s in r.inputs], "outputs": [s.to_dict() for s in r.outputs]},
             "target": p.spec.to_dict(),
-            "passes": [r.to_dict() for r in records],
-            "target_passes": target_passes,
-            "verification_data": verif.source,
-            "verification": [c.to_dict() for c in comparisons],
-            "accuracy": accuracy,
+            "passes": [rec.to_dict() for rec in records],
+            "target_passes": b.target_passes,
+            "verification_data": r.verif.source,
+            "verification": [c.to_dict() for c in r.comparisons],
+            "accuracy": r.accuracy,
             "stats": {"original": before.to_dict(), "compressed": after.to_dict()},
             "latency": latency,
-            "runtime": runtime_choice,
+            "runtime": b.runtime_choice,
             "artifact": None if artifact is None else {"path": str(artifact.path), "kind": artifact.kind,
                                                        "sha256": artifact.sha256, **artifact.details},
-            "warnings": warnings,
+            "warnings": r.warnings,
             "bundle": str(p.output),
             "sparse_storage": sparse_storage,
-            "wall_seconds": None,
+            "wall_seconds": round(time.perf_counter() - t_start, 2),
         }
-        rep["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+        files = ["model.onnx", "selfcheck/inputs.npz", "selfcheck/expected.npz", "selfcheck/original.npz", "run_bundle.py",
+                 sparse_storage["file"]] + ([str(artifact.path), *getattr(artifact, "extra_files", ())] if artifact else [])
         manifest = {
             "schema_version": bundle_mod.MANIFEST_SCHEMA_VERSION,
             "tool": rep["tool"],
@@ -362,21 +423,18 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
             "source_model": {"path": str(model_path), "sha256": src_hash},
             "target": p.spec.to_dict(),
             "required_isa_features": list(p.spec.isa_features),
-            "files": {name: {"sha256": _sha256(bdir / name), "bytes": (bdir / name).stat().st_size}
-                      for name in ["model.onnx", "selfcheck/inputs.npz", "selfcheck/expected.npz", "selfcheck/original.npz", "run_bundle.py",
-                                   sparse_storage["file"]]
-                      + ([str(artifact.path), *getattr(artifact, "extra_files", ())] if artifact else [])},
+            "files": {name: {"sha256": _sha256(bdir / name), "bytes": (bdir / name).stat().st_size} for name in files},
             "artifact": rep["artifact"],
-            "runtime": runtime_choice,
+            "runtime": b.runtime_choice,
             "inputs": rep["model"]["inputs"],
             "outputs": rep["model"]["outputs"],
             "passes": rep["passes"],
-            "target_passes": target_passes,
-            "verification": {"data": verif.source, "measured_on": _host_description(),
+            "target_passes": b.target_passes,
+            "verification": {"data": r.verif.source, "measured_on": _host_description(),
                              "runtime": "onnxruntime (ORT_DISABLE_ALL) and the artifact where it runs here",
-                             "comparisons": rep["verification"], "accuracy": accuracy, "gate": rep["gate"]},
+                             "comparisons": rep["verification"], "accuracy": r.accuracy, "gate": rep["gate"]},
             "latency": latency,
-            "warnings": warnings,
+            "warnings": r.warnings,
         }
         bundle_mod.write_json(bdir / "manifest.json", manifest)
         bundle_mod.write_json(bdir / "report.json", rep)
