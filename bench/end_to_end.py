@@ -90,7 +90,7 @@ def run_one(model: Path, sparsity: float, trials: int, db: Path, out: Path, quie
            for o in c["outputs"]]
     return {"exit": code, "wall": wall, "ort_s": lat.get("ort_original_s"), "tvm_s": lat.get("artifact_s"),
             "sparsity": rep["stats"]["compressed"]["sparsity"],
-            "sparse_layers": f"{sum(1 for x in layers if x.get('lowered'))}/{len(layers)}" if low else "-",
+            "sparse_layers": f"{sum(1 for x in layers if x.get('lowered'))}/{len(layers)}" if layers else "-",
             "trials_run": tun.get("trials_run", 0), "reused": tun.get("tasks_reused", 0),
             "records": f"{tun.get('records_applied', 0)}/{tun.get('tasks', 0)}" if tun.get("mode") != "untuned" else "-",
             "min_cos": min(cos) if cos else None}
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(ZOO + ("mlp-large",)))
     ap.add_argument("--sparsities", default="0,0.7,0.9")
-    ap.add_argument("--trials", type=int, default=32, help="--tune-trials per model (spread over its fused functions)")
+    ap.add_argument("--trials", type=int, default=64, help="--tune-trials per model (spread over its fused functions)")
     ap.add_argument("--no-untuned", action="store_true", help="skip the untuned builds")
     ap.add_argument("--tuning-db", help="tuning database root (default: a fresh folder: tuning cost is real)")
     ap.add_argument("--work", help="folder for models and bundles (default: a temporary folder)")

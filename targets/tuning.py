@@ -244,6 +244,24 @@ def _workload_key(mod) -> str:
     return hashlib.sha256(mod.script().encode()).hexdigest()[:20]
 
 
+def _flops(mod) -> float:
+    try:
+        from tvm.s_tir.analysis import estimate_tir_flops
+
+        return float(estimate_tir_flops(mod))
+    except Exception:  # unknown: tune it
+        return 1.0
+
+
+def _is_scheduled(mod) -> bool:
+    """A hand-scheduled function (our BSR kernels) is not a tuning task."""
+    for func in mod.functions.values():
+        attrs = getattr(func, "attrs", None)
+        if attrs is not None and any(bool(attrs.get(k, False)) for k in ("tirx.is_scheduled", "tir.is_scheduled")):
+            return True
+    return False
+
+
 def _best_record(db, mod):
     if not db.has_workload(mod):
         return None
@@ -273,6 +291,7 @@ class TuningInfo:
     tasks_reused: int = 0
     records_applied: int = 0
     default_kept: int = 0  # functions whose best measured schedule is TVM's default one
+    skipped_data_movement: int = 0  # functions without arithmetic (reshape ...): not tuned
     whole_model_ms: dict[str, float] = field(default_factory=dict)  # end-to-end check: tuned vs untuned build
     kept: str = "tuned"  # "untuned" when the whole tuned model measured slower (see keep_faster)
     cost_model: str = ""
@@ -295,6 +314,8 @@ def _progress_callback(ms, names: list[str], total: int, progress: Progress | No
     @derived_object
     class _Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if len(runner_results) == 0:  # the search produced no candidate this round
+                return
             tid = int(task_id)
             counts[tid] = counts.get(tid, 0) + len(runner_results)
             for res in runner_results:
@@ -319,8 +340,6 @@ def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | Non
     if trials < 0:
         raise UsageError(f"--tune-trials must be >= 0, got {trials}")
     ms = _ms()
-    import tvm
-
     from targets.tvm_backend import make_target
 
     t0 = time.perf_counter()
@@ -334,7 +353,12 @@ def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | Non
         raise TargetError(f"cannot open the tuning database {db_path}: {exc}") from exc
     fused = fuse(mod, target)
     tasks = list(ms.relax_integration.extract_tasks(fused, tune_target))
-    tasks = [t for t in tasks if not t.dispatched[0].attrs or not t.dispatched[0].attrs.get("tir.is_scheduled", False)]
+    tasks = [t for t in tasks if not _is_scheduled(t.dispatched[0])]
+    # pure data movement (reshape/transpose: no arithmetic) is left to the default schedule:
+    # the budget goes to functions that compute
+    moving = [t for t in tasks if _flops(t.dispatched[0]) == 0]
+    tasks = [t for t in tasks if _flops(t.dispatched[0]) > 0]
+    info.skipped_data_movement = len(moving)
     info.tasks = len(tasks)
     if not tasks:
         info.seconds = round(time.perf_counter() - t0, 2)
@@ -343,10 +367,9 @@ def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | Non
     ledger: dict[str, int] = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
     budget = max(1, math.ceil(trials / len(tasks))) if trials > 0 else 0
     info.per_task_budget = budget
-    todo, keys = [], []
+    todo = []
     for t in tasks:
         key = _workload_key(t.dispatched[0])
-        keys.append(key)
         has = _best_record(db, t.dispatched[0]) is not None
         if budget == 0 or (has and ledger.get(key, 0) >= budget):
             info.tasks_reused += int(has)
@@ -391,30 +414,11 @@ def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | Non
         work_dir = tempfile.mkdtemp(prefix="compressor-tune-")
         ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
         try:
-            with _quiet(ms_logger):
-                ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=work_dir, max_trials_global=total,
-                              max_trials_per_task=budget, num_trials_per_iter=min(budget, 16), builder=builder,
-                              runner=runner, database=db, cost_model=cost_model, measure_callbacks=callbacks,
-                              task_scheduler="gradient")
-        except Exception as exc:
-            from targets.tvm_backend import one_line
-
-            raise TargetError(f"meta_schedule tuning failed: {one_line(exc)}") from exc
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        try:
-            with _quiet(ms_logger):
-                measured = _measure_defaults(ms, builder, runner, todo, tune_target, db)
-            if measured < len(todo):
-                info.warnings.append(f"TVM's default schedule could not be measured for {len(todo) - measured} of "
-                                     f"{len(todo)} fused functions: their tuned record applies even if slower")
-        except Exception as exc:  # the tuned records still apply; say that the guard is missing
-            from targets.tvm_backend import one_line
-
-            info.warnings.append(f"could not measure TVM's default schedules ({one_line(exc)}): a tuned record "
-                                 f"is applied even where it may be slower than the default")
+            _tune_and_measure_defaults(ms, info, ctxs, weights, work_dir, total, budget, builder, runner, db,
+                                       cost_model, callbacks, todo, tune_target, ms_logger)
         finally:
             builder.close()
+            shutil.rmtree(work_dir, ignore_errors=True)
         info.trials_run = sum(counts.values())
         info.tasks_tuned = len(todo)
         for t in todo:
@@ -427,10 +431,37 @@ def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | Non
         if failed:
             info.warnings.append(f"no valid schedule found for {len(failed)} fused function(s) "
                                  f"({', '.join(failed[:5])}{'...' if len(failed) > 5 else ''}): default schedule kept")
-    elif progress:
+    elif progress and budget:
         progress(f"      tuning: all {len(tasks)} fused functions already tuned with >= {budget} trials in {db_path}: reused")
+    elif progress:
+        progress(f"      tuning: applying the records of {info.tasks_reused} of {len(tasks)} fused functions from {db_path}")
     info.seconds = round(time.perf_counter() - t0, 2)
     return db, info, tasks
+
+
+def _tune_and_measure_defaults(ms, info: TuningInfo, ctxs, weights, work_dir, total, budget, builder, runner, db,
+                               cost_model, callbacks, todo, tune_target, ms_logger) -> None:
+    try:
+        with _quiet(ms_logger):
+            ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=work_dir, max_trials_global=total,
+                          max_trials_per_task=budget, num_trials_per_iter=min(budget, 16), builder=builder,
+                          runner=runner, database=db, cost_model=cost_model, measure_callbacks=callbacks,
+                          task_scheduler="gradient")
+    except Exception as exc:
+        from targets.tvm_backend import one_line
+
+        raise TargetError(f"meta_schedule tuning failed: {one_line(exc)}") from exc
+    try:
+        with _quiet(ms_logger):
+            measured = _measure_defaults(ms, builder, runner, todo, tune_target, db)
+        if measured < len(todo):
+            info.warnings.append(f"TVM's default schedule could not be measured for {len(todo) - measured} of "
+                                 f"{len(todo)} fused functions: their tuned record applies even if slower")
+    except Exception as exc:  # the tuned records still apply; say that the guard is missing
+        from targets.tvm_backend import one_line
+
+        info.warnings.append(f"could not measure TVM's default schedules ({one_line(exc)}): a tuned record "
+                             f"is applied even where it may be slower than the default")
 
 
 def _identity_trace(s_tir, mod):
@@ -556,10 +587,10 @@ def _random_args(mod) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     feeds = {}
     for prm in mod["main"].params:
-        si = prm.struct_info
-        shape = [int(d) for d in si.shape.values]
-        dt = str(si.dtype)
-        feeds[prm.name_hint] = (rng.standard_normal(shape).astype(dt) if dt.startswith("float")
+        ty = prm.ty  # relax TensorType (TVM 0.27)
+        shape = [int(d) for d in ty.shape.values]
+        dt = str(ty.dtype)
+        feeds[str(prm.name)] = (rng.standard_normal(shape).astype(dt) if dt.startswith("float")
                                 else np.zeros(shape, dtype=dt))
     return feeds
 

@@ -135,3 +135,18 @@ def test_target_without_options_warns(tmp_path):
     assert pipeline._compile_artifact(p, tmp_path / "m.onnx", tmp_path, {"x": [1]}, print, warnings) == "artifact"
     assert calls == [{"x": [1]}]
     assert len(warnings) == 1 and "--tune-trials" in warnings[0] and "old" in warnings[0]
+
+
+def test_end_to_end_bench_smoke(tmp_path, capsys):
+    """bench/end_to_end.py in its smallest configuration (untuned only): the table is written
+    from the bundles' reports."""
+    from bench import end_to_end
+
+    md = tmp_path / "e2e.md"
+    assert end_to_end.main(["--models", "mlp", "--sparsities", "0", "--trials", "0", "--md", str(md),
+                            "--work", str(tmp_path / "w")]) == 0
+    text = md.read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| mlp"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0%" and float(cells[4]) > 0 and float(cells[5]) > 0  # ORT and TVM latencies in ms
+    assert "mlp 0.0: 0%:" in text
