@@ -344,6 +344,32 @@ class MixedResult:
                 "quantizations_evaluated": self.evaluations}
 
 
+SENSITIVITY_SAMPLES = 64  # calibration samples used by the per-layer sensitivity search (keep_fp32: auto)
+
+
+def quantize_with_keep_fp32(quantize: QuantizeFn, candidates: list[str], ref_model: onnx.ModelProto,
+                            feeds: list[dict[str, np.ndarray]], keep_fp32: str, target: float,
+                            warnings: list[str]) -> tuple[onnx.ModelProto, "MixedResult | None"]:
+    """The model every quantize.* pass returns: all ``candidates`` quantized, or with
+    ``keep_fp32 == "auto"`` and calibration data, the most sensitive layers kept fp32 until
+    the output cosine reaches ``target`` (``keep_fp32_search``). Appends a warning for every
+    kept layer, for a missed target, and when ``auto`` had no data to measure with."""
+    if keep_fp32 != "auto":
+        return quantize(None, []), None
+    if not feeds:
+        warnings.append("keep_fp32=auto needs calibration data (--calib) to measure per-layer sensitivity: "
+                        "every layer quantized")
+        return quantize(None, []), None
+    mixed = keep_fp32_search(quantize, candidates, ref_model, feeds[:SENSITIVITY_SAMPLES], target)
+    warnings += [f"{k['layer']}: kept fp32 (keep_fp32=auto): {k['reason']}" for k in mixed.kept]
+    if not mixed.met:
+        warnings.append(f"keep_fp32=auto: output cosine {mixed.fidelity:.6f} still below the target {target} "
+                        f"with {len(mixed.kept)} layer(s) kept fp32")
+    elif candidates and len(mixed.kept) == len(candidates):
+        warnings.append("keep_fp32=auto: every layer had to stay fp32 to meet the target: nothing quantized")
+    return (mixed.model if mixed.kept else quantize(None, [])), mixed
+
+
 def keep_fp32_search(quantize: QuantizeFn, candidates: list[str], ref_model: onnx.ModelProto,
                      feeds: list[dict[str, np.ndarray]], target: float) -> MixedResult:
     """Greedy mixed precision: keep the most sensitive layers fp32 until fidelity >= target.

@@ -36,7 +36,6 @@ SENSITIVE_OPS: tuple[str, ...] = (
     "LayerNormalization", "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Erf",
     "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Resize",
 )
-SENSITIVITY_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -80,17 +79,7 @@ class QuantizeFp16(Pass):
         blocked = sorted({n.op for n in graph.nodes if n.op in cfg.op_block_list})
         quantize = lambda only, exclude: convert_fp16(model, cfg, candidates, only, exclude)  # noqa: E731
         feeds = list(ctx.calib.feeds) if ctx.calib is not None else []
-        mixed = None
-        if cfg.keep_fp32 == "auto" and feeds:
-            mixed = qc.keep_fp32_search(quantize, candidates, model, feeds[:SENSITIVITY_SAMPLES], cfg.min_cosine)
-            result = mixed.model
-            warnings += [f"{k['layer']}: kept fp32 (keep_fp32=auto): {k['reason']}" for k in mixed.kept]
-            if not mixed.met:
-                warnings.append(f"keep_fp32=auto: output cosine {mixed.fidelity:.6f} below the target {cfg.min_cosine}")
-        else:
-            if cfg.keep_fp32 == "auto":
-                warnings.append("keep_fp32=auto needs calibration data (--calib) to measure sensitivity: every layer converted")
-            result = quantize(None, [])
+        result, mixed = qc.quantize_with_keep_fp32(quantize, candidates, model, feeds, cfg.keep_fp32, cfg.min_cosine, warnings)
         if blocked:
             warnings.append(f"op types kept float32 (op_block_list, numerically sensitive): {', '.join(blocked)}")
         family = getattr(ctx.target, "family", None)
@@ -108,7 +97,7 @@ class QuantizeFp16(Pass):
             "sparsity": qc.zero_preservation(before, result, self.name),
         }
         if feeds:
-            probe = feeds[:SENSITIVITY_SAMPLES]
+            probe = feeds[:qc.SENSITIVITY_SAMPLES]
             stats["fidelity_min_cosine"] = round(qc.fidelity(qc.run_model(result, probe), qc.run_model(model, probe)), 6)
         if mixed is not None:
             stats["keep_fp32"] = mixed.stats(cfg.min_cosine)

@@ -37,7 +37,6 @@ from passes import quant_common as qc
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -152,17 +151,7 @@ class QuantizeInt4(Pass):
         float_model = qc.export_model(graph, ctx)
         quantize = lambda only, exclude: quantize_int4_model(graph, ctx, cfg, candidates, only, exclude)  # noqa: E731
         feeds = list(ctx.calib.feeds) if ctx.calib is not None else []
-        mixed = None
-        if cfg.keep_fp32 == "auto" and feeds:
-            mixed = qc.keep_fp32_search(quantize, candidates, float_model, feeds[:SENSITIVITY_SAMPLES], cfg.min_cosine)
-            result = mixed.model
-            warnings += [f"{k['layer']}: kept fp32 (keep_fp32=auto): {k['reason']}" for k in mixed.kept]
-            if not mixed.met:
-                warnings.append(f"keep_fp32=auto: output cosine {mixed.fidelity:.6f} below the target {cfg.min_cosine}")
-        else:
-            if cfg.keep_fp32 == "auto":
-                warnings.append("keep_fp32=auto needs calibration data (--calib) to measure sensitivity: every layer quantized")
-            result = quantize(None, [])
+        result, mixed = qc.quantize_with_keep_fp32(quantize, candidates, float_model, feeds, cfg.keep_fp32, cfg.min_cosine, warnings)
         ops = qc.quantized_op_counts(result)
         fp32_b, packed_b = int4_weight_bytes(result)
         stats: dict[str, Any] = {
@@ -177,7 +166,7 @@ class QuantizeInt4(Pass):
             "runtime_note": "MatMulNBits is an onnxruntime contrib op (com.microsoft); TVM cannot import it",
         }
         if feeds:
-            probe = feeds[:SENSITIVITY_SAMPLES]
+            probe = feeds[:qc.SENSITIVITY_SAMPLES]
             stats["fidelity_min_cosine"] = round(qc.fidelity(qc.run_model(result, probe), qc.run_model(float_model, probe)), 6)
         if mixed is not None:
             stats["keep_fp32"] = mixed.stats(cfg.min_cosine)

@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 MODES = ("auto", "static", "dynamic")
-SENSITIVITY_SAMPLES = 64  # calibration samples used for the per-layer sensitivity search
 
 
 @dataclass(frozen=True)
@@ -198,25 +197,7 @@ class QuantizeInt8(Pass):
                     "kernels run 2-20x slower than float Conv; give calibration data (--calib) for static QDQ (the fast "
                     "path), or keep convs float with op_block_list: [Conv]")
 
-        mixed = None
-        if cfg.keep_fp32 == "auto":
-            if feeds:
-                sens_feeds = feeds[:SENSITIVITY_SAMPLES]
-                mixed = qc.keep_fp32_search(quantize, layers, model, sens_feeds, cfg.min_cosine)
-                result = mixed.model if mixed.kept else quantize(None, [])
-                for k in mixed.kept:
-                    warnings.append(f"{k['layer']}: kept fp32 (keep_fp32=auto): {k['reason']}")
-                if not mixed.met:
-                    warnings.append(f"keep_fp32=auto: output cosine {mixed.fidelity:.6f} still below the target {cfg.min_cosine} "
-                                    f"with {len(mixed.kept)} layer(s) kept fp32")
-                elif len(mixed.kept) == len(layers):
-                    warnings.append("keep_fp32=auto: every layer had to stay fp32 to meet the target: nothing quantized")
-            else:
-                warnings.append("keep_fp32=auto needs calibration data (--calib) to measure per-layer sensitivity: "
-                                "every layer quantized")
-                result = quantize(None, [])
-        else:
-            result = quantize(None, [])
+        result, mixed = qc.quantize_with_keep_fp32(quantize, layers, model, feeds, cfg.keep_fp32, cfg.min_cosine, warnings)
 
         ops = qc.quantized_op_counts(result)
         zeros = qc.zero_preservation(before, result, self.name)
@@ -234,7 +215,7 @@ class QuantizeInt8(Pass):
             "sparsity": zeros,
         }
         if feeds:
-            probe = feeds[:SENSITIVITY_SAMPLES]
+            probe = feeds[:qc.SENSITIVITY_SAMPLES]
             stats["fidelity_min_cosine"] = round(qc.fidelity(qc.run_model(result, probe), qc.run_model(model, probe)), 6)
         if mixed is not None:
             stats["keep_fp32"] = mixed.stats(cfg.min_cosine)
