@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import platform
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import compressor
 from compressor import bundle as bundle_mod
 from compressor import data as data_mod
 from compressor import ir, report as report_mod, runtime, stats, verify
-from compressor.errors import CompressorError, InputError, TargetError, UsageError
+from compressor.errors import InputError, TargetError, UsageError
 from compressor.pass_base import Pass, PassContext, make_config
 from compressor.pass_manager import (DumpIRInstrument, PassManager, ProgressInstrument, ValidityInstrument)
 from compressor.plugins import load_plugin_file

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import DependencyError, TargetError, UsageError
-from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, sha256_file
-from targets.elf import read_elf_header
+from compressor.errors import DependencyError, UsageError
+from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, library_artifact
 from targets.host import detect_host
 
 TRIPLE = "aarch64-linux-gnu"
@@ -90,23 +89,7 @@ class ArmTarget(Target):
         t0 = time.perf_counter()
         mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, cc=linker)
-        hdr = read_elf_header(out)
-        if hdr.machine_name != "AArch64":
-            raise TargetError(f"{name} is an ELF for {hdr.machine_name}, expected AArch64")
-        return Artifact(
-            path=Path(name),
-            kind="tvm-relax-vm-library",
-            sha256=sha256_file(out),
-            details={
-                "compile_seconds": round(time.perf_counter() - t0, 3),
-                **timing,
-                "elf_machine": hdr.machine_name,
-                "elf_e_machine": hdr.e_machine,
-                "bytes": out.stat().st_size,
-                "linker": linker or "host cc",
-                "tvm_target": spec.tvm_target,
-            },
-        )
+        return library_artifact(out, t0, timing, "AArch64", {"linker": linker or "host cc", "tvm_target": spec.tvm_target})
 
     def run(self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         host = detect_host()

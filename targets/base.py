@@ -94,3 +94,28 @@ class Target:
     def time(self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray], **kw) -> float:
         """Median seconds per inference of the artifact on this host."""
         raise NotRunnableHere(f"target {spec.tag} artifacts do not run on this host")
+
+
+def library_artifact(out: Path, t0: float, timing: dict[str, Any], expect_machine: str | None, details: dict[str, Any],
+                     extra_files: tuple[str, ...] = (), warnings: tuple[str, ...] = ()) -> Artifact:
+    """The Artifact of a compiled TVM Relax VM library at ``out``: checks the ELF machine
+    (``expect_machine``, e.g. "x86-64" or "AArch64"; None skips the check) and records size,
+    sha256 and compile time, plus the target's own ``details``."""
+    import time
+
+    from compressor.errors import TargetError
+    from targets.elf import read_elf_header
+
+    hdr = read_elf_header(out)
+    if expect_machine is not None and hdr.machine_name != expect_machine:
+        raise TargetError(f"{out.name} is an ELF for {hdr.machine_name}, expected {expect_machine}")
+    return Artifact(
+        path=Path(out.name),
+        kind="tvm-relax-vm-library",
+        sha256=sha256_file(out),
+        details={"compile_seconds": round(time.perf_counter() - t0, 3), **timing, "elf_machine": hdr.machine_name,
+                 "elf_e_machine": hdr.e_machine, "bytes": out.stat().st_size, **details},
+        extra_files=extra_files,
+        warnings=warnings,
+    )
+

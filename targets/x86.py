@@ -8,9 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from compressor.errors import TargetError, UsageError
-from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, sha256_file
-from targets.elf import read_elf_header
+from compressor.errors import UsageError
+from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, library_artifact
 from targets.host import detect_host, host_isa_features, llvm_mcpu_and_mattr
 
 TRIPLE = "x86_64-linux-gnu"
@@ -126,22 +125,10 @@ class X86Target(Target):
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, relax_pipeline=pipeline)
         if tuning_info is not None and spec.runs_here and tuning_info.records_applied > tuning_info.default_kept:
             tuning.keep_faster(mod, spec.tvm_target, out, tuning_info)
-        hdr = read_elf_header(out)
-        if hdr.machine_name != "x86-64":
-            raise TargetError(f"{name} is an ELF for {hdr.machine_name}, expected x86-64")
-        return Artifact(
-            path=Path(name),
-            kind="tvm-relax-vm-library",
-            sha256=sha256_file(out),
-            details={
-                "compile_seconds": round(time.perf_counter() - t0, 3),
-                **timing,
-                "elf_machine": hdr.machine_name,
-                "bytes": out.stat().st_size,
-                "tvm_target": spec.tvm_target,
-                "isa_features": list(spec.isa_features),
-                "tuning": tuning_info.to_dict() if tuning_info else {"mode": "untuned", "trials_run": 0},
-            },
+        return library_artifact(
+            out, t0, timing, "x86-64",
+            {"tvm_target": spec.tvm_target, "isa_features": list(spec.isa_features),
+             "tuning": tuning_info.to_dict() if tuning_info else {"mode": "untuned", "trials_run": 0}},
             extra_files=tuple(tuning_info.files) if tuning_info else (),
             warnings=tuple(tuning_info.warnings) if tuning_info else (),
         )
