@@ -73,8 +73,11 @@ class ArmTarget(Target):
         )
 
     def compile(
-        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]]
+        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]],
+        options: dict | None = None,
     ) -> Artifact:
+        """``options`` as for x86: tuning needs measurements on the device, so here an existing
+        tuning database (``--tuning-db``, or the per-target default) is only applied."""
         from targets import tvm_backend
 
         host = detect_host()
@@ -88,8 +91,18 @@ class ArmTarget(Target):
         out = Path(out_dir) / name
         t0 = time.perf_counter()
         mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
-        timing = tvm_backend.compile_library(mod, spec.tvm_target, out, cc=linker)
-        return library_artifact(out, t0, timing, "AArch64", {"linker": linker or "host cc", "tvm_target": spec.tvm_target})
+        opts = options or {}
+        pipeline, info = None, None
+        if opts.get("tune_trials") or opts.get("tuning_db"):
+            from targets import tuning
+
+            pipeline, info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), int(opts.get("tune_trials") or 0),
+                                            opts.get("tuning_db"), opts.get("progress"), measure_here=False)
+        timing = tvm_backend.compile_library(mod, spec.tvm_target, out, cc=linker, relax_pipeline=pipeline)
+        return library_artifact(out, t0, timing, "AArch64",
+                                {"linker": linker or "host cc", "tvm_target": spec.tvm_target,
+                                 "tuning": info.to_dict() if info else {"mode": "untuned", "trials_run": 0}},
+                                extra_files=tuple(info.files) if info else (), warnings=tuple(info.warnings) if info else ())
 
     def run(self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         host = detect_host()

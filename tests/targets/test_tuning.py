@@ -150,3 +150,13 @@ def test_end_to_end_bench_smoke(tmp_path, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "0%" and float(cells[4]) > 0 and float(cells[5]) > 0  # ORT and TVM latencies in ms
     assert "mlp 0.0: 0%:" in text
+
+
+def test_arm_applies_database_only_and_says_so(cli, gemm_relu, tmp_path):
+    """arm artifacts cannot be measured here: --tune-trials only applies existing records, with a warning."""
+    out = tmp_path / "b"
+    r = cli(gemm_relu, "--target", "arm", "--tune-trials", "4", "--tuning-db", tmp_path / "db", "-o", out, "--no-gate")
+    assert r.code == 0, r
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["artifact"]["tuning"]["mode"] == "apply-only" and rep["artifact"]["tuning"]["trials_run"] == 0
+    assert any("tuning needs to measure on the target device" in w for w in rep["warnings"])
