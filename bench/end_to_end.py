@@ -33,6 +33,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,10 +63,57 @@ def build_mlp_large(path: Path, widths=(1024, 2048, 2048, 1024), classes: int = 
     return path
 
 
+def _export(net, x, path: Path) -> Path:
+    import torch
+
+    net = net.eval()
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(path), input_names=["x"], output_names=["logits"], opset_version=17,
+                          dynamo=False, do_constant_folding=True)
+    return path
+
+
+def build_gru_large(path: Path, inp: int = 256, hidden: int = 1024, seq: int = 8, classes: int = 10,
+                    seed: int = 0) -> Path:
+    """batch_first GRU (1 layer) -> last hidden state -> Linear; input [1, seq, inp]."""
+    import torch
+    from torch import nn
+
+    class GRUHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(inp, hidden, num_layers=1, batch_first=True)
+            self.fc = nn.Linear(hidden, classes)
+
+        def forward(self, x):
+            _, h = self.rnn(x)
+            return self.fc(h[-1])
+
+    torch.manual_seed(seed)
+    return _export(GRUHead(), torch.randn(1, seq, inp), path)
+
+
+def build_transformer_large(path: Path, seq: int = 16, dim: int = 512, heads: int = 8, layers: int = 2,
+                            mlp_dim: int = 2048, seed: int = 0) -> Path:
+    """models.build.TinyTransformer's explicit-attention pre-LN encoder at d_model ``dim``."""
+    import torch
+
+    from models.build import TinyTransformer
+
+    torch.manual_seed(seed)
+    net = TinyTransformer(seq=seq, dim=dim, heads=heads, layers=layers, mlp_dim=mlp_dim)
+    return _export(net, torch.randn(1, seq, dim), path)
+
+
+LARGE = {"mlp-large": build_mlp_large, "gru-large": build_gru_large, "transformer-large": build_transformer_large}
+
+
 def model_path(name: str, cache: Path) -> Path:
-    if name == "mlp-large":
-        p = cache / "mlp_large.onnx"
-        return p if p.is_file() else build_mlp_large(p)
+    if name in LARGE:
+        cache.mkdir(parents=True, exist_ok=True)
+        p = cache / f"{name.replace('-', '_')}.onnx"
+        return p if p.is_file() else LARGE[name](p)
     return ensure_built(name, cache)
 
 

@@ -380,10 +380,57 @@ def make_executor(kind: str = "local", address: str | None = None, num_cpus: int
     return RayExecutor(address, num_cpus, max_retries, timeout_s)
 
 
-def add_cli_flags(p: Any) -> None:
-    """The executor flags shared by ``analyze`` and ``batch``."""
-    p.add_argument("--executor", default="local", choices=list(EXECUTORS), help="where tasks run: local (default) | ray")
-    p.add_argument("--ray-address", metavar="HOST:PORT", help="--executor ray: join this cluster (default: start a local instance for the run)")
+class RunExecutor:
+    """The executor of one ``compress`` run, shared by its passes (``PassContext.options["executor_session"]``).
+
+    Started on first use (a run whose passes fan out nothing never starts Ray) and closed once, at the end
+    of the run, by the pipeline: every fanned-out stage of the run uses the same instance / connection.
+    ``uses`` lists the stages that ran on it, for the report."""
+
+    def __init__(self, kind: str = "local", address: str | None = None):
+        if kind not in EXECUTORS:
+            raise UsageError(f"unknown executor {kind!r}", hint=f"choose one of: {', '.join(EXECUTORS)}")
+        if address and kind != "ray":
+            raise UsageError("--ray-address needs --executor ray")
+        self.kind, self.address = kind, address
+        self._ex: Executor | None = None
+        self.uses: list[str] = []
+
+    def get(self, stage: str) -> Executor:
+        if self._ex is None:
+            self._ex = make_executor(self.kind, self.address)
+            log.info("executor for this run: %s", self._ex.describe())
+        self.uses.append(stage)
+        return self._ex
+
+    @property
+    def started(self) -> bool:
+        return self._ex is not None
+
+    def close(self) -> None:
+        if self._ex is not None:
+            self._ex.close()
+            self._ex = None
+
+    def __enter__(self) -> "RunExecutor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def for_stage(ctx: Any, stage: str) -> Executor:
+    """The run's executor for a fanned-out stage of a pass; in-process when the pass runs outside a pipeline run."""
+    session = (getattr(ctx, "options", None) or {}).get("executor_session")
+    return session.get(stage) if isinstance(session, RunExecutor) else LocalExecutor()
+
+
+def add_cli_flags(p: Any, core: bool = True) -> None:
+    """The executor flags of ``analyze`` and ``batch`` (``core=False``: all but --executor/--ray-address,
+    which the main compress flags already define)."""
+    if core:
+        p.add_argument("--executor", default="local", choices=list(EXECUTORS), help="where tasks run: local (default) | ray")
+        p.add_argument("--ray-address", metavar="HOST:PORT", help="--executor ray: join this cluster (default: start a local instance for the run)")
     p.add_argument("--num-cpus", type=int, help="--executor ray without --ray-address: CPUs of the local instance (default: all)")
     p.add_argument("--max-retries", type=int, default=3, help="--executor ray: retries of a task whose worker died (default 3)")
     p.add_argument("--task-timeout", type=float, help="seconds after which a task is cancelled and reported failed (default: none)")

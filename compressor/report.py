@@ -115,6 +115,7 @@ def result_line(report: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# compressor report: {report['model']['path']}", "",
              f"Status: **{report['status']}**  ", f"Target: `{report['target']['tag']}` ({report['target']['tvm_target']})  ",
+             (f"Runtime the bundle uses: **{report['runtime']['name']}** ({report['runtime']['reason']})  " if report.get("runtime") else ""),
              f"Verification data: {report['verification_data']}" + (" (random: weak evidence)" if report['verification_data'].startswith('random') else ""),
              "", "## Before / after", ""]
     lines += before_after(report)
