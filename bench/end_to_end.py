@@ -4,17 +4,27 @@ without meta_schedule tuning, at several sparsities. Writes bench/end_to_end.md.
     .venv/bin/python -m bench.end_to_end                          # default grid (~10-15 min on 2 cores)
     .venv/bin/python -m bench.end_to_end --trials 64 --models mlp-large
     .venv/bin/python -m bench.end_to_end --smoke                  # mlp at 0/0.9, 4 trials (CI smoke)
+    .venv/bin/python -m bench.end_to_end --models gru-large,transformer-large \
+        --patterns unstructured,8x1 --trials 16 --append          # large variants, ~5 min, appended section
 
 Each cell is one in-process ``compress MODEL --target x86 --sparsity S [--tune-trials N]``
 run; every figure is read from that bundle's report.json (``latency.ort_original_s``:
 onnxruntime ORT_ENABLE_ALL on the *original* model, ``latency.artifact_s``: the bundle's
 TVM library, both medians measured by the run on this host, batch as in the model).
-Speedups are ``ort_original / artifact`` (> 1: the bundle is faster).
+Speedups are ``ort_ref / artifact`` (> 1: the bundle is faster), ``ort_ref`` the smallest
+``ort_original_s`` of a model's cells (the same original model each time; single-run medians
+swing several-fold upwards when other work shares the cores, so the best one is the
+conservative reference).
 
 Models: ``mlp``, ``transformer``, ``gru``, ``mobilenetv2`` from ``models/`` (64-128 wide,
 so ``lower.sparse``'s cost model keeps them dense: the sparse kernels do not pay at that
 size) plus ``mlp-large`` (built here with torch: 1024 -> 2048 -> 2048 -> 1024 -> 10, ReLU,
-batch 1), where the BSR path is taken. Tuning: one database for the whole run
+batch 1), ``gru-large`` (torch GRU 256 -> 1024 hidden, 8 steps, batch_first, last hidden ->
+Linear; ``lower.rnn`` unrolls it into one input MatMul [8, 256] x [256, 3072] and 7
+recurrent GEMVs [1, 1024] x [1024, 3072] that share one BSR copy of R) and
+``transformer-large`` (models.build.TinyTransformer at d_model 512, 8 heads, 2 layers, MLP
+2048, seq 16), where the BSR path is taken. ``--patterns unstructured,8x1`` adds
+``--pattern 8x1`` rows (the 0% build is shared between patterns). Tuning: one database for the whole run
 (``--tuning-db``, default a fresh folder), so the dense functions tuned at 0% are reused
 at 70/90% (the ``trials`` column shows new trials and reused functions).
 
@@ -43,7 +53,8 @@ from compressor.cli import main as compress  # noqa: E402
 from models.zoo import ensure_built  # noqa: E402
 
 ZOO = ("mlp", "transformer", "gru", "mobilenetv2")
-TARGET_90 = {"mlp": 2.5, "gru": 2.5, "transformer": 2.5, "mlp-large": 2.5, "mobilenetv2": 1.5}
+TARGET_90 = {"mlp": 2.5, "gru": 2.5, "transformer": 2.5, "mlp-large": 2.5, "gru-large": 2.5,
+             "transformer-large": 2.5, "mobilenetv2": 1.5}
 DENSE_LIMIT = 1.5  # at 0%: artifact <= 1.5x onnxruntime
 NOISE = 1.10  # "not slower than dense TVM" allowance
 
@@ -117,9 +128,12 @@ def model_path(name: str, cache: Path) -> Path:
     return ensure_built(name, cache)
 
 
-def run_one(model: Path, sparsity: float, trials: int, db: Path, out: Path, quiet: bool) -> dict:
+def run_one(model: Path, sparsity: float, trials: int, db: Path, out: Path, quiet: bool,
+            pattern: str = "unstructured") -> dict:
     args = [str(model), "--target", "x86", "--sparsity", str(sparsity), "-o", str(out), "--force",
             "--verify-samples", "4", "--tune-trials", str(trials)]
+    if pattern != "unstructured" and sparsity > 0:
+        args += ["--pattern", pattern]
     if trials:
         args += ["--tuning-db", str(db)]
     t0 = time.perf_counter()
@@ -156,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(ZOO + ("mlp-large",)))
     ap.add_argument("--sparsities", default="0,0.7,0.9")
+    ap.add_argument("--patterns", default="unstructured",
+                    help="comma list of --pattern values (e.g. unstructured,8x1); the 0%% build is shared")
+    ap.add_argument("--append", action="store_true", help="append this run as a section of --md instead of overwriting")
     ap.add_argument("--trials", type=int, default=64, help="--tune-trials per model (spread over its fused functions)")
     ap.add_argument("--no-untuned", action="store_true", help="skip the untuned builds")
     ap.add_argument("--tuning-db", help="tuning database root (default: a fresh folder: tuning cost is real)")
@@ -167,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.models, a.sparsities, a.trials = "mlp", "0,0.9", 4
     models = [m for m in a.models.split(",") if m]
+    patterns = [p for p in a.patterns.split(",") if p]
+    zero_builds: dict[str, dict] = {}
     sparsities = [float(s) for s in a.sparsities.split(",")]
     modes = ([("untuned", 0)] if not a.no_untuned else []) + ([("tuned", a.trials)] if a.trials > 0 else [])
     t_start = time.perf_counter()
@@ -174,24 +193,36 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         work = Path(a.work) if a.work else Path(tmp)
         db = Path(a.tuning_db) if a.tuning_db else work / "tuning-db"
-        for name in models:
-            model = model_path(name, work / "zoo")
-            res: dict[tuple[str, float], dict] = {}
+        for mname, pattern in [(m, p) for m in models for p in patterns]:
+            model = model_path(mname, work / "zoo")
+            name = mname if pattern == "unstructured" else f"{mname} ({pattern})"
+            res: dict[tuple[str, float], dict] = zero_builds.setdefault(mname, {})
+            res = {k: v for k, v in res.items() if k[1] == 0}  # the 0% build does not depend on the pattern
             for mode, trials in modes:
                 for s in sparsities:
-                    r = res[mode, s] = run_one(model, s, trials, db, work / f"{name}-{mode}-{s}", not a.verbose)
+                    if (mode, s) in res:
+                        continue
+                    r = res[mode, s] = run_one(model, s, trials, db, work / f"{mname}-{pattern}-{mode}-{s}",
+                                               not a.verbose, pattern)
+                    if s == 0:
+                        zero_builds[mname][mode, s] = r
                     print(f"{name:12s} {mode:8s} s={s:<4} exit={r['exit']} wall={r['wall']:.1f}s "
                           f"ort={fmt_ms(r.get('ort_s'))} ms tvm={fmt_ms(r.get('tvm_s'))} ms "
                           f"trials={r.get('trials_run', 0)} reused={r.get('reused', 0)}", flush=True)
+            # every cell times the same original model with onnxruntime; on shared cores single
+            # medians swing several-fold (up), so speedups use the fastest of this model's cells
+            # (conservative: onnxruntime's best observed time)
+            ort_all = [r["ort_s"] for r in res.values() if r.get("ort_s") is not None]
+            ort_ref = min(ort_all) if ort_all else None
             for s in sparsities:
                 u, t = res.get(("untuned", s), {}), res.get(("tuned", s), {})
                 best = t if t.get("tvm_s") is not None else u
                 ok = []
-                if best.get("tvm_s") is not None and best.get("ort_s") is not None:
-                    sp = best["ort_s"] / best["tvm_s"]
-                    if s >= 0.9 and name in TARGET_90:
-                        ok.append(f"90%: {sp:.2f}x {'>=' if sp >= TARGET_90[name] else '<'} {TARGET_90[name]}x "
-                                  f"{'PASS' if sp >= TARGET_90[name] else 'FAIL'}")
+                if best.get("tvm_s") is not None and ort_ref is not None:
+                    sp = ort_ref / best["tvm_s"]
+                    if s >= 0.9 and mname in TARGET_90:
+                        tg = TARGET_90[mname]
+                        ok.append(f"90%: {sp:.2f}x {'>=' if sp >= tg else '<'} {tg}x {'PASS' if sp >= tg else 'FAIL'}")
                     if s == 0:
                         ok.append(f"0%: {1 / sp:.2f}x ORT {'<=' if 1 / sp <= DENSE_LIMIT else '>'} {DENSE_LIMIT} "
                                   f"{'PASS' if 1 / sp <= DENSE_LIMIT else 'FAIL'}")
@@ -202,31 +233,37 @@ def main(argv: list[str] | None = None) -> int:
                         ok.append(f"vs dense TVM {r:.2f} {'PASS' if r <= NOISE else 'FAIL'}")
                 checks += [f"{name} {s}: {c}" for c in ok]
                 rows.append([name, f"{s:.0%}", f"{best.get('sparsity', 0):.3f}", best.get("sparse_layers", "-"),
-                             fmt_ms(best.get("ort_s")), fmt_ms(u.get("tvm_s")), fmt_x(u.get("ort_s"), u.get("tvm_s")),
-                             fmt_ms(t.get("tvm_s")), fmt_x(t.get("ort_s"), t.get("tvm_s")),
+                             fmt_ms(best.get("ort_s")), fmt_ms(u.get("tvm_s")), fmt_x(ort_ref, u.get("tvm_s")),
+                             fmt_ms(t.get("tvm_s")), fmt_x(ort_ref, t.get("tvm_s")),
                              f"{t.get('trials_run', 0)}/{t.get('reused', 0)}/{t.get('records', '-')}" if t else "-",
+                             f"{fmt_ms(ort_ref)} ({len(ort_all)})",
                              "-" if best.get("min_cos") is None else f"{best['min_cos']:.4f}",
                              ", ".join(c.rsplit(" ", 1)[1] for c in ok) or "-"])
     total = time.perf_counter() - t_start
     header = ["model", "sparsity", "actual", "sparse layers", "ORT orig ms", "TVM untuned ms", "speedup",
-              f"TVM tuned ms ({a.trials} trials)", "speedup", "new trials/reused fns/records", "min cosine", "targets"]
+              f"TVM tuned ms ({a.trials} trials)", "speedup", "new trials/reused fns/records", "ORT ref ms (runs)", "min cosine", "targets"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     table = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
     from targets.host import detect_host
 
     h = detect_host()
-    md = [f"# End-to-end: x86 bundle vs onnxruntime (original model), untuned vs tuned", "",
+    title = ("## Rerun: " + ", ".join(models) + f" ({time.strftime('%Y-%m-%d')})" if a.append
+             else "# End-to-end: x86 bundle vs onnxruntime (original model), untuned vs tuned")
+    md = [title, "",
           f"Host: {h.model_name} ({h.simd_summary}), {platform.python_version()}; cores shared with other work. "
           f"Generated by `python -m bench.end_to_end {' '.join(argv if argv is not None else sys.argv[1:])}` "
-          f"in {total / 60:.1f} min. Speedup = ORT original / TVM artifact (> 1: bundle faster); "
-          "latencies are each run's own medians (batch 1).", "", *table, "", "Target checks (issue #5):", "",
+          f"in {total / 60:.1f} min. Speedup = ORT ref / TVM artifact (> 1: bundle faster), ORT ref = "
+          "the fastest over the model's runs of each run's onnxruntime median on the original model (the "
+          "single-run figure is the 'ORT orig ms' column; it swings several-fold on shared cores); "
+          "latencies are medians within each run (batch 1).", "", *table, "", "Target checks (issue #5):", "",
           *[f"- {c}" for c in checks]]
     print("\n".join(table))
     print("\n".join(checks))
     print(f"total {total / 60:.1f} min")
     if a.md:
-        Path(a.md).write_text("\n".join(md) + "\n")
+        old = Path(a.md).read_text() + "\n" if a.append and Path(a.md).is_file() else ""
+        Path(a.md).write_text(old + "\n".join(md) + "\n")
     return 0
 
 

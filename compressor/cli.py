@@ -49,6 +49,9 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--save-recipe", metavar="FILE", help="write the resolved recipe to FILE")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where fanned-out stages (the --allocation sensitivity sweep) run: local (default) | ray; identical results")
+    p.add_argument("--ray-address", metavar="HOST:PORT", help="--executor ray: join this cluster (default: a private local instance for the run)")
     if not with_model_flags:
         return
     p.add_argument("--target", default="x86", help="x86 | arm | cuda (or a variant: x86-avx2, arm64-linux, cuda-sm90)")
@@ -115,7 +118,7 @@ def _options_from_args(a: argparse.Namespace) -> Options:
         calib=a.calib, eval=a.eval, finetune=a.finetune, epochs=a.epochs, input_shape=a.input_shape, plugin=a.plugin, force=a.force,
         dry_run=a.dry_run, check_each_pass=a.check_each_pass, dump_ir=a.dump_ir,
         print_pass_times=a.print_pass_times, no_compile=a.no_compile, no_latency=a.no_latency,
-        tune_trials=a.tune_trials, tuning_db=a.tuning_db,
+        tune_trials=a.tune_trials, tuning_db=a.tuning_db, executor=a.executor, ray_address=a.ray_address,
         no_gate=a.no_gate, min_cosine=a.min_cosine, min_top1=a.min_top1,
         max_accuracy_drop=a.max_accuracy_drop, verify_samples=a.verify_samples, seed=a.seed, strict=a.strict,
     )
@@ -207,6 +210,7 @@ def _cmd_run(args: list[str]) -> int:
     if a.output:
         opts.output = a.output
     opts.force, opts.dry_run = a.force, a.dry_run
+    opts.executor, opts.ray_address = a.executor, a.ray_address  # where it runs: not part of a recipe
     return _run(opts, a.save_recipe)
 
 
@@ -281,7 +285,7 @@ def _cmd_batch(args: list[str]) -> int:
     _add_run_flags(p, with_model_flags=True)
     from compressor import executor
 
-    executor.add_cli_flags(p)
+    executor.add_cli_flags(p, core=False)
     p.set_defaults(target=None)
     a = p.parse_args(args)
     _setup_logging(a.verbose)
@@ -293,6 +297,7 @@ def _cmd_batch(args: list[str]) -> int:
         raise UsageError("--save-recipe is per model: each bundle of a batch keeps its recipe.yaml")
     a.model = a.models[0]
     opts = _options_from_args(a)
+    opts.executor, opts.ray_address = "local", None  # the batch's executor runs the jobs; each job's stages run inside its task
     from compressor.batch import run_batch
 
     with executor.from_cli(a) as ex:

@@ -227,11 +227,19 @@ def _compress(r: _Run) -> list[Any]:
         instruments.append(ValidityInstrument(r.model))
     if opts.dump_ir:
         instruments.append(DumpIRInstrument(Path(opts.dump_ir), r.model))
-    ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17,
-                      options={"sparsity": opts.sparsity, "structured": opts.structured, "pattern": opts.pattern,
-                               "finetune": opts.finetune},
-                      template=r.model)
-    r.compressed, records = PassManager(r.p.passes, instruments).run(r.model, ctx)
+    from compressor.executor import RunExecutor
+
+    # one executor for the whole run, started by the first pass that fans out, stopped after the passes
+    with RunExecutor(opts.executor, opts.ray_address) as session:
+        ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17,
+                          options={"sparsity": opts.sparsity, "structured": opts.structured, "pattern": opts.pattern,
+                                   "finetune": opts.finetune, "executor": opts.executor, "ray_address": opts.ray_address,
+                                   "executor_session": session},
+                          template=r.model)
+        r.compressed, records = PassManager(r.p.passes, instruments).run(r.model, ctx)
+    if opts.executor != "local" and not session.uses:
+        r.warnings.append(f"--executor {opts.executor}: no stage of this run fans out (only --allocation sensitivity does); "
+                          "everything ran in this process")
     for rec in records:
         r.warnings += [f"{rec.name}: {w}" for w in rec.warnings]
     say("[4/6] verify compressed model (onnxruntime)")
@@ -372,6 +380,10 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     if p.output.resolve() in model_path.resolve().parents or p.output.resolve() == model_path.resolve():
         raise InputError(f"output directory {p.output} contains the input model", hint="choose another -o; the input is never overwritten")
     bundle_mod.check_output_dir(p.output, opts.force)
+    if opts.executor == "ray":  # missing package: exit 5 before any work, not at the first sweep
+        from compressor.executor import import_ray
+
+        import_ray()
     t_start = time.perf_counter()
     src_hash = _sha256(model_path) if model_path.is_file() else None
     r = _load(p, say)

@@ -63,6 +63,8 @@ class Options:
     no_compile: bool = False
     tune_trials: int = 0  # meta_schedule trials for the TVM artifact's dense functions (0 = untuned)
     tuning_db: str | None = None  # tuning database root (default: per-user cache), host-specific: not in recipes
+    executor: str = "local"  # local | ray: where fanned-out stages (the sensitivity sweep) run; results identical, not in recipes
+    ray_address: str | None = None  # --executor ray: cluster HOST:PORT (default: a private instance), host-specific: not in recipes
     no_latency: bool = False
     no_gate: bool = False
     min_cosine: float = 0.99
@@ -97,10 +99,14 @@ class Options:
             raise UsageError(f"--tune-trials must be >= 0, got {self.tune_trials}")
         if self.verify_samples < 1:
             raise UsageError(f"--verify-samples must be >= 1, got {self.verify_samples}")
+        if self.executor not in ("local", "ray"):
+            raise UsageError(f"--executor must be local or ray, got {self.executor!r}")
+        if self.ray_address and self.executor != "ray":
+            raise UsageError("--ray-address needs --executor ray")
 
 
 # keys that describe where/how a run happens rather than what it computes: not stored in a recipe
-_NOT_IN_RECIPE = {"dry_run", "force", "tuning_db"}
+_NOT_IN_RECIPE = {"dry_run", "force", "tuning_db", "executor", "ray_address"}
 _PATH_KEYS = ("model", "calib", "eval", "output", "dump_ir", "finetune")
 
 

@@ -62,6 +62,12 @@ at lower sparsity (the kernel's fixed cost of streaming X and Y) -- conservative
 
 A layer is lowered when ``ratio >= min_speedup``; every layer left dense is a warning
 with its predicted ratio.
+
+Shared weights: nodes that read the same constant weight (``lower.rnn`` emits one
+recurrent ``H_{t-1} @ R^T`` MatMul per time step, all on one ``R^T``) share one set of
+BSR ``data``/``indices``/``indptr`` constants (only the fused bias is per node), so an
+unrolled S-step GRU stores its recurrent weight once, not S - 1 times. Stats count
+``bsr_shared`` nodes that reused another node's arrays.
 """
 from __future__ import annotations
 
@@ -342,6 +348,9 @@ class LowerSparse(Pass):
         outputs = {t.name for t in graph.outputs}
         shapes = _inferred_shapes(graph, ctx)
         lowered = 0
+        shared = 0
+        # (weight name, op, Gemm transB/alpha, block) -> (BSR matrix, [data, indices, indptr] constants)
+        bsr_cache: dict[tuple, tuple] = {}
         for node in list(graph.nodes):
             if node.op not in ("Gemm", "MatMul", "Conv") or len(node.inputs) < 2:
                 continue
@@ -409,7 +418,9 @@ class LowerSparse(Pass):
                 if n % block[0] or k % block[1]:
                     block = (1, 1)
             group = 1 if (conv or family == "cuda") else sk.lanes_group(block, tvm_target)
-            b = sk.to_bsr(w_nk, block, group)
+            key = (w.name, node.op, int(node.attrs.get("transB", 0)), float(node.attrs.get("alpha", 1.0)), block, group)
+            cached = bsr_cache.get(key)
+            b = cached[0] if cached is not None else sk.to_bsr(w_nk, block, group)
             ratio, basis = predict(node.op, n, k, m, bsz, b.density(), block, family)
             rec = {"node": label, "op": node.op, "shape": [n, k], "batch": m * bsz, "sparsity": round(float(zeros), 4),
                    "block": f"{block[0]}x{block[1]}", "stored_density": round(b.density(), 4),
@@ -444,15 +455,22 @@ class LowerSparse(Pass):
             result = relu_node.outputs[0] if relu_node is not None else final
             _ensure_function(graph, op, ctx.opset)
             pre = f"{label}_bsr"
-            consts = [gs.Constant(f"{pre}_data", b.data), gs.Constant(f"{pre}_indices", b.indices),
-                      gs.Constant(f"{pre}_indptr", b.indptr), gs.Constant(f"{pre}_bias", bias)]
+            if cached is None:
+                arrays = [gs.Constant(f"{pre}_data", b.data), gs.Constant(f"{pre}_indices", b.indices),
+                          gs.Constant(f"{pre}_indptr", b.indptr)]
+                bsr_cache[key] = (b, arrays)
+            else:
+                arrays = cached[1]
+                shared += 1
+            consts = [*arrays, gs.Constant(f"{pre}_bias", bias)]
             new = gs.Node(op=op, name=f"{label}_sparse", domain=DOMAIN, inputs=[x, *consts], outputs=[result])
             for dead in (node, add_node, relu_node):
                 if dead is not None:
                     dead.outputs.clear()
                     dead.inputs.clear()
             graph.nodes.append(new)
-            rec.update(lowered=True, fused=[n_.op for n_ in (add_node, relu_node) if n_ is not None], kernel_op=op)
+            rec.update(lowered=True, fused=[n_.op for n_ in (add_node, relu_node) if n_ is not None], kernel_op=op,
+                       bsr_shared=cached is not None)
             layers.append(rec)
             lowered += 1
         if family == "cuda" and layers:
@@ -460,5 +478,6 @@ class LowerSparse(Pass):
                             "(run bench/cuda_check.py on a GPU to measure)")
         if lowered:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        stats = {"lowered": lowered, "kept_dense": sum(1 for r in layers if not r["lowered"]), "layers": layers}
+        stats = {"lowered": lowered, "kept_dense": sum(1 for r in layers if not r["lowered"]), "bsr_shared": shared,
+                 "layers": layers}
         return PassResult(lowered > 0, stats, warnings)

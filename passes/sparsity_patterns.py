@@ -40,7 +40,9 @@ Allocation (per-layer sparsities meeting the global target)
 * ``global``: one score threshold t across all layers; layer i gets
   ``clip(frac(scores_i < t), floor, ceiling)`` and t is found by bisection so
   the pruned count equals ``round(s * total)`` (within rounding).
-* ``sensitivity``: see ``compressor.sensitivity`` (least total output error).
+* ``sensitivity``: see ``compressor.sensitivity`` (least total output error). The sweep's probes run on
+  the run's executor (``--executor local|ray``, ``compressor.executor.for_stage``); the stats record
+  it under ``sensitivity_run`` (executor, tasks, retries, seconds).
 """
 from __future__ import annotations
 
@@ -645,8 +647,17 @@ def plan_sparsities(graph: gs.Graph, ctx: Any, cfg: SparsifyConfig, layers: list
         return from_matrix(l, np.where(select_mask(scores[name], pat, s), w2, 0), l.values.shape)
 
     weights = {l.name: (l.node.op, l.weight.name, l.values) for l in layers}
-    curves = sensitivity.measure(model, feeds, weights, masked)
+    from compressor.executor import for_stage
+
+    # the run's executor (--executor local|ray): every (layer, level) probe is a task; the curves,
+    # hence the allocation, do not depend on where the probes ran
+    ex = for_stage(ctx, f"{who} sensitivity sweep")
+    curves = sensitivity.measure(model, feeds, weights, masked, executor=ex)
     alloc, warnings = sensitivity.allocate(curves, cfg.sparsity, cfg.min_layer_sparsity, cfg.max_layer_sparsity)
+    run = {**ex.last_stats.to_dict(), "describe": ex.describe()}
+    if run["retries"]:
+        warnings.append(f"sensitivity sweep: {run['retries']} probe attempt(s) were retried after worker failures "
+                        f"(tasks {run['retried_tasks']}); results are from the completed attempts")
     extra = {"sensitivity": {c.layer: {"levels": c.levels, "errors": [round(e, 8) for e in c.errors]} for c in curves},
-             "sensitivity_samples": len(feeds)}
+             "sensitivity_samples": len(feeds), "sensitivity_run": run}
     return alloc, warnings, extra

@@ -24,6 +24,7 @@ from compressor.executor import LocalExecutor
 from models.zoo import DIGITS_CALIB, DIGITS_ONNX, ensure_built, shared_cache_dir
 
 VENV_BIN = Path(sys.executable).parent
+
 PORT = 6391
 
 
@@ -62,27 +63,32 @@ def _sh(*cmd: str, env: dict | None = None, timeout: int = 180) -> subprocess.Co
 
 
 class Cluster:
-    def __init__(self, ns: str, env: dict):
-        self.ns, self.env, self.address = ns, env, f"127.0.0.1:{PORT}"
+    def __init__(self, ns: str, env: dict, port: int):
+        self.ns, self.env, self.port, self.address = ns, env, port, f"127.0.0.1:{port}"
 
     def run(self, *cmd: str, timeout: int = 300) -> subprocess.CompletedProcess:
         return _sh("ip", "netns", "exec", self.ns, *map(str, cmd), env=self.env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, request):
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 for a loopback-only network namespace")
-    ns = f"cmpray{os.getpid()}"
+    ns = f"cmpray{os.getpid()}{request.module.__name__[-4:]}"
     if _sh("ip", "netns", "add", ns).returncode != 0:
         pytest.skip("cannot create a network namespace here")
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
-    c = Cluster(ns, env)
+    # one port per test module: `ray start` refuses a port that a Ray process anywhere on the machine
+    # (any namespace) still uses, and the previous module's cluster may still be shutting down
+    # and one per xdist worker: module-scoped fixtures are set up once per worker that runs the module
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    port = PORT + 20 * worker + (1 if request.module.__name__.endswith("pipeline") else 0) * 7
+    c = Cluster(ns, env, port)
     try:
         assert _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up").returncode == 0
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--object-store-memory", str(200 * 2**20),
                   "--disable-usage-stats"]
-        r = c.run(VENV_BIN / "ray", "start", "--head", "--port", str(PORT), "--include-dashboard", "false", *common)
+        r = c.run(VENV_BIN / "ray", "start", "--head", "--port", str(port), "--include-dashboard", "false", *common)
         assert r.returncode == 0, r.stderr[-2000:]
         r = c.run(VENV_BIN / "ray", "start", "--address", c.address, *common)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -151,6 +157,7 @@ import os, signal, sys
 from pathlib import Path
 from compressor import sensitivity
 from compressor.executor import RayExecutor
+
 
 address, model, calib, marker, out = sys.argv[1:6]
 orig = sensitivity._probe
