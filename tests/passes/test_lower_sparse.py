@@ -162,3 +162,22 @@ def test_cli_lowers_big_sparse_layers_for_x86_and_arm(cli, tmp_path):
         assert all(n.domain in ("", "ai.onnx") for n in onnx.load(out / "model.onnx").graph.node)
         if target == "x86":
             assert comps[("artifact(x86)", "compressed.onnx")]["passed"]
+
+
+def test_nodes_reading_one_weight_share_one_bsr_copy():
+    """An unrolled RNN reads its recurrent weight at every step: the BSR arrays are stored once."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((256, 256)) * np.kron(rng.random((256, 32)) < 0.1, np.ones((1, 8)))).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h1"]), helper.make_node("Tanh", ["h1"], ["t1"]),
+         helper.make_node("MatMul", ["t1", "W"], ["h2"]), helper.make_node("Tanh", ["h2"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    res, out = _lower(model, min_speedup=0.01)
+    assert res.stats["lowered"] == 2 and res.stats["bsr_shared"] == 1
+    sparse_nodes = [n for n in out.graph.node if n.domain == DOMAIN]
+    assert len(sparse_nodes) == 2 and sparse_nodes[0].input[1:4] == sparse_nodes[1].input[1:4]
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    np.testing.assert_allclose(_ort(out, x), _ort(model, x), rtol=1e-5, atol=1e-5)
