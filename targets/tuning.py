@@ -227,10 +227,55 @@ def tuned_pipeline(target, database):
 
 
 def open_database(path: Path):
+    """Open (or create) the JSON tuning database at ``path``. A database that TVM cannot reload
+    (seen: a record whose trace replays an RFactor fails with "parallel_for_dynamic") is repaired
+    by dropping the records that do not load, one by one; what was dropped is logged and kept in
+    ``<record file>.dropped`` instead of breaking every later tuned build."""
     ms = _ms()
     path.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(path_workload=str(path / WORKLOAD_FILE),
-                                    path_tuning_record=str(path / RECORD_FILE), allow_missing=True)
+
+    def _open():
+        return ms.database.JSONDatabase(path_workload=str(path / WORKLOAD_FILE),
+                                        path_tuning_record=str(path / RECORD_FILE), allow_missing=True)
+
+    try:
+        return _open()
+    except Exception as exc:  # TVM raises its own error types
+        dropped = _drop_unloadable_records(path)
+        log.warning("tuning database %s did not load (%s); dropped %d record(s) that do not load",
+                    path, " ".join(str(exc).split())[:120], dropped)
+        return _open()
+
+
+def _drop_unloadable_records(path: Path) -> int:
+    """Keep only the record lines TVM can rebuild against their workload; returns how many were dropped."""
+    import json
+
+    ms = _ms()
+    rec_file, wl_file = path / RECORD_FILE, path / WORKLOAD_FILE
+    workloads = []
+    for line in (wl_file.read_text().splitlines() if wl_file.exists() else []):
+        try:
+            workloads.append(ms.database.Workload.from_json(json.loads(line)))
+        except Exception:
+            workloads.append(None)
+    keep, drop = [], []
+    for line in (rec_file.read_text().splitlines() if rec_file.exists() else []):
+        if not line.strip():
+            continue
+        try:
+            idx, rec = json.loads(line)
+            ms.database.TuningRecord.from_json(rec, workloads[idx])
+            keep.append(line)
+        except Exception:
+            drop.append(line)
+    if drop:
+        with open(rec_file.with_name(rec_file.name + ".dropped"), "a") as f:
+            f.write("\n".join(drop) + "\n")
+        tmp = rec_file.with_name(rec_file.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, rec_file)
+    return len(drop)
 
 
 def _num_cores() -> int:

@@ -160,3 +160,26 @@ def test_arm_applies_database_only_and_says_so(cli, gemm_relu, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["artifact"]["tuning"]["mode"] == "apply-only" and rep["artifact"]["tuning"]["trials_run"] == 0
     assert any("tuning needs to measure on the target device" in w for w in rep["warnings"])
+
+
+@pytest.mark.slow
+def test_database_with_an_unloadable_record_is_repaired(cli, gemm_relu, tmp_path):
+    """A record TVM cannot reload must not break later builds: it is dropped (kept aside), the rest reused."""
+    from targets import tuning
+
+    db_root = tmp_path / "db"
+    r1 = cli(gemm_relu, "--target", "x86", "--tune-trials", "2", "--tuning-db", db_root, "-o", tmp_path / "b1",
+             "--no-latency", "--verify-samples", "2")
+    assert r1.code == 0, r1
+    db_dir = Path(json.loads((tmp_path / "b1" / "report.json").read_text())["artifact"]["tuning"]["database"])
+    rec_file = db_dir / tuning.RECORD_FILE
+    good = _records(rec_file)
+    with open(rec_file, "a") as f:
+        f.write('[0, [[["NoSuchInstruction", [], [], []]], []], [1.0], null, null]\n')
+    r2 = cli(gemm_relu, "--target", "x86", "--tune-trials", "2", "--tuning-db", db_root, "-o", tmp_path / "b2",
+             "--no-latency", "--verify-samples", "2")
+    assert r2.code == 0, r2
+    rep2 = json.loads((tmp_path / "b2" / "report.json").read_text())
+    assert rep2["artifact"] is not None and rep2["artifact"]["tuning"]["trials_run"] == 0  # the good records were reused
+    assert _records(rec_file) == good
+    assert "NoSuchInstruction" in (rec_file.with_name(rec_file.name + ".dropped")).read_text()
