@@ -79,6 +79,9 @@ class Options:
             raise UsageError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if not 0.0 <= self.structured < 1.0:
             raise UsageError(f"--structured must be in [0, 1), got {self.structured}")
+        if self.method not in ("magnitude", "wanda", "obs"):
+            raise UsageError(f"--method must be magnitude, wanda or obs, got {self.method!r}",
+                             hint="other sparsify passes (plugins) go in with --pass NAME")
         if self.quantize not in ("none", "int8", "fp16", "int4"):
             raise UsageError(f"--quantize must be none, int8, fp16 or int4, got {self.quantize!r}")
         if self.keep_fp32 not in ("none", "auto"):

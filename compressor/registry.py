@@ -66,7 +66,8 @@ class Registry(Generic[T]):
         self.load_entry_points()
         if name not in self._entries:
             known = ", ".join(sorted(self._entries)) or "none"
-            raise UsageError(f"unknown {self.kind} {name!r}", hint=f"known {self.kind}s: {known}")
+            plural = self.kind + ("es" if self.kind.endswith("s") else "s")
+            raise UsageError(f"unknown {self.kind} {name!r}", hint=f"known {plural}: {known}")
         return self._entries[name].obj
 
     def entry(self, name: str) -> Entry[T]:

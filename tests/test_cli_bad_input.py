@@ -211,3 +211,8 @@ def test_output_dir_containing_input_refused_even_with_force(cli, tmp_path):
     h = sha256(p)
     _assert_one_line_error(cli(p, "-o", tmp_path, "--force"), EXIT_INPUT, "contains the input model")
     assert sha256(p) == h
+
+
+def test_unknown_method(cli, tmp_path):
+    _assert_one_line_error(cli(_model_file(tmp_path), "--sparsity", "0.5", "--method", "nope", "-o", tmp_path / "o"), EXIT_USAGE,
+                           "--method must be magnitude, wanda or obs")
