@@ -97,7 +97,15 @@ def bench_case(n, m, sparsity, pattern, tgt, rounds, rng, tol=1e-4):
         "ort": lambda: sess.run(None, {"x": x}),
         "torch": lambda: torch.nn.functional.linear(xt, wt),
     }
-    # calibrate reps so one engine-round takes ~20 ms for the slowest engine
+    head = {"N=K": n, "batch": m, "sparsity": sparsity, "pattern": pattern, "kernel": params.variant}
+    return {**head, **time_engines(engines, rounds), "max_rel_err": max(errs.values()),
+            "ok": all(v <= tol for v in errs.values())}
+
+
+def time_engines(engines: dict, rounds: int) -> dict:
+    """Interleaved timing of the engines ``tvm``/``ort``/``torch``: every round times each one
+    for ``reps`` calls back to back (reps calibrated so the slowest engine takes ~20 ms a
+    round); medians over rounds and the ratios ort/tvm, torch/tvm."""
     one = max(time_calls(e, 2) for e in engines.values())
     reps = max(3, min(200, int(0.02 / max(one, 1e-6))))
     times = {k: [] for k in engines}
@@ -105,12 +113,8 @@ def bench_case(n, m, sparsity, pattern, tgt, rounds, rng, tol=1e-4):
         for name, e in engines.items():
             times[name].append(time_calls(e, reps))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "N=K": n, "batch": m, "sparsity": sparsity, "pattern": pattern, "kernel": params.variant,
-        "tvm_ms": med["tvm"] * 1e3, "ort_ms": med["ort"] * 1e3, "torch_ms": med["torch"] * 1e3,
-        "ort_x": med["ort"] / med["tvm"], "torch_x": med["torch"] / med["tvm"],
-        "max_rel_err": max(errs.values()), "ok": all(v <= tol for v in errs.values()),
-    }
+    return {"tvm_ms": med["tvm"] * 1e3, "ort_ms": med["ort"] * 1e3, "torch_ms": med["torch"] * 1e3,
+            "ort_x": med["ort"] / med["tvm"], "torch_x": med["torch"] / med["tvm"]}
 
 
 # ------------------------------------------------------------------ --conv1x1 section
@@ -168,19 +172,10 @@ def bench_conv_case(ch, m, sparsity, pattern, tgt, rounds, rng, tol=1e-4):
         "ort": lambda: sess.run(None, {"x": x4}),
         "torch": lambda: torch.nn.functional.conv2d(xt, wt),
     }
-    one = max(time_calls(e, 2) for e in engines.values())
-    reps = max(3, min(200, int(0.02 / max(one, 1e-6))))
-    times = {k: [] for k in engines}
-    for _ in range(rounds):
-        for name, e in engines.items():
-            times[name].append(time_calls(e, reps))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "N=K": ch, "batch": m, "sparsity": sparsity, "pattern": pattern, "kernel": f"conv1x1/mt{sk.conv_mtile(m, block[0])}",
-        "tvm_ms": med["tvm"] * 1e3, "ort_ms": med["ort"] * 1e3, "torch_ms": med["torch"] * 1e3,
-        "ort_x": med["ort"] / med["tvm"], "torch_x": med["torch"] / med["tvm"],
-        "max_rel_err": max(errs.values()), "ok": all(v <= tol for v in errs.values()),
-    }
+    head = {"N=K": ch, "batch": m, "sparsity": sparsity, "pattern": pattern,
+            "kernel": f"conv1x1/mt{sk.conv_mtile(m, block[0])}"}
+    return {**head, **time_engines(engines, rounds), "max_rel_err": max(errs.values()),
+            "ok": all(v <= tol for v in errs.values())}
 
 
 def fmt_table(rows: list[dict]) -> str:

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.errors import UsageError
-from compressor.pass_base import PassContext
-from passes.lower_sparse import DOMAIN, LowerSparse, LowerSparseConfig, predicted_ratio
-
-X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
-
-
-class _Spec:
-    tvm_target = X86
-    family = "x86"
-
+from tests.passes.lower_sparse_util import Spec, check_tvm_build, lower, run_ort
+from passes.lower_sparse import DOMAIN, LowerSparseConfig, predicted_ratio
 
 def _model(m=2, k=256, n=128, n2=64):
     rng = np.random.default_rng(0)
@@ -42,22 +32,9 @@ def _model(m=2, k=256, n=128, n2=64):
     return model
 
 
-def _lower(model, **cfg):
-    graph = gs.import_onnx(model)
-    ctx = PassContext(target=_Spec(), opset=17, template=model)
-    res = LowerSparse(LowerSparseConfig(**cfg)).run(graph, ctx)
-    return res, ctx.export(graph)
-
-
-def _ort(model, x):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
-
 def test_lowering_is_exact_under_onnxruntime_and_tvm(tmp_path):
     model = _model()
-    res, out = _lower(model, min_speedup=0.01)
+    res, out = lower(model, min_speedup=0.01)
     assert res.modified and res.stats["lowered"] == 2
     ops = [(n.op_type, n.domain) for n in out.graph.node]
     assert ops == [("SparseMatMulRelu", DOMAIN), ("SparseMatMul", DOMAIN), ("MatMul", "")]
@@ -65,36 +42,28 @@ def test_lowering_is_exact_under_onnxruntime_and_tvm(tmp_path):
     assert blocks["h"] == "8x1" and blocks["mm"] == "1x1"
     onnx.checker.check_model(out, full_check=True)
     x = np.random.default_rng(1).standard_normal((2, 256)).astype(np.float32)
-    ref = _ort(model, x)
-    np.testing.assert_allclose(_ort(out, x), ref, rtol=1e-5, atol=1e-5)
-
-    from targets import tvm_backend
-
-    path = tmp_path / "m.onnx"
-    onnx.save(out, str(path))
-    mod = tvm_backend.import_onnx(path, target=X86)
-    assert any("bsr_8x1_relu" in str(g) for g in mod.functions)
-    tvm_backend.compile_library(mod, X86, tmp_path / "m.so")
-    np.testing.assert_allclose(tvm_backend.run_library(tmp_path / "m.so", {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+    ref = run_ort(model, x)
+    np.testing.assert_allclose(run_ort(out, x), ref, rtol=1e-5, atol=1e-5)
+    check_tvm_build(out, x, ref, tmp_path, "bsr_8x1_relu")
 
 
 def test_reference_function_reads_the_bsr_arrays():
     """Corrupting indptr must change what onnxruntime computes (no hidden dense copy)."""
     model = _model()
-    _, out = _lower(model, min_speedup=0.01)
+    _, out = lower(model, min_speedup=0.01)
     x = np.random.default_rng(2).standard_normal((2, 256)).astype(np.float32)
-    good = _ort(out, x)
+    good = run_ort(out, x)
     for init in out.graph.initializer:
         if init.name.endswith("_indptr") and init.name.startswith("h"):
             ip = numpy_helper.to_array(init).copy()
             ip[1:-1] = ip[2:]  # shift block rows
             init.CopyFrom(numpy_helper.from_array(ip, init.name))
-    assert not np.allclose(_ort(out, x), good, atol=1e-3)
+    assert not np.allclose(run_ort(out, x), good, atol=1e-3)
 
 
 def test_cost_model_keeps_small_layers_dense_with_a_warning():
     model = _model(m=1, k=64, n=32, n2=16)
-    res, out = _lower(model)  # default min_speedup
+    res, out = lower(model)  # default min_speedup
     assert not res.modified
     assert all(n.domain == "" for n in out.graph.node)
     kept = [r for r in res.stats["layers"] if not r["lowered"]]
@@ -126,7 +95,7 @@ def test_lower_sparse_is_target_lowering():
 
     for tag in ("x86", "arm", "cuda"):
         assert targets.resolve(tag)[0].required_passes[-1] == "lower.sparse"
-    assert "lower.sparse" not in [i["name"] for i in default_pass_list(Options(model="m.onnx", sparsity=0.9), _Spec())]
+    assert "lower.sparse" not in [i["name"] for i in default_pass_list(Options(model="m.onnx", sparsity=0.9), Spec())]
 
 
 @pytest.mark.slow
@@ -175,9 +144,9 @@ def test_nodes_reading_one_weight_share_one_bsr_copy():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [numpy_helper.from_array(w, "W")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    res, out = _lower(model, min_speedup=0.01)
+    res, out = lower(model, min_speedup=0.01)
     assert res.stats["lowered"] == 2 and res.stats["bsr_shared"] == 1
     sparse_nodes = [n for n in out.graph.node if n.domain == DOMAIN]
     assert len(sparse_nodes) == 2 and sparse_nodes[0].input[1:4] == sparse_nodes[1].input[1:4]
     x = rng.standard_normal((1, 256)).astype(np.float32)
-    np.testing.assert_allclose(_ort(out, x), _ort(model, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_ort(out, x), run_ort(model, x), rtol=1e-5, atol=1e-5)

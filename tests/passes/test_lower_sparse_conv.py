@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.pass_base import PassContext
-from passes.lower_sparse import DOMAIN, LowerSparse, LowerSparseConfig, predict
-
-X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
-
-
-class _Spec:
-    tvm_target = X86
-    family = "x86"
-
+from tests.passes.lower_sparse_util import check_tvm_build, lower, run_ort
+from passes.lower_sparse import DOMAIN, predict
 
 def _sparse(rng, o, i, block, density):
     keep = rng.random((o // block[0], i // block[1])) < density
@@ -53,26 +43,13 @@ def _conv_model(block, bias=True, relu=True, b=1, i=32, o=48, h=6, w=5, seed=0, 
     return model
 
 
-def _lower(model, spec=_Spec, **cfg):
-    graph = gs.import_onnx(model)
-    ctx = PassContext(target=spec(), opset=17, template=model)
-    res = LowerSparse(LowerSparseConfig(**cfg)).run(graph, ctx)
-    return res, ctx.export(graph)
-
-
-def _ort(model, x):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
-
 CASES = [((1, 1), True, True, 1), ((4, 1), True, False, 2), ((8, 1), False, True, 1), ((8, 1), True, True, 2)]
 
 
 @pytest.mark.parametrize("block,bias,relu,b", CASES, ids=lambda v: str(v))
 def test_conv1x1_lowering_exact_under_onnxruntime_and_tvm(tmp_path, block, bias, relu, b):
     model = _conv_model(block, bias, relu, b=b)
-    res, out = _lower(model, min_speedup=0.01)
+    res, out = lower(model, min_speedup=0.01)
     assert res.stats["lowered"] == 1, res
     rec = res.stats["layers"][0]
     assert rec["block"] == f"{block[0]}x{block[1]}" and rec["op"] == "Conv"
@@ -81,36 +58,28 @@ def test_conv1x1_lowering_exact_under_onnxruntime_and_tvm(tmp_path, block, bias,
     assert not any(n.op_type in ("Conv", "Relu") for n in out.graph.node)
     onnx.checker.check_model(out, full_check=True)
     x = np.random.default_rng(1).standard_normal((b, 32, 6, 5)).astype(np.float32)
-    ref = _ort(model, x)
+    ref = run_ort(model, x)
     if relu:
         assert (ref == 0).any() and (ref > 0).any()
-    np.testing.assert_allclose(_ort(out, x), ref, rtol=1e-5, atol=1e-5)
-
-    from targets import tvm_backend
-
-    path = tmp_path / "m.onnx"
-    onnx.save(out, str(path))
-    mod = tvm_backend.import_onnx(path, target=X86)
-    assert any("bsr_conv1x1" in str(g) for g in mod.functions)
-    tvm_backend.compile_library(mod, X86, tmp_path / "m.so")
-    np.testing.assert_allclose(tvm_backend.run_library(tmp_path / "m.so", {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_ort(out, x), ref, rtol=1e-5, atol=1e-5)
+    check_tvm_build(out, x, ref, tmp_path, "bsr_conv1x1")
 
 
 def test_conv_reference_reads_the_bsr_arrays():
     model = _conv_model((1, 1))
-    _, out = _lower(model, min_speedup=0.01)
+    _, out = lower(model, min_speedup=0.01)
     x = np.random.default_rng(2).standard_normal((1, 32, 6, 5)).astype(np.float32)
-    good = _ort(out, x)
+    good = run_ort(out, x)
     for init in out.graph.initializer:
         if init.name.endswith("_indices"):
             ix = numpy_helper.to_array(init).copy()
             init.CopyFrom(numpy_helper.from_array((ix + 1) % 32, init.name))
-    assert not np.allclose(_ort(out, x), good, atol=1e-3)
+    assert not np.allclose(run_ort(out, x), good, atol=1e-3)
 
 
 def test_small_conv_kept_dense_and_kxk_warned():
     model = _conv_model((1, 1), h=2, w=2, extra_3x3=True)  # 48x32 weights on 4 pixels: too small to pay
-    res, out = _lower(model)
+    res, out = lower(model)
     assert not res.modified and [n.op_type for n in out.graph.node].count("Conv") == 2
     kept = [r for r in res.stats["layers"] if not r["lowered"]]
     assert len(kept) == 1 and kept[0]["predicted_ratio"] < 1.2
@@ -128,7 +97,7 @@ def test_strided_or_padded_1x1_not_lowered():
             conv.attribute.append(helper.make_attribute(key, v))
         del m2.graph.output[:]
         m2.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
-        res, _ = _lower(m2, min_speedup=0.01)
+        res, _ = lower(m2, min_speedup=0.01)
         assert res.stats["lowered"] == 0 and any(why in w for w in res.warnings), res.warnings
 
 

@@ -126,3 +126,29 @@ def make_inputs():
 @pytest.fixture(scope="session")
 def ort_run():
     return ort_reference
+
+
+def _negate_expected(bundle: Path, dst: Path, rehash: bool = True) -> Path:
+    """Copy ``bundle`` to ``dst`` with its self-check reference outputs negated; with
+    ``rehash`` the manifest's hash of expected.npz is updated so only the numbers are wrong."""
+    import hashlib
+    import json
+    import shutil
+
+    shutil.copytree(bundle, dst)
+    exp = dst / "selfcheck" / "expected.npz"
+    with np.load(exp) as z:
+        bad = {k: -z[k] for k in z.files}
+    np.savez(exp, **bad)
+    if rehash:
+        m = json.loads((dst / "manifest.json").read_text())
+        m["files"]["selfcheck/expected.npz"]["sha256"] = hashlib.sha256(exp.read_bytes()).hexdigest()
+        (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.fixture
+def wrong_expected():
+    """``wrong_expected(bundle, dst, rehash=True)``: a copy of the bundle whose self-check
+    must fail (negated reference outputs)."""
+    return _negate_expected

@@ -2,7 +2,6 @@
 RPC path against a server on loopback (127.0.0.1 only), both with a real x86 bundle."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -66,17 +65,9 @@ def test_runner_refuses_other_architecture(x86_bundle, tmp_path):
     assert p.returncode == 6 and "cannot run an artifact built for aarch64" in p.stdout
 
 
-def test_runner_detects_wrong_outputs(x86_bundle, tmp_path, cli):
+def test_runner_detects_wrong_outputs(x86_bundle, tmp_path, cli, wrong_expected):
     """The self-check is not vacuous: negated reference outputs (hash updated) fail with exit 9 / 3."""
-    b = tmp_path / "b"
-    shutil.copytree(x86_bundle, b)
-    exp = b / "selfcheck" / "expected.npz"
-    with np.load(exp) as z:
-        bad = {k: -z[k] for k in z.files}
-    np.savez(exp, **bad)
-    m = json.loads((b / "manifest.json").read_text())
-    m["files"]["selfcheck/expected.npz"]["sha256"] = hashlib.sha256(exp.read_bytes()).hexdigest()
-    (b / "manifest.json").write_text(json.dumps(m))
+    b = wrong_expected(x86_bundle, tmp_path / "b")
     p = _runner(b)
     assert p.returncode == 9 and "SELFCHECK FAILED" in p.stdout
     assert cli("bench", b).code == 3
@@ -114,15 +105,10 @@ def test_rpc_round_trip(x86_bundle, rpc_server, cli, tmp_path):
     assert m["artifact"]["path"].endswith(".so")
 
 
-def test_rpc_detects_wrong_outputs(x86_bundle, rpc_server, tmp_path):
+def test_rpc_detects_wrong_outputs(x86_bundle, rpc_server, tmp_path, wrong_expected):
     from targets import rpc as trpc
 
-    b = tmp_path / "b"
-    shutil.copytree(x86_bundle, b)
-    exp = b / "selfcheck" / "expected.npz"
-    with np.load(exp) as z:
-        bad = {k: -z[k] for k in z.files}
-    np.savez(exp, **bad)
+    b = wrong_expected(x86_bundle, tmp_path / "b", rehash=False)
     res = trpc.bench_rpc(b, "127.0.0.1", rpc_server.port, key="compressor-test", number=1, repeat=1)
     assert not res.passed and res.min_cosine < 0
 

@@ -2,7 +2,6 @@
 the TVM runtime from the aarch64 wheel, and deterministic instruction counts, sparse vs dense."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -99,18 +98,11 @@ def test_cnn_selfcheck(guest, zoo, tmp_path, cli):
         assert "dense_twin" not in rep and "no sparse kernel" in rep["notes"][0]
 
 
-def test_guest_selfcheck_detects_wrong_outputs(guest, mlp_sparse_bundle, tmp_path):
+def test_guest_selfcheck_detects_wrong_outputs(guest, mlp_sparse_bundle, tmp_path, wrong_expected):
     from targets import device_qemu
 
-    b = tmp_path / "b"
-    shutil.copytree(mlp_sparse_bundle, b)
-    exp = b / "selfcheck" / "expected.npz"
-    with np.load(exp) as z:
-        bad = {k: -z[k] for k in z.files}
-    np.savez(exp, **bad)
+    b = wrong_expected(mlp_sparse_bundle, tmp_path / "b")
     m = json.loads((b / "manifest.json").read_text())
-    m["files"]["selfcheck/expected.npz"]["sha256"] = hashlib.sha256(exp.read_bytes()).hexdigest()
-    (b / "manifest.json").write_text(json.dumps(m))
     run = device_qemu.run_bundle(guest, b)
     assert run.returncode == 9 and "SELFCHECK FAILED" in run.output
     # and a manifest requiring a feature the emulated CPU lacks is refused before anything runs
