@@ -23,7 +23,10 @@ batch 1), ``gru-large`` (torch GRU 256 -> 1024 hidden, 8 steps, batch_first, las
 Linear; ``lower.rnn`` unrolls it into one input MatMul [8, 256] x [256, 3072] and 7
 recurrent GEMVs [1, 1024] x [1024, 3072] that share one BSR copy of R) and
 ``transformer-large`` (models.build.TinyTransformer at d_model 512, 8 heads, 2 layers, MLP
-2048, seq 16), where the BSR path is taken. ``--patterns unstructured,8x1`` adds
+2048, seq 16), where the BSR path is taken. ``mobilenetv2-large``: the real MobileNetV2 1.0 topology at
+112 px (52 convs, 1000 classes). ``--conv-ab`` (e.g. ``--conv-ab --models mobilenetv2,mobilenetv2-large
+--sparsities 0,0.9``) compares untuned builds with and without the hand-scheduled conv kernels
+(targets/conv_kernels.py) and appends that table to the markdown. ``--patterns unstructured,8x1`` adds
 ``--pattern 8x1`` rows (the 0% build is shared between patterns). Tuning: one database for the whole run
 (``--tuning-db``, default a fresh folder), so the dense functions tuned at 0% are reused
 at 70/90% (the ``trials`` column shows new trials and reused functions).
@@ -54,7 +57,7 @@ from models.zoo import ensure_built  # noqa: E402
 
 ZOO = ("mlp", "transformer", "gru", "mobilenetv2")
 TARGET_90 = {"mlp": 2.5, "gru": 2.5, "transformer": 2.5, "mlp-large": 2.5, "gru-large": 2.5,
-             "transformer-large": 2.5, "mobilenetv2": 1.5}
+             "transformer-large": 2.5, "mobilenetv2": 1.5, "mobilenetv2-large": 1.5}
 DENSE_LIMIT = 1.5  # at 0%: artifact <= 1.5x onnxruntime
 NOISE = 1.10  # "not slower than dense TVM" allowance
 
@@ -117,7 +120,62 @@ def build_transformer_large(path: Path, seq: int = 16, dim: int = 512, heads: in
     return _export(net, torch.randn(1, seq, dim), path)
 
 
-LARGE = {"mlp-large": build_mlp_large, "gru-large": build_gru_large, "transformer-large": build_transformer_large}
+# MobileNetV2 1.0 (Sandler et al. 2018, table 2): (expansion t, out channels c, repeats n, first stride s)
+MBV2_CFG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def build_mobilenetv2_large(path: Path, size: int = 112, classes: int = 1000, seed: int = 0) -> Path:
+    """The real MobileNetV2 1.0 topology (stem 3x3/2 -> 32, 17 inverted residual blocks with
+    ReLU6, the t=1 block without expansion conv, 1x1 -> 1280, global pool, Linear) at
+    ``size`` px, BatchNorm with non-trivial statistics (folded by the cleanup passes)."""
+    import torch
+    from torch import nn
+
+    def cbr(cin, cout, k=1, stride=1, groups=1, act=True):
+        mods = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        return nn.Sequential(*mods, *([nn.ReLU6()] if act else []))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride, t):
+            super().__init__()
+            hid = cin * t
+            self.res = stride == 1 and cin == cout
+            self.body = nn.Sequential(*([cbr(cin, hid)] if t != 1 else []), cbr(hid, hid, 3, stride, hid),
+                                      cbr(hid, cout, act=False))
+
+        def forward(self, x):
+            return x + self.body(x) if self.res else self.body(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, cin = [cbr(3, 32, 3, 2)], 32
+            for t, c, n, s in MBV2_CFG:
+                for i in range(n):
+                    layers.append(Block(cin, c, s if i == 0 else 1, t))
+                    cin = c
+            layers.append(cbr(cin, 1280))
+            self.features = nn.Sequential(*layers)
+            self.fc = nn.Linear(1280, classes)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    torch.manual_seed(seed)
+    net = Net().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+    return _export(net, torch.randn(1, 3, size, size), path)
+
+
+LARGE = {"mlp-large": build_mlp_large, "gru-large": build_gru_large, "transformer-large": build_transformer_large,
+         "mobilenetv2-large": build_mobilenetv2_large}
 
 
 def model_path(name: str, cache: Path) -> Path:
@@ -166,6 +224,78 @@ def fmt_x(a, b) -> str:
     return "-" if a is None or b is None else f"{a / b:.2f}x"
 
 
+def conv_ab(models: list[str], sparsities: list[float], work: Path, rounds: int = 5, runs: int = 40) -> list[str]:
+    """Conv kernels A/B (targets/conv_kernels.py): each cell is compressed twice, untuned
+    (``--tune-trials 0``), with the hand-scheduled conv kernels ("after") and with the
+    frontend's own Conv converter ("before": ``conv_kernels.relax_converters`` stubbed out);
+    then onnxruntime on the original model (ORT_ENABLE_ALL, as in the report) and both
+    libraries are timed interleaved, ``rounds`` x median of ``runs`` calls, keeping each
+    one's best round (shared cores: the minimum is the least disturbed figure)."""
+    import statistics
+
+    import numpy as np
+    import onnx
+
+    import targets.conv_kernels as ck
+    from compressor.runtime import session
+    from targets import tvm_backend
+
+    real = ck.relax_converters
+    lines = ["| model | sparsity | sparse layers | ORT ms | TVM before ms | TVM after ms | after/before | ORT ref ms | "
+             "ORT ref/after | min cosine |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for mname in models:
+        model = model_path(mname, work / "zoo")
+        m = onnx.load(str(model))
+        inp = tvm_backend.graph_inputs(m)[0]
+        x = np.random.default_rng(0).standard_normal(
+            [d.dim_value for d in inp.type.tensor_type.shape.dim]).astype(np.float32)
+        sess = session(m, optimized=True)
+        cells = []
+        for s in sparsities:
+            libs, info = {}, {}
+            for mode in ("before", "after"):
+                ck.relax_converters = real if mode == "after" else (lambda t, model=None: ({}, None))
+                try:
+                    out = work / f"ab-{mname}-{s}-{mode}"
+                    info[mode] = run_one(model, s, 0, work / "ab-db", out, True)
+                finally:
+                    ck.relax_converters = real
+                so = next(out.glob("*.so"), None)
+                if so is not None:
+                    libs[mode] = tvm_backend.LoadedLibrary(so)
+
+            def med(fn) -> float:
+                for _ in range(3):
+                    fn()
+                ts = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                return statistics.median(ts)
+
+            import tvm
+
+            args = {k: [tvm.runtime.tensor(x, lib.device)] for k, lib in libs.items()}
+            best: dict[str, float] = {}
+            for _ in range(rounds):
+                best["ort"] = min(best.get("ort", 1e9), med(lambda: sess.run(None, {inp.name: x})))
+                for k, lib in libs.items():
+                    best[k] = min(best.get(k, 1e9), med(lambda: lib.call_raw(args[k])))
+            cells.append((s, best, info))
+            print(f"{mname} {s}: " + ", ".join(f"{k} {fmt_ms(v)} ms" for k, v in best.items()), flush=True)
+        # ORT ref: the model's fastest onnxruntime figure over its cells (as in the main table)
+        ort_ref = min(best["ort"] for _, best, _ in cells)
+        for s, best, info in cells:
+            b, a = best.get("before"), best.get("after")
+            cos = info["after"].get("min_cos")
+            lines.append(f"| {mname} | {s:.0%} | {info['after'].get('sparse_layers', '-')} | {fmt_ms(best['ort'])} | "
+                         f"{fmt_ms(b)} | {fmt_ms(a)} | {fmt_x(a, b)} | {fmt_ms(ort_ref)} | {fmt_x(ort_ref, a)} | "
+                         f"{'-' if cos is None else f'{cos:.4f}'} |")
+    print("\n".join(lines))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(ZOO + ("mlp-large",)))
@@ -179,8 +309,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help="folder for models and bundles (default: a temporary folder)")
     ap.add_argument("--md", default=str(REPO / "bench" / "end_to_end.md"), help="markdown output ('' = none)")
     ap.add_argument("--smoke", action="store_true", help="mlp at 0/0.9 with 4 trials")
+    ap.add_argument("--conv-ab", action="store_true",
+                    help="only the conv-kernel A/B (untuned, with vs without targets/conv_kernels.py) for --models")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the compress output")
     a = ap.parse_args(argv)
+    if a.conv_ab:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="e2e-ab-") as tmp:
+            lines = conv_ab([m for m in a.models.split(",") if m], [float(v) for v in a.sparsities.split(",")],
+                            Path(a.work) if a.work else Path(tmp))
+        from targets.host import detect_host
+
+        h = detect_host()
+        md = ["## Conv kernels A/B: " + a.models + f" ({time.strftime('%Y-%m-%d')})", "",
+              f"Host: {h.model_name} ({h.simd_summary}), cores shared with other work. Generated by "
+              f"`python -m bench.end_to_end {' '.join(argv if argv is not None else sys.argv[1:])}` in "
+              f"{(time.perf_counter() - t0) / 60:.1f} min. Untuned (`--tune-trials 0`) x86 bundles; before = the "
+              "Relax frontend's Conv (legalized, unscheduled), after = targets/conv_kernels.py; best of 5 "
+              "interleaved medians of 40 calls each (batch 1).", "", *lines]
+        if a.md:
+            old_md = Path(a.md).read_text() + "\n" if Path(a.md).is_file() else ""
+            Path(a.md).write_text(old_md + "\n".join(md) + "\n")
+        return 0
     if a.smoke:
         a.models, a.sparsities, a.trials = "mlp", "0,0.9", 4
     models = [m for m in a.models.split(",") if m]

@@ -137,11 +137,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _compile_artifact(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say, warnings: list[str]):
+def _compile_artifact(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say, warnings: list[str],
+                      session: Any = None):
     """``Target.compile`` with the build options (tuning) when the target takes them."""
     import inspect
 
-    opts = {"tune_trials": p.opts.tune_trials, "tuning_db": p.opts.tuning_db, "progress": say}
+    opts = {"tune_trials": p.opts.tune_trials, "tuning_db": p.opts.tuning_db, "progress": say, "executor_session": session}
     try:
         takes_options = "options" in inspect.signature(p.target.compile).parameters
     except (TypeError, ValueError):
@@ -178,6 +179,7 @@ class _Run:
     comp_runs: list[list[np.ndarray]] | None = None
     comparisons: list[verify.Comparison] | None = None
     accuracy: dict[str, Any] | None = None
+    session: Any = None  # the run's RunExecutor (passes and tuning fan out on it; see execute)
 
     @property
     def out_names(self) -> list[str]:
@@ -227,18 +229,18 @@ def _compress(r: _Run) -> list[Any]:
         instruments.append(ValidityInstrument(r.model))
     if opts.dump_ir:
         instruments.append(DumpIRInstrument(Path(opts.dump_ir), r.model))
-    from compressor.executor import RunExecutor
-
-    # one executor for the whole run, started by the first pass that fans out, stopped after the passes
-    with RunExecutor(opts.executor, opts.ray_address) as session:
-        ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17,
-                          options={"sparsity": opts.sparsity, "structured": opts.structured, "pattern": opts.pattern,
-                                   "finetune": opts.finetune, "executor": opts.executor, "ray_address": opts.ray_address,
-                                   "executor_session": session},
-                          template=r.model)
-        r.compressed, records = PassManager(r.p.passes, instruments).run(r.model, ctx)
-    if opts.executor != "local" and not session.uses:
-        r.warnings.append(f"--executor {opts.executor}: no stage of this run fans out (only --allocation sensitivity does); "
+    # one executor for the whole run (execute opens it): started by the first stage that fans out
+    # (passes, tuning), stopped when the run ends
+    session = r.session
+    ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17,
+                      options={"sparsity": opts.sparsity, "structured": opts.structured, "pattern": opts.pattern,
+                               "finetune": opts.finetune, "executor": opts.executor, "ray_address": opts.ray_address,
+                               "executor_session": session},
+                      template=r.model)
+    r.compressed, records = PassManager(r.p.passes, instruments).run(r.model, ctx)
+    if opts.executor != "local" and not session.uses and not opts.tune_trials:
+        r.warnings.append(f"--executor {opts.executor}: no stage of this run fans out (only --allocation sensitivity, "
+                          "sparsify.obs and --tune-trials do); "
                           "everything ran in this process")
     for rec in records:
         r.warnings += [f"{rec.name}: {w}" for w in rec.warnings]
@@ -296,7 +298,8 @@ def _build(r: _Run, stage: bundle_mod.StagedDir) -> _Build:
                 src = stage.path.parent / f"{stage.path.name}.lowered.onnx"
                 ir.save_model(lowered, src)
             try:
-                b.artifact = _compile_artifact(p, src, bdir, {s.name: list(s.shape) for s in r.inputs}, say, r.warnings)
+                b.artifact = _compile_artifact(p, src, bdir, {s.name: list(s.shape) for s in r.inputs}, say, r.warnings,
+                                               r.session)
             finally:
                 if src.name.endswith(".lowered.onnx"):
                     src.unlink(missing_ok=True)
@@ -387,6 +390,14 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
     t_start = time.perf_counter()
     src_hash = _sha256(model_path) if model_path.is_file() else None
     r = _load(p, say)
+    from compressor.executor import RunExecutor
+
+    with RunExecutor(opts.executor, opts.ray_address) as r.session:
+        return _execute_rest(p, say, r, model_path, src_hash, t_start)
+
+
+def _execute_rest(p: Plan, say: Say, r: _Run, model_path: Path, src_hash: str | None, t_start: float) -> tuple[dict[str, Any], int]:
+    opts = p.opts
     records = _compress(r)
     stage = bundle_mod.StagedDir(p.output)
     try:

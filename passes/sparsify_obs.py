@@ -32,6 +32,25 @@ of each other (e.g. q/k/v projections) share one capture. Memory is bounded:
 calibration samples are streamed one at a time into H (float64, cols^2 per
 group) and only the layers of one such capture are held at once.
 
+Parallel solves (``--executor ray`` only; the local path is the loop above, unchanged): the
+solves that are independent *and* exactly reproducible elsewhere are fanned out on the run's
+executor -- every (layer, conv group) of one capture, i.e. the layers that share a capture
+(q/k/v-like siblings) and the groups of a grouped convolution, chunked into at most ``slots``
+tasks per layer. A task runs the very same ``sparsegpt`` + error computation on the very same
+float64 arrays, so weights, masks and reported errors are bit-identical to the local run --
+provided the BLAS runs with the same thread count (OpenBLAS's multi-threaded GEMM/LAPACK split the
+work differently: measured, a 128x128 solve with 1 vs 2 threads differs in the last bits; Ray
+workers start with one thread per CPU granted). Each task therefore pins its BLAS to this process's
+thread count (``threadpoolctl``); without threadpoolctl, or on workers whose CPU makes OpenBLAS pick
+another kernel (heterogeneous clusters), the pass warns that results may differ in the last bits. Not
+split: the rows of one solve. They are independent in exact arithmetic for N:M masks, but the
+unstructured/RxC masks are chosen per column block over *all* rows (SparseGPT's block-wise
+top-k couples the rows), and even for N:M the lazy update ``E1 @ U`` is a BLAS GEMM whose
+results depend on the row count it is called with (OpenBLAS picks kernels by shape; measured:
+a 100x300 solve split in 2 row blocks differs in the last bits), so a row split would not be
+bit-identical to the local run. The Hessian accumulation over calibration samples is not split
+either (a different summation order changes the last bits of H, hence of every weight).
+
 Allocation: ``uniform``; ``global`` and ``sensitivity`` rank with the Wanda
 score ``|w| ||x||`` on the dense model, which is the OBS saliency under a
 diagonal Hessian (``w^2 / [H^-1]_qq ~ w^2 H_qq``), then OBS prunes each layer
@@ -41,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +167,44 @@ def _counts(total_k: int, sizes: list[int]) -> list[int]:
     return out
 
 
+def blas_threads() -> int | None:
+    """This process's BLAS thread count (threadpoolctl), None when it cannot be known/set."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    n = [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(n) if n else None
+
+
+def _solve_groups(w_groups: list[np.ndarray], hs: list[np.ndarray], pattern: Pattern, s: float, ks: list[int],
+                  block_size: int, damp: float, threads: int | None = None) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
+    """Solve some groups of one layer (an executor task): per group ``(Wq, keep, err_num, err_den)``,
+    computed exactly as ``OBSSparsify._prune_layer`` does locally, with ``threads`` BLAS threads
+    (the driver's count: the thread count changes the last bits of GEMM/LAPACK results)."""
+    if threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(threads, user_api="blas"):
+            return _solve_groups(w_groups, hs, pattern, s, ks, block_size, damp)
+    out = []
+    for w, h, k in zip(w_groups, hs, ks):
+        wq, kq = sparsegpt(w, h, pattern, s, k=k, block_size=block_size, damp=damp)
+        d = w - wq
+        out.append((wq, kq, float(np.sum((d @ h) * d)), float(np.sum((w @ h) * w))))
+    return out
+
+
+def _run_executor(ctx: PassContext):
+    """The run's Ray executor, or None (local: the in-process loop; never starts anything)."""
+    from compressor.executor import RunExecutor
+
+    session = (getattr(ctx, "options", None) or {}).get("executor_session")
+    if isinstance(session, RunExecutor) and session.kind != "local":
+        return session.get("sparsify.obs")
+    return None
+
+
 class OBSSparsify(Pass):
     name = "sparsify.obs"
     description = "OBS/SparseGPT one-shot pruning with weight reconstruction on calibration data (needs --calib)"
@@ -182,18 +240,85 @@ class OBSSparsify(Pass):
         anc = {l.name: ancestors(activation(l)) for l in layers}
         pending = list(layers)
         reports, captures = {}, 0
+        ex = _run_executor(ctx)
+        remote = {"tasks": 0, "retries": 0, "seconds": 0.0}
         while pending:
             ids = {id(p.node) for p in pending}
             ready = [l for l in pending if not (anc[l.name] & (ids - {id(l.node)}))]
             model = ctx.export(graph)
             hess = feature_stats(model, feeds, ready, full=True)
             captures += 1
-            for l in ready:
-                reports[l.name] = self._prune_layer(l, hess[l.name], alloc[l.name], pat, cfg)
+            if ex is None:
+                for l in ready:
+                    reports[l.name] = self._prune_layer(l, hess[l.name], alloc[l.name], pat, cfg)
+            else:
+                reports.update(self._prune_remote(ex, ready, hess, alloc, pat, cfg, remote))
             pending = [p for p in pending if p not in ready]
         stats = summarize(reports, cfg, warnings)
         stats.update(extra, calib_samples_used=len(feeds), captures=captures)
+        if ex is not None:
+            stats["executor"] = {"name": ex.name, "slots": ex.slots, "tasks": remote["tasks"], "retries": remote["retries"],
+                                 "solve_seconds": round(remote["seconds"], 3)}
+            if remote["retries"]:
+                warnings.append(f"{remote['retries']} OBS solve attempt(s) retried after worker failures")
+            if "blas" in remote:
+                warnings.append(remote["blas"])
         return PassResult(True, stats, warnings)
+
+    def _prune_remote(self, ex, ready: list[Layer], hess: dict[str, list[np.ndarray]], alloc: dict[str, float],
+                      pat: Pattern, cfg: OBSConfig, remote: dict) -> dict[str, LayerReport]:
+        """The (layer, group) solves of one capture as executor tasks (at most ``slots`` per layer);
+        results assembled in group order, so everything equals ``_prune_layer``."""
+        from compressor.executor import ExecutorError
+
+        plans, tasks = [], []
+        threads = blas_threads()
+        if threads is None and "blas" not in remote:
+            remote["blas"] = ("threadpoolctl is not installed: the BLAS thread count of the workers cannot be pinned to this "
+                              "process's, so OBS weights may differ from a local run in the last bits (pip install threadpoolctl)")
+        for l in ready:
+            W2 = l.matrix().astype(np.float64)
+            hs = hess[l.name]
+            g = len(hs)
+            rows_g = W2.shape[0] // g
+            s = alloc[l.name]
+            ks = _counts(int(round(s * W2.size)), [rows_g * W2.shape[1]] * g)
+            edges = [round(g * i / min(g, ex.slots)) for i in range(min(g, ex.slots) + 1)]
+            for a, b in zip(edges[:-1], edges[1:]):
+                tasks.append(([W2[gi * rows_g:(gi + 1) * rows_g] for gi in range(a, b)], hs[a:b], pat, s, ks[a:b],
+                              cfg.block_size, cfg.damp, threads))
+            plans.append((l, W2, rows_g, s, len(edges) - 1))
+        t0 = time.perf_counter()
+        outs = ex.map(_solve_groups, tasks, label="sparsify.obs solves", total=len(tasks))
+        remote["seconds"] += time.perf_counter() - t0
+        remote["tasks"] += len(tasks)
+        remote["retries"] += ex.last_stats.retries
+        bad = [o for o in outs if not o.ok]
+        if bad:
+            raise ExecutorError(f"sparsify.obs: {len(bad)} of {len(outs)} solve task(s) failed on {ex.name}: {bad[0].error}")
+        results = iter(outs)
+        reports = {}
+        for l, W2, rows_g, s, n_tasks in plans:
+            groups = [grp for _ in range(n_tasks) for grp in next(results).value]
+            out = np.empty_like(W2)
+            keep = np.ones(W2.shape, dtype=bool)
+            err_num = err_den = 0.0
+            for gi, (wq, kq, num, den) in enumerate(groups):
+                sl = slice(gi * rows_g, (gi + 1) * rows_g)
+                out[sl], keep[sl] = wq, kq
+                err_num += num
+                err_den += den
+            reports[l.name] = self._finish_layer(l, out, keep, s, pat, err_num, err_den)
+        return reports
+
+    def _finish_layer(self, l: Layer, out: np.ndarray, keep: np.ndarray, s: float, pat: Pattern, err_num: float,
+                      err_den: float) -> LayerReport:
+        vals = l.values
+        check_valid(l.name, keep, pat)
+        l.set_matrix(out.astype(vals.dtype))
+        nz = int(np.count_nonzero(l.values))
+        return LayerReport(l.node.op, l.weight.name, int(vals.size), s, 1 - nz / vals.size,
+                           {"rel_recon_error": round(err_num / max(err_den, 1e-30), 8)})
 
     def _prune_layer(self, l: Layer, hs: list[np.ndarray], s: float, pat: Pattern, cfg: OBSConfig) -> LayerReport:
         vals = l.values

@@ -47,7 +47,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = ("none", "relu")
+ACTIVATIONS = ("none", "relu", "relu6")  # relu6 = min(max(v, 0), 6): a Clip fused by targets.conv_kernels
 CUDA_THREADS = 32
 # CPU scratch: TVM's LowerTVMBuiltin keeps small constant-size allocations on the stack only
 # for storage scope "global" ("local" ones become TVMBackendAllocWorkspace calls per loop
@@ -253,11 +253,12 @@ def make_primfunc(
         raise ValueError(f"weight [{n}, {k}] not divisible by block {block}")
     p = params or kernel_params(block, m, target)
     nbr = n // r
-    relu = activation == "relu"
+    relu = activation in ("relu", "relu6")
     zero = T.float32(0)
 
     def act(v):
-        return T.max(v, zero) if relu else v
+        v = T.max(v, zero) if relu else v
+        return T.min(v, T.float32(6)) if activation == "relu6" else v
 
     nnzb_ = max(nnzb, 1)  # a buffer may not be empty; indptr keeps the loops at 0 trips
 
@@ -404,6 +405,7 @@ def make_primfunc(
 CONV_ACC_FLOATS = 128  # r * mtile accumulators per task: 8 AVX-512 / 16 AVX2 registers' worth
 CONV_MAX_MTILE = 64
 CUDA_CONV_THREADS = 128
+CONV_PARALLEL_MIN_MACS = 1_100_000  # stored MACs below which the CPU conv kernel is serial (as targets.conv_kernels)
 
 
 def conv_mtile(m: int, r: int) -> int:
@@ -423,10 +425,13 @@ def make_conv1x1_primfunc(
     nnzb: int,
     activation: str = "none",
     target: Any = "x86",
+    hw: tuple[int, int] | None = None,
 ):
     """Channel-major SpMM for a 1x1 convolution (stride 1, no padding, group 1, NCHW):
     ``f(x[B,K,M], data[nnzb,C,R], indices, indptr, bias[N], y[B,N,M])`` computing
     ``y[b, o, p] = act(sum_i W[o, i] x[b, i, p] + bias[o])`` with ``M = H*W`` pixels.
+    ``hw = (H, W)`` (CPU): ``x``/``y`` are the 4-D NCHW tensors, viewed as ``[B, C, M]``
+    inside (no Relax reshapes around the call: each is one VM instruction).
 
     No transposes: the input channel rows ``x[b, i, :]`` are contiguous over pixels, so
     every stored weight element is one broadcast-FMA over a pixel vector. CPU ("cm"):
@@ -443,12 +448,13 @@ def make_conv1x1_primfunc(
     if n % r or k % c:
         raise ValueError(f"weight [{n}, {k}] not divisible by block {block}")
     nbr = n // r
-    relu = activation == "relu"
+    relu = activation in ("relu", "relu6")
     zero = T.float32(0)
     nnzb_ = max(nnzb, 1)
 
     def act(v):
-        return T.max(v, zero) if relu else v
+        v = T.max(v, zero) if relu else v
+        return T.min(v, T.float32(6)) if activation == "relu6" else v
 
     if target_family(target) == "cuda":
         nt = CUDA_CONV_THREADS
@@ -477,13 +483,18 @@ def make_conv1x1_primfunc(
 
     mt = conv_mtile(m, r)
     nmt = (m + mt - 1) // mt
+    xs, ys = ((bsz, k, *hw), (bsz, n, *hw)) if hw else ((bsz, k, m), (bsz, n, m))
+    # tiny layers run on one thread: waking the pool costs more than it saves there
+    par = T.parallel if bsz * m * max(nnzb, 1) * r * c >= CONV_PARALLEL_MIN_MACS else T.serial
 
     @T.prim_func
-    def conv_cm(x: T.Buffer((bsz, k, m), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
+    def conv_cm(x_: T.Buffer(xs, "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
                 indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
-                bias: T.Buffer((n,), "float32"), y: T.Buffer((bsz, n, m), "float32")):
+                bias: T.Buffer((n,), "float32"), y_: T.Buffer(ys, "float32")):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-        for t in T.parallel(bsz * nmt * nbr):
+        x = T.decl_buffer((bsz, k, m), "float32", data=x_.data)
+        y = T.decl_buffer((bsz, n, m), "float32", data=y_.data)
+        for t in par(bsz * nmt * nbr):
             acc = T.decl_buffer((r, mt), "float32", scope=CPU_STACK)
             for rr in T.unroll(r):
                 for mi in T.vectorized(mt):
@@ -498,7 +509,7 @@ def make_conv1x1_primfunc(
                 for mi in T.vectorized(mt):
                     y[t // (nmt * nbr), t % nbr * r + rr, T.min(t // nbr % nmt * mt, m - mt) + mi] = act(acc[rr, mi])
 
-    return conv_cm
+    return conv_cm.with_attr("op_pattern", 8) if hw else conv_cm  # 8: relax kOpaque (never fused)
 
 
 def build_conv1x1(bsz: int, m: int, b: BSR, activation: str, tvm_target: Any):
@@ -561,13 +572,15 @@ SPARSE_OPS = ("SparseMatMul", "SparseMatMulRelu")  # domain "compressor", see pa
 CONV_OPS = ("SparseConv1x1", "SparseConv1x1Relu")
 
 
-def relax_converters(tvm_target: Any) -> dict[str, type]:
+def relax_converters(tvm_target: Any, fused: dict[str, str] | None = None) -> dict[str, type]:
     """Converters for the Relax ONNX frontend's convert map:
 
     * ``compressor::SparseMatMul[Relu]`` -> ``call_tir`` of the BSR kernel specialised for
       the layer (shapes, block, nnz, target; the CUDA kernel for cuda targets);
     * ``compressor::SparseConv1x1[Relu]`` (NCHW ``[B, K, H, W]``) -> reshape to
       ``[B, K, H*W]``, ``call_tir`` of the channel-major conv1x1 kernel, reshape back.
+      ``fused``: ``{node name: activation}`` for SparseConv1x1 nodes whose following
+      activation node the caller folds away (``targets.conv_kernels``: ``Clip(0, 6)`` -> ``relu6``).
 
     The kernels carry ``tirx.is_scheduled`` so the CUDA pipeline's dlight rules leave them
     alone (and meta_schedule does not extract them as tuning tasks)."""
@@ -621,9 +634,13 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
             bsz, k, h, w = shape
             b, consts = bsr_args(op, inputs, k)
             (r, c), n = b.block, b.shape[0]
-            prim = make_conv1x1_primfunc(bsz, h * w, n, k, (r, c), b.nnzb, activation,
-                                         tvm_target).without_attr("global_symbol")
-            gv = bb.add_func(prim, f"bsr_conv1x1_{r}x{c}_{activation}")
+            act = (fused or {}).get(str(attr.get("tvm_custom", {}).get("name", "")), activation)
+            nchw = (h, w) if fam != "cuda" else None
+            prim = make_conv1x1_primfunc(bsz, h * w, n, k, (r, c), b.nnzb, act, tvm_target,
+                                         nchw).without_attr("global_symbol")
+            gv = bb.add_func(prim, f"bsr_conv1x1_{r}x{c}_{act}")
+            if nchw:
+                return relax.call_tir(gv, [x, *consts], relax.TensorType((bsz, n, h, w), "float32"))
             y = relax.call_tir(gv, [relax.op.reshape(x, (bsz, k, h * w)), *consts],
                                relax.TensorType((bsz, n, h * w), "float32"))
             return relax.op.reshape(bb.normalize(y), (bsz, n, h, w))

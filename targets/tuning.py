@@ -21,7 +21,9 @@ Flow (``TuningSession.prepare``):
    are tuned (gradient task scheduler; one build worker kept alive between batches, 120 s
    build timeout; ``LocalRunner``: measuring needs a quiet CPU; cost model ``xgb`` when
    xgboost is installed, else ``random``). Progress (trials done / total, best latency so
-   far per task) goes through the ``progress`` callback. TVM's *default* schedule of each
+   far per task) goes through the ``progress`` callback. With ``--executor ray`` the candidates are
+   built and measured on the Ray workers instead (``targets/tuning_ray.py``: TVM's PyBuilder /
+   PyRunner over the run's executor); the scheduler and the database stay in this process. TVM's *default* schedule of each
    tuned function is measured as well and stored as a record with an identity trace, so the
    best record is never one that is slower than an untuned build.
 4. Compile with the same pipeline plus ``MetaScheduleApplyDatabase`` right after
@@ -340,6 +342,9 @@ class TuningInfo:
     whole_model_ms: dict[str, float] = field(default_factory=dict)  # end-to-end check: tuned vs untuned build
     kept: str = "tuned"  # "untuned" when the whole tuned model measured slower (see keep_faster)
     cost_model: str = ""
+    executor: str = "local"  # where candidates were built and measured: local | ray (targets/tuning_ray.py)
+    workers: int = 1  # executor slots (Ray CPUs) the candidates were spread over
+    remote: dict[str, Any] = field(default_factory=dict)  # ray: tasks, bytes moved, build/measure wall time
     seconds: float = 0.0
     mode: str = "tune"  # tune | apply-only
     files: list[str] = field(default_factory=list)
@@ -378,10 +383,24 @@ def _progress_callback(ms, names: list[str], total: int, progress: Progress | No
     return _Progress()
 
 
+def _remote_executor(executor: Any) -> Any:
+    """The Ray executor to build/measure on, or None for the local builder/runner. ``executor`` is an
+    ``Executor`` or the run's ``RunExecutor`` session (started only here, when there is something to tune)."""
+    from compressor.executor import Executor, RunExecutor
+
+    if isinstance(executor, RunExecutor):
+        return executor.get("tuning") if executor.kind != "local" else None
+    if isinstance(executor, Executor) and executor.name != "local":
+        return executor
+    return None
+
+
 def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | None = None,
-         progress: Progress | None = None, seed: int = 0) -> tuple[Any, TuningInfo, list]:
+         progress: Progress | None = None, seed: int = 0, executor: Any = None) -> tuple[Any, TuningInfo, list]:
     """Tune the fused functions of ``mod`` (reusing the database), return
-    ``(database, info, tasks)``; ``tasks`` are the extracted workloads (for ``export``)."""
+    ``(database, info, tasks)``; ``tasks`` are the extracted workloads (for ``export``).
+    ``executor`` (an ``Executor`` or the run's ``RunExecutor``; ray): candidates are built and
+    measured on its workers (``targets/tuning_ray.py``), the database stays here."""
     if trials < 0:
         raise UsageError(f"--tune-trials must be >= 0, got {trials}")
     ms = _ms()
@@ -452,10 +471,19 @@ def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | Non
         best: dict[int, float] = {}
         callbacks = list(ms.MeasureCallback.create("default")) + [
             _progress_callback(ms, names, total, progress, counts, best)]
-        builder = _persistent_builder(ms, BUILD_TIMEOUT_S)
-        runner = ms.runner.LocalRunner(
-            timeout_sec=RUN_TIMEOUT_S,
-            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=2, min_repeat_ms=40))
+        evaluator = ms.runner.EvaluatorConfig(number=3, repeat=2, min_repeat_ms=40)
+        remote = _remote_executor(executor)
+        remote_stats = None
+        if remote is not None:
+            from targets import tuning_ray
+
+            builder, runner, remote_stats = tuning_ray.make_builder_runner(ms, remote, evaluator)
+            info.executor, info.workers = remote.name, remote.slots
+            if progress:
+                progress(f"      candidates built and measured on {remote.describe()}")
+        else:
+            builder = _persistent_builder(ms, BUILD_TIMEOUT_S)
+            runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=evaluator)
         work_dir = tempfile.mkdtemp(prefix="compressor-tune-")
         ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
         try:
@@ -464,6 +492,11 @@ def tune(mod, tvm_target: dict[str, Any], trials: int, db_root: str | Path | Non
         finally:
             builder.close()
             shutil.rmtree(work_dir, ignore_errors=True)
+        if remote_stats is not None:
+            info.remote = remote_stats.to_dict()
+            if remote_stats.retries:
+                info.warnings.append(f"tuning on {remote.name}: {remote_stats.retries} task attempt(s) retried after "
+                                     f"worker failures")
         info.trials_run = sum(counts.values())
         info.tasks_tuned = len(todo)
         for t in todo:
@@ -602,7 +635,7 @@ def export(db, tasks: list, out_dir: Path, info: TuningInfo) -> list[str]:
 
 
 def prepare(mod, tvm_target: dict[str, Any], out_dir: Path, trials: int, db_root: str | Path | None = None,
-            progress: Progress | None = None, measure_here: bool = True) -> tuple[Any, TuningInfo]:
+            progress: Progress | None = None, measure_here: bool = True, executor: Any = None) -> tuple[Any, TuningInfo]:
     """Tune (or, with ``measure_here=False`` or ``trials == 0``, only look up) ``mod``'s fused
     functions, export the records into the bundle, and return ``(relax_pipeline, info)`` for
     ``tvm_backend.compile_library``."""
@@ -614,7 +647,7 @@ def prepare(mod, tvm_target: dict[str, Any], out_dir: Path, trials: int, db_root
         trials = 0
     else:
         info_warn = None
-    db, info, tasks = tune(mod, tvm_target, trials, db_root, progress)
+    db, info, tasks = tune(mod, tvm_target, trials, db_root, progress, executor=executor)
     if trials == 0:
         info.mode = "apply-only"
     if info_warn:

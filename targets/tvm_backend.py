@@ -36,6 +36,9 @@ def _tvm():
         ) from exc
     import tvm
 
+    from targets.dense_kernels import default_runtime_threads
+
+    default_runtime_threads()  # one pool worker per physical core (TVM halves the count on x86)
     return tvm
 
 
@@ -129,6 +132,16 @@ def import_onnx(
         from targets import sparse_kernels
 
         extra_converters = sparse_kernels.relax_converters(target)
+    if target is not None and any(n.op_type in ("Conv", "SparseConv1x1") for n in model.graph.node):
+        from targets import conv_kernels  # hand-scheduled CPU conv kernels (+ fused Relu/Clip); none for CUDA
+
+        extra_converters.update(conv_kernels.relax_converters(target, model)[0])
+    dense_state = None
+    if target is not None and any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node):
+        from targets import dense_kernels  # packed CPU kernels for constant-weight MatMul/Gemm; none for CUDA
+
+        dense_converters, dense_state = dense_kernels.relax_converters(target, model)
+        extra_converters.update(dense_converters)
     missing = unsupported_ops(model, tuple(extra_converters))
     if missing:
         raise TargetError(
@@ -172,6 +185,8 @@ def import_onnx(
         raise TargetError(f"TVM Relax ONNX frontend: {one_line(exc)}") from exc
     except Exception as exc:
         raise TargetError(f"TVM Relax ONNX import failed: {type(exc).__name__}: {one_line(exc)}") from exc
+    if dense_state is not None:
+        mod = dense_kernels.annotate(mod, dense_state)  # logs + IRModule attr "compressor_dense"
     return mod
 
 

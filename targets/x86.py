@@ -107,7 +107,8 @@ class X86Target(Target):
         options: dict[str, Any] | None = None,
     ) -> Artifact:
         """``options``: ``tune_trials`` (meta_schedule trials, 0 = none), ``tuning_db`` (database
-        root; with 0 trials an explicit one is still applied), ``progress`` (callable for lines)."""
+        root; with 0 trials an explicit one is still applied), ``progress`` (callable for lines),
+        ``executor_session`` (the run's ``RunExecutor``: with ray, candidates are built/measured on it)."""
         from targets import tvm_backend
 
         name = spec.extra.get("artifact_name", "model_x86_64.so")
@@ -121,7 +122,8 @@ class X86Target(Target):
             from targets import tuning
 
             pipeline, tuning_info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), trials, opts.get("tuning_db"),
-                                                   opts.get("progress"), measure_here=spec.runs_here)
+                                                   opts.get("progress"), measure_here=spec.runs_here,
+                                                   executor=opts.get("executor_session"))
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, relax_pipeline=pipeline)
         if tuning_info is not None and spec.runs_here and tuning_info.records_applied > tuning_info.default_kept:
             tuning.keep_faster(mod, spec.tvm_target, out, tuning_info)

@@ -4,6 +4,7 @@ matches onnxruntime, and the bundle carries (and lists) the records it used."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ def test_tune_reuse_and_bundle(cli, gemm_relu, tmp_path):
     r1 = cli(gemm_relu, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root, "-o", tmp_path / "b1",
              "--verify-samples", "4")
     assert r1.code == 0, r1
-    assert "tuning 4/4 trials" in r1.out  # progress lines from the measure callback
+    # progress lines from the measure callback (the Gemm runs the packed dense kernel, which is
+    # not a tuning task: the Relu left may have fewer than 4 distinct candidates)
+    assert re.search(r"tuning [1-4]/4 trials", r1.out)
     rep1 = json.loads((tmp_path / "b1" / "report.json").read_text())
     tun1 = rep1["artifact"]["tuning"]
     assert tun1["mode"] == "tune" and tun1["trials_requested"] == 4
@@ -63,7 +66,7 @@ def test_tune_reuse_and_bundle(cli, gemm_relu, tmp_path):
     assert tun2["tasks_reused"] == tun1["tasks"] and tun2["records_applied"] == tun1["records_applied"]
     assert _records(db_dir / tuning.RECORD_FILE) == db_records
     assert _records(tmp_path / "b2" / "tuning" / tuning.RECORD_FILE) == bundle_recs
-    assert "tuning 4/4 trials" not in r2.out and "reused" in r2.out
+    assert not re.search(r"tuning \d/4 trials", r2.out) and "reused" in r2.out
 
     # a larger budget tunes again (the ledger remembers 4 trials per function, not 8)
     r3 = cli(gemm_relu, "--target", "x86", "--tune-trials", str(8 * tun1["tasks"]), "--tuning-db", db_root,
