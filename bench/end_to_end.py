@@ -237,7 +237,7 @@ def conv_ab(models: list[str], sparsities: list[float], work: Path, rounds: int 
     import onnx
 
     import targets.conv_kernels as ck
-    from compressor.runtime import session
+    from compressor.runtime import session, settle
     from targets import tvm_backend
 
     real = ck.relax_converters
@@ -265,6 +265,7 @@ def conv_ab(models: list[str], sparsities: list[float], work: Path, rounds: int 
                     libs[mode] = tvm_backend.LoadedLibrary(so)
 
             def med(fn) -> float:
+                settle()  # the other engine's spinning threads go idle first
                 for _ in range(3):
                     fn()
                 ts = []

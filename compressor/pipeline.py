@@ -339,6 +339,7 @@ def _measure(r: _Run, b: _Build, bdir: Path) -> dict[str, Any] | None:
                "measured_on": _host_description(), "method": "median of 25 interleaved runs, ORT_ENABLE_ALL, batch as in model"}
     if b.artifact_runs is None:
         return latency
+    runtime.settle()  # onnxruntime's spinning threads would take the artifact's cores
     latency["artifact_s"] = p.target.time(bdir / b.artifact.path, p.spec, feed)
     slow = latency["artifact_s"] / lat["comp"]
     if slow > 1.5:

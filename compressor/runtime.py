@@ -36,10 +36,35 @@ def run_all(sess: ort.InferenceSession, feeds: list[dict[str, np.ndarray]]) -> l
     return [sess.run(None, f) for f in feeds]
 
 
+SETTLE_S = 0.05
+
+
+def settle() -> None:
+    """Pause before timing another engine. onnxruntime's intra-op threads (and torch's OpenMP
+    threads) keep spinning for a while after a run; a TVM call timed right after them finds its
+    pool threads without a core and ran up to 40x slower here (2-thread 512x512 GEMV: 0.005 ms
+    alone, 0.19 ms right after onnxruntime, 0.002 ms after a 50 ms pause). Each engine is timed
+    as a user would run it: alone."""
+    time.sleep(SETTLE_S)
+
+
+WARMUP_S = 0.2
+
+
+def warm_up(fn: Callable[[], object], seconds: float = WARMUP_S, min_calls: int = 3) -> None:
+    """Call ``fn`` for ``seconds`` (at least ``min_calls`` times) before timing it: onnxruntime
+    ran its first ~1000 calls of a small GEMV up to 3x slower than the steady state here, so a
+    fixed 3-call warm-up made it look slower than it is."""
+    t0 = time.perf_counter()
+    n = 0
+    while n < min_calls or time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+
+
 def median_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, budget_s: float = 5.0) -> float:
     """Median wall time of ``fn`` in seconds, bounded by a time budget."""
-    for _ in range(warmup):
-        fn()
+    warm_up(fn, min_calls=warmup)
     times = []
     start = time.perf_counter()
     while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
@@ -52,10 +77,12 @@ def median_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,
 def compare_latency(fns: dict[str, Callable[[], object]], rounds: int = 5, per_round: int = 5) -> dict[str, float]:
     """Interleave the candidates round by round (noisy machines) and return median seconds each."""
     for fn in fns.values():
-        fn()
+        settle()
+        warm_up(fn)
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            settle()
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 fn()

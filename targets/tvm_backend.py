@@ -404,8 +404,9 @@ def time_library(
     tvm = _tvm()
     lib = LoadedLibrary(path, device)
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), lib.device) for a in lib.order_inputs(inputs)]
-    for _ in range(max(0, warmup)):
-        lib.call_raw(args)
+    from compressor.runtime import warm_up
+
+    warm_up(lambda: lib.call_raw(args), min_calls=max(0, warmup))
     lib.device.sync()
     times: list[float] = []
     start = time.perf_counter()
