@@ -91,6 +91,7 @@ class ArmTarget(Target):
         out = Path(out_dir) / name
         t0 = time.perf_counter()
         mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
+        kernels, kernel_warnings = tvm_backend.kernel_report(mod)
         opts = options or {}
         pipeline, info = None, None
         if opts.get("tune_trials") or opts.get("tuning_db"):
@@ -101,8 +102,10 @@ class ArmTarget(Target):
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, cc=linker, relax_pipeline=pipeline)
         return library_artifact(out, t0, timing, "AArch64",
                                 {"linker": linker or "host cc", "tvm_target": spec.tvm_target,
-                                 "tuning": info.to_dict() if info else {"mode": "untuned", "trials_run": 0}},
-                                extra_files=tuple(info.files) if info else (), warnings=tuple(info.warnings) if info else ())
+                                 "tuning": info.to_dict() if info else {"mode": "untuned", "trials_run": 0},
+                                 "kernels": kernels},
+                                extra_files=tuple(info.files) if info else (),
+                                warnings=(tuple(info.warnings) if info else ()) + kernel_warnings)
 
     def run(self, artifact_path: Path, spec: TargetSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         host = detect_host()

@@ -11,6 +11,7 @@ TVM is imported lazily: ``import targets`` must stay cheap for the CLI.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import statistics
@@ -135,7 +136,10 @@ def import_onnx(
     if target is not None and any(n.op_type in ("Conv", "SparseConv1x1") for n in model.graph.node):
         from targets import conv_kernels  # hand-scheduled CPU conv kernels (+ fused Relu/Clip); none for CUDA
 
-        extra_converters.update(conv_kernels.relax_converters(target, model)[0])
+        conv_converters, conv_state = conv_kernels.relax_converters(target, model)
+        extra_converters.update(conv_converters)
+    else:
+        conv_state = None
     dense_state = None
     if target is not None and any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node):
         from targets import dense_kernels  # packed CPU kernels for constant-weight MatMul/Gemm; none for CUDA
@@ -187,7 +191,36 @@ def import_onnx(
         raise TargetError(f"TVM Relax ONNX import failed: {type(exc).__name__}: {one_line(exc)}") from exc
     if dense_state is not None:
         mod = dense_kernels.annotate(mod, dense_state)  # logs + IRModule attr "compressor_dense"
-    return mod
+    return mod.with_attr(KERNELS_ATTR, json.dumps(_kernel_record(dense_state, conv_state)))
+
+
+KERNELS_ATTR = "compressor_kernels"
+# dense fallbacks that are not weight layers (attention's activation x activation products):
+# TVM's generic matmul is the right code for them, not a missed kernel
+_NOT_WEIGHT_LAYER = ("is not a constant",)
+
+
+def _kernel_record(dense_state: Any, conv_state: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {"dense_packed": 0, "dense_shared_weights": 0, "conv": {}, "fallbacks": []}
+    if dense_state is not None:
+        rec["dense_packed"], rec["dense_shared_weights"] = dense_state.kernels, dense_state.shared
+        rec["fallbacks"] += [f for f in dense_state.fallbacks if not any(t in f for t in _NOT_WEIGHT_LAYER)]
+    if conv_state is not None:
+        rec["conv"] = dict(conv_state.kernels)
+        rec["fallbacks"] += [f"Conv {f}" for f in conv_state.fallbacks]
+    return rec
+
+
+def kernel_report(mod: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """What :func:`import_onnx` recorded about the hand-scheduled CPU kernels: counts of
+    packed dense layers and conv kernels by kind, and one warning per weight layer that was
+    left to TVM's generic (unscheduled unless tuned) code, with its reason."""
+    attrs = mod.attrs
+    if attrs is None or KERNELS_ATTR not in attrs:
+        return {}, ()
+    rec = json.loads(str(attrs[KERNELS_ATTR]))
+    warns = tuple(f"kernel: {f}; left to TVM's generic code (unscheduled unless tuned)" for f in rec["fallbacks"])
+    return rec, warns
 
 
 @contextlib.contextmanager

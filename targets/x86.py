@@ -115,6 +115,7 @@ class X86Target(Target):
         out = Path(out_dir) / name
         t0 = time.perf_counter()
         mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
+        kernels, kernel_warnings = tvm_backend.kernel_report(mod)
         opts = options or {}
         trials = int(opts.get("tune_trials") or 0)
         pipeline, tuning_info = None, None
@@ -130,9 +131,10 @@ class X86Target(Target):
         return library_artifact(
             out, t0, timing, "x86-64",
             {"tvm_target": spec.tvm_target, "isa_features": list(spec.isa_features),
-             "tuning": tuning_info.to_dict() if tuning_info else {"mode": "untuned", "trials_run": 0}},
+             "tuning": tuning_info.to_dict() if tuning_info else {"mode": "untuned", "trials_run": 0},
+             "kernels": kernels},
             extra_files=tuple(tuning_info.files) if tuning_info else (),
-            warnings=tuple(tuning_info.warnings) if tuning_info else (),
+            warnings=(tuple(tuning_info.warnings) if tuning_info else ()) + kernel_warnings,
         )
 
     @staticmethod

@@ -286,3 +286,19 @@ def test_broadcast_add_after_conv_falls_back(tmp_path):
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert any(n.startswith("conv_conv1x1") for n in names) and not any(n.startswith("add_") for n in names)
     np.testing.assert_allclose(y, session(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_counts_and_fallbacks_reach_the_report(tmp_path, cli):
+    """No silent fallback: a conv left to TVM's generic code is a report warning with its
+    reason, and the artifact records how many layers got each hand-scheduled kernel."""
+    import json
+
+    path = _net(tmp_path / "net.onnx", dilated=True, grouped=True)
+    r = cli(path, "--target", "x86", "-o", tmp_path / "b", "--verify-samples", "2", "--no-latency")
+    assert r.code == 0, r.out + r.err
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    kernels = rep["artifact"]["kernels"]
+    assert kernels["conv"] == {"direct": 1, "conv1x1": 2, "depthwise": 1, "add": 1, "global_avgpool": 1}, kernels
+    warns = [w for w in rep["warnings"] if w.startswith("compile: kernel: Conv")]
+    assert len(warns) == 2 and any("dilated: dilations=[2, 2]" in w for w in warns), rep["warnings"]
+    assert any("grouped: grouped conv group=2" in w for w in warns)
