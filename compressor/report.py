@@ -49,7 +49,10 @@ def tuning_note(report: dict[str, Any]) -> str:
         return ""
     if tun.get("mode") == "untuned":
         return ", untuned"
-    return (f", tuned {tun.get('trials_run', 0)} new trials, {tun.get('records_applied', 0)}/{tun.get('tasks', 0)} "
+    where = ""
+    if tun.get("executor", "local") != "local":
+        where = f" on {tun['executor']} ({tun.get('workers', 1)} workers)"
+    return (f", tuned {tun.get('trials_run', 0)} new trials{where}, {tun.get('records_applied', 0)}/{tun.get('tasks', 0)} "
             f"functions with records, {tun.get('tasks_reused', 0)} reused")
 
 
