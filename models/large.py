@@ -1,0 +1,146 @@
+"""Benchmark-scale models (seed-paper / DeepBench sizes) beside the test-sized zoo in
+:mod:`models.build`: ``mlp-large``, ``gru-large``, ``transformer-large``, ``mobilenetv2-large``.
+
+The zoo's models are 32-128 wide so the test suite stays fast; at that size the sparse
+kernels cannot pay (a 64x64 GEMV is a few hundred nanoseconds, call overhead included), so
+the sparse-lowering speed targets are measured on these (``bench/end_to_end.py``). Built
+with torch (random weights, seeded) and exported with ``torch.onnx.export(dynamo=False)``.
+
+* ``mlp-large``: 1024 -> 2048 -> 2048 -> 1024 -> 10, ReLU, batch 1.
+* ``gru-large``: torch GRU 256 -> 1024 hidden, 8 steps, batch_first, last hidden -> Linear.
+* ``transformer-large``: :class:`models.build.TinyTransformer` at d_model 512, 8 heads,
+  2 layers, MLP 2048, seq 16.
+* ``mobilenetv2-large``: the real MobileNetV2 1.0 topology at 112 px, 1000 classes.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+from models.zoo import ensure_built
+
+
+def build_mlp_large(path: Path, widths=(1024, 2048, 2048, 1024), classes: int = 10, seed: int = 0) -> Path:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], classes))
+    net = nn.Sequential(*layers).eval()
+    x = torch.randn(1, widths[0])
+    torch.onnx.export(net, (x,), str(path), input_names=["x"], output_names=["logits"], opset_version=17, dynamo=False)
+    return path
+
+
+def _export(net, x, path: Path) -> Path:
+    import torch
+
+    net = net.eval()
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(path), input_names=["x"], output_names=["logits"], opset_version=17,
+                          dynamo=False, do_constant_folding=True)
+    return path
+
+
+def build_gru_large(path: Path, inp: int = 256, hidden: int = 1024, seq: int = 8, classes: int = 10,
+                    seed: int = 0) -> Path:
+    """batch_first GRU (1 layer) -> last hidden state -> Linear; input [1, seq, inp]."""
+    import torch
+    from torch import nn
+
+    class GRUHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(inp, hidden, num_layers=1, batch_first=True)
+            self.fc = nn.Linear(hidden, classes)
+
+        def forward(self, x):
+            _, h = self.rnn(x)
+            return self.fc(h[-1])
+
+    torch.manual_seed(seed)
+    return _export(GRUHead(), torch.randn(1, seq, inp), path)
+
+
+def build_transformer_large(path: Path, seq: int = 16, dim: int = 512, heads: int = 8, layers: int = 2,
+                            mlp_dim: int = 2048, seed: int = 0) -> Path:
+    """models.build.TinyTransformer's explicit-attention pre-LN encoder at d_model ``dim``."""
+    import torch
+
+    from models.build import TinyTransformer
+
+    torch.manual_seed(seed)
+    net = TinyTransformer(seq=seq, dim=dim, heads=heads, layers=layers, mlp_dim=mlp_dim)
+    return _export(net, torch.randn(1, seq, dim), path)
+
+
+# MobileNetV2 1.0 (Sandler et al. 2018, table 2): (expansion t, out channels c, repeats n, first stride s)
+MBV2_CFG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def build_mobilenetv2_large(path: Path, size: int = 112, classes: int = 1000, seed: int = 0) -> Path:
+    """The real MobileNetV2 1.0 topology (stem 3x3/2 -> 32, 17 inverted residual blocks with
+    ReLU6, the t=1 block without expansion conv, 1x1 -> 1280, global pool, Linear) at
+    ``size`` px, BatchNorm with non-trivial statistics (folded by the cleanup passes)."""
+    import torch
+    from torch import nn
+
+    def cbr(cin, cout, k=1, stride=1, groups=1, act=True):
+        mods = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        return nn.Sequential(*mods, *([nn.ReLU6()] if act else []))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride, t):
+            super().__init__()
+            hid = cin * t
+            self.res = stride == 1 and cin == cout
+            self.body = nn.Sequential(*([cbr(cin, hid)] if t != 1 else []), cbr(hid, hid, 3, stride, hid),
+                                      cbr(hid, cout, act=False))
+
+        def forward(self, x):
+            return x + self.body(x) if self.res else self.body(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, cin = [cbr(3, 32, 3, 2)], 32
+            for t, c, n, s in MBV2_CFG:
+                for i in range(n):
+                    layers.append(Block(cin, c, s if i == 0 else 1, t))
+                    cin = c
+            layers.append(cbr(cin, 1280))
+            self.features = nn.Sequential(*layers)
+            self.fc = nn.Linear(1280, classes)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    torch.manual_seed(seed)
+    net = Net().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+    return _export(net, torch.randn(1, 3, size, size), path)
+
+
+LARGE = {"mlp-large": build_mlp_large, "gru-large": build_gru_large, "transformer-large": build_transformer_large,
+         "mobilenetv2-large": build_mobilenetv2_large}
+
+
+def model_path(name: str, cache: Path) -> Path:
+    if name in LARGE:
+        cache.mkdir(parents=True, exist_ok=True)
+        p = cache / f"{name.replace('-', '_')}.onnx"
+        return p if p.is_file() else LARGE[name](p)
+    return ensure_built(name, cache)
