@@ -32,9 +32,7 @@ def build_mlp_large(path: Path, widths=(1024, 2048, 2048, 1024), classes: int = 
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(widths[-1], classes))
     net = nn.Sequential(*layers).eval()
-    x = torch.randn(1, widths[0])
-    torch.onnx.export(net, (x,), str(path), input_names=["x"], output_names=["logits"], opset_version=17, dynamo=False)
-    return path
+    return _export(net, torch.randn(1, widths[0]), path)
 
 
 def _export(net, x, path: Path) -> Path:
