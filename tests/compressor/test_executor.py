@@ -8,13 +8,7 @@ every process in it are removed at the end (by pid, from ``ip netns pids``)."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +16,8 @@ import pytest
 
 from compressor.executor import LocalExecutor
 from models.zoo import DIGITS_CALIB, DIGITS_ONNX, ensure_built, shared_cache_dir
+from tests.ray_cluster import VENV_BIN, netns_cluster
 
-VENV_BIN = Path(sys.executable).parent
-
-PORT = 6391
 
 
 def _div(a: int, b: int) -> float:
@@ -58,58 +50,9 @@ def test_missing_ray_exits_5(cli, tiny_models, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- Ray on loopback only
 
 
-def _sh(*cmd: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), capture_output=True, text=True, env=env, timeout=timeout)
-
-
-class Cluster:
-    def __init__(self, ns: str, env: dict, port: int):
-        self.ns, self.env, self.port, self.address = ns, env, port, f"127.0.0.1:{port}"
-
-    def run(self, *cmd: str, timeout: int = 300) -> subprocess.CompletedProcess:
-        return _sh("ip", "netns", "exec", self.ns, *map(str, cmd), env=self.env, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, request):
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 for a loopback-only network namespace")
-    ns = f"cmpray{os.getpid()}{request.module.__name__[-4:]}"
-    if _sh("ip", "netns", "add", ns).returncode != 0:
-        pytest.skip("cannot create a network namespace here")
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
-    # one port per test module: `ray start` refuses a port that a Ray process anywhere on the machine
-    # (any namespace) still uses, and the previous module's cluster may still be shutting down
-    # and one per xdist worker: module-scoped fixtures are set up once per worker that runs the module
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-    port = PORT + 20 * worker + (1 if request.module.__name__.endswith("pipeline") else 0) * 7
-    c = Cluster(ns, env, port)
-    try:
-        assert _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up").returncode == 0
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--object-store-memory", str(200 * 2**20),
-                  "--disable-usage-stats"]
-        r = c.run(VENV_BIN / "ray", "start", "--head", "--port", str(port), "--include-dashboard", "false", *common)
-        assert r.returncode == 0, r.stderr[-2000:]
-        r = c.run(VENV_BIN / "ray", "start", "--address", c.address, *common)
-        assert r.returncode == 0, r.stderr[-2000:]
-        # nothing of the cluster may listen outside the namespace's loopback
-        listen = c.run("ss", "-ltnH").stdout.split("\n")
-        assert all(not l.split() or l.split()[3].rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "*", "[::1]", "[::]")
-                   for l in listen)
-        assert [l.split(": ")[1] for l in c.run("ip", "-o", "link").stdout.splitlines()] == ["lo"]
-        yield c
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = [int(p) for p in _sh("ip", "netns", "pids", ns).stdout.split()]
-            for p in pids:
-                try:
-                    os.kill(p, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + 5
-            while pids and time.time() < deadline and _sh("ip", "netns", "pids", ns).stdout.strip():
-                time.sleep(0.2)
-        _sh("ip", "netns", "del", ns)
+def cluster(request):
+    yield from netns_cluster(request)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from compressor.pass_base import PassContext, make_config
 from compressor.pass_manager import PassManager
 from passes import PASSES
 from tests.conftest import make_model
-from tests.targets.test_tuning_ray import VENV_BIN, netns_cluster
+from tests.ray_cluster import VENV_BIN, netns_cluster
 
 
 def branchy_model(seed: int = 0) -> onnx.ModelProto:

@@ -6,56 +6,12 @@ the driver, and a later (local) run reuses them without a new trial."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.compressor.test_executor import PORT, VENV_BIN, Cluster, _sh
-
-# port offsets inside each xdist worker's block of 20 (test_executor uses 0, its pipeline module 7)
-PORT_OFFSETS = {"test_tuning_ray": 11, "test_obs_ray": 14}
-
-
-def netns_cluster(request):
-    """A two-node Ray cluster (1 CPU each) inside a namespace that has only ``lo``; yields a Cluster."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 for a loopback-only network namespace")
-    mod = request.module.__name__.rsplit(".", 1)[-1]
-    ns = f"cmpray{os.getpid()}m{PORT_OFFSETS[mod]}"  # distinct per module (both names end in "_ray")
-    if _sh("ip", "netns", "add", ns).returncode != 0:
-        pytest.skip("cannot create a network namespace here")
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-    c = Cluster(ns, env, PORT + 20 * worker + PORT_OFFSETS[mod])
-    try:
-        assert _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up").returncode == 0
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--object-store-memory", str(200 * 2**20),
-                  "--disable-usage-stats"]
-        r = c.run(VENV_BIN / "ray", "start", "--head", "--port", str(c.port), "--include-dashboard", "false", *common)
-        assert r.returncode == 0, r.stderr[-2000:]
-        r = c.run(VENV_BIN / "ray", "start", "--address", c.address, *common)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert [l.split(": ")[1] for l in c.run("ip", "-o", "link").stdout.splitlines()] == ["lo"]
-        yield c
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = [int(p) for p in _sh("ip", "netns", "pids", ns).stdout.split()]
-            for p in pids:
-                try:
-                    os.kill(p, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + 5
-            while pids and time.time() < deadline and _sh("ip", "netns", "pids", ns).stdout.strip():
-                time.sleep(0.2)
-        _sh("ip", "netns", "del", ns)
-
+from tests.ray_cluster import VENV_BIN, netns_cluster
 
 @pytest.fixture(scope="module")
 def cluster(request):
