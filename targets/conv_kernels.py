@@ -28,12 +28,16 @@ the 32 px MobileNetV2 ran 0.236 ms all-parallel, 0.160 ms serial on the 2-core d
   ``O`` start at ``min(t * T, size - T)``: the last tile overlaps its neighbour (identical
   values written twice) instead of needing a remainder loop. The 4-D tensors are viewed as
   ``[B, C, H*W]`` inside the kernel (no Relax reshapes).
-* ``depthwise`` (``group == I == O``, any ``KH x KW``, strides, padding): one task per
-  (image, channel): the channel is first copied into zero-padded *phase planes*
-  ``pp[q, row, j] = xpad[row, sw * j + q]`` (``q < sw``), so the tap ``(kh, kw)`` of all
-  outputs of a row is the contiguous slice ``pp[kw % sw, oh * sh + kh, ow + kw // sw]``: every
-  tap is one vector FMA over the output row for any stride (stride 2 needs no gathers).
-  Several output rows per step (``depthwise_rows``): independent FMA chains.
+* ``depthwise`` (``group == I == O``, any ``KH x KW``, strides, padding): per channel, the
+  zero-padded input is copied into *polyphase planes* ``pp[qh, qw, R, J] = xpad[R*sh + qh,
+  J*sw + qw]`` stored flat with a row pitch ``WQ``, so output ``(i, j)`` (flat ``i*WQ + j``)
+  reads tap ``(kh, kw)`` at the constant offset ``(kh//sh)*WQ + kw//sw`` of plane
+  ``(kh%sh, kw%sw)``: each tap is one vector FMA over ``VL`` contiguous outputs -- several
+  whole rows at once on small planes (a 4x4 plane is two AVX-512 vectors), no gathers for any
+  stride. Stride-2 rows are deinterleaved from a stack copy of the input row (LLVM shuffles
+  instead of 2 x W scalar loads: the 56 px stride-2 layer 80 -> 38 us). The planes' padding is
+  zeroed once per task; a task handles ``cpt`` channels (tiny planes: the per-channel loop
+  overhead, not the FMAs, is the cost).
 * ``direct`` (group 1, anything else: the KxK stem, strided/padded 1x1): phase planes of all
   input channels first (parallel over channels), then one task per (image, output-channel
   tile, output row) with ``R`` x one SIMD-width tile of accumulators.
@@ -205,15 +209,6 @@ def row_tile(ow: int, v: int, cap: int = MAX_ROW) -> int:
     return min(cands, key=lambda t: (math.ceil(ow / t) * t, -t))
 
 
-DW_MAX_ROWS = 4  # 56-wide rows: 1 -> 4 rows 0.13 -> 0.10 ms; rows narrower than 16: 2 (more: slower)
-
-
-def depthwise_rows(oh: int, owt: int) -> int:
-    """Output rows per step of the depthwise kernel: independent FMA chains (one row = a chain
-    of KH*KW dependent FMAs per vector, latency-bound), ``rows * owt < STACK_FLOATS``."""
-    return _tile(oh, min(DW_MAX_ROWS if owt >= 16 else 2, (STACK_FLOATS - 1) // owt))
-
-
 def direct_tiles(o: int, ow: int, target: Any) -> tuple[int, int]:
     """(R output channels, OWT output columns) per task of the direct kernel: ``R`` rows of
     one SIMD-width tile (``R * OWT < STACK_FLOATS``): 8 x 16 on AVX-512 ran 1.0x onnxruntime on
@@ -283,20 +278,66 @@ def _phase_range(s: ConvShape, q: int) -> tuple[int, int]:
     return lo, max(0, hi - lo)
 
 
+DW_ACC_FLOATS = 128  # accumulators per depthwise step (8 AVX-512 registers): full padded rows when they fit
+DW_ROWBUF = 240  # widest input row deinterleaved through a stack copy (stride 2)
+DW_MAX_ROWS = 4  # output rows per step of the row form (56 px rows: 1 -> 4 rows 0.13 -> 0.10 ms)
+DW_TASK_MACS = 32_768  # channels per parallel task: at least this many MACs (tiny planes: per-task overhead)
+
+
+def depthwise_plan(s: ConvShape, target: Any) -> dict[str, int]:
+    """Geometry of the depthwise kernel. Polyphase planes ``pp[qh, qw, R, J] = xpad[R*sh + qh,
+    J*sw + qw]`` (``RQ`` rows of pitch ``WQ >= OW + (KW-1)//SW`` each) make every tap a constant
+    flat offset: output ``(i, j)`` reads plane ``(dh%sh, dw%sw)`` at ``(i + dh//sh)*WQ + j +
+    dw//sw``. Two step shapes:
+
+    * ``flat`` (rows narrower than a vector, ``full = 1``): one step covers ``rb`` whole padded
+      rows as ``VL = ceil(rb*WQ / lanes) * lanes`` contiguous accumulators (the pad columns and
+      rounding lanes are computed and dropped); the pitch is rounded up to a power of two so
+      the rows are stored out of the accumulators without lane shuffles (a 9-float pitch on
+      7x7 planes ran 1.3x slower than 16).
+    * ``rows`` (``full = 0``): ``rb`` output rows x ``owt`` columns (the whole row up to
+      ``MAX_ROW``, else overlapping column tiles), each row its own accumulators (no padded
+      lanes: a 32 px row in a 48-float pitch of the flat form was 1.5x slower).
+
+    ``cpt`` channels per task (tiny planes: the per-channel loop, not the FMAs, costs)."""
+    v = vector_floats(target)
+    hp, wq = _pad_geometry(s)
+    rq = -(-hp // s.sh)
+    pw = 1 << (wq - 1).bit_length()
+    if s.ow < v and pw <= DW_ACC_FLOATS:
+        wq = pw
+        rb = max(1, min(s.oh, DW_ACC_FLOATS // wq))
+        vl = -(-rb * wq // v) * v
+        full, owt = 1, s.ow
+    else:
+        full = 0
+        owt = s.ow if s.ow <= MAX_ROW else row_tile(s.ow, v)
+        rb = max(1, min(s.oh, DW_MAX_ROWS, (STACK_FLOATS - 1) // owt))
+        vl = owt
+    per_ch = s.oh * s.ow * s.kh * s.kw
+    cpt = max(1, min(s.i, DW_TASK_MACS // max(per_ch, 1)))
+    return {"wq": wq, "rq": rq, "rb": rb, "vl": vl, "full": full, "owt": owt, "cpt": cpt,
+            "plane": rq * wq, "size": s.sh * s.sw * rq * wq + vl + wq}
+
+
 def make_depthwise(s: ConvShape, act: Act = NONE, target: Any = "x86"):
-    """``f(x[B, C, H, W], w[C, KH*KW], bias[C], y[B, C, OH, OW])``."""
+    """``f(x[B, C, H, W], w[C, KH*KW], bias[C], y[B, C, OH, OW])``: per channel, the zero-padded
+    input is copied into polyphase planes (:func:`depthwise_plan`; their padding is zeroed once
+    per task, the copies only write the interior), then every tap is one vector FMA over ``VL``
+    contiguous outputs -- several whole rows of small planes at once, no gathers for any stride.
+    Tasks: ``cpt`` channels each (the last group overlapping its neighbour)."""
     from tvm.script import tirx as T
 
     assert s.kind() == "depthwise", s
     bsz, c, h, w, kh, kw, sh, sw = s.b, s.i, s.h, s.w, s.kh, s.kw, s.sh, s.sw
     pt, pl = s.pads[0], s.pads[1]
     oh, ow = s.oh, s.ow
-    hp, wq = _pad_geometry(s)
-    (jlo0, jn0), (jlo1, jn1) = _phase_range(s, 0), _phase_range(s, min(1, sw - 1))
-    owt = ow if ow <= MAX_ROW else row_tile(ow, vector_floats(target))  # full rows measured fastest
-    nct = math.ceil(ow / owt)
-    rb = depthwise_rows(oh, owt)
+    g = depthwise_plan(s, target)
+    wq, rb, vl, full, owt, cpt, plane, size = (g[k] for k in ("wq", "rb", "vl", "full", "owt", "cpt", "plane", "size"))
     nrb = math.ceil(oh / rb)
+    nct = 1 if full else math.ceil(ow / owt)
+    ncg = math.ceil(c / cpt)
+    (jlo0, jn0), (jlo1, jn1) = _phase_range(s, 0), _phase_range(s, min(1, sw - 1))
     par = _task_loop(bsz * c * oh * ow * kh * kw)
     zero = T.float32(0)
     f = _act_fn(act)
@@ -305,42 +346,71 @@ def make_depthwise(s: ConvShape, act: Act = NONE, target: Any = "x86"):
     def depthwise(x: T.Buffer((bsz, c, h, w), "float32"), wk: T.Buffer((c, kh * kw), "float32"),
                   bias: T.Buffer((c,), "float32"), y: T.Buffer((bsz, c, oh, ow), "float32")):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        for t in par(bsz * c):
-            # zero-padded phase planes of this channel: pp[q, row, j] = xpad[row, j * sw + q]
-            pp = T.decl_buffer((sw, hp, wq), "float32")
-            for q in T.serial(sw):
-                for r in T.serial(hp):
-                    for j in T.vectorized(wq):
-                        pp[q, r, j] = zero
-            if sw <= 2:  # (static) constant-extent vector copies, one per phase
+        for t in par(bsz * ncg):
+            pp = T.decl_buffer((size,), "float32")
+            for j in T.vectorized(size):
+                pp[j] = zero
+            for cc in T.serial(cpt):
+                # interior of the polyphase planes: input row r -> plane row (r + pt) // sh, phase (r + pt) % sh
                 for r in T.serial(h):
-                    for j in T.vectorized(jn0):
-                        pp[0, r + pt, jlo0 + j] = x[t // c, t % c, r, (jlo0 + j) * sw - pl]
-                    if sw == 2 and jn1 > 0:
-                        for j in T.vectorized(jn1):
-                            pp[sw - 1, r + pt, jlo1 + j] = x[t // c, t % c, r, (jlo1 + j) * sw + 1 - pl]
-            else:
-                for r in T.serial(h):
-                    for q in T.unroll(sw):
-                        for j in T.serial(T.min(wq, (w - 1 + pl - q) // sw + 1) - (pl - q + sw - 1) // sw):
-                            pp[q, r + pt, (pl - q + sw - 1) // sw + j] = x[
-                                t // c, t % c, r, ((pl - q + sw - 1) // sw + j) * sw + q - pl]
-            acc = T.decl_buffer((rb, owt), "float32", scope=CPU_STACK)
-            for r in T.serial(nrb):
-                for ct in T.serial(nct):
-                    for i in T.unroll(rb):
-                        for j in T.vectorized(owt):
-                            acc[i, j] = bias[t % c]
-                    for dh in T.unroll(kh):
-                        for dw in T.unroll(kw):
+                    if sw == 2 and w <= DW_ROWBUF:  # deinterleave from a register copy of the row (shuffles, not
+                        rowbuf = T.decl_buffer((w,), "float32", scope=CPU_STACK)  # 2 x W scalar loads)
+                        for j in T.vectorized(w):
+                            rowbuf[j] = x[t // ncg, T.min(t % ncg * cpt, c - cpt) + cc, r, j]
+                        for j in T.vectorized(jn0):
+                            pp[((r + pt) % sh * sw) * plane + (r + pt) // sh * wq + jlo0 + j] = rowbuf[(jlo0 + j) * 2 - pl]
+                        if jn1 > 0:
+                            for j in T.vectorized(jn1):
+                                pp[((r + pt) % sh * sw + 1) * plane + (r + pt) // sh * wq + jlo1 + j] = rowbuf[
+                                    (jlo1 + j) * 2 + 1 - pl]
+                    elif sw <= 2:  # (static) constant-extent vector copies, one per phase
+                        for j in T.vectorized(jn0):
+                            pp[((r + pt) % sh * sw) * plane + (r + pt) // sh * wq + jlo0 + j] = x[
+                                t // ncg, T.min(t % ncg * cpt, c - cpt) + cc, r, (jlo0 + j) * sw - pl]
+                        if sw == 2 and jn1 > 0:
+                            for j in T.vectorized(jn1):
+                                pp[((r + pt) % sh * sw + 1) * plane + (r + pt) // sh * wq + jlo1 + j] = x[
+                                    t // ncg, T.min(t % ncg * cpt, c - cpt) + cc, r, (jlo1 + j) * sw + 1 - pl]
+                    else:
+                        for q in T.serial(sw):
+                            for j in T.serial(T.min(wq, (w - 1 + pl - q) // sw + 1) - (pl - q + sw - 1) // sw):
+                                pp[((r + pt) % sh * sw + q) * plane + (r + pt) // sh * wq + (pl - q + sw - 1) // sw
+                                   + j] = x[t // ncg, T.min(t % ncg * cpt, c - cpt) + cc, r,
+                                            ((pl - q + sw - 1) // sw + j) * sw + q - pl]
+                for rt in T.serial(nrb):
+                    for ct in T.serial(nct):
+                        if full == 1:  # (static) flat form: rb padded rows as one vector run
+                            acc = T.decl_buffer((vl,), "float32", scope=CPU_STACK)
+                            for l in T.vectorized(vl):
+                                acc[l] = bias[T.min(t % ncg * cpt, c - cpt) + cc]
+                            for dh in T.unroll(kh):
+                                for dw in T.unroll(kw):
+                                    for l in T.vectorized(vl):
+                                        acc[l] = acc[l] + wk[T.min(t % ncg * cpt, c - cpt) + cc, dh * kw + dw] * pp[
+                                            ((dh % sh) * sw + dw % sw) * plane
+                                            + (T.min(rt * rb, oh - rb) + dh // sh) * wq + dw // sw + l]
+                            for i in T.unroll(rb):
+                                for j in T.vectorized(ow):
+                                    y[t // ncg, T.min(t % ncg * cpt, c - cpt) + cc, T.min(rt * rb, oh - rb) + i,
+                                      j] = f(acc[i * wq + j])
+                        else:  # row form: rb rows x owt columns
+                            acr = T.decl_buffer((rb, owt), "float32", scope=CPU_STACK)
                             for i in T.unroll(rb):
                                 for j in T.vectorized(owt):
-                                    acc[i, j] = acc[i, j] + wk[t % c, dh * kw + dw] * pp[
-                                        dw % sw, (T.min(r * rb, oh - rb) + i) * sh + dh,
-                                        T.min(ct * owt, ow - owt) + j + dw // sw]
-                    for i in T.unroll(rb):
-                        for j in T.vectorized(owt):
-                            y[t // c, t % c, T.min(r * rb, oh - rb) + i, T.min(ct * owt, ow - owt) + j] = f(acc[i, j])
+                                    acr[i, j] = bias[T.min(t % ncg * cpt, c - cpt) + cc]
+                            for dh in T.unroll(kh):
+                                for dw in T.unroll(kw):
+                                    for i in T.unroll(rb):
+                                        for j in T.vectorized(owt):
+                                            acr[i, j] = acr[i, j] + wk[T.min(t % ncg * cpt, c - cpt) + cc,
+                                                                       dh * kw + dw] * pp[
+                                                ((dh % sh) * sw + dw % sw) * plane
+                                                + (T.min(rt * rb, oh - rb) + i + dh // sh) * wq
+                                                + T.min(ct * owt, ow - owt) + dw // sw + j]
+                            for i in T.unroll(rb):
+                                for j in T.vectorized(owt):
+                                    y[t // ncg, T.min(t % ncg * cpt, c - cpt) + cc, T.min(rt * rb, oh - rb) + i,
+                                      T.min(ct * owt, ow - owt) + j] = f(acr[i, j])
 
     return depthwise
 

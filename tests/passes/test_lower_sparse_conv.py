@@ -105,7 +105,7 @@ def test_conv_cost_model_grows_with_size_and_sparsity():
     big = predict("Conv", 256, 256, 784, 1, 0.1, (8, 1), "x86")[0]
     assert big > 1.2
     assert big > predict("Conv", 256, 256, 784, 1, 0.3, (8, 1), "x86")[0]
-    assert predict("Conv", 16, 16, 16, 1, 0.1, (1, 1), "x86")[0] < 1.0
+    assert predict("Conv", 16, 16, 16, 1, 0.1, (1, 1), "x86")[0] <= 1.0  # below the calibrated sizes: capped
 
 
 @pytest.mark.slow

@@ -23,6 +23,10 @@ CASES = {
     "dw5x3-mixed": ck.ConvShape(2, 5, 9, 7, 5, 5, 3, 2, 1, (2, 1, 1, 0), 5),
     "dw-s3": ck.ConvShape(1, 4, 10, 11, 4, 3, 3, 3, 3, (1, 2, 0, 1), 4),
     "dw-wide": ck.ConvShape(1, 3, 4, 300, 3, 3, 3, 1, 1, (1, 1, 1, 1), 3),  # column tiles
+    # 20 px rows (vector-aligned pitch 32, 4 rows per step, the last step overlapping) and 9 channels
+    # per task (the last group overlapping its neighbour), batch 2
+    "dw-channel-groups": ck.ConvShape(2, 40, 22, 20, 40, 3, 3, 1, 1, (1, 1, 1, 1), 40),
+    "dw-s2-narrow": ck.ConvShape(1, 30, 7, 7, 30, 3, 3, 2, 2, (1, 1, 1, 1), 30),  # 4x4 out, pitch 8
     "stem3x3-s2": ck.ConvShape(1, 3, 16, 16, 16, 3, 3, 2, 2, (1, 1, 1, 1), 1),
     "direct-odd": ck.ConvShape(1, 3, 11, 9, 10, 3, 3, 1, 2, (1, 0, 1, 2), 1),
     "direct-1x1-s2": ck.ConvShape(1, 8, 9, 9, 12, 1, 1, 2, 2, (0, 0, 0, 0), 1),

@@ -168,8 +168,11 @@ def test_conv1x1_kernel_matches_numpy_x86(block):
 
 
 def test_conv1x1_tile_overlap_covers_every_pixel():
-    assert sk.conv_mtile(70, 1) == 64 and 70 % 64 != 0  # exercised above: tiles [0, 64) and [6, 70)
-    assert sk.conv_mtile(49, 1) == 49 and sk.conv_mtile(3136, 8) == 16
+    assert sk.conv_mtile(70, 1) == 48 and 70 % 48 != 0  # tiles [0, 48) and [22, 70) (AVX-512 lanes)
+    mt = sk.conv_mtile(70, 1, sk.vector_floats(X86))  # the target exercised above
+    assert mt < 70 and 70 % mt != 0
+    assert sk.conv_mtile(49, 1) == 32 and sk.conv_mtile(3136, 8) == 16  # 49: two overlapping vector tiles
+    assert sk.conv_mtile(7, 1) == 7 and sk.conv_mtile(784, 1) == 64 and sk.conv_mtile(16, 1) == 16
 
 
 def test_x86_conv1x1_kernel_uses_vector_fma():
