@@ -68,6 +68,8 @@ from typing import Any
 
 import numpy as np
 
+from targets.frontend_util import const_array, frontend_converter, model_opset
+
 from targets.sparse_kernels import CPU_STACK, target_family, vector_floats
 
 log = logging.getLogger(__name__)
@@ -734,21 +736,11 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
     """Converters for ``Conv`` (and, when ``model`` is given, the ``Relu``/``Clip`` nodes
     fused into a conv) on CPU targets; ``({}, state)`` for CUDA."""
     from tvm import relax
-    from tvm.ir import expr as tvm_ir_expr
-    from tvm.relax.frontend.onnx import onnx_frontend
 
     state = ConverterState(plan_fusion(model) if model is not None else {})
     if target_family(tvm_target) == "cuda":
         return {}, state
-    opset = 17
-    if model is not None:
-        opset = next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 17)
-
-    def const_array(e) -> np.ndarray | None:
-        return e.value.numpy() if isinstance(e, tvm_ir_expr.Constant) else None
-
-    def original(op: str, bb, inputs, attr, params):
-        return getattr(onnx_frontend, op).get_converter(opset)(bb, inputs, attr, params)
+    original = frontend_converter(model_opset(model))
 
     def conv_impl(cls, bb, inputs, attr, params):
         name = str(attr.get("tvm_custom", {}).get("name", ""))
@@ -797,6 +789,8 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
             return original(op, bb, inputs, attr, params)
 
         return impl
+
+    from tvm.relax.frontend.onnx import onnx_frontend
 
     base = onnx_frontend.OnnxOpConverter
     conv_cls = type("ConvKernelConverter", (base,), {"_impl_v1": classmethod(conv_impl)})

@@ -66,6 +66,8 @@ from typing import Any
 
 import numpy as np
 
+from targets.frontend_util import const_array, frontend_converter, model_opset
+
 from targets.sparse_kernels import CPU_STACK, target_family, vector_floats
 
 log = logging.getLogger(__name__)
@@ -286,21 +288,11 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Dens
     import hashlib
 
     from tvm import relax
-    from tvm.ir import expr as tvm_ir_expr
-    from tvm.relax.frontend.onnx import onnx_frontend
 
     state = DenseState()
     if target_family(tvm_target) not in ("x86", "arm", "cpu"):
         return {}, state
-    opset = 17
-    if model is not None:
-        opset = next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 17)
-
-    def const_array(e) -> np.ndarray | None:
-        return e.value.numpy() if isinstance(e, tvm_ir_expr.Constant) else None
-
-    def original(op: str, bb, inputs, attr, params):
-        return getattr(onnx_frontend, op).get_converter(opset)(bb, inputs, attr, params)
+    original = frontend_converter(model_opset(model))
 
     def fallback(op: str, name: str, reason: str, bb, inputs, attr, params):
         state.fallbacks.append(f"{op} {name or '<unnamed>'}: {reason}")
@@ -382,6 +374,8 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Dens
         if alpha != 1.0:
             w_nk = (w_nk.astype(np.float64) * alpha).astype(np.float32)
         return emit(bb, a, shape, np.ascontiguousarray(w_nk, np.float32), bias, ("gemm",))
+
+    from tvm.relax.frontend.onnx import onnx_frontend
 
     base = onnx_frontend.OnnxOpConverter
     return ({"MatMul": type("MatMulDenseKernelConverter", (base,), {"_impl_v1": classmethod(matmul_impl)}),
