@@ -40,6 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.sparse_kernels import random_block_sparse  # noqa: E402
+
 BLOCKS = ("1x1", "4x1", "8x1", "16x1")
 GEMM_SIZES = (64, 256, 512, 1024, 2048, 4096)
 BATCHES = (1, 4, 16)
@@ -63,15 +65,6 @@ def old_predict(op: str, n: int, k: int, m: int, d: float, block: str) -> float:
         r90 = OLD_R90[block][1 if m < 4 else (4 if m < 16 else 16)]
         t_dense = n * k * m / 7.3e9
     return t_dense / (t_dense * (d / 0.1) / r90 + 5e-6)
-
-
-def random_block_sparse(n: int, k: int, block: tuple[int, int], sparsity: float, rng) -> np.ndarray:
-    r, c = block
-    nb = (n // r) * (k // c)
-    keep = np.ones(nb, dtype=bool)
-    keep[rng.permutation(nb)[: int(round(sparsity * nb))]] = False
-    mask = np.kron(keep.reshape(n // r, k // c), np.ones((r, c), dtype=bool))
-    return (rng.standard_normal((n, k)).astype(np.float32) * mask).astype(np.float32)
 
 
 def host_target() -> dict:
