@@ -212,20 +212,11 @@ def fuse(mod, target):
 
 
 def tuned_pipeline(target, database):
-    """The CPU default pipeline with ``MetaScheduleApplyDatabase`` after FuseTIR."""
-    import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-    from tvm.relax.transform import MetaScheduleApplyDatabase
+    """The CPU default pipeline with ``MetaScheduleApplyDatabase`` after FuseTIR (functions
+    without a record then get the default schedules of ``targets.cpu_schedules``)."""
+    from targets import cpu_schedules
 
-    @tvm.transform.module_pass(opt_level=0, name="CompressorTunedPipeline")
-    def _pipeline(mod, _ctx):
-        with target, database:
-            mod = tvm.transform.Sequential(fuse_passes(target))(mod)
-            mod = MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
-        return mod
-
-    return _pipeline
+    return cpu_schedules.pipeline(target, database)
 
 
 def open_database(path: Path):

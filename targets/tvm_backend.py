@@ -140,6 +140,10 @@ def import_onnx(
         extra_converters.update(conv_converters)
     else:
         conv_state = None
+    if target is not None and target.get("kind") == "llvm":
+        from targets import cpu_schedules  # Erf as a vectorizable polynomial (GELU)
+
+        extra_converters.update(cpu_schedules.relax_converters(target))
     dense_state = None
     if target is not None and any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node):
         from targets import dense_kernels  # packed CPU kernels for constant-weight MatMul/Gemm; none for CUDA
@@ -256,11 +260,16 @@ def make_target(tvm_target: dict[str, Any]):
 
 
 def default_relax_pipeline(target):
-    """The per-target default Relax pipeline (CPU: legalize + FoldConstant + FuseOps/FuseTIR;
+    """The per-target default Relax pipeline (CPU: legalize + FoldConstant + FuseOps/FuseTIR,
+    then default schedules for the fused functions no kernel covers, ``targets.cpu_schedules``;
     CUDA: the same plus dlight GPU schedules). ``tvm.compile``'s "default" string is the
     un-fused generic pipeline for CPU, so pick the target-specific one explicitly."""
     from tvm import relax
 
+    if target.kind.name == "llvm":
+        from targets import cpu_schedules
+
+        return cpu_schedules.pipeline(target)
     return relax.get_default_pipeline(target)
 
 

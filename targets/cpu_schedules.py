@@ -1,0 +1,244 @@
+"""Default CPU schedules for the fused functions that no hand-written kernel covers, so an
+untuned build does not run them as TVM's naive loop nests.
+
+TVM 0.27's CPU pipeline (``relax.backend.cpu_generic``) legalizes and fuses, then compiles
+every fused PrimFunc exactly as legalized: one thread, scalar code. Our kernels
+(``dense_kernels``, ``conv_kernels``, ``sparse_kernels``) cover the weight layers; what is
+left in a transformer is GELU, LayerNorm, Softmax, the attention products (activation x
+activation) and reshapes/transposes, which took ~55% of a 90%-sparse transformer's time
+before these rules. Applied here (dlight ``ApplyDefaultSchedule``, after FuseTIR and after
+any tuning records, so a tuned function keeps its tuned schedule):
+
+* :class:`Injective`: all blocks elementwise/broadcast/transpose -> inline into one loop
+  nest, fuse, vectorize by the SIMD width, parallel over the cores when big enough.
+* :class:`BatchMatmul`: ``C[..., i, j] += A[..., i, k] * B[..., k, j]`` with both inputs
+  activations -> loop order ``(..., i) k j``, ``j`` vectorized, batch x rows parallel when
+  big enough, injective epilogue (the attention scale) computed per row.
+* TVM's own ``dlight.cpu.Reduction`` (LayerNorm, Softmax, RMSNorm: parallel rows,
+  vectorized injective parts).
+
+Plus :func:`relax_converters`: ONNX ``Erf`` (GELU) as TVM's ``fast_erf`` polynomial: the
+``erf`` intrinsic compiles to a scalar libm call per element that no schedule vectorizes.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# below this many elements (or multiply-adds) a function runs on the calling thread: a
+# fork-join of TVM's thread pool costs a few microseconds
+PARALLEL_MIN_ELEMENTS = 1 << 14
+PARALLEL_MIN_MACS = 1 << 18
+
+
+def _lanes(target, dtype_bits: int = 32) -> int:
+    from tvm.target.codegen import llvm_get_vector_width
+
+    bits = llvm_get_vector_width(target)
+    return max((bits if bits > 0 else 128) // dtype_bits, 2)
+
+
+def _static(sch, loops) -> list[int] | None:
+    from tvm.s_tir.dlight.base import get_extent
+
+    ext = [get_extent(sch, lp) for lp in loops]
+    return ext if all(isinstance(e, int) for e in ext) else None
+
+
+def _vector_factor(n: int, lanes: int) -> int:
+    """The largest power of two <= ``lanes`` that divides ``n`` (1: do not vectorize)."""
+    v = lanes
+    while v > 1 and n % v:
+        v //= 2
+    return v
+
+
+def _parallel_vectorize(sch, block, lanes: int, parallel: bool | None = None) -> bool:
+    """Fuse all loops of ``block``, split off the vector lanes and vectorize them, and run
+    the rest in parallel when there are enough elements (or when ``parallel`` says so)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return False
+    ext = _static(sch, loops)
+    if ext is None:
+        return False
+    n = 1
+    for e in ext:
+        n *= e
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    v = _vector_factor(n, lanes)
+    if v > 1:
+        outer, inner = sch.split(fused, factors=[None, v])
+        sch.vectorize(inner)
+    else:
+        outer = fused
+    if (n >= PARALLEL_MIN_ELEMENTS if parallel is None else parallel) and n // max(v, 1) > 1:
+        sch.parallel(outer)
+    return True
+
+
+def _rule_base():
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+    return CPUScheduleRule
+
+
+def make_rules() -> list[Any]:
+    """The rules, in the order they are tried."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
+
+    base = _rule_base()
+
+    class Injective(base):
+        """All blocks injective (elementwise, broadcast, reshape, transpose)."""
+
+        def apply(self, func, target, _tunable):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos or not all(b.is_injective() for b in infos):
+                return None
+            infos = try_inline(sch, infos)
+            done = False
+            for b in infos:
+                done |= _parallel_vectorize(sch, b.block_rv, _lanes(target))
+            return sch if done else None
+
+    class BatchMatmul(base):
+        """``C[..., i, j] += A[..., i, k] * B[..., k, j]`` (+ an injective epilogue) whose
+        operands are both function arguments (activations; constant weights have kernels)."""
+
+        def apply(self, func, target, _tunable):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos:
+                return None
+            main = [b for b in infos if not b.is_injective()]
+            if len(main) != 1 or len(infos) > 2 or infos[0] is not main[0]:
+                return None
+            mm, epi = main[0], (infos[1] if len(infos) == 2 else None)
+            kinds = mm.dom_kind()
+            if len(kinds) < 3 or kinds[-1] != "R" or set(kinds[:-1]) != {"S"}:
+                return None
+            stmt = sch.get(mm.block_rv)
+            if len(stmt.reads) != 2 or len(stmt.writes) != 1:
+                return None
+            j_var, k_var = mm.iters[-2].var, mm.iters[-1].var
+            # B[..., k, j]: the vectorized axis j is B's innermost index and C's innermost index
+            def last_index_is(region, var) -> bool:
+                last = region.region[-1].min
+                return isinstance(last, tirx.Var) and last.same_as(var)
+
+            bvars = [r for r in stmt.reads if last_index_is(r, j_var)]
+            avars = [r for r in stmt.reads if last_index_is(r, k_var)]
+            if len(bvars) != 1 or len(avars) != 1 or not last_index_is(stmt.writes[0], j_var):
+                return None
+            loops = sch.get_loops(mm.block_rv)
+            ext = _static(sch, loops)
+            if ext is None:
+                return None
+            macs = 1
+            for e in ext:
+                macs *= e
+            *rows, j, k = loops
+            sch.reorder(k, j)
+            row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+            lanes = _lanes(target)
+            v = _vector_factor(ext[-2], lanes)
+            if v > 1:  # vectorize j while the block is still a reduction block (with its init)
+                if ext[-2] > v:
+                    _, j = sch.split(j, factors=[None, v])
+                sch.vectorize(j)
+            init = sch.decompose_reduction(mm.block_rv, k)
+            if v > 1:
+                inner = sch.get_loops(init)[-1]
+                if sch.get(inner).kind != tirx.ForKind.VECTORIZED:
+                    sch.vectorize(inner)
+            if epi is not None:
+                sch.reverse_compute_at(epi.block_rv, row, preserve_unit_loops=True)
+                eloops = sch.get_loops(epi.block_rv)
+                if len(eloops) > 1:
+                    inner = sch.fuse(*eloops[1:]) if len(eloops) > 2 else eloops[1]
+                    ev = _vector_factor(ext[-2], lanes)
+                    if ev > 1:
+                        if ext[-2] > ev:
+                            _, inner = sch.split(inner, factors=[None, ev])
+                        sch.vectorize(inner)
+            if macs >= PARALLEL_MIN_MACS:
+                sch.parallel(row)
+            return sch
+
+    class Guarded(base):
+        """A rule whose schedule primitives fail on a function (an unexpected block
+        structure) leaves that function alone instead of failing the build."""
+
+        def __init__(self, rule) -> None:
+            self.rule = rule
+
+        def apply(self, func, target, tunable):
+            try:
+                return self.rule.apply(func, target, tunable)
+            except Exception as exc:  # tvm ScheduleError and friends: keep TVM's default schedule
+                name = func.attrs.get("global_symbol", "?") if func.attrs is not None else "?"
+                log.debug("%s declined %s: %s", type(self.rule).__name__, name, str(exc))
+                FAILURES.append(f"{type(self.rule).__name__}: {name}")
+                return None
+
+    return [Guarded(r) for r in (Injective(), BatchMatmul(), dl.cpu.Reduction())]
+
+
+FAILURES: list[str] = []
+
+
+def schedule_pass():
+    """dlight ``ApplyDefaultSchedule`` with :func:`make_rules` (skips scheduled functions)."""
+    from tvm.s_tir import dlight as dl
+
+    return dl.ApplyDefaultSchedule(*make_rules())
+
+
+def pipeline(target, database: Any = None):
+    """TVM's CPU pipeline (``relax.backend.cpu_generic``) with, after FuseTIR, the tuning
+    records of ``database`` (if any) and then the default schedules of this module."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="CompressorCPUPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+            if database is not None:
+                from tvm.relax.transform import MetaScheduleApplyDatabase
+
+                with database:
+                    mod = MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            mod = schedule_pass()(mod)
+            mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+        return mod
+
+    return _pipeline
+
+
+def relax_converters(target: dict[str, Any] | None = None) -> dict[str, Any]:
+    """ONNX ``Erf`` -> ``topi.fast_erf`` (float32/float16; TVM's rational approximation,
+    within a few ulp of erff). Other dtypes go to the frontend's own converter."""
+    from tvm import relax, topi
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    def erf_impl(cls, bb, inputs, attr, params):
+        x = bb.normalize(inputs[0])
+        dtype = str(x.ty.dtype)
+        if dtype not in ("float32", "float16"):
+            return relax.op.erf(x)
+        return bb.emit_te(topi.fast_erf, x)
+
+    base = onnx_frontend.OnnxOpConverter
+    return {"Erf": type("ErfFastConverter", (base,), {"_impl_v1": classmethod(erf_impl)})}
