@@ -1,0 +1,159 @@
+"""Default CPU schedules of the fused functions no hand-written kernel covers
+(targets/cpu_schedules.py): an encoder block's LayerNorm, attention products, Softmax, GELU
+(Erf as fast_erf) and transposes all get a schedule and still match onnxruntime; fast_erf's
+error against the exact erf; a rule that fails on a function leaves it alone."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+ARM = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+
+
+def _vi(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _encoder_block(seq=16, heads=8, hd=64, mlp=2048) -> onnx.ModelProto:
+    """x [1, seq, heads*hd] -> LayerNorm -> q = k = v = heads split -> softmax(q k^T / 8) v ->
+    merge heads; a GELU (Erf form) on a [seq, mlp] activation; nothing with a weight matrix."""
+    d = heads * hd
+    rng = np.random.default_rng(0)
+    inits = {
+        "g": rng.standard_normal(d).astype(np.float32), "b": rng.standard_normal(d).astype(np.float32),
+        "split": np.array([1, seq, heads, hd], np.int64), "merge": np.array([1, seq, d], np.int64),
+        "scale": np.array(0.125, np.float32), "sqrt2": np.array(math.sqrt(2), np.float32),
+        "one": np.array(1.0, np.float32), "half": np.array(0.5, np.float32),
+    }
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], axis=-1, epsilon=1e-5),
+        helper.make_node("Reshape", ["ln", "split"], ["h4"]),
+        helper.make_node("Transpose", ["h4"], ["q"], perm=[0, 2, 1, 3]),  # [1, heads, seq, hd]
+        helper.make_node("Transpose", ["h4"], ["kt"], perm=[0, 2, 3, 1]),  # [1, heads, hd, seq]
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["ss"]),
+        helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "q"], ["o"]),  # [1, heads, seq, hd]
+        helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ot", "merge"], ["att"]),
+        helper.make_node("Div", ["u", "sqrt2"], ["u1"]),
+        helper.make_node("Erf", ["u1"], ["u2"]),
+        helper.make_node("Add", ["u2", "one"], ["u3"]),
+        helper.make_node("Mul", ["u", "u3"], ["u4"]),
+        helper.make_node("Mul", ["u4", "half"], ["gelu"]),
+    ]
+    g = helper.make_graph(nodes, "block", [_vi("x", [1, seq, d]), _vi("u", [seq, mlp])],
+                          [_vi("att", [1, seq, d]), _vi("gelu", [seq, mlp])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _ort(model, feeds):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _scheduled_fused(model, target):
+    """The fused module after the schedule pass: {function name: TVMScript}."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from targets import cpu_schedules, tvm_backend
+
+    mod = tvm_backend.import_onnx(model, target=target)
+    tgt = tvm_backend.make_target(target)
+    with tgt:
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(tgt) + cpu.legalize_passes(tgt))(mod)
+        mod = cpu_schedules.schedule_pass()(mod)
+    out = {}
+    for gv, f in mod.functions_items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            assert f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False)), \
+                f"{gv.name_hint} left unscheduled:\n{f.script()}"
+            out[gv.name_hint] = f.script()
+    return out
+
+
+def test_encoder_ops_all_get_a_schedule():
+    scripts = _scheduled_fused(_encoder_block(), X86)
+    gelu = [s for n, s in scripts.items() if "erf" in n]
+    assert len(gelu) == 1 and "fast_erf" in next(n for n in scripts if "erf" in n)
+    assert "T.parallel" in gelu[0] and "T.vectorized" in gelu[0]  # 32768 elements: both
+    attn = [s for n, s in scripts.items() if "matmul" in n]
+    assert len(attn) == 2 and all("T.vectorized" in s for s in attn)
+    for name in ("layer_norm", "softmax"):
+        s = next(s for n, s in scripts.items() if name in n)
+        assert "T.parallel" in s and "T.vectorized" in s, name
+
+
+@pytest.mark.parametrize("target", [X86, ARM], ids=["x86", "aarch64"])
+def test_encoder_block_matches_onnxruntime(target, tmp_path):
+    from targets import tvm_backend
+
+    model = _encoder_block()
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((1, 16, 512)).astype(np.float32),
+             "u": (3 * rng.standard_normal((16, 2048))).astype(np.float32)}
+    mod = tvm_backend.import_onnx(model, target=target)
+    if target is ARM:  # cross-compiled: code generation only (numerics run under qemu in test_device_qemu)
+        import tvm
+
+        tgt = tvm_backend.make_target(target)
+        with tgt:
+            tvm.compile(mod, target=tgt, relax_pipeline=tvm_backend.default_relax_pipeline(tgt))
+        return
+    tvm_backend.compile_library(mod, target, tmp_path / "m.so")
+    got = tvm_backend.run_library(tmp_path / "m.so", feeds)
+    for g, w in zip(got, _ort(model, feeds)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6)
+
+
+def test_fast_erf_error_against_exact_erf(tmp_path):
+    from targets import tvm_backend
+
+    g = helper.make_graph([helper.make_node("Erf", ["x"], ["y"])], "erf", [_vi("x", [4096])], [_vi("y", [4096])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    tvm_backend.compile_library(tvm_backend.import_onnx(m, target=X86), X86, tmp_path / "erf.so")
+    x = np.concatenate([np.linspace(-6, 6, 4000), [0.0, -0.0, 1e-8, -1e-8, 9.0, -9.0, 30.0, -30.0] + [0.5] * 88])
+    x = x.astype(np.float32)
+    y = tvm_backend.run_library(tmp_path / "erf.so", {"x": x})[0]
+    exact = np.array([math.erf(float(v)) for v in x])
+    assert np.abs(y - exact).max() < 5e-7  # measured 2.9e-7 (onnxruntime's erff: 5e-8)
+    assert y[x == 30.0].item() == 1.0 and y[x == -30.0].item() == -1.0
+
+
+def test_a_failing_rule_leaves_the_function_alone(caplog):
+    """A schedule primitive that raises (unexpected block structure) must not fail the build."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from targets import cpu_schedules, tvm_backend
+
+    mod = tvm_backend.import_onnx(_encoder_block(), target=X86)
+    tgt = tvm_backend.make_target(X86)
+    with tgt:
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(tgt) + cpu.legalize_passes(tgt))(mod)
+    rules = cpu_schedules.make_rules()
+
+    def boom(func, target, tunable):
+        raise tvm.error.TVMError("synthetic schedule failure")
+
+    for r in rules:
+        r.rule.apply = boom
+    softmax = next(f for gv, f in mod.functions_items() if gv.name_hint == "softmax")
+    before = len(cpu_schedules.FAILURES)
+    with tgt:
+        assert all(r.apply(softmax, tgt, False) is None for r in rules)
+    assert len(cpu_schedules.FAILURES) == before + len(rules)
