@@ -147,7 +147,8 @@ def test_end_to_end_bench_smoke(tmp_path, capsys):
 
     md = tmp_path / "e2e.md"
     assert end_to_end.main(["--models", "mlp", "--sparsities", "0", "--trials", "0", "--md", str(md),
-                            "--work", str(tmp_path / "w")]) == 0
+                            "--work", str(tmp_path / "w"), "--rounds", "2"]) == 0
+    assert "re-timed (best of 2 interleaved rounds): untuned 0% " in capsys.readouterr().out
     text = md.read_text()
     row = next(ln for ln in text.splitlines() if ln.startswith("| mlp"))
     cells = [c.strip() for c in row.strip("|").split("|")]
