@@ -198,6 +198,16 @@ def make_rules() -> list[Any]:
 FAILURES: list[str] = []
 
 
+def default_schedule(func: Any, target: Any) -> Any:
+    """The schedule (``s_tir.Schedule``, with its trace) that :func:`schedule_pass` gives
+    ``func`` for ``target``, or None where no rule applies (the function compiles as it is).
+    Tuning measures this as each function's "default" candidate."""
+    from tvm.s_tir.dlight.base.transform import _apply_rules
+
+    space = _apply_rules(func, target, make_rules(), tunable=False)
+    return space[0] if space else None
+
+
 def schedule_pass():
     """dlight ``ApplyDefaultSchedule`` with :func:`make_rules` (skips scheduled functions)."""
     from tvm.s_tir import dlight as dl

@@ -328,7 +328,7 @@ class TuningInfo:
     tasks_tuned: int = 0
     tasks_reused: int = 0
     records_applied: int = 0
-    default_kept: int = 0  # functions whose best measured schedule is TVM's default one
+    default_kept: int = 0  # functions whose best measured schedule is the untuned build's (cpu_schedules or none)
     skipped_data_movement: int = 0  # functions without arithmetic (reshape ...): not tuned
     whole_model_ms: dict[str, float] = field(default_factory=dict)  # end-to-end check: tuned vs untuned build
     kept: str = "tuned"  # "untuned" when the whole tuned model measured slower (see keep_faster)
@@ -524,12 +524,12 @@ def _tune_and_measure_defaults(ms, info: TuningInfo, ctxs, weights, work_dir, to
         with _quiet(ms_logger):
             measured = _measure_defaults(ms, builder, runner, todo, tune_target, db)
         if measured < len(todo):
-            info.warnings.append(f"TVM's default schedule could not be measured for {len(todo) - measured} of "
+            info.warnings.append(f"the default (untuned) schedule could not be measured for {len(todo) - measured} of "
                                  f"{len(todo)} fused functions: their tuned record applies even if slower")
     except Exception as exc:  # the tuned records still apply; say that the guard is missing
         from targets.tvm_backend import one_line
 
-        info.warnings.append(f"could not measure TVM's default schedules ({one_line(exc)}): a tuned record "
+        info.warnings.append(f"could not measure the default (untuned) schedules ({one_line(exc)}): a tuned record "
                              f"is applied even where it may be slower than the default")
 
 
@@ -550,31 +550,57 @@ def _is_identity(trace) -> bool:
     return all(str(inst.kind.name) == "GetSBlock" for inst in trace.insts)
 
 
+def _main_func(m):
+    return m["main"] if "main" in [g.name_hint for g in m.get_global_vars()] else m[m.get_global_vars()[0]]
+
+
+def _default_schedule(s_tir, m, target):
+    """``(trace, module)`` of what an untuned build compiles for the fused function ``m``: the
+    schedule of ``targets.cpu_schedules`` where one of its rules applies, else the function
+    as it is (an identity trace)."""
+    from targets import cpu_schedules
+
+    sch = cpu_schedules.default_schedule(_main_func(m), target) if target.kind.name == "llvm" else None
+    if sch is not None:
+        return sch.trace, sch.mod
+    return _identity_trace(s_tir, m), m
+
+
+def _is_default(s_tir, trace, m, target) -> bool:
+    """Whether a record's trace is the untuned build's schedule of ``m``."""
+    if _is_identity(trace):
+        return True
+    try:
+        return str(trace) == str(_default_schedule(s_tir, m, target)[0])
+    except Exception:  # a rule that cannot rebuild its schedule here: the record is a tuned one
+        return False
+
+
 def _measure_defaults(ms, builder, runner, tasks: list, target, db) -> int:
-    """Measure every task's *default* (unscheduled) function with the same builder/runner and
-    commit it as a record with an identity trace. The database's best record is then never
-    slower than what an untuned build does (up to timing noise): with a small budget the
+    """Measure every task's *default* function (what an untuned build compiles: the
+    ``targets.cpu_schedules`` schedule, or the function as it is) with the same builder/runner
+    and commit it as a record with that schedule's trace. The database's best record is then
+    never slower than what an untuned build does (up to timing noise): with a small budget the
     random search can end with a worse schedule than the default one."""
     import tvm.s_tir as s_tir
 
     mods = [t.dispatched[0] for t in tasks]
-    built = builder.build([ms.builder.BuilderInput(m, target) for m in mods])
+    defaults = [_default_schedule(s_tir, m, target) for m in mods]
+    built = builder.build([ms.builder.BuilderInput(d[1], target) for d in defaults])
     inputs, keep = [], []
-    for m, b in zip(mods, built):
+    for m, (trace, _), b in zip(mods, defaults, built):
         if b.error_msg is None:
-            args = ms.arg_info.ArgInfo.from_prim_func(m["main"] if "main" in [g.name_hint for g in m.get_global_vars()]
-                                                      else m[m.get_global_vars()[0]])
+            args = ms.arg_info.ArgInfo.from_prim_func(_main_func(m))
             device = "cpu" if target.kind.name == "llvm" else target.kind.name
             inputs.append(ms.runner.RunnerInput(b.artifact_path, device, args))
-            keep.append((m, args, b.artifact_path))
+            keep.append((m, trace, args, b.artifact_path))
     futures = runner.run(inputs)
     committed = 0
-    for (m, args, path), fut in zip(keep, futures):
+    for (m, trace, args, path), fut in zip(keep, futures):
         res = fut.result()
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
         if res.error_msg is None and res.run_secs:
-            db.commit_tuning_record(ms.database.TuningRecord(
-                _identity_trace(s_tir, m), db.commit_workload(m), res.run_secs, target, args))
+            db.commit_tuning_record(ms.database.TuningRecord(trace, db.commit_workload(m), res.run_secs, target, args))
             committed += 1
     return committed
 
@@ -594,6 +620,8 @@ def _quiet(logger: logging.Logger):
 def export(db, tasks: list, out_dir: Path, info: TuningInfo) -> list[str]:
     """Copy the best record of every task into ``out_dir/tuning`` (a JSON database);
     fills ``info.records_applied``/``task_table``; returns the written files relative to out_dir."""
+    import tvm.s_tir as s_tir
+
     ms = _ms()
     dest = Path(out_dir) / BUNDLE_DIR
     if dest.exists():
@@ -606,7 +634,7 @@ def export(db, tasks: list, out_dir: Path, info: TuningInfo) -> list[str]:
     for t in tasks:
         rec = _best_record(db, t.dispatched[0])
         secs = _record_seconds(rec) if rec is not None else None
-        default = rec is not None and _is_identity(rec.trace)
+        default = rec is not None and _is_default(s_tir, rec.trace, t.dispatched[0], rec.target)
         table.append({"task": t.task_name, "weight": int(t.weight), "tuned": rec is not None,
                       "schedule": "none" if rec is None else ("default" if default else "tuned"),
                       "best_ms": None if secs is None else round(secs * 1e3, 5)})
@@ -646,7 +674,7 @@ def prepare(mod, tvm_target: dict[str, Any], out_dir: Path, trials: int, db_root
     export(db, tasks, out_dir, info)
     if info.tasks and info.records_applied < info.tasks:
         info.warnings.append(f"{info.tasks - info.records_applied} of {info.tasks} fused functions have no tuning "
-                             f"record and keep TVM's default (slow) schedule")
+                             f"record and keep the default schedule (targets/cpu_schedules.py, or none)")
     return tuned_pipeline(make_target(tvm_target), db), info
 
 
