@@ -17,8 +17,8 @@ any tuning records, so a tuned function keeps its tuned schedule):
 * TVM's own ``dlight.cpu.Reduction`` (LayerNorm, Softmax, RMSNorm: parallel rows,
   vectorized injective parts).
 
-Plus :func:`relax_converters`: ONNX ``Erf`` (GELU) as TVM's ``fast_erf`` polynomial: the
-``erf`` intrinsic compiles to a scalar libm call per element that no schedule vectorizes.
+Before legalization, ``targets.fast_math`` replaces exp/tanh/sigmoid/erf/softmax by
+vectorizable approximations (TVM compiles those to one scalar libm call per element).
 """
 from __future__ import annotations
 
@@ -215,6 +215,16 @@ def schedule_pass():
     return dl.ApplyDefaultSchedule(*make_rules())
 
 
+def fuse_passes(target) -> list:
+    """The CPU pipeline up to FuseTIR: ``targets.fast_math``, then TVM's library dispatch and
+    legalize/fuse passes. Tuning extracts its tasks (and keys its records) after these."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from targets.fast_math import fast_math_pass
+
+    return [fast_math_pass()] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+
+
 def pipeline(target, database: Any = None):
     """TVM's CPU pipeline (``relax.backend.cpu_generic``) with, after FuseTIR, the tuning
     records of ``database`` (if any) and then the default schedules of this module."""
@@ -224,7 +234,7 @@ def pipeline(target, database: Any = None):
     @tvm.transform.module_pass(opt_level=0, name="CompressorCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
-            mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+            mod = tvm.transform.Sequential(fuse_passes(target))(mod)
             if database is not None:
                 from tvm.relax.transform import MetaScheduleApplyDatabase
 
@@ -235,20 +245,3 @@ def pipeline(target, database: Any = None):
         return mod
 
     return _pipeline
-
-
-def relax_converters(target: dict[str, Any] | None = None) -> dict[str, Any]:
-    """ONNX ``Erf`` -> ``topi.fast_erf`` (float32/float16; TVM's rational approximation,
-    within a few ulp of erff). Other dtypes go to the frontend's own converter."""
-    from tvm import relax, topi
-    from tvm.relax.frontend.onnx import onnx_frontend
-
-    def erf_impl(cls, bb, inputs, attr, params):
-        x = bb.normalize(inputs[0])
-        dtype = str(x.ty.dtype)
-        if dtype not in ("float32", "float16"):
-            return relax.op.erf(x)
-        return bb.emit_te(topi.fast_erf, x)
-
-    base = onnx_frontend.OnnxOpConverter
-    return {"Erf": type("ErfFastConverter", (base,), {"_impl_v1": classmethod(erf_impl)})}

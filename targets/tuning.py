@@ -198,10 +198,11 @@ def _ms():
 
 
 def fuse_passes(target) -> list:
-    """The CPU default pipeline's dispatch + legalize/fuse passes (keys of the tuning records)."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    """The CPU pipeline up to FuseTIR (``targets.cpu_schedules.fuse_passes``: fast math,
+    dispatch, legalize/fuse): its fused functions are the tasks and keys of the records."""
+    from targets import cpu_schedules
 
-    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    return cpu_schedules.fuse_passes(target)
 
 
 def fuse(mod, target):

@@ -140,10 +140,6 @@ def import_onnx(
         extra_converters.update(conv_converters)
     else:
         conv_state = None
-    if target is not None and target.get("kind") == "llvm":
-        from targets import cpu_schedules  # Erf as a vectorizable polynomial (GELU)
-
-        extra_converters.update(cpu_schedules.relax_converters(target))
     dense_state = None
     if target is not None and any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node):
         from targets import dense_kernels  # packed CPU kernels for constant-weight MatMul/Gemm; none for CUDA
