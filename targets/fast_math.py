@@ -17,6 +17,12 @@ the built functions). Errors against float64 references, asserted in
 from __future__ import annotations
 
 
+def dtype(e) -> str:
+    """The dtype of a Relax expression ('' if it has none, e.g. a tuple)."""
+    sinfo = getattr(e, "struct_info", None) or getattr(e, "ty", None)
+    return str(getattr(sinfo, "dtype", ""))
+
+
 def fast_math_pass():
     """TVM's ``FastMathTransform`` with ``relax.sigmoid`` added, over all Relax functions."""
     import tvm
@@ -27,10 +33,6 @@ def fast_math_pass():
     def sigmoid_te(x):
         one = tvm.tirx.const(1.0, x.dtype)
         return topi.divide(one, topi.add(one, topi.fast_exp(topi.negative(x))))
-
-    def dtype(e) -> str:
-        sinfo = getattr(e, "struct_info", None) or getattr(e, "ty", None)
-        return str(getattr(sinfo, "dtype", ""))
 
     base = FastMathCodeGenerator._cls  # the undecorated class (a decorated one cannot be subclassed)
 
@@ -53,3 +55,27 @@ def fast_math_pass():
         return gen.builder_.get()
 
     return _pass
+
+
+APPROXIMATED = {"relax.exp": "exp", "relax.tanh": "tanh", "relax.sigmoid": "sigmoid", "relax.erf": "erf",
+                "relax.nn.softmax": "softmax"}
+
+
+def approximated_ops(mod) -> dict[str, int]:
+    """How many float32 calls of each op :func:`fast_math_pass` will replace in ``mod`` (a
+    Relax module before legalization): recorded in the artifact's kernel record."""
+    from tvm import relax
+    from tvm.relax.analysis import post_order_visit
+
+    counts: dict[str, int] = {}
+
+    def visit(e):
+        if isinstance(e, relax.Call):
+            name = APPROXIMATED.get(getattr(e.op, "name", None))
+            if name and e.args and dtype(e.args[0]) == "float32":
+                counts[name] = counts.get(name, 0) + 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            post_order_visit(func, visit)
+    return counts

@@ -213,12 +213,16 @@ def _kernel_record(dense_state: Any, conv_state: Any) -> dict[str, Any]:
 
 def kernel_report(mod: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
     """What :func:`import_onnx` recorded about the hand-scheduled CPU kernels: counts of
-    packed dense layers and conv kernels by kind, and one warning per weight layer that was
-    left to TVM's generic (unscheduled unless tuned) code, with its reason."""
+    packed dense layers and conv kernels by kind, the float32 ops compiled as fast-math
+    approximations (``targets.fast_math``), and one warning per weight layer that was left to
+    TVM's generic (unscheduled unless tuned) code, with its reason."""
     attrs = mod.attrs
     if attrs is None or KERNELS_ATTR not in attrs:
         return {}, ()
     rec = json.loads(str(attrs[KERNELS_ATTR]))
+    from targets import fast_math
+
+    rec["fast_math"] = fast_math.approximated_ops(mod)  # exp/tanh/... as polynomial approximations (CPU)
     warns = tuple(f"kernel: {f}; left to TVM's generic code (unscheduled unless tuned)" for f in rec["fallbacks"])
     return rec, warns
 

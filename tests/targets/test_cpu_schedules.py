@@ -85,6 +85,10 @@ def _scheduled_fused(model, target):
 
 
 def test_encoder_ops_all_get_a_schedule():
+    from targets import tvm_backend
+
+    rec, _ = tvm_backend.kernel_report(tvm_backend.import_onnx(_encoder_block(), target=X86))
+    assert rec["fast_math"] == {"erf": 1, "softmax": 1}  # recorded in the artifact's kernel record
     scripts = _scheduled_fused(_encoder_block(), X86)
     gelu = [s for n, s in scripts.items() if "erf" in n]
     assert len(gelu) == 1 and "fast_erf" in next(n for n in scripts if "erf" in n)
