@@ -93,13 +93,19 @@ class ArmTarget(Target):
         mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
         kernels, kernel_warnings = tvm_backend.kernel_report(mod)
         opts = options or {}
-        pipeline, info = None, None
+        from targets import cpu_schedules
+
+        stats: dict = {}  # filled by the pipeline: which fused functions got which schedule
+        pipeline, info = cpu_schedules.pipeline(tvm_backend.make_target(spec.tvm_target), None, stats), None
         if opts.get("tune_trials") or opts.get("tuning_db"):
             from targets import tuning
 
             pipeline, info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), int(opts.get("tune_trials") or 0),
-                                            opts.get("tuning_db"), opts.get("progress"), measure_here=False)
+                                            opts.get("tuning_db"), opts.get("progress"), measure_here=False,
+                                            stats=stats)
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, cc=linker, relax_pipeline=pipeline)
+        kernels["schedules"] = stats
+        kernel_warnings += tuple(w for w in [cpu_schedules.coverage_warning(stats)] if w)
         return library_artifact(out, t0, timing, "AArch64",
                                 {"linker": linker or "host cc", "tvm_target": spec.tvm_target,
                                  "tuning": info.to_dict() if info else {"mode": "untuned", "trials_run": 0},

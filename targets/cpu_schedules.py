@@ -16,6 +16,8 @@ any tuning records, so a tuned function keeps its tuned schedule):
   big enough, injective epilogue (the attention scale) computed per row.
 * TVM's own ``dlight.cpu.Reduction`` (LayerNorm, Softmax, RMSNorm: parallel rows,
   vectorized injective parts).
+* :class:`WindowReduction`: pooling windows (reduction loops inside, the output's innermost
+  spatial axis vectorized, padding inlined).
 
 Before legalization, ``targets.fast_math`` replaces exp/tanh/sigmoid/erf/softmax by
 vectorizable approximations (TVM compiles those to one scalar libm call per element).
@@ -157,6 +159,8 @@ def make_rules() -> list[Any]:
                 if ext[-2] > v:
                     _, j = sch.split(j, factors=[None, v])
                 sch.vectorize(j)
+            if macs >= PARALLEL_MIN_MACS:  # before decompose_reduction: parallel needs the init-carrying block
+                sch.parallel(row)
             init = sch.decompose_reduction(mm.block_rv, k)
             if v > 1:
                 inner = sch.get_loops(init)[-1]
@@ -172,8 +176,59 @@ def make_rules() -> list[Any]:
                         if ext[-2] > ev:
                             _, inner = sch.split(inner, factors=[None, ev])
                         sch.vectorize(inner)
-            if macs >= PARALLEL_MIN_MACS:
+            return sch
+
+    class WindowReduction(base):
+        """One reduction block whose spatial axes come first and whose innermost spatial axis
+        is the output's innermost index, e.g. max/avg pooling (``[n, c, h, w] <- window
+        [kh, kw]``), after inlining injective producers (padding): loop order
+        ``(outer spatial) (reduction) w``, ``w`` vectorized, outer spatial parallel."""
+
+        def apply(self, func, target, _tunable):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos:
+                return None
+            infos = try_inline(sch, infos)
+            if len(infos) != 1 or infos[0].is_injective():
+                return None
+            blk = infos[0]
+            kinds = blk.dom_kind()
+            ns = len(kinds) - len(kinds.lstrip("S"))
+            if ns < 2 or set(kinds[ns:]) != {"R"}:
+                return None
+            stmt = sch.get(blk.block_rv)
+            w_var = blk.iters[ns - 1].var
+            last = stmt.writes[0].region[-1].min if len(stmt.writes) == 1 else None
+            if not (isinstance(last, tirx.Var) and last.same_as(w_var)):
+                return None
+            # the loops include unit ones that the block info drops: index from the end
+            loops = sch.get_loops(blk.block_rv)
+            ext = _static(sch, loops)
+            nr = len(kinds) - ns
+            if ext is None or len(loops) < nr + 2:
+                return None
+            outer, w, red = loops[:-nr - 1], loops[-nr - 1], loops[-nr:]
+            w_ext = ext[-nr - 1]
+            sch.reorder(*red, w)
+            row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+            v = _vector_factor(w_ext, _lanes(target))
+            if v > 1:
+                if w_ext > v:
+                    _, w = sch.split(w, factors=[None, v])
+                sch.vectorize(w)
+            n = 1
+            for e in ext:
+                n *= e
+            if n >= PARALLEL_MIN_ELEMENTS:  # before decompose_reduction: parallel needs the init-carrying block
                 sch.parallel(row)
+            init = sch.decompose_reduction(blk.block_rv, red[0])
+            if v > 1:
+                inner = sch.get_loops(init)[-1]
+                if sch.get(inner).kind != tirx.ForKind.VECTORIZED:
+                    sch.vectorize(inner)
             return sch
 
     class Guarded(base):
@@ -192,7 +247,7 @@ def make_rules() -> list[Any]:
                 FAILURES.append(f"{type(self.rule).__name__}: {name}")
                 return None
 
-    return [Guarded(r) for r in (Injective(), BatchMatmul(), dl.cpu.Reduction())]
+    return [Guarded(r) for r in (Injective(), BatchMatmul(), dl.cpu.Reduction(), WindowReduction())]
 
 
 FAILURES: list[str] = []
@@ -225,9 +280,26 @@ def fuse_passes(target) -> list:
     return [fast_math_pass()] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
-def pipeline(target, database: Any = None):
+def _scheduled(mod) -> tuple[list[str], list[str]]:
+    """(scheduled, unscheduled) PrimFunc names of ``mod``."""
+    import tvm
+
+    done, todo = [], []
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            attrs = func.attrs
+            ok = attrs is not None and any(bool(attrs.get(k, False)) for k in ("tirx.is_scheduled", "tir.is_scheduled"))
+            (done if ok else todo).append(gv.name_hint)
+    return sorted(done), sorted(todo)
+
+
+def pipeline(target, database: Any = None, stats: dict | None = None):
     """TVM's CPU pipeline (``relax.backend.cpu_generic``) with, after FuseTIR, the tuning
-    records of ``database`` (if any) and then the default schedules of this module."""
+    records of ``database`` (if any) and then the default schedules of this module.
+
+    ``stats`` (filled when the pipeline runs): ``functions`` (fused PrimFuncs),
+    ``kernels`` (hand-written or with a tuning record), ``default_scheduled`` (by these
+    rules), ``unscheduled`` (names of the functions left as TVM's naive loop nests)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -240,8 +312,23 @@ def pipeline(target, database: Any = None):
 
                 with database:
                     mod = MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            before, _ = _scheduled(mod)
             mod = schedule_pass()(mod)
+            if stats is not None:
+                after, left = _scheduled(mod)
+                stats.update(functions=len(after) + len(left), kernels=len(before),
+                             default_scheduled=len(after) - len(before), unscheduled=left)
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
         return mod
 
     return _pipeline
+
+
+def coverage_warning(stats: dict) -> str | None:
+    """One report line for the functions no kernel, tuning record or default rule covers."""
+    left = stats.get("unscheduled") or []
+    if not left:
+        return None
+    names = ", ".join(left[:4]) + (f" (+{len(left) - 4} more)" if len(left) > 4 else "")
+    return (f"{len(left)} of {stats.get('functions', '?')} fused functions keep TVM's unscheduled loop nest "
+            f"(no kernel, tuning record or default schedule rule applies): {names}; --tune-trials N tunes them")

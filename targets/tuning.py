@@ -212,12 +212,12 @@ def fuse(mod, target):
         return tvm.transform.Sequential(fuse_passes(target))(mod)
 
 
-def tuned_pipeline(target, database):
+def tuned_pipeline(target, database, stats: dict | None = None):
     """The CPU default pipeline with ``MetaScheduleApplyDatabase`` after FuseTIR (functions
     without a record then get the default schedules of ``targets.cpu_schedules``)."""
     from targets import cpu_schedules
 
-    return cpu_schedules.pipeline(target, database)
+    return cpu_schedules.pipeline(target, database, stats)
 
 
 def open_database(path: Path):
@@ -655,7 +655,8 @@ def export(db, tasks: list, out_dir: Path, info: TuningInfo) -> list[str]:
 
 
 def prepare(mod, tvm_target: dict[str, Any], out_dir: Path, trials: int, db_root: str | Path | None = None,
-            progress: Progress | None = None, measure_here: bool = True, executor: Any = None) -> tuple[Any, TuningInfo]:
+            progress: Progress | None = None, measure_here: bool = True, executor: Any = None,
+            stats: dict | None = None) -> tuple[Any, TuningInfo]:
     """Tune (or, with ``measure_here=False`` or ``trials == 0``, only look up) ``mod``'s fused
     functions, export the records into the bundle, and return ``(relax_pipeline, info)`` for
     ``tvm_backend.compile_library``."""
@@ -676,7 +677,7 @@ def prepare(mod, tvm_target: dict[str, Any], out_dir: Path, trials: int, db_root
     if info.tasks and info.records_applied < info.tasks:
         info.warnings.append(f"{info.tasks - info.records_applied} of {info.tasks} fused functions have no tuning "
                              f"record and keep the default schedule (targets/cpu_schedules.py, or none)")
-    return tuned_pipeline(make_target(tvm_target), db), info
+    return tuned_pipeline(make_target(tvm_target), db, stats), info
 
 
 def _random_args(mod) -> dict[str, Any]:

@@ -118,14 +118,19 @@ class X86Target(Target):
         kernels, kernel_warnings = tvm_backend.kernel_report(mod)
         opts = options or {}
         trials = int(opts.get("tune_trials") or 0)
-        pipeline, tuning_info = None, None
+        from targets import cpu_schedules
+
+        stats: dict = {}  # filled by the pipeline: which fused functions got which schedule
+        pipeline, tuning_info = cpu_schedules.pipeline(tvm_backend.make_target(spec.tvm_target), None, stats), None
         if trials > 0 or opts.get("tuning_db"):
             from targets import tuning
 
             pipeline, tuning_info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), trials, opts.get("tuning_db"),
                                                    opts.get("progress"), measure_here=spec.runs_here,
-                                                   executor=opts.get("executor_session"))
+                                                   executor=opts.get("executor_session"), stats=stats)
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, relax_pipeline=pipeline)
+        kernels["schedules"] = stats
+        kernel_warnings += tuple(w for w in [cpu_schedules.coverage_warning(stats)] if w)
         if tuning_info is not None and spec.runs_here and tuning_info.records_applied > tuning_info.default_kept:
             tuning.keep_faster(mod, spec.tvm_target, out, tuning_info)
         return library_artifact(

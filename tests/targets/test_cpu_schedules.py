@@ -186,3 +186,56 @@ def test_a_failing_rule_leaves_the_function_alone(caplog):
     with tgt:
         assert all(r.apply(softmax, tgt, False) is None for r in rules)
     assert len(cpu_schedules.FAILURES) == before + len(rules)
+
+
+def _single_op_model(nodes, inputs, outputs, inits=None):
+    g = helper.make_graph(nodes, "m", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_pooling_and_big_attention_products_are_scheduled_and_exact(tmp_path):
+    """MaxPool (padded, strided) and AveragePool windows (WindowReduction), and an attention
+    product big enough to run in parallel (BatchMatmul, 3.1M multiply-adds)."""
+    from targets import tvm_backend
+
+    model = _single_op_model(
+        [helper.make_node("MaxPool", ["x"], ["mp"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+         helper.make_node("AveragePool", ["x"], ["ap"], kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node("MatMul", ["q", "k"], ["s"])],
+        [_vi("x", [1, 16, 32, 32]), _vi("q", [1, 12, 64, 64]), _vi("k", [1, 12, 64, 64])],
+        [_vi("mp", [1, 16, 16, 16]), _vi("ap", [1, 16, 16, 16]), _vi("s", [1, 12, 64, 64])])
+    scripts = _scheduled_fused(model, X86)  # asserts every function is scheduled
+    assert sum("T.parallel" in s for s in scripts.values()) >= 2
+    rng = np.random.default_rng(2)
+    feeds = {"x": rng.standard_normal((1, 16, 32, 32)).astype(np.float32),
+             "q": rng.standard_normal((1, 12, 64, 64)).astype(np.float32),
+             "k": rng.standard_normal((1, 12, 64, 64)).astype(np.float32)}
+    tvm_backend.compile_library(tvm_backend.import_onnx(model, target=X86), X86, tmp_path / "m.so")
+    got = tvm_backend.run_library(tmp_path / "m.so", feeds)
+    want = _ort(model, feeds)
+    np.testing.assert_array_equal(got[0], want[0])  # max: exact
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_functions_left_unscheduled_are_reported(cli, tmp_path):
+    """An op no rule covers (a lone row reduction: ReduceMax without an elementwise tail)
+    keeps TVM's loop nest, and the report says so: a warning naming it, and
+    artifact.kernels.schedules.unscheduled."""
+    import json
+
+    model = _single_op_model([helper.make_node("Relu", ["x"], ["r"]),
+                              helper.make_node("ReduceMax", ["r"], ["y"], axes=[1], keepdims=0)],
+                             [_vi("x", [4, 64])], [_vi("y", [4])])
+    path = tmp_path / "reducemax.onnx"
+    onnx.save(model, path)
+    r = cli(path, "--target", "x86", "-o", tmp_path / "b", "--no-gate")
+    assert r.code == 0, r
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    sched = rep["artifact"]["kernels"]["schedules"]
+    assert sched["unscheduled"] and all("max" in n for n in sched["unscheduled"]), sched
+    assert sched["functions"] >= len(sched["unscheduled"])
+    assert any("keep TVM's unscheduled loop nest" in w and sched["unscheduled"][0] in w for w in rep["warnings"])
