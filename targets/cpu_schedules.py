@@ -81,6 +81,45 @@ def _parallel_vectorize(sch, block, lanes: int, parallel: bool | None = None) ->
     return True
 
 
+def _last_index_is(region, var) -> bool:
+    """Whether the innermost index of a buffer region is exactly ``var``."""
+    from tvm import tirx
+
+    last = region.region[-1].min
+    return isinstance(last, tirx.Var) and last.same_as(var)
+
+
+def _reduction_inner_spatial(sch, block, outer: list, red: list, w, w_ext: int, lanes: int, parallel: bool):
+    """Loop order ``fuse(outer) red... w``: ``w`` (a spatial loop, the output's innermost
+    axis) vectorized inside the reduction loops, ``fuse(outer)`` parallel if asked, and the
+    reduction's init split off (vectorized too). Vectorize and parallel go first: they need
+    the block to still carry its init. Returns the fused outer loop."""
+    from tvm import tirx
+
+    sch.reorder(*red, w)
+    row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    v = _vector_factor(w_ext, lanes)
+    if v > 1:
+        if w_ext > v:
+            _, w = sch.split(w, factors=[None, v])
+        sch.vectorize(w)
+    if parallel:
+        sch.parallel(row)
+    init = sch.decompose_reduction(block, red[0])
+    if v > 1:
+        inner = sch.get_loops(init)[-1]
+        if sch.get(inner).kind != tirx.ForKind.VECTORIZED:
+            sch.vectorize(inner)
+    return row
+
+
+def _product(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n
+
+
 def _rule_base():
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
@@ -94,16 +133,22 @@ def make_rules() -> list[Any]:
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import try_inline
 
+    class Rule(_rule_base()):
+        def blocks(self, func, target):
+            """(schedule, normalized block infos) of ``func``, or (None, None) if the rule
+            cannot apply (not a PrimFunc, not a CPU target, blocks not normalizable)."""
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None, None
+            sch = s_tir.Schedule(func)
+            return sch, normalize_prim_func(sch)
+
     base = _rule_base()
 
-    class Injective(base):
+    class Injective(Rule):
         """All blocks injective (elementwise, broadcast, reshape, transpose)."""
 
         def apply(self, func, target, _tunable):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-                return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
+            sch, infos = self.blocks(func, target)
             if not infos or not all(b.is_injective() for b in infos):
                 return None
             infos = try_inline(sch, infos)
@@ -112,15 +157,12 @@ def make_rules() -> list[Any]:
                 done |= _parallel_vectorize(sch, b.block_rv, _lanes(target))
             return sch if done else None
 
-    class BatchMatmul(base):
+    class BatchMatmul(Rule):
         """``C[..., i, j] += A[..., i, k] * B[..., k, j]`` (+ an injective epilogue) whose
         operands are both function arguments (activations; constant weights have kernels)."""
 
         def apply(self, func, target, _tunable):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-                return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
+            sch, infos = self.blocks(func, target)
             if not infos:
                 return None
             main = [b for b in infos if not b.is_injective()]
@@ -135,37 +177,18 @@ def make_rules() -> list[Any]:
                 return None
             j_var, k_var = mm.iters[-2].var, mm.iters[-1].var
             # B[..., k, j]: the vectorized axis j is B's innermost index and C's innermost index
-            def last_index_is(region, var) -> bool:
-                last = region.region[-1].min
-                return isinstance(last, tirx.Var) and last.same_as(var)
-
-            bvars = [r for r in stmt.reads if last_index_is(r, j_var)]
-            avars = [r for r in stmt.reads if last_index_is(r, k_var)]
-            if len(bvars) != 1 or len(avars) != 1 or not last_index_is(stmt.writes[0], j_var):
+            bvars = [r for r in stmt.reads if _last_index_is(r, j_var)]
+            avars = [r for r in stmt.reads if _last_index_is(r, k_var)]
+            if len(bvars) != 1 or len(avars) != 1 or not _last_index_is(stmt.writes[0], j_var):
                 return None
             loops = sch.get_loops(mm.block_rv)
             ext = _static(sch, loops)
             if ext is None:
                 return None
-            macs = 1
-            for e in ext:
-                macs *= e
             *rows, j, k = loops
-            sch.reorder(k, j)
-            row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
             lanes = _lanes(target)
-            v = _vector_factor(ext[-2], lanes)
-            if v > 1:  # vectorize j while the block is still a reduction block (with its init)
-                if ext[-2] > v:
-                    _, j = sch.split(j, factors=[None, v])
-                sch.vectorize(j)
-            if macs >= PARALLEL_MIN_MACS:  # before decompose_reduction: parallel needs the init-carrying block
-                sch.parallel(row)
-            init = sch.decompose_reduction(mm.block_rv, k)
-            if v > 1:
-                inner = sch.get_loops(init)[-1]
-                if sch.get(inner).kind != tirx.ForKind.VECTORIZED:
-                    sch.vectorize(inner)
+            row = _reduction_inner_spatial(sch, mm.block_rv, rows, [k], j, ext[-2], lanes,
+                                           _product(ext) >= PARALLEL_MIN_MACS)
             if epi is not None:
                 sch.reverse_compute_at(epi.block_rv, row, preserve_unit_loops=True)
                 eloops = sch.get_loops(epi.block_rv)
@@ -178,17 +201,14 @@ def make_rules() -> list[Any]:
                         sch.vectorize(inner)
             return sch
 
-    class WindowReduction(base):
+    class WindowReduction(Rule):
         """One reduction block whose spatial axes come first and whose innermost spatial axis
         is the output's innermost index, e.g. max/avg pooling (``[n, c, h, w] <- window
         [kh, kw]``), after inlining injective producers (padding): loop order
         ``(outer spatial) (reduction) w``, ``w`` vectorized, outer spatial parallel."""
 
         def apply(self, func, target, _tunable):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-                return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
+            sch, infos = self.blocks(func, target)
             if not infos:
                 return None
             infos = try_inline(sch, infos)
@@ -200,9 +220,7 @@ def make_rules() -> list[Any]:
             if ns < 2 or set(kinds[ns:]) != {"R"}:
                 return None
             stmt = sch.get(blk.block_rv)
-            w_var = blk.iters[ns - 1].var
-            last = stmt.writes[0].region[-1].min if len(stmt.writes) == 1 else None
-            if not (isinstance(last, tirx.Var) and last.same_as(w_var)):
+            if len(stmt.writes) != 1 or not _last_index_is(stmt.writes[0], blk.iters[ns - 1].var):
                 return None
             # the loops include unit ones that the block info drops: index from the end
             loops = sch.get_loops(blk.block_rv)
@@ -210,25 +228,8 @@ def make_rules() -> list[Any]:
             nr = len(kinds) - ns
             if ext is None or len(loops) < nr + 2:
                 return None
-            outer, w, red = loops[:-nr - 1], loops[-nr - 1], loops[-nr:]
-            w_ext = ext[-nr - 1]
-            sch.reorder(*red, w)
-            row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-            v = _vector_factor(w_ext, _lanes(target))
-            if v > 1:
-                if w_ext > v:
-                    _, w = sch.split(w, factors=[None, v])
-                sch.vectorize(w)
-            n = 1
-            for e in ext:
-                n *= e
-            if n >= PARALLEL_MIN_ELEMENTS:  # before decompose_reduction: parallel needs the init-carrying block
-                sch.parallel(row)
-            init = sch.decompose_reduction(blk.block_rv, red[0])
-            if v > 1:
-                inner = sch.get_loops(init)[-1]
-                if sch.get(inner).kind != tirx.ForKind.VECTORIZED:
-                    sch.vectorize(inner)
+            _reduction_inner_spatial(sch, blk.block_rv, loops[:-nr - 1], loops[-nr:], loops[-nr - 1], ext[-nr - 1],
+                                     _lanes(target), _product(ext) >= PARALLEL_MIN_ELEMENTS)
             return sch
 
     class Guarded(base):
@@ -251,6 +252,17 @@ def make_rules() -> list[Any]:
 
 
 FAILURES: list[str] = []
+
+
+def all_injective(func: Any) -> bool:
+    """Whether every block of ``func`` is injective (what :class:`Injective` schedules)."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    infos = normalize_prim_func(s_tir.Schedule(func))
+    return bool(infos) and all(b.is_injective() for b in infos)
 
 
 def default_schedule(func: Any, target: Any) -> Any:

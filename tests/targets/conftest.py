@@ -40,6 +40,23 @@ def gemm_relu(models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemm_softmax(models_dir) -> Path:
+    """Gemm -> Softmax: the Softmax is a tuning task (a reduction; the Gemm has a kernel and
+    all-elementwise functions are not tuned)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1), helper.make_node("Softmax", ["y"], ["z"], axis=-1)],
+        "gemm_softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 32])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+    return _save(g, models_dir / "gemm_softmax.onnx")
+
+
+@pytest.fixture(scope="session")
 def conv_relu(models_dir) -> Path:
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)

@@ -18,16 +18,16 @@ def _records(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_tune_reuse_and_bundle(cli, gemm_relu, tmp_path):
+def test_tune_reuse_and_bundle(cli, gemm_softmax, tmp_path):
     from targets import tuning, tvm_backend
     from tests.targets.conftest import ort_reference, random_inputs
 
     db_root = tmp_path / "db"
-    r1 = cli(gemm_relu, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root, "-o", tmp_path / "b1",
+    r1 = cli(gemm_softmax, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root, "-o", tmp_path / "b1",
              "--verify-samples", "4")
     assert r1.code == 0, r1
     # progress lines from the measure callback (the Gemm runs the packed dense kernel, which is
-    # not a tuning task: the Relu left may have fewer than 4 distinct candidates)
+    # not a tuning task: the Softmax left may have fewer than 4 distinct candidates)
     assert re.search(r"tuning [1-4]/4 trials", r1.out)
     rep1 = json.loads((tmp_path / "b1" / "report.json").read_text())
     tun1 = rep1["artifact"]["tuning"]
@@ -49,7 +49,7 @@ def test_tune_reuse_and_bundle(cli, gemm_relu, tmp_path):
     defaults = [r for r in db.get_all_tuning_records()
                 if tuning._is_default(s_tir, r.trace, r.workload.mod, r.target)]
     assert len(defaults) == tun1["tasks"]
-    # the Relu the dense kernel leaves gets targets/cpu_schedules' Injective schedule (vectorized)
+    # the Softmax gets targets/cpu_schedules' default (dlight Reduction) schedule
     assert any(not tuning._is_identity(r.trace) for r in defaults)
     assert sum(1 for t in tun1["task_table"] if t["schedule"] == "default") == tun1["default_kept"]
     bundle_recs = _records(tmp_path / "b1" / "tuning" / tuning.RECORD_FILE)
@@ -60,14 +60,14 @@ def test_tune_reuse_and_bundle(cli, gemm_relu, tmp_path):
     assert f"tuned {tun1['trials_run']} new trials" in (tmp_path / "b1" / "report.md").read_text()
 
     # the tuned artifact still computes the model (explicit tolerance vs onnxruntime)
-    feeds = random_inputs(gemm_relu, seed=3)
+    feeds = random_inputs(gemm_softmax, seed=3)
     got = tvm_backend.run_library(tmp_path / "b1" / rep1["artifact"]["path"], feeds)
-    ref = ort_reference(gemm_relu, feeds)
+    ref = ort_reference(gemm_softmax, feeds)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4)
     assert all(c["passed"] for c in rep1["verification"])
 
     # second run: everything reused, no new trial, database unchanged, same records shipped
-    r2 = cli(gemm_relu, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root, "-o", tmp_path / "b2",
+    r2 = cli(gemm_softmax, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root, "-o", tmp_path / "b2",
              "--verify-samples", "4")
     assert r2.code == 0, r2
     tun2 = json.loads((tmp_path / "b2" / "report.json").read_text())["artifact"]["tuning"]
@@ -78,15 +78,25 @@ def test_tune_reuse_and_bundle(cli, gemm_relu, tmp_path):
     assert not re.search(r"tuning \d/4 trials", r2.out) and "reused" in r2.out
 
     # a larger budget tunes again (the ledger remembers 4 trials per function, not 8)
-    r3 = cli(gemm_relu, "--target", "x86", "--tune-trials", str(8 * tun1["tasks"]), "--tuning-db", db_root,
+    r3 = cli(gemm_softmax, "--target", "x86", "--tune-trials", str(8 * tun1["tasks"]), "--tuning-db", db_root,
              "-o", tmp_path / "b3", "--no-latency", "--verify-samples", "2")
     assert r3.code == 0, r3
     tun3 = json.loads((tmp_path / "b3" / "report.json").read_text())["artifact"]["tuning"]
     assert tun3["tasks_tuned"] == tun1["tasks"] and tun3["trials_run"] > 0
 
 
-def test_untuned_default_is_reported(cli, gemm_relu, tmp_path):
-    r = cli(gemm_relu, "--target", "x86", "-o", tmp_path / "b", "--verify-samples", "2")
+def test_elementwise_functions_are_not_tuned(cli, gemm_relu, tmp_path):
+    """The Relu the dense kernel leaves is all-injective: its default schedule (fused, vectorized)
+    is kept and no trial is spent on it (the search spun for minutes on such functions)."""
+    r = cli(gemm_relu, "--target", "x86", "--tune-trials", "8", "--tuning-db", tmp_path / "db", "-o", tmp_path / "b",
+            "--no-gate")
+    assert r.code == 0, r
+    tun = json.loads((tmp_path / "b" / "report.json").read_text())["artifact"]["tuning"]
+    assert tun["skipped_elementwise"] == 1 and tun["tasks"] == 0 and tun["trials_run"] == 0
+
+
+def test_untuned_default_is_reported(cli, gemm_softmax, tmp_path):
+    r = cli(gemm_softmax, "--target", "x86", "-o", tmp_path / "b", "--verify-samples", "2")
     assert r.code == 0, r
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     assert rep["artifact"]["tuning"] == {"mode": "untuned", "trials_run": 0}
@@ -94,16 +104,16 @@ def test_untuned_default_is_reported(cli, gemm_relu, tmp_path):
     assert "TVM, untuned" in r.out
 
 
-def test_bad_trials_is_usage_error(cli, gemm_relu, tmp_path):
-    r = cli(gemm_relu, "--target", "x86", "--tune-trials", "-1", "-o", tmp_path / "b")
+def test_bad_trials_is_usage_error(cli, gemm_softmax, tmp_path):
+    r = cli(gemm_softmax, "--target", "x86", "--tune-trials", "-1", "-o", tmp_path / "b")
     assert r.code == 2 and "--tune-trials" in r.err
 
 
-def test_recipe_keeps_trials_not_db(cli, gemm_relu, tmp_path):
+def test_recipe_keeps_trials_not_db(cli, gemm_softmax, tmp_path):
     import yaml
 
     rec = tmp_path / "r.yaml"
-    r = cli(gemm_relu, "--target", "x86", "--tune-trials", "16", "--tuning-db", tmp_path / "db", "--dry-run",
+    r = cli(gemm_softmax, "--target", "x86", "--tune-trials", "16", "--tuning-db", tmp_path / "db", "--dry-run",
             "--save-recipe", rec)
     assert r.code == 0, r
     data = yaml.safe_load(rec.read_text())
@@ -165,10 +175,10 @@ def test_end_to_end_bench_smoke(tmp_path, capsys):
     assert "mlp 0.0: 0%:" in text
 
 
-def test_arm_applies_database_only_and_says_so(cli, gemm_relu, tmp_path):
+def test_arm_applies_database_only_and_says_so(cli, gemm_softmax, tmp_path):
     """arm artifacts cannot be measured here: --tune-trials only applies existing records, with a warning."""
     out = tmp_path / "b"
-    r = cli(gemm_relu, "--target", "arm", "--tune-trials", "4", "--tuning-db", tmp_path / "db", "-o", out, "--no-gate")
+    r = cli(gemm_softmax, "--target", "arm", "--tune-trials", "4", "--tuning-db", tmp_path / "db", "-o", out, "--no-gate")
     assert r.code == 0, r
     rep = json.loads((out / "report.json").read_text())
     assert rep["artifact"]["tuning"]["mode"] == "apply-only" and rep["artifact"]["tuning"]["trials_run"] == 0
@@ -176,12 +186,12 @@ def test_arm_applies_database_only_and_says_so(cli, gemm_relu, tmp_path):
 
 
 @pytest.mark.slow
-def test_database_with_an_unloadable_record_is_repaired(cli, gemm_relu, tmp_path):
+def test_database_with_an_unloadable_record_is_repaired(cli, gemm_softmax, tmp_path):
     """A record TVM cannot reload must not break later builds: it is dropped (kept aside), the rest reused."""
     from targets import tuning
 
     db_root = tmp_path / "db"
-    r1 = cli(gemm_relu, "--target", "x86", "--tune-trials", "2", "--tuning-db", db_root, "-o", tmp_path / "b1",
+    r1 = cli(gemm_softmax, "--target", "x86", "--tune-trials", "2", "--tuning-db", db_root, "-o", tmp_path / "b1",
              "--no-latency", "--verify-samples", "2")
     assert r1.code == 0, r1
     db_dir = Path(json.loads((tmp_path / "b1" / "report.json").read_text())["artifact"]["tuning"]["database"])
@@ -189,7 +199,7 @@ def test_database_with_an_unloadable_record_is_repaired(cli, gemm_relu, tmp_path
     good = _records(rec_file)
     with open(rec_file, "a") as f:
         f.write('[0, [[["NoSuchInstruction", [], [], []]], []], [1.0], null, null]\n')
-    r2 = cli(gemm_relu, "--target", "x86", "--tune-trials", "2", "--tuning-db", db_root, "-o", tmp_path / "b2",
+    r2 = cli(gemm_softmax, "--target", "x86", "--tune-trials", "2", "--tuning-db", db_root, "-o", tmp_path / "b2",
              "--no-latency", "--verify-samples", "2")
     assert r2.code == 0, r2
     rep2 = json.loads((tmp_path / "b2" / "report.json").read_text())

@@ -23,12 +23,12 @@ def _records(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_tuning_on_two_node_cluster_merges_into_db_and_is_reused(cluster, cli, gemm_relu, tmp_path):
+def test_tuning_on_two_node_cluster_merges_into_db_and_is_reused(cluster, cli, gemm_softmax, tmp_path):
     from targets import tuning, tvm_backend
     from tests.targets.conftest import ort_reference, random_inputs
 
     db_root = tmp_path / "db"
-    r = cluster.run(VENV_BIN / "compress", gemm_relu, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root,
+    r = cluster.run(VENV_BIN / "compress", gemm_softmax, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root,
                     "-o", tmp_path / "b1", "--verify-samples", "4", "--no-latency", "--executor", "ray",
                     "--ray-address", cluster.address)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -52,13 +52,13 @@ def test_tuning_on_two_node_cluster_merges_into_db_and_is_reused(cluster, cli, g
     assert all(json.loads(x)[1][1] for x in db_records)  # each record carries measured run_secs
 
     # the artifact tuned on the cluster computes the model (explicit tolerance vs onnxruntime)
-    feeds = random_inputs(gemm_relu, seed=5)
+    feeds = random_inputs(gemm_softmax, seed=5)
     got = tvm_backend.run_library(tmp_path / "b1" / rep["artifact"]["path"], feeds)
-    np.testing.assert_allclose(got[0], ort_reference(gemm_relu, feeds)[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[0], ort_reference(gemm_softmax, feeds)[0], rtol=1e-4, atol=1e-4)
     assert all(c["passed"] for c in rep["verification"])
 
     # a later run (here: local) reuses the records tuned on the cluster: no new trial, database unchanged
-    r2 = cli(gemm_relu, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root, "-o", tmp_path / "b2",
+    r2 = cli(gemm_softmax, "--target", "x86", "--tune-trials", "4", "--tuning-db", db_root, "-o", tmp_path / "b2",
              "--verify-samples", "2", "--no-latency")
     assert r2.code == 0, r2
     tun2 = json.loads((tmp_path / "b2" / "report.json").read_text())["artifact"]["tuning"]
