@@ -105,9 +105,11 @@ def bench_gemm_shape(n: int, m: int, tgt, rng, sparsities, blocks, rounds: int) 
             continue
         w = random_block_sparse(n, k, block, s, rng)
         b = sk.to_bsr(w, block, sk.lanes_group(block, tgt))
-        params = sk.kernel_params(block, m, tgt)
+        params = sk.kernel_params(block, m, tgt, n, k)
+        if params.variant == "perm":
+            b = sk.to_bsr(w, block, 1)  # what lower.sparse stores for a perm layer
         f = sk.build(m, b, "none", tgt, params)
-        args = [tvm.runtime.tensor(a, dev) for a in sk.kernel_args(x, b, None)]
+        args = [tvm.runtime.tensor(a, dev) for a in sk.kernel_args(x, b, None, params)]
         args.append(tvm.runtime.tensor(np.zeros((m, n), np.float32), dev))
         f(*args)
         _check(args[-1].numpy(), sk.reference(x, b), f"sparse {n} M={m} {s} {pat}")
@@ -174,7 +176,7 @@ def predictions(rows: list[dict]) -> None:
     for r in rows:
         r["measured"] = r["dense_ms"] / r["sparse_ms"]
         r["pred_new"] = predict(r["op"], r["n"], r["k"], r["m"], r["bsz"], r["density"], parse_block(r["block"]),
-                                "x86")[0]
+                                "x86", r.get("kernel") == "perm")[0]
         r["pred_old"] = old_predict(r["op"], r["n"], r["k"], r["m"] * r["bsz"], r["density"], r["block"])
 
 
@@ -205,12 +207,13 @@ def _label(r: dict) -> str:
     return f"{what} {r['sparsity']:.0%} {r['block']}"
 
 
-def features(op: str, kind: str, n: int, k: int, m: int, density: float, block: tuple[int, int]) -> np.ndarray:
+def features(op: str, kind: str, n: int, k: int, m: int, density: float, block: tuple[int, int],
+             perm: bool = False) -> np.ndarray:
     """Regressors of the time models (passes.lower_sparse.kernel_time): the same function
     the pass evaluates, so the fit and the pass cannot disagree."""
     from passes.lower_sparse import time_features
 
-    return np.asarray(time_features(op, kind, n, k, m, density, block), np.float64)
+    return np.asarray(time_features(op, kind, n, k, m, density, block, perm), np.float64)
 
 
 def fit(rows: list[dict]) -> dict[str, list[float]]:
@@ -233,9 +236,10 @@ def fit(rows: list[dict]) -> dict[str, list[float]]:
                 if dkey in seen_dense:
                     continue
                 seen_dense.add(dkey)
-            key = model_key(r["op"], kind, m, block)
+            perm = kind == "sparse" and r.get("kernel") == "perm"
+            key = model_key(r["op"], kind, m, block, perm)
             a, y = systems.setdefault(key, ([], []))
-            a.append(features(r["op"], kind, n, k, m, r["density"], block) / (t * 1e-3))
+            a.append(features(r["op"], kind, n, k, m, r["density"], block, perm) / (t * 1e-3))
             y.append(1.0)
     out = {}
     for key, (a, y) in sorted(systems.items()):
@@ -254,7 +258,7 @@ def merge_runs(runs: list[list[dict]]) -> list[dict]:
     merged: dict[tuple, dict] = {}
     for rows in runs:
         for r in rows:
-            key = (r["op"], r["n"], r["k"], r["m"], r["bsz"], r["sparsity"], r["block"])
+            key = (r["op"], r["n"], r["k"], r["m"], r["bsz"], r["sparsity"], r["block"], r.get("kernel"))
             if key not in merged:
                 merged[key] = dict(r)
             else:
@@ -280,7 +284,7 @@ def predict_with(rows: list[dict], coef: dict[str, list[float]], key: str) -> No
     try:
         for r in rows:
             r[key] = ls.predict(r["op"], r["n"], r["k"], r["m"], r["bsz"], r["density"], parse_block(r["block"]),
-                                "x86")[0]
+                                "x86", r.get("kernel") == "perm")[0]
     finally:
         ls.CPU_TIME_MODELS.clear()
         ls.CPU_TIME_MODELS.update(saved)
@@ -354,7 +358,7 @@ dense one streams from DRAM); in a model whose weights together exceed the L3 bo
 stream more from DRAM than modelled. Sparse weights reach the DRAM tier only at 4096x4096,
 50%, so the sparse kernels' DRAM constants are loosely determined (they err towards dense).
 The host's 2 cores are shared with other work; contention only adds time, so rows are the
-per-point minimum of two runs. Decisions use `min_speedup` = 1.2 (the pass default)."""
+per-point minimum over the runs. Decisions use `min_speedup` = 1.2 (the pass default)."""
 
 
 def main(argv=None) -> int:

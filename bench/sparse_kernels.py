@@ -80,10 +80,10 @@ def bench_case(n, m, sparsity, pattern, tgt, rounds, rng, tol=1e-4):
     w = random_block_sparse(n, n, block, sparsity, rng)
     x = rng.standard_normal((m, n)).astype(np.float32)
     b = sk.to_bsr(w, block, sk.lanes_group(block, tgt))
-    params = sk.kernel_params(block, m, tgt)
+    params = sk.kernel_params(block, m, tgt, *b.shape)
     f = sk.build(m, b, "none", tgt, params)
     dev = tvm.cpu()
-    targs = [tvm.runtime.tensor(a, dev) for a in sk.kernel_args(x, b, None)]
+    targs = [tvm.runtime.tensor(a, dev) for a in sk.kernel_args(x, b, None, params)]
     targs.append(tvm.runtime.tensor(np.zeros((m, n), np.float32), dev))
     sess = ort_session(w, m)
     wt = torch.from_numpy(w)

@@ -119,18 +119,21 @@ LLC_BYTES = 32 << 20  # ... from L3 (32 MiB); beyond that from DRAM
 # them the fit extrapolates per-call overheads (a 48x32 conv on 4 pixels predicted 1.4x), so the
 # predicted ratio is capped at 1 there -- no measurement says such a layer pays
 CALIBRATED_MIN_MACS = {"gemm": 64 * 64, "conv": 64 * 64 * 16}
-CPU_TIME_MODELS: dict[str, list[float]] = {  # bench/cost_model.py --fit, dev host, 2 runs (bench/cost_model.md)
-    "dense_gemm": [6.623e-07, 0.0, 5.365e-12, 1.26e-11, 4.624e-11, 8.722e-12, 3.711e-11],
-    "dense_conv": [9.265e-07, 0.0, 1.308e-11, 0.0, 0.0, 1.006e-11, 1.032e-11],
-    "sparse_gemm_1x1_lanes": [0.0, 1.172e-06, 0.0, 1.564e-11, 1.892e-10, 1.011e-10, 1.326e-09],
-    "sparse_gemm_1x1_xt": [0.0, 2.297e-06, 3.618e-11, 8.436e-11, 1.01e-10, 2.225e-11, 5.189e-11],
-    "sparse_gemm_4x1": [0.0, 1.512e-06, 6.035e-12, 1.732e-11, 1.721e-10, 2.827e-11, 3.381e-11],
-    "sparse_gemm_8x1": [0.0, 1.599e-06, 4.975e-12, 1.216e-11, 2.734e-10, 1.689e-11, 9.768e-12],
-    "sparse_gemm_16x1": [0.0, 1.72e-06, 3.352e-12, 1.047e-11, 5.457e-10, 1.143e-11, 2.647e-12],
-    "sparse_conv_1x1": [4.841e-07, 0.0, 3.245e-11, 2.963e-12, 0.0, 2.026e-11, 9.477e-12],
-    "sparse_conv_4x1": [3.784e-07, 0.0, 1.493e-12, 0.0, 0.0, 1.182e-11, 8.9e-12],
-    "sparse_conv_8x1": [5.347e-07, 0.0, 0.0, 0.0, 0.0, 1.162e-11, 7.045e-12],
-    "sparse_conv_16x1": [3.845e-07, 0.0, 2.601e-12, 0.0, 0.0, 1.543e-11, 7.545e-12],
+CPU_TIME_MODELS: dict[str, list[float]] = {  # bench/cost_model.py --fit, dev host (bench/cost_model.md)
+    # 2026-11-26: full grid at batches 1/2/4/8/16, two 1x1-only runs (perm) and one of the lanes
+    # kernel (perm disabled: what AVX2/NEON targets and odd shapes run), per-point minimum
+    "dense_gemm": [3.172e-07, 0.0, 3.329e-12, 3.55e-12, 2.839e-11, 6.71e-12, 8.13e-11],
+    "dense_conv": [9.803e-07, 0.0, 2.21e-11, 0.0, 0.0, 7.805e-12, 2.285e-11],
+    "sparse_gemm_1x1_lanes": [0.0, 1.415e-06, 0.0, 2.638e-12, 4.702e-11, 1.433e-10, 1.018e-10],
+    "sparse_gemm_1x1_perm": [0.0, 1.305e-06, 2.932e-12, 5.548e-12, 3.132e-11, 1.431e-11, 1.427e-11],
+    "sparse_gemm_1x1_xt": [0.0, 1.809e-06, 0.0, 1.169e-11, 2.239e-11, 3.115e-11, 6.756e-11],
+    "sparse_gemm_4x1": [0.0, 1.928e-06, 3.261e-12, 8.965e-12, 1.028e-10, 2.532e-11, 2.417e-11],
+    "sparse_gemm_8x1": [0.0, 1.841e-06, 1.956e-12, 8.489e-12, 1.809e-10, 1.402e-11, 3.654e-11],
+    "sparse_gemm_16x1": [0.0, 1.694e-06, 2.453e-12, 8.223e-12, 2.813e-10, 9.127e-12, 4.304e-11],
+    "sparse_conv_1x1": [9.597e-07, 0.0, 1.043e-11, 0.0, 0.0, 1.889e-11, 9.675e-12],
+    "sparse_conv_4x1": [8.398e-07, 0.0, 5.181e-12, 0.0, 0.0, 1.061e-11, 6.827e-12],
+    "sparse_conv_8x1": [8.56e-07, 0.0, 5.251e-12, 0.0, 0.0, 9.782e-12, 6.52e-12],
+    "sparse_conv_16x1": [8.159e-07, 0.0, 9.694e-12, 0.0, 0.0, 1.135e-11, 8.498e-12],
 }
 # CUDA: no GPU on the dev host, so no measured ratios yet. Prior: a bandwidth-bound kernel
 # reaching CUDA_PRIOR_EFFICIENCY of the ideal 1/stored_density speed-up; both sides pay a launch.
@@ -152,33 +155,42 @@ def block_class(block: tuple[int, int]) -> str:
     return "4x1" if r < 8 else ("8x1" if r < 16 else "16x1")
 
 
-def model_key(op: str, kind: str, m: int, block: tuple[int, int]) -> str:
+def model_key(op: str, kind: str, m: int, block: tuple[int, int], perm: bool = False) -> str:
     """CPU_TIME_MODELS key of the kernel that runs a layer: ``kind`` "dense" | "sparse"; ``m``
-    = batch rows (Gemm/MatMul) or pixels x images (Conv)."""
+    = batch rows (Gemm/MatMul) or pixels x images (Conv); ``perm``: the layer runs the
+    permute-SELL kernel (``targets.sparse_kernels.perm_eligible``)."""
     fam = "conv" if op == "Conv" else "gemm"
     if kind == "dense":
         return f"dense_{fam}"
     cls = block_class(block)
     if fam == "gemm" and cls == "1x1":
+        if perm:
+            return "sparse_gemm_1x1_perm"
         return "sparse_gemm_1x1_" + ("xt" if m >= 4 else "lanes")  # targets.sparse_kernels.kernel_params
     return f"sparse_{fam}_{cls}"
 
 
 def time_features(op: str, kind: str, n: int, k: int, m: int, stored_density: float,
-                  block: tuple[int, int]) -> list[float]:
+                  block: tuple[int, int], perm: bool = False) -> list[float]:
     """Values of TIME_FEATURES for one kernel call: ``Y[m, n] = X[m, k] W[n, k]^T`` (a 1x1
     conv: ``m`` pixels). Dense streams the whole weight; sparse its stored blocks plus one
-    int32 index per block. Serial/parallel: the kernels' own thresholds (dense GEMM
-    ``targets.dense_kernels.PARALLEL_MIN_MACS``; conv kernels 1.1 M MACs; sparse GEMM always
-    parallel)."""
+    int32 index per block (``perm``: the expected padded slots of
+    ``targets.sparse_kernels.pack_perm``, a float and a one-byte offset each). Serial/parallel:
+    the kernels' own thresholds (dense GEMM ``targets.dense_kernels.PARALLEL_MIN_MACS``; conv
+    kernels 1.1 M MACs; sparse GEMM always parallel)."""
     from targets.dense_kernels import PARALLEL_MIN_MACS
-    from targets.sparse_kernels import CONV_PARALLEL_MIN_MACS
+    from targets.sparse_kernels import CONV_PARALLEL_MIN_MACS, perm_expected_slots
 
     r, c = block
     if kind == "dense":
         wbytes = 4.0 * n * k
         macs = float(n) * k * m
         par = macs >= (CONV_PARALLEL_MIN_MACS if op == "Conv" else PARALLEL_MIN_MACS)
+    elif perm:
+        slots = perm_expected_slots(n, k, stored_density)
+        wbytes = 5.0 * slots
+        macs = slots * m
+        par = True
     else:
         stored = max(stored_density, 1e-6) * n * k
         wbytes = 4.0 * stored * (1.0 + 1.0 / (r * c))
@@ -189,10 +201,11 @@ def time_features(op: str, kind: str, n: int, k: int, m: int, stored_density: fl
             4.0 * m * (n + k)]
 
 
-def kernel_time(op: str, kind: str, n: int, k: int, m: int, stored_density: float, block: tuple[int, int]) -> float:
+def kernel_time(op: str, kind: str, n: int, k: int, m: int, stored_density: float, block: tuple[int, int],
+                perm: bool = False) -> float:
     """Modelled seconds of one call of the CPU kernel (``model_key``) for this layer."""
-    coef = CPU_TIME_MODELS[model_key(op, kind, m, block)]
-    feats = time_features(op, kind, n, k, m, stored_density, block)
+    coef = CPU_TIME_MODELS[model_key(op, kind, m, block, perm)]
+    feats = time_features(op, kind, n, k, m, stored_density, block, perm)
     return max(sum(a * b for a, b in zip(coef, feats)), 1e-9)
 
 
@@ -202,7 +215,7 @@ def predicted_ratio(n: int, k: int, m: int, stored_density: float, block: tuple[
 
 
 def predict(op: str, n: int, k: int, m: int, bsz: int, stored_density: float, block: tuple[int, int],
-            family: str) -> tuple[float, str]:
+            family: str, perm: bool = False) -> tuple[float, str]:
     """(predicted dense/sparse time ratio, basis) for one layer. ``m``: rows of the SpMM
     (batch for Gemm/MatMul, H*W pixels for a 1x1 Conv with ``bsz`` images). CPU: the ratio
     of the two kernels' modelled times (``kernel_time``); aarch64 uses the x86 fit (no ARM
@@ -216,8 +229,9 @@ def predict(op: str, n: int, k: int, m: int, bsz: int, stored_density: float, bl
         t_sparse = t_work * d / CUDA_PRIOR_EFFICIENCY + CUDA_T_LAUNCH
         return t_dense / t_sparse, "cuda prior"
     rows = m * bsz
-    ratio = kernel_time(op, "dense", n, k, rows, 1.0, block) / kernel_time(op, "sparse", n, k, rows, d, block)
-    basis = ("conv1x1 " if op == "Conv" else "") + ("x86 kernels measured" if family == "x86" else "x86 kernel fit")
+    ratio = kernel_time(op, "dense", n, k, rows, 1.0, block) / kernel_time(op, "sparse", n, k, rows, d, block, perm)
+    basis = ("conv1x1 " if op == "Conv" else "") + ("perm " if perm else "") + (
+        "x86 kernels measured" if family == "x86" else "x86 kernel fit")
     if n * k * rows < CALIBRATED_MIN_MACS["conv" if op == "Conv" else "gemm"]:
         ratio = min(ratio, 1.0)
         basis += ", below the calibrated sizes: capped at 1"
@@ -475,14 +489,17 @@ class LowerSparse(Pass):
                 block = sk.parse_block(cfg.block)
                 if n % block[0] or k % block[1]:
                     block = (1, 1)
-            group = 1 if (conv or family == "cuda") else sk.lanes_group(block, tvm_target)
+            # the permute-SELL kernel repacks the weight itself: no lanes padding stored
+            perm = not conv and family == "x86" and sk.perm_eligible(block, m * bsz, tvm_target, n, k)
+            group = 1 if (conv or family == "cuda" or perm) else sk.lanes_group(block, tvm_target)
             key = (w.name, node.op, int(node.attrs.get("transB", 0)), float(node.attrs.get("alpha", 1.0)), block, group)
             cached = bsr_cache.get(key)
             b = cached[0] if cached is not None else sk.to_bsr(w_nk, block, group)
-            ratio, basis = predict(node.op, n, k, m, bsz, b.density(), block, family)
+            ratio, basis = predict(node.op, n, k, m, bsz, b.density(), block, family, perm)
             rec = {"node": label, "op": node.op, "shape": [n, k], "batch": m * bsz, "sparsity": round(float(zeros), 4),
                    "block": f"{block[0]}x{block[1]}", "stored_density": round(b.density(), 4),
-                   "predicted_ratio": round(ratio, 2), "cost_model": basis}
+                   "predicted_ratio": round(ratio, 2), "cost_model": basis,
+                   "kernel": "conv1x1" if conv else sk.kernel_params(block, m * bsz, tvm_target, n, k).variant}
             if ratio < cfg.min_speedup or b.nnzb == 0:
                 rec["lowered"] = False
                 layers.append(rec)

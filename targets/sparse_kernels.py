@@ -28,6 +28,14 @@ Kernels (hand-scheduled low-level TIR marked ``tirx.is_scheduled`` -- the attrib
   over the lanes (the unstructured case is a gather of ``x``), reduced at the end.
 * ``xt``    (``R == 1``, batch >= 4): ``X`` is transposed once into a scratch ``[K, M]``
   buffer, then every stored element is an FMA over a contiguous batch vector.
+* ``perm``  (``1x1`` on AVX-512, batch <= 8, ``N % 16 == 0``, ``K % 32 == 0``): permute-SELL.
+  Rows in groups of 16 (one zmm of accumulators, lane = output row), columns in chunks of
+  32 (two zmm of ``x``); for each (group, chunk) ``steps`` = the most non-zeros any of the
+  16 rows has in the chunk, and every step is one ``vpermi2ps`` (16 ``x`` values picked by
+  16 one-byte column offsets) + one FMA (:func:`pack_perm`). It replaces the scalar
+  gather (16 loads + 15 inserts per 16 non-zeros, ~1 non-zero/cycle: shuffle-port bound)
+  by one shuffle; ~2x the padding (Poisson row counts per chunk) but 1.5-2.2x faster
+  than ``lanes`` at 80-95% (bench/sparse_kernels.md).
 * CUDA: one thread block per block row, ``32`` threads stride over its blocks, each keeps
   ``R x M`` partial sums, reduced through shared memory.
 * 1x1 convolution (:func:`make_conv1x1_primfunc`, NCHW, ``x [B, K, H*W]``): channel-major,
@@ -154,8 +162,12 @@ def reference(x: np.ndarray, b: BSR, bias: np.ndarray | None = None, activation:
     y = x.astype(np.float64) @ from_bsr(b).astype(np.float64).T
     if bias is not None:
         y = y + bias
-    if activation == "relu":
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} not in {ACTIVATIONS}")
+    if activation in ("relu", "relu6"):
         y = np.maximum(y, 0)
+    if activation == "relu6":
+        y = np.minimum(y, 6)
     return y.astype(np.float32)
 
 
@@ -164,7 +176,7 @@ def reference(x: np.ndarray, b: BSR, bias: np.ndarray | None = None, activation:
 
 @dataclass(frozen=True)
 class KernelParams:
-    variant: str  # rows | lanes | xt | cuda
+    variant: str  # rows | lanes | xt | perm | cuda
     lanes: int  # fp32 lanes the lanes-kernel accumulates in (G*C)
     mtile: int  # batch rows per register tile (rows kernel)
     unroll: int = 1  # independent accumulator sets (rows kernel)
@@ -215,14 +227,30 @@ def lanes_group(block: tuple[int, int], target: Any) -> int:
     return vector_floats(target) * (2 if target_family(target) == "arm" else 1)
 
 
-def kernel_params(block: tuple[int, int], m: int, target: Any) -> KernelParams:
+PERM_ROWS = 16  # output rows per permute-SELL group: one zmm of fp32 accumulators
+PERM_CHUNK = 32  # input columns per chunk: the two zmm of x one vpermi2ps selects from
+PERM_MAX_M = 9  # batch rows below which perm beats xt (m = 8: 89 vs 142 us at 1760^2 90%; m = 16 spills: 475 vs 172)
+
+
+def perm_eligible(block: tuple[int, int], m: int, target: Any, n: int | None, k: int | None) -> bool:
+    """The permute-SELL kernel applies: unstructured, batch <= 8, an x86 target with AVX-512
+    (the ``vpermi2ps`` intrinsic), ``N``/``K`` multiples of the group/chunk."""
+    return (block == (1, 1) and m < PERM_MAX_M and n is not None and k is not None and n % PERM_ROWS == 0
+            and k % PERM_CHUNK == 0 and target_family(target) == "x86" and vector_floats(target) == 16)
+
+
+def kernel_params(block: tuple[int, int], m: int, target: Any, n: int | None = None,
+                  k: int | None = None) -> KernelParams:
     """Kernel variant and knobs, picked from measurements on x86 (AMD EPYC Zen 4, AVX-512,
     2 cores, N=K=4096, 90%, batch 1; /tmp sweeps recorded in bench/sparse_kernels.md):
-    rows-kernel unroll 8/4/2 for R = 4/8/16 beat unroll 1 by 1.3-2.5x."""
+    rows-kernel unroll 8/4/2 for R = 4/8/16 beat unroll 1 by 1.3-2.5x. ``n``/``k`` (the
+    weight's shape) enable the ``perm`` kernel where :func:`perm_eligible`."""
     r, c = block
     fam = target_family(target)
     if fam == "cuda":
         return KernelParams("cuda", 1, 1)
+    if perm_eligible(block, m, target, n, k):
+        return KernelParams("perm", PERM_ROWS, 1)
     if r >= 2:
         cap = 8 if r <= 8 else 4
         mt = max(d for d in range(1, min(cap, m) + 1) if m % d == 0)
@@ -313,6 +341,7 @@ def make_primfunc(
         # gathers (c == 1) vectorize badly (scalar loads + inserts, or microcoded vgather):
         # independent scalar accumulators are faster there
         lane_loop = T.vectorized if p.vector else T.unroll
+        tree = lanes <= 64 and lanes & (lanes - 1) == 0
 
         @T.prim_func
         def lanes_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
@@ -331,9 +360,29 @@ def make_primfunc(
                                 mi, indices[indptr[i] + jg * g + ln // c] * c + ln % c]
                 for mi in T.serial(m):
                     s = T.decl_buffer((1,), "float32", scope=CPU_STACK)
-                    s[0] = bias[i]
-                    for ln in T.serial(lanes):
-                        s[0] = s[0] + acc[mi, ln]
+                    if tree:  # halving tree: log2(L) dependent adds, not a chain of L scalar ones
+                        if lanes >= 64:
+                            for ln in T.vectorized(32):
+                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 32]
+                        if lanes >= 32:
+                            for ln in T.vectorized(16):
+                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 16]
+                        if lanes >= 16:
+                            for ln in T.vectorized(8):
+                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 8]
+                        if lanes >= 8:
+                            for ln in T.vectorized(4):
+                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 4]
+                        if lanes >= 4:
+                            for ln in T.vectorized(2):
+                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 2]
+                        if lanes >= 2:
+                            acc[mi, 0] = acc[mi, 0] + acc[mi, 1]
+                        s[0] = bias[i] + acc[mi, 0]
+                    else:
+                        s[0] = bias[i]
+                        for ln in T.serial(lanes):
+                            s[0] = s[0] + acc[mi, ln]
                     # remainder (rows not padded to a multiple of g blocks)
                     for j in T.serial(indptr[i] + (indptr[i + 1] - indptr[i]) // g * g, indptr[i + 1]):
                         for cc in T.serial(c):
@@ -341,6 +390,38 @@ def make_primfunc(
                     y[mi, i] = act(s[0])
 
         return lanes_fn
+
+    if p.variant == "perm":
+        v, ch = PERM_ROWS, PERM_CHUNK
+        if not perm_eligible(block, m, target, n, k):
+            raise ValueError(f"perm kernel needs 1x1 blocks, batch < {PERM_MAX_M}, AVX-512, N % {v} == 0 and "
+                             f"K % {ch} == 0 (got {block}, m={m}, [{n}, {k}])")
+        ng, nc = n // v, k // ch
+        vf, vi = f"float32x{v}", f"int32x{v}"
+
+        @T.prim_func
+        def perm_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, v), "float32"),
+                    offs: T.Buffer((nnzb_, v), "uint8"), steps: T.Buffer((ng * nc + 1,), "int32"),
+                    bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            for g in T.parallel(ng):
+                acc = T.decl_buffer((m, v), "float32", scope=CPU_STACK)
+                for mi in T.unroll(m):
+                    for ln in T.vectorized(v):
+                        acc[mi, ln] = bias[g * v + ln]
+                for cc in T.serial(nc):
+                    for st in T.serial(steps[g * nc + cc + 1] - steps[g * nc + cc]):
+                        for mi in T.unroll(m):
+                            acc[mi, T.Ramp(0, 1, v)] = acc[mi, T.Ramp(0, 1, v)] + data[
+                                steps[g * nc + cc] + st, T.Ramp(0, 1, v)] * T.call_llvm_pure_intrin(
+                                vf, "llvm.x86.avx512.vpermi2var.ps.512", x[mi, T.Ramp(cc * ch, 1, v)],
+                                T.Cast(vi, offs[steps[g * nc + cc] + st, T.Ramp(0, 1, v)]),
+                                x[mi, T.Ramp(cc * ch + v, 1, v)])
+                for mi in T.serial(m):
+                    for ln in T.vectorized(v):
+                        y[mi, g * v + ln] = act(acc[mi, ln])
+
+        return perm_fn
 
     if p.variant == "xt":
 
@@ -613,18 +694,81 @@ def kernel_indices(b: BSR) -> np.ndarray:
     return b.indices if b.nnzb else np.zeros(1, dtype=np.int32)
 
 
-def kernel_args(x: np.ndarray, b: BSR, bias: np.ndarray | None) -> list[np.ndarray]:
+def pack_perm(b: BSR, rows: int = PERM_ROWS, chunk: int = PERM_CHUNK) -> list[np.ndarray]:
+    """1x1 BSR -> the ``perm`` kernel's weight arrays ``[data float32 [S, rows], offs uint8
+    [S, rows], steps int32 [G*C + 1]]``: for row group ``g`` and column chunk ``c`` the steps
+    ``steps[g*C+c]:steps[g*C+c+1]``; step ``s`` lane ``r`` holds the next non-zero of row
+    ``g*rows+r`` in that chunk (value, column offset in the chunk), or 0 / offset 0 once
+    the row has none left. Stored zeros (e.g. :func:`to_bsr` group padding) are dropped."""
+    n, k = b.shape
+    if b.block != (1, 1) or n % rows or k % chunk:
+        raise ValueError(f"pack_perm: 1x1 blocks with N % {rows} == 0 and K % {chunk} == 0 "
+                         f"needed (got {b.block}, [{n}, {k}])")
+    ng, nc = n // rows, k // chunk
+    row = np.repeat(np.arange(n), np.diff(b.indptr))
+    val = b.data.reshape(-1)
+    keep = val != 0
+    row, col, val = row[keep], b.indices[keep].astype(np.int64), val[keep]
+    order = np.lexsort((col, row))  # row-major, columns ascending (BSR rows may be unsorted)
+    row, col, val = row[order], col[order], val[order]
+    cell = row * nc + col // chunk  # (row, chunk) runs are contiguous in this order
+    start = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]]) if len(cell) else np.zeros(0, np.int64)
+    rank = np.arange(len(cell)) - np.repeat(start, np.diff(np.r_[start, len(cell)]))
+    counts = np.zeros((ng, rows, nc), np.int64)
+    np.add.at(counts, (row // rows, row % rows, col // chunk), 1)
+    nsteps = counts.max(axis=1).reshape(-1)  # [G*C]
+    steps = np.zeros(ng * nc + 1, np.int32)
+    np.cumsum(nsteps, out=steps[1:])
+    total = max(int(steps[-1]), 1)
+    data = np.zeros((total, rows), np.float32)
+    offs = np.zeros((total, rows), np.uint8)
+    slot = steps[(row // rows) * nc + col // chunk] + rank
+    data[slot, row % rows] = val
+    offs[slot, row % rows] = col % chunk
+    return [data, offs, steps]
+
+
+def perm_expected_slots(n: int, k: int, density: float, rows: int = PERM_ROWS, chunk: int = PERM_CHUNK) -> float:
+    """Expected stored elements (steps x lanes) of :func:`pack_perm` for a random ``[n, k]``
+    weight of the given non-zero ``density``: per (group, chunk) the maximum of ``rows``
+    Binomial(``chunk``, density) counts, E[max] = sum_t 1 - F(t)^rows."""
+    from math import comb
+
+    d = min(max(density, 0.0), 1.0)
+    cdf, e_max = 0.0, 0.0
+    for t in range(chunk):
+        cdf += comb(chunk, t) * d ** t * (1 - d) ** (chunk - t)
+        e_max += 1.0 - min(cdf, 1.0) ** rows
+    return (n // rows) * (k // chunk) * e_max * rows
+
+
+def kernel_weights(b: BSR, params: KernelParams) -> list[np.ndarray]:
+    """The kernel's three weight arguments (after ``x``): ``data, indices, indptr`` in the
+    kernel layout, or :func:`pack_perm`'s arrays for the ``perm`` variant. ``len(...[0])``
+    is the ``nnzb`` :func:`make_primfunc` wants."""
+    if params.variant == "perm":
+        return pack_perm(b)
+    return [kernel_data(b), kernel_indices(b), b.indptr]
+
+
+def kernel_args(x: np.ndarray, b: BSR, bias: np.ndarray | None, params: KernelParams | None = None) -> list[np.ndarray]:
+    """``x, *kernel_weights, bias`` (``params``: the kernel's, default the ``lanes``/``xt``/
+    ``rows`` choice without ``perm``; pass the ``params`` :func:`build` compiled with)."""
     n = b.shape[0]
     bias = np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32)
-    return [np.ascontiguousarray(x, np.float32), kernel_data(b), kernel_indices(b), b.indptr, bias]
+    p = params or KernelParams("lanes", 1, 1)
+    return [np.ascontiguousarray(x, np.float32), *kernel_weights(b, p), bias]
 
 
 def build(m: int, b: BSR, activation: str, tvm_target: Any, params: KernelParams | None = None):
-    """Compile a standalone kernel: returns the tvm runtime function ``f(*kernel_args, y)``."""
+    """Compile a standalone kernel: returns the tvm runtime function ``f(*kernel_args, y)``
+    (``params`` default: :func:`kernel_params` without ``perm``, the layout
+    :func:`kernel_args` gives by default)."""
     import tvm
 
     tgt = tvm_target if isinstance(tvm_target, tvm.target.Target) else tvm.target.Target(tvm_target)
-    f = make_primfunc(m, b.shape[0], b.shape[1], b.block, b.nnzb, activation, tgt, params)
+    p = params or kernel_params(b.block, m, tgt)
+    f = make_primfunc(m, b.shape[0], b.shape[1], b.block, len(kernel_weights(b, p)[0]), activation, tgt, p)
     f = f.with_attr("global_symbol", "bsr_kernel")
     mod = tvm.IRModule({"bsr_kernel": f})
     with tgt:
@@ -659,14 +803,17 @@ def relax_converters(tvm_target: Any, fused: dict[str, str] | None = None) -> di
     fam = target_family(tvm_target)
 
     def bsr_args(op: str, inputs, k: int):
-        consts = inputs[1:5]
-        if len(consts) != 4 or not all(isinstance(c, tvm_ir_expr.Constant) for c in consts):
+        inits = inputs[1:5]
+        if len(inits) != 4 or not all(isinstance(c, tvm_ir_expr.Constant) for c in inits):
             raise TargetError(f"compressor::{op}: data/indices/indptr/bias must be initializers")
-        data, indices, indptr, bias = (c.value.numpy() for c in consts)
+        data, indices, indptr, bias = (c.value.numpy() for c in inits)
         r = int(data.shape[1])
         n = (len(indptr) - 1) * r
         b = BSR(data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int32), (n, k))
-        return b, [relax.const(a) for a in (kernel_data(b), kernel_indices(b), b.indptr, bias.astype(np.float32))]
+        return b, bias.astype(np.float32)
+
+    def consts(arrays) -> list:
+        return [relax.const(a) for a in arrays]
 
     def make(op: str) -> type:
         activation = "relu" if op.endswith("Relu") else "none"
@@ -676,13 +823,16 @@ def relax_converters(tvm_target: Any, fused: dict[str, str] | None = None) -> di
             shape = [int(d) for d in x.ty.shape]
             k = shape[-1]
             m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-            b, consts = bsr_args(op, inputs, k)
+            b, bias = bsr_args(op, inputs, k)
             (r, c), n = b.block, b.shape[0]
+            p = kernel_params((r, c), m, tvm_target, n, k)
+            weights = kernel_weights(b, p)
             # no global_symbol: add_func makes the name unique; several layers share one kernel name
-            prim = make_primfunc(m, n, k, (r, c), b.nnzb, activation, tvm_target).without_attr("global_symbol")
-            gv = bb.add_func(prim, f"bsr_{r}x{c}_{activation}")
+            prim = make_primfunc(m, n, k, (r, c), len(weights[0]), activation, tvm_target, p).without_attr(
+                "global_symbol")
+            gv = bb.add_func(prim, f"bsr_{r}x{c}_{activation}" + ("_perm" if p.variant == "perm" else ""))
             x2 = x if len(shape) == 2 else relax.op.reshape(x, (m, k))
-            y = relax.call_tir(gv, [x2, *consts], relax.TensorType((m, n), "float32"))
+            y = relax.call_tir(gv, [x2, *consts([*weights, bias])], relax.TensorType((m, n), "float32"))
             if len(shape) != 2:
                 y = relax.op.reshape(bb.normalize(y), (*shape[:-1], n))
             return y
@@ -698,7 +848,8 @@ def relax_converters(tvm_target: Any, fused: dict[str, str] | None = None) -> di
             if len(shape) != 4:
                 raise TargetError(f"compressor::{op}: input must be NCHW, got shape {shape}")
             bsz, k, h, w = shape
-            b, consts = bsr_args(op, inputs, k)
+            b, bias = bsr_args(op, inputs, k)
+            cargs = consts([kernel_data(b), kernel_indices(b), b.indptr, bias])
             (r, c), n = b.block, b.shape[0]
             act = (fused or {}).get(str(attr.get("tvm_custom", {}).get("name", "")), activation)
             nchw = (h, w) if fam != "cuda" else None
@@ -706,8 +857,8 @@ def relax_converters(tvm_target: Any, fused: dict[str, str] | None = None) -> di
                                          nchw).without_attr("global_symbol")
             gv = bb.add_func(prim, f"bsr_conv1x1_{r}x{c}_{act}")
             if nchw:
-                return relax.call_tir(gv, [x, *consts], relax.TensorType((bsz, n, h, w), "float32"))
-            y = relax.call_tir(gv, [relax.op.reshape(x, (bsz, k, h * w)), *consts],
+                return relax.call_tir(gv, [x, *cargs], relax.TensorType((bsz, n, h, w), "float32"))
+            y = relax.call_tir(gv, [relax.op.reshape(x, (bsz, k, h * w)), *cargs],
                                relax.TensorType((bsz, n, h * w), "float32"))
             return relax.op.reshape(bb.normalize(y), (bsz, n, h, w))
 

@@ -31,6 +31,12 @@ def test_sparse_features_by_hand():
     assert f[:2] == [0.0, 1.0]  # the sparse GEMM kernel always forks the pool
     assert f[2] + f[3] + f[4] == pytest.approx(4 * stored * (1 + 1 / 8))
     assert f[5] == pytest.approx(stored * 4)
+    from targets.sparse_kernels import perm_expected_slots
+
+    p = ls.time_features("MatMul", "sparse", 1024, 512, 2, 0.1, (1, 1), perm=True)
+    slots = perm_expected_slots(1024, 512, 0.1)  # padded steps x 16 lanes, > the 52 K non-zeros
+    assert 1.5 * 0.1 * 1024 * 512 < slots < 2.5 * 0.1 * 1024 * 512
+    assert p[2] + p[3] + p[4] == pytest.approx(5 * slots) and p[5] == pytest.approx(2 * slots)
     conv_small = ls.time_features("Conv", "sparse", 64, 64, 16, 0.1, (1, 1))
     assert conv_small[:2] == [1.0, 0.0]  # 6.5 K stored MACs: serial conv kernel
 
@@ -39,11 +45,13 @@ def test_model_keys_route_to_the_kernel_that_runs():
     assert ls.model_key("MatMul", "dense", 1, (8, 1)) == "dense_gemm"
     assert ls.model_key("Conv", "dense", 196, (1, 1)) == "dense_conv"
     assert ls.model_key("Gemm", "sparse", 1, (1, 1)) == "sparse_gemm_1x1_lanes"
+    assert ls.model_key("Gemm", "sparse", 8, (1, 1), perm=True) == "sparse_gemm_1x1_perm"
     assert ls.model_key("Gemm", "sparse", 4, (1, 4)) == "sparse_gemm_1x1_xt"
     assert ls.model_key("MatMul", "sparse", 16, (16, 1)) == "sparse_gemm_16x1"
     assert ls.model_key("Conv", "sparse", 49, (4, 1)) == "sparse_conv_4x1"
     keys = {ls.model_key(op, kind, m, b) for op, kind, m, b in
             itertools.product(("MatMul", "Conv"), ("dense", "sparse"), (1, 4), ((1, 1), (4, 1), (8, 1), (16, 1)))}
+    keys.add(ls.model_key("MatMul", "sparse", 1, (1, 1), perm=True))
     assert keys == set(ls.CPU_TIME_MODELS)
     assert all(len(v) == len(ls.TIME_FEATURES) and min(v) >= 0 for v in ls.CPU_TIME_MODELS.values())
 
