@@ -108,8 +108,8 @@ def bench_case(n, m, sparsity, pattern, tgt, rounds, rng, tol=1e-4):
 
 def time_engines(engines: dict, rounds: int) -> dict:
     """Interleaved timing of the engines ``tvm``/``ort``/``torch``: every round times each one
-    for ``reps`` calls back to back (reps calibrated so the slowest engine takes ~20 ms a
-    round), after a pause that lets the previous engine's spinning threads go idle; medians
+    for its own ``reps`` calls back to back (calibrated so each takes ~20 ms a round), after a
+    pause that lets the previous engine's spinning threads go idle; medians
     over rounds and the ratios ort/tvm, torch/tvm."""
     from compressor.runtime import settle
 
@@ -117,13 +117,15 @@ def time_engines(engines: dict, rounds: int) -> dict:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < WARMUP_S:
             e()
-    one = max(time_calls(e, 2) for e in engines.values())
-    reps = max(3, min(200, int(0.02 / max(one, 1e-6))))
+    # reps per engine (~20 ms a round each): a shared count sized for the slowest engine (torch
+    # at batch 4-16 takes 15-30 ms a call) left 3 calls for ours, whose first call after the
+    # pause pays the thread-pool wake-up (1760^2 batch 4: 0.165 ms timed vs 0.048 ms steady)
+    reps = {k: max(3, min(2000, int(0.02 / max(time_calls(e, 2), 1e-6)))) for k, e in engines.items()}
     times = {k: [] for k in engines}
     for _ in range(rounds):
         for name, e in engines.items():
             settle()  # the previous engine's spinning threads go idle first
-            times[name].append(time_calls(e, reps))
+            times[name].append(time_calls(e, reps[name]))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"tvm_ms": med["tvm"] * 1e3, "ort_ms": med["ort"] * 1e3, "torch_ms": med["torch"] * 1e3,
             "ort_x": med["ort"] / med["tvm"], "torch_x": med["torch"] / med["tvm"]}
