@@ -60,21 +60,22 @@ modelled kernel times on CPU targets::
 
 with ``B = 4 N K`` and ``MACs = N K m`` for the dense kernel and ``B = 4 nnz (1 + 1/(R C))``
 (blocks + one int32 index each), ``MACs = nnz m`` for the BSR kernel (``nnz`` = stored
-elements, padding included). One non-negative constant vector per kernel
-(``CPU_TIME_MODELS``: dense GEMM, dense conv, sparse GEMM lanes/xt for R = 1 and the rows
-kernel per R in 4/8/16, sparse conv per R), fitted by ``bench/cost_model.py --fit``
-(non-negative least squares on relative error over a grid of N = K in 64..4096, batch
-1/4/16, sparsity 0.5-0.95, blocks 1x1/4x1/8x1/16x1, and 1x1 convs of 64..1024 channels on
+elements, padding included; the permute-SELL kernel: its expected padded slots, 5 bytes
+each). One non-negative constant vector per kernel (``CPU_TIME_MODELS``: dense GEMM, dense
+conv, sparse GEMM perm/lanes/xt for R = 1 and the rows kernel per R in 4/8/16, sparse conv
+per R), fitted by ``bench/cost_model.py --fit`` (non-negative least squares on relative
+error over a grid of N = K in 64..4096, batch 1/2/4/8/16, sparsity 0.5-0.95, blocks 1x1/4x1/8x1/16x1, and 1x1 convs of 64..1024 channels on
 16..3136 pixels; table, confusion and fit in ``bench/cost_model.md``) on the dev host
 (AMD EPYC Zen 4, AVX-512, 2 shared cores). What the previous, onnxruntime-relative model
 got wrong: small cache-resident layers (a 256x256 GEMV's dense kernel runs serially from L2
-in ~3 us while the BSR GEMM kernel always forks the pool; 512x512 unstructured 90% at batch
-1 was predicted 1.3x and measured 0.8x), and 1x1 convs, where the BSR kernel beat the dense
-conv kernel from 50% sparsity on for most shapes (the old model kept 62 such grid points
-dense). Layers smaller than every calibrated one (``CALIBRATED_MIN_MACS``) get a ratio
-capped at 1. aarch64 runs the same TIR and uses the x86 fit (basis "x86 kernel fit"); CUDA
-keeps a bandwidth prior (below). Grid decisions at ``min_speedup`` 1.2: 96 of 432 wrong
-before, 17 after (7 sparse-but-slower, at most 29% slower; bench/cost_model.md lists them).
+in ~3 us while the BSR GEMM kernel then always forked the pool -- small sparse kernels now
+run on one thread too, ``targets.sparse_kernels.PARALLEL_MIN_STORED``; 512x512 unstructured
+90% at batch 1 was predicted 1.3x and measured 0.8x), and 1x1 convs, where the BSR kernel
+beat the dense conv kernel from 50% sparsity on for most shapes (the old model kept 62 such
+grid points dense). Layers smaller than every calibrated one (``CALIBRATED_MIN_MACS``) get a
+ratio capped at 1. aarch64 runs the same TIR and uses the x86 fit (basis "x86 kernel fit");
+CUDA keeps a bandwidth prior (below). Wrong decisions at ``min_speedup`` 1.2 on the grid:
+bench/cost_model.md (confusion table and the list).
 
 A layer is lowered when ``ratio >= min_speedup``; every layer left dense is a warning
 with its predicted ratio.
@@ -120,16 +121,16 @@ LLC_BYTES = 32 << 20  # ... from L3 (32 MiB); beyond that from DRAM
 # predicted ratio is capped at 1 there -- no measurement says such a layer pays
 CALIBRATED_MIN_MACS = {"gemm": 64 * 64, "conv": 64 * 64 * 16}
 CPU_TIME_MODELS: dict[str, list[float]] = {  # bench/cost_model.py --fit, dev host (bench/cost_model.md)
-    # 2026-11-26: full grid at batches 1/2/4/8/16, two 1x1-only runs (perm) and one of the lanes
-    # kernel (perm disabled: what AVX2/NEON targets and odd shapes run), per-point minimum
-    "dense_gemm": [3.172e-07, 0.0, 3.329e-12, 3.55e-12, 2.839e-11, 6.71e-12, 8.13e-11],
+    # 2026-11-26: GEMM grid at batches 1/2/4/8/16 twice (small sparse kernels serial), the lanes
+    # kernel once (perm disabled: what AVX2/NEON targets and odd shapes run), the conv grid once
+    "dense_gemm": [3.611e-07, 0.0, 3.145e-12, 4.964e-12, 2.967e-11, 6.336e-12, 1.383e-10],
     "dense_conv": [9.803e-07, 0.0, 2.21e-11, 0.0, 0.0, 7.805e-12, 2.285e-11],
-    "sparse_gemm_1x1_lanes": [0.0, 1.415e-06, 0.0, 2.638e-12, 4.702e-11, 1.433e-10, 1.018e-10],
-    "sparse_gemm_1x1_perm": [0.0, 1.305e-06, 2.932e-12, 5.548e-12, 3.132e-11, 1.431e-11, 1.427e-11],
-    "sparse_gemm_1x1_xt": [0.0, 1.809e-06, 0.0, 1.169e-11, 2.239e-11, 3.115e-11, 6.756e-11],
-    "sparse_gemm_4x1": [0.0, 1.928e-06, 3.261e-12, 8.965e-12, 1.028e-10, 2.532e-11, 2.417e-11],
-    "sparse_gemm_8x1": [0.0, 1.841e-06, 1.956e-12, 8.489e-12, 1.809e-10, 1.402e-11, 3.654e-11],
-    "sparse_gemm_16x1": [0.0, 1.694e-06, 2.453e-12, 8.223e-12, 2.813e-10, 9.127e-12, 4.304e-11],
+    "sparse_gemm_1x1_lanes": [5.839e-07, 3.942e-07, 0.0, 3.23e-13, 4.26e-11, 1.401e-10, 2.978e-10],
+    "sparse_gemm_1x1_perm": [3.713e-07, 8.844e-07, 4.42e-12, 7.752e-12, 3.872e-11, 1.25e-11, 5e-11],
+    "sparse_gemm_1x1_xt": [3.383e-07, 1.629e-07, 0.0, 1.782e-11, 1.927e-11, 3.025e-11, 1.025e-10],
+    "sparse_gemm_4x1": [4.187e-07, 0.0, 6.858e-12, 1.056e-11, 1.086e-10, 2.371e-11, 3.674e-11],
+    "sparse_gemm_8x1": [4.033e-07, 2.756e-07, 5.076e-12, 9.079e-12, 1.914e-10, 1.285e-11, 2.631e-11],
+    "sparse_gemm_16x1": [3.614e-07, 6.082e-07, 4.51e-12, 8.83e-12, 2.799e-10, 8.316e-12, 2.288e-11],
     "sparse_conv_1x1": [9.597e-07, 0.0, 1.043e-11, 0.0, 0.0, 1.889e-11, 9.675e-12],
     "sparse_conv_4x1": [8.398e-07, 0.0, 5.181e-12, 0.0, 0.0, 1.061e-11, 6.827e-12],
     "sparse_conv_8x1": [8.56e-07, 0.0, 5.251e-12, 0.0, 0.0, 9.782e-12, 6.52e-12],
@@ -177,9 +178,10 @@ def time_features(op: str, kind: str, n: int, k: int, m: int, stored_density: fl
     int32 index per block (``perm``: the expected padded slots of
     ``targets.sparse_kernels.pack_perm``, a float and a one-byte offset each). Serial/parallel:
     the kernels' own thresholds (dense GEMM ``targets.dense_kernels.PARALLEL_MIN_MACS``; conv
-    kernels 1.1 M MACs; sparse GEMM always parallel)."""
+    kernels 1.1 M MACs; sparse GEMM kernels ``targets.sparse_kernels.PARALLEL_MIN_STORED``
+    stored elements (perm: padded slots) x rows, by kernel variant)."""
     from targets.dense_kernels import PARALLEL_MIN_MACS
-    from targets.sparse_kernels import CONV_PARALLEL_MIN_MACS, perm_expected_slots
+    from targets.sparse_kernels import CONV_PARALLEL_MIN_MACS, PARALLEL_MIN_STORED, perm_expected_slots
 
     r, c = block
     if kind == "dense":
@@ -190,12 +192,13 @@ def time_features(op: str, kind: str, n: int, k: int, m: int, stored_density: fl
         slots = perm_expected_slots(n, k, stored_density)
         wbytes = 5.0 * slots
         macs = slots * m
-        par = True
+        par = macs >= PARALLEL_MIN_STORED["perm"]
     else:
         stored = max(stored_density, 1e-6) * n * k
         wbytes = 4.0 * stored * (1.0 + 1.0 / (r * c))
         macs = stored * m
-        par = op != "Conv" or macs >= CONV_PARALLEL_MIN_MACS
+        variant = "rows" if r >= 2 else ("xt" if m >= 4 else "lanes")  # targets.sparse_kernels.kernel_params
+        par = macs >= (CONV_PARALLEL_MIN_MACS if op == "Conv" else PARALLEL_MIN_STORED[variant])
     return [0.0 if par else 1.0, 1.0 if par else 0.0, min(wbytes, CACHE_BYTES),
             min(max(wbytes - CACHE_BYTES, 0.0), LLC_BYTES - CACHE_BYTES), max(wbytes - LLC_BYTES, 0.0), macs,
             4.0 * m * (n + k)]

@@ -229,7 +229,25 @@ def lanes_group(block: tuple[int, int], target: Any) -> int:
 
 PERM_ROWS = 16  # output rows per permute-SELL group: one zmm of fp32 accumulators
 PERM_CHUNK = 32  # input columns per chunk: the two zmm of x one vpermi2ps selects from
+# stored elements x batch rows from which a CPU GEMM kernel forks the pool; below, one thread
+# (fork + join ~1.3 us). perm: 128x128 at 90%, batch 1: 0.55 us serial, 1.51 us parallel, dense
+# 0.97 us; crossover ~50 K: 256^2 90% batch 4 (54 K) 2.24 vs 2.87 us, 512^2 90% batch 1 (52 K)
+# 3.52 vs 3.21 us. The others (same sweep, serial vs parallel): xt 30 K serial 4.35 vs 8.07 us,
+# 82 K 13.8 vs 12.6 us; rows (8x1) 79 K at batch 16 2.19 vs 3.43 us, 105 K 3.06 vs 2.67 us;
+# lanes (AVX2) 7.4 K even, 20 K 5.66 vs 4.18 us.
+PERM_PARALLEL_MIN = 1 << 16
 PERM_MAX_M = 9  # batch rows below which perm beats xt (m = 8: 89 vs 142 us at 1760^2 90%; m = 16 spills: 475 vs 172)
+
+
+PARALLEL_MIN_STORED = {"perm": PERM_PARALLEL_MIN, "xt": 1 << 16, "rows": 90_000, "lanes": 1 << 13}
+
+
+def task_loop_for(variant: str, stored_macs: int):
+    """``T.parallel`` or ``T.serial`` for a kernel's outer task loop: serial below the
+    variant's ``PARALLEL_MIN_STORED`` stored elements x batch rows."""
+    from tvm.script import tirx as T
+
+    return T.parallel if stored_macs >= PARALLEL_MIN_STORED.get(variant, 0) else T.serial
 
 
 def perm_eligible(block: tuple[int, int], m: int, target: Any, n: int | None, k: int | None) -> bool:
@@ -293,6 +311,7 @@ def make_primfunc(
         return T.min(v, T.float32(6)) if activation == "relu6" else v
 
     nnzb_ = max(nnzb, 1)  # a buffer may not be empty; indptr keeps the loops at 0 trips
+    task_loop = task_loop_for(p.variant, nnzb * r * c * m)
 
     if p.variant == "rows":
         mt = p.mtile
@@ -304,7 +323,7 @@ def make_primfunc(
                  indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
                  bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            for i in T.parallel(nbr):
+            for i in task_loop(nbr):
                 for mo in T.serial(m // mt):
                     # u independent accumulator sets: u FMA chains in flight per batch row
                     acc = T.decl_buffer((u, mt, r), "float32", scope=CPU_STACK)
@@ -348,7 +367,7 @@ def make_primfunc(
                      indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
                      bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            for i in T.parallel(nbr):
+            for i in task_loop(nbr):
                 acc = T.decl_buffer((m, lanes), "float32", scope=CPU_STACK)
                 for mi in T.unroll(m):
                     for ln in T.vectorized(lanes):
@@ -398,13 +417,14 @@ def make_primfunc(
                              f"K % {ch} == 0 (got {block}, m={m}, [{n}, {k}])")
         ng, nc = n // v, k // ch
         vf, vi = f"float32x{v}", f"int32x{v}"
+        task_loop = task_loop_for("perm", nnzb * v * m)
 
         @T.prim_func
         def perm_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, v), "float32"),
                     offs: T.Buffer((nnzb_, v), "uint8"), steps: T.Buffer((ng * nc + 1,), "int32"),
                     bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            for g in T.parallel(ng):
+            for g in task_loop(ng):
                 acc = T.decl_buffer((m, v), "float32", scope=CPU_STACK)
                 for mi in T.unroll(m):
                     for ln in T.vectorized(v):
@@ -431,10 +451,10 @@ def make_primfunc(
                   bias: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             xt = T.decl_buffer((k, m), "float32")
-            for kk in T.parallel(k):
+            for kk in task_loop(k):
                 for mi in T.serial(m):
                     xt[kk, mi] = x[mi, kk]
-            for i in T.parallel(nbr):
+            for i in task_loop(nbr):
                 acc = T.decl_buffer((m,), "float32", scope=CPU_STACK)
                 for mi in T.vectorized(m):
                     acc[mi] = bias[i]

@@ -180,3 +180,25 @@ def test_x86_conv1x1_kernel_uses_vector_fma():
     asm = _asm(f, {**X86, "mcpu": "x86-64-v3"})
     assert "vfmadd" in asm and "%ymm" in asm
     assert "AllocWorkspace" not in asm
+
+
+@pytest.mark.parametrize("block,m", [((8, 1), 1), ((1, 1), 1), ((1, 1), 6), ((1, 4), 2)],
+                         ids=["rows", "lanes", "xt", "lanes1x4"])
+def test_small_kernels_run_serially_and_both_task_loops_agree(block, m, monkeypatch):
+    """Below ``PARALLEL_MIN_STORED`` the task loop is serial (no pool fork for a ~1 us layer);
+    forcing the parallel loop gives the same result."""
+    rng = np.random.default_rng(11)
+    n, k = 64, 64
+    w = _weight(rng, n, k, block, 0.2)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    b = sk.to_bsr(w, block, sk.lanes_group(block, X86))
+    p = sk.kernel_params(block, m, X86)
+    assert b.nnzb * block[0] * block[1] * m < sk.PARALLEL_MIN_STORED[p.variant]
+    serial = sk.make_primfunc(m, n, k, block, b.nnzb, "none", X86, p)
+    assert "T.parallel" not in serial.script()
+    ys = _run(sk.build(m, b, "none", X86, p), sk.kernel_args(x, b, None, p), m, n)
+    monkeypatch.setitem(sk.PARALLEL_MIN_STORED, p.variant, 0)
+    assert "T.parallel" in sk.make_primfunc(m, n, k, block, b.nnzb, "none", X86, p).script()
+    yp = _run(sk.build(m, b, "none", X86, p), sk.kernel_args(x, b, None, p), m, n)
+    np.testing.assert_allclose(ys, x @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ys, yp)

@@ -123,6 +123,26 @@ def test_perm_kernel_matches_numpy(m):
 
 
 @needs_avx512
+def test_perm_parallel_task_loop_matches_serial(monkeypatch):
+    import tvm
+
+    rng = np.random.default_rng(12)
+    n, k, m = 128, 64, 2
+    w = _weight(rng, n, k, 0.2)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    b = sk.to_bsr(w, (1, 1))
+    p = sk.kernel_params((1, 1), m, X86_512, n, k)
+    outs = []
+    for thr in (1 << 40, 0):
+        monkeypatch.setitem(sk.PARALLEL_MIN_STORED, "perm", thr)
+        t = [tvm.runtime.tensor(a) for a in sk.kernel_args(x, b, None, p)] + [tvm.runtime.tensor(np.zeros((m, n), np.float32))]
+        sk.build(m, b, "none", X86_512, p)(*t)
+        outs.append(t[-1].numpy())
+    np.testing.assert_allclose(outs[0], x @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@needs_avx512
 def test_lowered_model_runs_the_perm_kernel(tmp_path):
     """An unstructured MatMul lowered for an AVX-512 x86 target: the Relax converter packs the
     BSR initializers for the perm kernel; the compiled library matches onnxruntime."""
