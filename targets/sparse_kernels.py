@@ -360,7 +360,6 @@ def make_primfunc(
         # gathers (c == 1) vectorize badly (scalar loads + inserts, or microcoded vgather):
         # independent scalar accumulators are faster there
         lane_loop = T.vectorized if p.vector else T.unroll
-        tree = lanes <= 64 and lanes & (lanes - 1) == 0
 
         @T.prim_func
         def lanes_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, c, r), "float32"),
@@ -379,29 +378,9 @@ def make_primfunc(
                                 mi, indices[indptr[i] + jg * g + ln // c] * c + ln % c]
                 for mi in T.serial(m):
                     s = T.decl_buffer((1,), "float32", scope=CPU_STACK)
-                    if tree:  # halving tree: log2(L) dependent adds, not a chain of L scalar ones
-                        if lanes >= 64:
-                            for ln in T.vectorized(32):
-                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 32]
-                        if lanes >= 32:
-                            for ln in T.vectorized(16):
-                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 16]
-                        if lanes >= 16:
-                            for ln in T.vectorized(8):
-                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 8]
-                        if lanes >= 8:
-                            for ln in T.vectorized(4):
-                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 4]
-                        if lanes >= 4:
-                            for ln in T.vectorized(2):
-                                acc[mi, ln] = acc[mi, ln] + acc[mi, ln + 2]
-                        if lanes >= 2:
-                            acc[mi, 0] = acc[mi, 0] + acc[mi, 1]
-                        s[0] = bias[i] + acc[mi, 0]
-                    else:
-                        s[0] = bias[i]
-                        for ln in T.serial(lanes):
-                            s[0] = s[0] + acc[mi, ln]
+                    s[0] = bias[i]
+                    for ln in T.serial(lanes):
+                        s[0] = s[0] + acc[mi, ln]
                     # remainder (rows not padded to a multiple of g blocks)
                     for j in T.serial(indptr[i] + (indptr[i + 1] - indptr[i]) // g * g, indptr[i + 1]):
                         for cc in T.serial(c):
