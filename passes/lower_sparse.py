@@ -64,8 +64,8 @@ elements, padding included; the permute-SELL kernel: its expected padded slots, 
 each). One non-negative constant vector per kernel (``CPU_TIME_MODELS``: dense GEMM, dense
 conv, sparse GEMM perm/lanes/xt for R = 1 and the rows kernel per R in 4/8/16, sparse conv
 per R), fitted by ``bench/cost_model.py --fit`` (non-negative least squares on relative
-error over a grid of N = K in 64..4096, batch 1/2/4/8/16, sparsity 0.5-0.95, blocks 1x1/4x1/8x1/16x1, and 1x1 convs of 64..1024 channels on
-16..3136 pixels; table, confusion and fit in ``bench/cost_model.md``) on the dev host
+error over a grid of N = K in 64..4096, batch 1/2/4/8/16, sparsity 0.5-0.95, blocks
+1x1/4x1/8x1/16x1, and 1x1 convs of 64..1024 channels on 16..3136 pixels; table, confusion and fit in ``bench/cost_model.md``) on the dev host
 (AMD EPYC Zen 4, AVX-512, 2 shared cores). What the previous, onnxruntime-relative model
 got wrong: small cache-resident layers (a 256x256 GEMV's dense kernel runs serially from L2
 in ~3 us while the BSR GEMM kernel then always forked the pool -- small sparse kernels now
@@ -165,10 +165,16 @@ def model_key(op: str, kind: str, m: int, block: tuple[int, int], perm: bool = F
         return f"dense_{fam}"
     cls = block_class(block)
     if fam == "gemm" and cls == "1x1":
-        if perm:
-            return "sparse_gemm_1x1_perm"
-        return "sparse_gemm_1x1_" + ("xt" if m >= 4 else "lanes")  # targets.sparse_kernels.kernel_params
+        return f"sparse_gemm_1x1_{sparse_variant(block, m, perm)}"
     return f"sparse_{fam}_{cls}"
+
+
+def sparse_variant(block: tuple[int, int], m: int, perm: bool = False) -> str:
+    """The CPU GEMM kernel variant ``targets.sparse_kernels.kernel_params`` picks for a layer
+    (``perm`` where the target and shape allow it, which the caller knows)."""
+    from targets.sparse_kernels import kernel_params
+
+    return "perm" if perm else kernel_params(block, m, "cpu").variant
 
 
 def time_features(op: str, kind: str, n: int, k: int, m: int, stored_density: float,
@@ -197,8 +203,7 @@ def time_features(op: str, kind: str, n: int, k: int, m: int, stored_density: fl
         stored = max(stored_density, 1e-6) * n * k
         wbytes = 4.0 * stored * (1.0 + 1.0 / (r * c))
         macs = stored * m
-        variant = "rows" if r >= 2 else ("xt" if m >= 4 else "lanes")  # targets.sparse_kernels.kernel_params
-        par = macs >= (CONV_PARALLEL_MIN_MACS if op == "Conv" else PARALLEL_MIN_STORED[variant])
+        par = macs >= (CONV_PARALLEL_MIN_MACS if op == "Conv" else PARALLEL_MIN_STORED[sparse_variant(block, m)])
     return [0.0 if par else 1.0, 1.0 if par else 0.0, min(wbytes, CACHE_BYTES),
             min(max(wbytes - CACHE_BYTES, 0.0), LLC_BYTES - CACHE_BYTES), max(wbytes - LLC_BYTES, 0.0), macs,
             4.0 * m * (n + k)]

@@ -293,7 +293,8 @@ def make_primfunc(
     params: KernelParams | None = None,
 ):
     """PrimFunc ``f(x[M,K], data[nnzb,C,R] (kernel layout, see :func:`kernel_data`),
-    indices[nnzb], indptr[N/R+1], bias[N], y[M,N])``."""
+    indices[nnzb], indptr[N/R+1], bias[N], y[M,N])``; the ``perm`` variant takes
+    :func:`pack_perm`'s arrays instead (``nnzb`` = their step count), see :func:`kernel_weights`."""
     from tvm.script import tirx as T
 
     r, c = block
