@@ -235,11 +235,8 @@ PERM_CHUNK = 32  # input columns per chunk: the two zmm of x one vpermi2ps selec
 # 3.52 vs 3.21 us. The others (same sweep, serial vs parallel): xt 30 K serial 4.35 vs 8.07 us,
 # 82 K 13.8 vs 12.6 us; rows (8x1) 79 K at batch 16 2.19 vs 3.43 us, 105 K 3.06 vs 2.67 us;
 # lanes (AVX2) 7.4 K even, 20 K 5.66 vs 4.18 us.
-PERM_PARALLEL_MIN = 1 << 16
+PARALLEL_MIN_STORED = {"perm": 1 << 16, "xt": 1 << 16, "rows": 90_000, "lanes": 1 << 13}
 PERM_MAX_M = 9  # batch rows below which perm beats xt (m = 8: 89 vs 142 us at 1760^2 90%; m = 16 spills: 475 vs 172)
-
-
-PARALLEL_MIN_STORED = {"perm": PERM_PARALLEL_MIN, "xt": 1 << 16, "rows": 90_000, "lanes": 1 << 13}
 
 
 def task_loop_for(variant: str, stored_macs: int):
@@ -312,7 +309,8 @@ def make_primfunc(
         return T.min(v, T.float32(6)) if activation == "relu6" else v
 
     nnzb_ = max(nnzb, 1)  # a buffer may not be empty; indptr keeps the loops at 0 trips
-    task_loop = task_loop_for(p.variant, nnzb * r * c * m)
+    # stored elements: perm's nnzb counts steps of PERM_ROWS lanes, the others blocks of R x C
+    task_loop = task_loop_for(p.variant, nnzb * (PERM_ROWS if p.variant == "perm" else r * c) * m)
 
     if p.variant == "rows":
         mt = p.mtile
@@ -397,7 +395,6 @@ def make_primfunc(
                              f"K % {ch} == 0 (got {block}, m={m}, [{n}, {k}])")
         ng, nc = n // v, k // ch
         vf, vi = f"float32x{v}", f"int32x{v}"
-        task_loop = task_loop_for("perm", nnzb * v * m)
 
         @T.prim_func
         def perm_fn(x: T.Buffer((m, k), "float32"), data: T.Buffer((nnzb_, v), "float32"),
