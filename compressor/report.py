@@ -137,6 +137,10 @@ def markdown(report: dict[str, Any]) -> str:
     art = report.get("artifact")
     lines += ["", "## Artifact", ""]
     lines.append(f"`{art['path']}` ({art['kind']}), sha256 `{art['sha256']}`" if art else "no artifact produced (see warnings)")
+    for k in ((art or {}).get("kernels") or {}).get("rnn_fused", []):
+        lines.append(f"- fused {k['cell']} kernel `{k['node']}`: {k['steps']} steps x {k['directions']} direction(s), "
+                     f"batch {k['batch']}, input {k['input']}, hidden {k['hidden']}; W {k['modes'][0]} "
+                     f"({k['stored_w']:.0%} of segments stored), R {k['modes'][1]} ({k['stored_r']:.0%})")
     lines += ["", "## Warnings", ""] + ([f"- {w}" for w in report["warnings"]] or ["none"])
     if report.get("latency"):
         lines += ["", f"Latency measured on: {report['latency'].get('measured_on', '?')}"]

@@ -31,6 +31,11 @@ step drops the H_{t-1} / C_{t-1} terms. The reverse direction runs t = S-1 .. 0 
 writes H_t at time index t (ONNX semantics). layout=1 transposes X / initial states in
 and Y / Y_h / Y_c out. Only outputs that are read or are graph outputs are built.
 
+Fused (``fuse="auto"``, CPU targets): a float32 node with a static batch whose dense
+multiply-adds per time step are at most ``fuse_max_macs`` is left whole (listed in the
+``fused`` metric): the backend runs it as one fused recurrence kernel
+(``targets/rnn_kernels.py``), where unrolling would cost a VM call per op per step.
+
 Left in place (listed in the pass warnings): non-default activations, clip,
 input_forget, LSTM peepholes P (unless an all-zero constant), non-constant W/R/B,
 sequence_lens that is not a constant equal to the sequence length everywhere,
@@ -51,13 +56,26 @@ _DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]
 _NUM_GATES = {"LSTM": 4, "GRU": 3}
 
 
+FUSE_MODES = ("auto", "never")
+FUSE_FAMILIES = ("x86", "arm")  # targets with a fused recurrence kernel (targets/rnn_kernels.py)
+
+
 @dataclass(frozen=True)
 class LowerRNNConfig:
     max_steps: int = 512
+    # "auto": on CPU targets, a float32 node whose dense multiply-adds per time step (all
+    # directions and batch rows) are at most fuse_max_macs is kept whole for the backend's
+    # fused recurrence kernel instead of unrolled; "never": always unroll
+    fuse: str = "auto"
+    fuse_max_macs: int = 1 << 16
 
     def __post_init__(self):
         if self.max_steps < 1:
             raise UsageError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.fuse not in FUSE_MODES:
+            raise UsageError(f"fuse must be one of {FUSE_MODES}, got {self.fuse!r}")
+        if self.fuse_max_macs < 0:
+            raise UsageError(f"fuse_max_macs must be >= 0, got {self.fuse_max_macs}")
 
 
 class _Skip(Exception):
@@ -166,7 +184,11 @@ def _initial_states(b: _Builder, t: gs.Tensor | None, layout: int, num_dir: int,
     return b.split(t, [1] * num_dir, axis=0, hint=what)
 
 
-def _lower(node: gs.Node, graph: gs.Graph, b: _Builder, max_steps: int) -> None:
+def _lower(node: gs.Node, graph: gs.Graph, b: _Builder, max_steps: int, fuse_max_macs: int | None = None) -> str:
+    """Unroll ``node`` (returns "unrolled"), or, when ``fuse_max_macs`` is given and the node
+    is a float32 recurrence of at most that many dense multiply-adds per step with a static
+    batch, leave it whole for a fused kernel (returns "fused"). Raises _Skip before changing
+    anything when the node can be neither."""
     op = node.op
     G = _NUM_GATES[op]
     direction = node.attrs.get("direction", "forward")
@@ -215,6 +237,11 @@ def _lower(node: gs.Node, graph: gs.Graph, b: _Builder, max_steps: int) -> None:
     for t, what in ((h0_t, "initial_h"), (c0_t, "initial_c")):
         if t is not None and isinstance(t, gs.Constant) and np.asarray(t.values).ndim != 3:
             raise _Skip(f"{what} is not rank 3")
+
+    batch = _static_len(x, 0 if layout == 1 else 1)
+    if fuse_max_macs is not None and dtype == np.float32 and batch is not None:
+        if num_dir * batch * G * hidden * (hidden + W.shape[2]) <= fuse_max_macs:
+            return "fused"
 
     outs = [_out(node, i) for i in range(3 if op == "LSTM" else 2)]
     wanted = [t if t is not None and (t.outputs or t in graph.outputs) else None for t in outs]
@@ -320,19 +347,24 @@ def _lower(node: gs.Node, graph: gs.Graph, b: _Builder, max_steps: int) -> None:
         oname = orig.name
         orig.name = b.name("replaced")  # free the name for the replacement (orig is now dangling)
         new.name, new.dtype, new.shape = oname, orig.dtype, orig.shape
+    return "unrolled"
 
 
 class LowerRNN(Pass):
     name = "lower.rnn"
-    description = "unroll LSTM/GRU into MatMul and elementwise ops (targets without recurrent ops)"
+    description = ("unroll LSTM/GRU into MatMul and elementwise ops (targets without recurrent ops); "
+                   "small ones stay whole for a CPU target's fused recurrence kernel")
     Config = LowerRNNConfig
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         cfg: LowerRNNConfig = self.config
         lowered, skipped, added, warnings = 0, 0, 0, []
+        fused: list[str] = []
         rnns = [n for n in graph.nodes if n.op in ("LSTM", "GRU") and n.domain in ("", "ai.onnx", None)]
         if not rnns:
-            return PassResult(False, {"lowered": 0, "skipped": 0, "nodes_added": 0}, [])
+            return PassResult(False, {"lowered": 0, "skipped": 0, "fused": [], "nodes_added": 0}, [])
+        family = getattr(ctx.target, "family", None)
+        fuse_max = cfg.fuse_max_macs if cfg.fuse == "auto" and family in FUSE_FAMILIES else None
         taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
         opset = graph.opset or ctx.opset
         for idx, node in enumerate(rnns):
@@ -343,13 +375,18 @@ class LowerRNN(Pass):
                 continue
             b = _Builder(graph, f"{label}/lower_rnn", taken)
             try:
-                _lower(node, graph, b, cfg.max_steps)  # all checks run before the first node is added
+                # all checks run before the first node is added
+                how = _lower(node, graph, b, cfg.max_steps, fuse_max)
             except _Skip as exc:
                 skipped += 1
                 warnings.append(f"{node.op} {label} kept: {exc}")
+                continue
+            if how == "fused":
+                fused.append(label)
                 continue
             lowered += 1
             added += b.nodes_added
         if lowered:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(lowered > 0, {"lowered": lowered, "skipped": skipped, "nodes_added": added}, warnings)
+        return PassResult(lowered > 0, {"lowered": lowered, "skipped": skipped, "fused": fused,
+                                        "nodes_added": added}, warnings)

@@ -80,8 +80,8 @@ def graph_inputs(model) -> list[Any]:
 
 def unsupported_ops(model, extra: Sequence[str] = ()) -> list[str]:
     """Operator types (domain-qualified when not the default domain) the Relax ONNX
-    frontend has no converter for. Empty when everything is supported. ``extra``: custom
-    ``compressor``-domain ops a converter is registered for (see ``import_onnx``)."""
+    frontend has no converter for. Empty when everything is supported. ``extra``: ops a
+    converter of ours is registered for (``compressor``-domain ops, GRU/LSTM; see ``import_onnx``)."""
     try:
         from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -91,7 +91,7 @@ def unsupported_ops(model, extra: Sequence[str] = ()) -> list[str]:
     known |= {"If", "Constant"}
     missing: set[str] = set()
     for node in model.graph.node:
-        if node.domain == "compressor" and node.op_type in extra:
+        if node.domain in ("compressor", "", "ai.onnx") and node.op_type in extra:
             continue
         if node.op_type in known and node.domain in ("", "ai.onnx"):
             continue
@@ -146,6 +146,12 @@ def import_onnx(
 
         dense_converters, dense_state = dense_kernels.relax_converters(target, model)
         extra_converters.update(dense_converters)
+    rnn_state = None
+    if target is not None and any(n.op_type in ("GRU", "LSTM") for n in model.graph.node):
+        from targets import rnn_kernels  # fused recurrence kernels (what lower.rnn leaves whole); none for CUDA
+
+        rnn_converters, rnn_state = rnn_kernels.relax_converters(target)
+        extra_converters.update(rnn_converters)
     missing = unsupported_ops(model, tuple(extra_converters))
     if missing:
         raise TargetError(
@@ -185,13 +191,15 @@ def import_onnx(
                     opset=_opset(model),
                     keep_params_in_input=False,
                 )
+    except TargetError:
+        raise
     except tvm.error.OpNotImplemented as exc:
         raise TargetError(f"TVM Relax ONNX frontend: {one_line(exc)}") from exc
     except Exception as exc:
         raise TargetError(f"TVM Relax ONNX import failed: {type(exc).__name__}: {one_line(exc)}") from exc
     if dense_state is not None:
         mod = dense_kernels.annotate(mod, dense_state)  # logs + IRModule attr "compressor_dense"
-    return mod.with_attr(KERNELS_ATTR, json.dumps(_kernel_record(dense_state, conv_state)))
+    return mod.with_attr(KERNELS_ATTR, json.dumps(_kernel_record(dense_state, conv_state, rnn_state)))
 
 
 KERNELS_ATTR = "compressor_kernels"
@@ -200,8 +208,9 @@ KERNELS_ATTR = "compressor_kernels"
 _NOT_WEIGHT_LAYER = ("is not a constant",)
 
 
-def _kernel_record(dense_state: Any, conv_state: Any) -> dict[str, Any]:
-    rec: dict[str, Any] = {"dense_packed": 0, "dense_shared_weights": 0, "conv": {}, "fallbacks": []}
+def _kernel_record(dense_state: Any, conv_state: Any, rnn_state: Any = None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"dense_packed": 0, "dense_shared_weights": 0, "conv": {}, "fallbacks": [],
+                           "rnn_fused": list(rnn_state.kernels) if rnn_state is not None else []}
     if dense_state is not None:
         rec["dense_packed"], rec["dense_shared_weights"] = dense_state.kernels, dense_state.shared
         rec["fallbacks"] += [f for f in dense_state.fallbacks if not any(t in f for t in _NOT_WEIGHT_LAYER)]
