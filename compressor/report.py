@@ -137,7 +137,8 @@ def markdown(report: dict[str, Any]) -> str:
     art = report.get("artifact")
     lines += ["", "## Artifact", ""]
     lines.append(f"`{art['path']}` ({art['kind']}), sha256 `{art['sha256']}`" if art else "no artifact produced (see warnings)")
-    for k in ((art or {}).get("kernels") or {}).get("rnn_fused", []):
+    kernels = (art or {}).get("kernels")
+    for k in (kernels.get("rnn_fused", []) if isinstance(kernels, dict) else []):
         lines.append(f"- fused {k['cell']} kernel `{k['node']}`: {k['steps']} steps x {k['directions']} direction(s), "
                      f"batch {k['batch']}, input {k['input']}, hidden {k['hidden']}; W {k['modes'][0]} "
                      f"({k['stored_w']:.0%} of segments stored), R {k['modes'][1]} ({k['stored_r']:.0%})")

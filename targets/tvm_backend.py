@@ -11,6 +11,7 @@ TVM is imported lazily: ``import targets`` must stay cheap for the CLI.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -183,7 +184,8 @@ def import_onnx(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Renaming name x.1 to x_1" noise
-            with _extra_onnx_converters(extra_converters):
+            # the frontend prints "Error converting operator ..." with every input before re-raising
+            with _extra_onnx_converters(extra_converters), contextlib.redirect_stdout(io.StringIO()):
                 mod = from_onnx(
                     model,
                     shape_dict=shapes or None,

@@ -153,7 +153,7 @@ def test_sequence_lens_equal_to_seq_len_is_accepted_and_other_values_skipped():
     m.graph.initializer[-1].CopyFrom(onnx.numpy_helper.from_array(np.array([4, 2], np.int32), "sl"))
     out, rec = lower(m)
     assert [n.op_type for n in out.graph.node].count("GRU") == 1
-    assert rec.stats == {"lowered": 0, "skipped": 1, "nodes_added": 0}
+    assert rec.stats == {"lowered": 0, "skipped": 1, "fused": [], "nodes_added": 0}
     assert "sequence_lens" in rec.warnings[0]
 
 
@@ -181,7 +181,7 @@ def test_unsupported_nodes_are_skipped_and_reported(case):
     ops = [n.op_type for n in out.graph.node]
     if case == "max_steps":  # both nodes have 7 steps
         assert ops.count("LSTM") == 1 and ops.count("GRU") == 1
-        assert rec.stats == {"lowered": 0, "skipped": 2, "nodes_added": 0} and rec.modified is False
+        assert rec.stats == {"lowered": 0, "skipped": 2, "fused": [], "nodes_added": 0} and rec.modified is False
         assert all("exceeds max_steps=6" in w for w in rec.warnings) and len(rec.warnings) == 2
     else:
         assert ops.count("LSTM") == 1 and "GRU" not in ops
@@ -203,7 +203,7 @@ def test_config_validation_and_no_rnn_is_a_no_op():
         make_config(LowerRNN, {"max_steps": 0})
     from tests.conftest import conv_bn_model
     out, rec = lower(conv_bn_model())
-    assert rec.modified is False and rec.stats == {"lowered": 0, "skipped": 0, "nodes_added": 0}
+    assert rec.modified is False and rec.stats == {"lowered": 0, "skipped": 0, "fused": [], "nodes_added": 0}
 
 
 # ---- torch-exported models ---------------------------------------------------------------
