@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 
 from compressor.errors import TargetError
@@ -81,9 +83,19 @@ def test_input_shape_override(tmp_path, models_dir, make_inputs, ort_run):
 
 
 def test_unsupported_op_is_a_precise_target_error(lstm_model, tmp_path):
+    """ONNX ``RNN`` (the plain one): neither the Relax importer nor our converters have it."""
+    m = onnx.load(str(lstm_model))
+    lstm = m.graph.node[0]
+    r = onnx.numpy_helper.to_array(m.graph.initializer[1])
+    del m.graph.initializer[:]
+    m.graph.initializer.extend([onnx.numpy_helper.from_array(np.ones((1, 4, 3), np.float32), "W"),
+                                onnx.numpy_helper.from_array(r[:, :4, :], "R")])
+    lstm.op_type = "RNN"
+    path = tmp_path / "rnn.onnx"
+    onnx.save(m, str(path))
     tgt, spec = resolve("x86")
     with pytest.raises(TargetError) as exc:
-        tgt.compile(lstm_model, spec, tmp_path, {})
+        tgt.compile(path, spec, tmp_path, {})
     msg = exc.value.one_line()
-    assert "LSTM" in msg and "not support" in msg and "\n" not in msg
+    assert "RNN" in msg and "not support" in msg and "\n" not in msg
     assert not (tmp_path / "model_x86_64.so").exists()
