@@ -11,7 +11,7 @@ interleaved rounds (``compressor.runtime.compare_latency``):
   (``targets/rnn_kernels.py``), each weight run dense or as segments by ``SEG_MAX_FRACTION``.
 
 Outputs are checked against onnxruntime. The ``auto`` column says what ``lower.rnn``'s
-default (``fuse_max_macs``) picks for the size -- the figures here are how it was chosen.
+default (``fuse_max_macs`` against ``rnn_kernels.step_macs``) picks -- the figures here are how it was chosen.
 
     python -m bench.rnn_kernels --md bench/rnn_kernels.md
 """
@@ -112,14 +112,18 @@ def run(rounds: int, sizes, md: str | None) -> None:
                     fns[eng] = lambda lib=lib, args=args: lib.call_raw(args)
                     if eng == "fused":
                         k = art.details["kernels"]["rnn_fused"][0]
-                        info["modes"] = f"W {k['modes'][0]} ({k['stored_w']:.0%}), R {k['modes'][1]} ({k['stored_r']:.0%})"
+                        info["modes"] = (f"W {k['modes'][0]} ({k['stored_w']:.0%}/{k['steps_w']:.0%}), "
+                                         f"R {k['modes'][1]} ({k['stored_r']:.0%}/{k['steps_r']:.0%})")
                     else:
                         layers = [r for r in recs if r["name"] == "lower.sparse"][0]["stats"]
                         info["sparse"] = f"{layers.get('lowered', 0)}/{layers.get('lowered', 0) + layers.get('kept_dense', 0)}"
                     info[f"err_{eng}"] = err
                 t = compare_latency(fns, rounds=rounds, per_round=20)
                 spec_ = rk.RNNSpec(cell, SEQ, 1, inp, hidden, "forward", 1)
-                macs = spec_.macs_per_step()
+                from onnx import numpy_helper
+
+                wr = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+                macs = rk.step_macs(spec_, wr["W"], wr["R"], spec.tvm_target)
                 rows.append([cell, str(inp), str(hidden), pname, f"{t['ort'] * 1e6:.1f}", f"{t['unrolled'] * 1e6:.1f}",
                              info["sparse"], f"{t['fused'] * 1e6:.1f}", info["modes"],
                              f"{t['unrolled'] / t['fused']:.2f}x", f"{t['ort'] / t['fused']:.2f}x",
@@ -128,8 +132,8 @@ def run(rounds: int, sizes, md: str | None) -> None:
                              f"{max(info['err_unrolled'], info['err_fused']):.1e}"])
                 print(" | ".join(rows[-1]), flush=True)
     head = ["cell", "input", "hidden", "weights", "ORT us", "unrolled us", "unrolled sparse layers", "fused us",
-            "fused weights (stored segments)", "fused vs unrolled", "fused vs ORT", "unrolled vs ORT",
-            "dense MACs/step", "auto picks", "max err"]
+            "fused weights (stored segments / ELL steps)", "fused vs unrolled", "fused vs ORT", "unrolled vs ORT",
+            "kernel MACs/step", "auto picks", "max err"]
     from compressor.report import table
     from targets.host import detect_host
 
@@ -140,7 +144,8 @@ def run(rounds: int, sizes, md: str | None) -> None:
         f"`python -m bench.rnn_kernels --rounds {rounds}{' --md ' + md if md else ''}` in "
         f"{(time.perf_counter() - t_start) / 60:.1f} min. {SEQ} steps, batch 1, x86 bundles untuned; "
         "times are medians of interleaved rounds (20 calls per round per engine); speedups > 1: the "
-        f"fused kernel is faster. `auto picks`: lower.rnn's default (fuse_max_macs = {fuse_max}).", "",
+        f"fused kernel is faster. `kernel MACs/step`: `rnn_kernels.step_macs` (dense MACs; a weight run as ELL segments "
+        f"counts its padded steps x ELL_STEP_COST); `auto picks`: lower.rnn's default (fuse_max_macs = {fuse_max}).", "",
         *table(rows, head), ""])
     print(text)
     if md:

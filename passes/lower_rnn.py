@@ -31,8 +31,8 @@ step drops the H_{t-1} / C_{t-1} terms. The reverse direction runs t = S-1 .. 0 
 writes H_t at time index t (ONNX semantics). layout=1 transposes X / initial states in
 and Y / Y_h / Y_c out. Only outputs that are read or are graph outputs are built.
 
-Fused (``fuse="auto"``, CPU targets): a float32 node with a static batch whose dense
-multiply-adds per time step are at most ``fuse_max_macs`` is left whole (listed in the
+Fused (``fuse="auto"``, CPU targets): a float32 node with a static batch whose fused
+kernel runs at most ``fuse_max_macs`` multiply-adds per time step is left whole (listed in the
 ``fused`` metric): the backend runs it as one fused recurrence kernel
 (``targets/rnn_kernels.py``), where unrolling would cost a VM call per op per step.
 
@@ -63,9 +63,11 @@ FUSE_FAMILIES = ("x86", "arm")  # targets with a fused recurrence kernel (target
 @dataclass(frozen=True)
 class LowerRNNConfig:
     max_steps: int = 512
-    # "auto": on CPU targets, a float32 node whose dense multiply-adds per time step (all
-    # directions and batch rows) are at most fuse_max_macs is kept whole for the backend's
-    # fused recurrence kernel instead of unrolled; "never": always unroll
+    # "auto": on CPU targets, a float32 node whose fused kernel runs at most fuse_max_macs
+    # multiply-adds per time step (all directions and batch rows; a weight the kernel runs
+    # sparse counts its padded steps x ELL_STEP_COST) is kept whole for the backend's fused
+    # recurrence kernel instead of unrolled; "never": always unroll. bench/rnn_kernels.md:
+    # fused wins up to 33 K dense MACs per step and loses from 98 K
     fuse: str = "auto"
     fuse_max_macs: int = 1 << 16
 
@@ -184,11 +186,13 @@ def _initial_states(b: _Builder, t: gs.Tensor | None, layout: int, num_dir: int,
     return b.split(t, [1] * num_dir, axis=0, hint=what)
 
 
-def _lower(node: gs.Node, graph: gs.Graph, b: _Builder, max_steps: int, fuse_max_macs: int | None = None) -> str:
+def _lower(node: gs.Node, graph: gs.Graph, b: _Builder, max_steps: int, fuse_max_macs: int | None = None,
+           fuse_target: Any = None) -> str:
     """Unroll ``node`` (returns "unrolled"), or, when ``fuse_max_macs`` is given and the node
-    is a float32 recurrence of at most that many dense multiply-adds per step with a static
-    batch, leave it whole for a fused kernel (returns "fused"). Raises _Skip before changing
-    anything when the node can be neither."""
+    is a float32 recurrence with a static batch whose fused kernel for ``fuse_target`` runs
+    at most that many multiply-adds per step (``targets.rnn_kernels.step_macs``), leave it
+    whole for that kernel (returns "fused"). Raises _Skip before changing anything when the
+    node can be neither."""
     op = node.op
     G = _NUM_GATES[op]
     direction = node.attrs.get("direction", "forward")
@@ -240,7 +244,10 @@ def _lower(node: gs.Node, graph: gs.Graph, b: _Builder, max_steps: int, fuse_max
 
     batch = _static_len(x, 0 if layout == 1 else 1)
     if fuse_max_macs is not None and dtype == np.float32 and batch is not None:
-        if num_dir * batch * G * hidden * (hidden + W.shape[2]) <= fuse_max_macs:
+        from targets.rnn_kernels import RNNSpec, step_macs
+
+        spec = RNNSpec(op, S, batch, int(W.shape[2]), hidden, direction, lbr)
+        if step_macs(spec, W, R, fuse_target) <= fuse_max_macs:
             return "fused"
 
     outs = [_out(node, i) for i in range(3 if op == "LSTM" else 2)]
@@ -376,7 +383,7 @@ class LowerRNN(Pass):
             b = _Builder(graph, f"{label}/lower_rnn", taken)
             try:
                 # all checks run before the first node is added
-                how = _lower(node, graph, b, cfg.max_steps, fuse_max)
+                how = _lower(node, graph, b, cfg.max_steps, fuse_max, getattr(ctx.target, "tvm_target", None))
             except _Skip as exc:
                 skipped += 1
                 warnings.append(f"{node.op} {label} kept: {exc}")

@@ -12,14 +12,19 @@ unrolls the large ones, whose per-step GEMVs are worth the parallel sparse kerne
 Weights as "segments" (sparse where the weight is). A weight ``M [G*H, K]`` (ONNX ``W[d]``
 ``[G*H, input]`` or ``R[d]`` ``[G*H, H]``) is cut into segments of ``V`` consecutive
 output rows x one input column (``V`` = SIMD lanes dividing ``H``: 16 on AVX-512, 8 on
-AVX2, 4 on NEON), stored k-major; an all-zero segment is not stored. A step costs one
-broadcast-FMA of ``V`` lanes per stored segment::
+AVX2, 4 on NEON). Output rows go in chunks of ``u <= 8`` segments whose accumulators stay
+in registers for the whole input loop. Each weight runs in one of two modes:
 
-    acc[off[s] : off[s] + V] += x[k[s]] * val[s, :]
+* ``dense``: per input column one broadcast of ``x[k]`` and ``u`` FMAs
+  (``W^T`` stored ``[K, G*H]``);
+* ``seg`` (ELL): per chunk, each of its ``u`` row groups keeps the list of its non-zero
+  segments ``(k, values)``, padded with zero segments to the chunk's longest list, and a
+  step is ``acc[q] += x[k[q]] * val[q]`` for the ``u`` groups (:func:`pack_segments`).
 
-so block-structured sparsity (``8x1`` / ``16x1`` output blocks: whole segments zero) drops
-work in proportion, dense weights run at SIMD speed, and unstructured sparsity stores the
-segments that have any non-zero (at 90%: 1 - 0.9^V of them). :func:`pack_segments`.
+Block-structured sparsity (``8x1`` / ``16x1`` output blocks: whole segments zero) drops
+steps in proportion. Unstructured 90% leaves ``1 - 0.9^V`` of the segments non-zero, so its
+steps stay near dense and it runs dense. :func:`weight_mode` picks by padded steps
+(:data:`ELL_STEP_COST`).
 
 Semantics are ONNX's (opset 14 ``GRU`` / ``LSTM``, default activations, layout 0 inside;
 the converter transposes layout 1): ``Y [S, D, B, H]``, ``Y_h [D, B, H]``, ``Y_c``. The
@@ -58,22 +63,6 @@ def fast_tanh_np(v: np.ndarray) -> np.ndarray:
     return (x * p / q).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class Segments:
-    """One weight per direction cut into V-row segments (see the module docstring);
-    direction ``d``, phase ``p`` is ``val[ptr[d*P+p] : ptr[d*P+p+1]]`` (``P`` phases)."""
-
-    val: np.ndarray  # float32 [n, V] (n >= 1: a dummy row when nothing is stored)
-    k: np.ndarray  # int32 [n] input index
-    off: np.ndarray  # int32 [n] first output row
-    ptr: np.ndarray  # int32 [D*P + 1]
-    dense: int  # segments a dense weight would store
-
-    @property
-    def stored(self) -> int:
-        return int(self.ptr[-1])
-
-
 def segment_width(hidden: int, target: Any) -> int:
     """Largest power of two <= the target's fp32 SIMD lanes that divides ``hidden``."""
     v = vector_floats(target)
@@ -82,28 +71,64 @@ def segment_width(hidden: int, target: Any) -> int:
     return v
 
 
+def tile(rows: int, v: int) -> int:
+    """SIMD vectors of accumulators a chunk of ``rows`` output rows keeps in registers (<= 8)."""
+    q = rows // v
+    return max(u for u in range(1, min(8, q) + 1) if q % u == 0)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """One weight (all directions) in ELL chunks of segments (see the module docstring).
+
+    Chunk ``c`` (order: direction, phase, chunk of ``u*V`` output rows) holds
+    ``steps_c = (ptr[c+1] - ptr[c]) / u`` steps of ``u`` slots; slot ``ptr[c] + st*u + q``
+    is the ``st``-th stored segment of the chunk's ``q``-th ``V``-row group (input index
+    ``k``, values ``val``), padded with zero segments to the chunk's longest list."""
+
+    val: np.ndarray  # float32 [slots, V] (slots >= 1: a dummy row when nothing is stored)
+    k: np.ndarray  # int32 [slots]
+    ptr: np.ndarray  # int32 [chunks + 1], in slots
+    stored: int  # non-zero segments
+    dense: int  # segments of the dense weight
+    steps: int  # padded steps over all chunks
+    dense_steps: int  # steps of the dense loop (K per chunk)
+
+
 def pack_segments(w: np.ndarray, v: int, phases: tuple[int, ...] = ()) -> Segments:
-    """``w [D, N, K]`` -> :class:`Segments` of width ``v`` (``N % v == 0``), k-major within
-    each direction; ``phases``: output-row boundaries that start a new phase (GRU with
-    ``linear_before_reset=0`` computes its h-gate rows after the reset gate: ``(2H,)``)."""
+    """``w [D, N, K]`` -> :class:`Segments` of width ``v`` (``N % v == 0``); ``phases``:
+    output-row boundaries that start a new phase (GRU with ``linear_before_reset=0``
+    computes its h-gate rows after the reset gate: ``(2H,)``). Each phase's rows are cut in
+    chunks of :func:`tile` ``(rows, v) * v`` rows, as the kernel's loops are."""
     d_, n, k = w.shape
     if n % v:
         raise ValueError(f"{n} output rows not divisible by the segment width {v}")
     bounds = [0, *phases, n]
-    vals, ks, offs, ptr = [], [], [], [0]
+    vals, ks, ptr = [], [], [0]
+    stored = steps = dense_steps = 0
     for d in range(d_):
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            seg = w[d, lo:hi].reshape((hi - lo) // v, v, k)  # [q, v, k]
-            keep = np.any(seg != 0, axis=1)  # [q, k]
-            kk, qq = np.nonzero(keep.T)  # k-major: consecutive segments hit different rows
-            vals.append(seg[qq, :, kk])
-            ks.append(kk)
-            offs.append(lo + qq * v)
-            ptr.append(ptr[-1] + len(kk))
-    val = np.concatenate(vals).astype(np.float32) if ptr[-1] else np.zeros((1, v), np.float32)
-    kk = np.concatenate(ks).astype(np.int32) if ptr[-1] else np.zeros(1, np.int32)
-    off = np.concatenate(offs).astype(np.int32) if ptr[-1] else np.zeros(1, np.int32)
-    return Segments(np.ascontiguousarray(val), kk, off, np.asarray(ptr, np.int32), d_ * (n // v) * k)
+            u = tile(hi - lo, v)
+            for r0 in range(lo, hi, u * v):
+                seg = w[d, r0:r0 + u * v].reshape(u, v, k)
+                nz = np.any(seg != 0, axis=1)  # [u, k]
+                lists = [np.nonzero(nz[q])[0] for q in range(u)]
+                n_st = max(len(x) for x in lists)
+                kk = np.zeros((n_st, u), np.int32)
+                vv = np.zeros((n_st, u, v), np.float32)
+                for q, x in enumerate(lists):
+                    kk[:len(x), q] = x
+                    vv[:len(x), q] = seg[q][:, x].T
+                vals.append(vv.reshape(-1, v))
+                ks.append(kk.reshape(-1))
+                ptr.append(ptr[-1] + n_st * u)
+                stored += int(nz.sum())
+                steps += n_st
+                dense_steps += k
+    val = np.concatenate(vals) if ptr[-1] else np.zeros((1, v), np.float32)
+    kx = np.concatenate(ks) if ptr[-1] else np.zeros(1, np.int32)
+    return Segments(np.ascontiguousarray(val, np.float32), kx.astype(np.int32), np.asarray(ptr, np.int32), stored,
+                    d_ * (n // v) * k, steps, dense_steps)
 
 
 @dataclass(frozen=True)
@@ -149,9 +174,9 @@ def biases(spec: RNNSpec, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]
 
 
 def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str, str] = ("seg", "seg")):
-    """PrimFunc ``f(x [S,B,I], h0 [D,B,H], [c0 [D,B,H],] wval, wk, woff, wptr, rval, rk, roff,
-    rptr, bx, bh, y [S,D,B,H], yh [D,B,H] [, yc [D,B,H]])``. ``modes`` (W, R): ``"seg"``
-    -- ``*val`` is a flat ``[n*V]`` :class:`Segments` value array of ``nw`` / ``nr`` floats;
+    """PrimFunc ``f(x [S,B,I], h0 [D,B,H], [c0 [D,B,H],] wval, wk, wptr, rval, rk, rptr, bx, bh,
+    y [S,D,B,H], yh [D,B,H] [, yc [D,B,H]])``. ``modes`` (W, R): ``"seg"`` -- ``*val`` /
+    ``*k`` / ``*ptr`` are a :class:`Segments` (values flattened: ``nw`` / ``nr`` floats);
     ``"dense"`` -- ``*val`` is the transposed weight ``[D, K, G*H]`` flattened, kept in
     registers ``u`` SIMD vectors at a time (the segment arrays are then unused dummies)."""
     from tvm import tirx
@@ -164,6 +189,14 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
     P = 2 if split_phase(spec) else 1
     # R's phases as (first output row, rows): one for LSTM / GRU lbr=1, GRU lbr=0 splits off the h gate
     rphase = [(0, 2 * H), (2 * H, H)] if P == 2 else [(0, GH)]
+    # chunks of u SIMD vectors of output rows (the kernel's and pack_segments' loops agree):
+    # W in one phase; R per phase as (first row, u, chunks, first chunk id within a direction)
+    uw = tile(GH, v)
+    chw = GH // (uw * v)
+    rph, chr_ = [], 0
+    for row0, rows in rphase:
+        rph.append((row0, tile(rows, v), rows // (tile(rows, v) * v), chr_))
+        chr_ += rows // (tile(rows, v) * v)
     lbr = spec.linear_before_reset
     # time index of step t in direction d: reversed for "reverse" and the second direction
     rev0 = 1 if spec.direction == "reverse" else 0
@@ -172,11 +205,6 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
     wmode, rmode = modes
     # segment index arrays (dummies of 1 when dense)
     nwi, nri = (1 if wmode == "dense" else nw // v), (1 if rmode == "dense" else nr // v)
-
-    def tile(rows: int) -> int:
-        """SIMD vectors of accumulators held in registers by the dense loop (<= 8)."""
-        q = rows // v
-        return max(u for u in range(1, min(8, q) + 1) if q % u == 0)
 
     def tanh(u):
         # Let-bound: a shared sub-expression would be emitted once per use by the codegen
@@ -194,10 +222,20 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
         return tanh(u * half) * half + half
 
     @T.macro
-    def seg_acc(acc, vec, val, kx, off, lo, hi):
-        for s in T.serial(hi - lo):
-            for ji in T.vectorized(v):
-                acc[off[lo + s] + ji] = acc[off[lo + s] + ji] + vec[kx[lo + s]] * val[(lo + s) * v + ji]
+    def ell_acc(acc, vec, val, kx, ptr, cid0, row0, chunks, u):
+        for c in T.serial(chunks):
+            tacc = T.decl_buffer((u * v,), "float32", scope=CPU_STACK)  # u SIMD registers
+            for q in T.unroll(u):
+                for ji in T.vectorized(v):
+                    tacc[q * v + ji] = acc[row0 + c * u * v + q * v + ji]
+            for st in T.serial((ptr[cid0 + c + 1] - ptr[cid0 + c]) // u):
+                for q in T.unroll(u):
+                    for ji in T.vectorized(v):
+                        tacc[q * v + ji] = tacc[q * v + ji] + vec[kx[ptr[cid0 + c] + st * u + q]] * val[
+                            (ptr[cid0 + c] + st * u + q) * v + ji]
+            for q in T.unroll(u):
+                for ji in T.vectorized(v):
+                    acc[row0 + c * u * v + q * v + ji] = tacc[q * v + ji]
 
     @T.macro
     def dense_acc(acc, vec, val, base, row0, chunks, u, kdim):
@@ -216,18 +254,18 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
                     acc[row0 + c * u * v + q * v + ji] = tacc[q * v + ji]
 
     @T.macro
-    def w_acc(acc, vec, val, kx, off, ptr, d):
+    def w_acc(acc, vec, val, kx, ptr, d):
         if wmode == "dense":
-            dense_acc(acc, vec, val, d * I * GH, 0, GH // (tile(GH) * v), tile(GH), I)
+            dense_acc(acc, vec, val, d * I * GH, 0, chw, uw, I)
         else:
-            seg_acc(acc, vec, val, kx, off, ptr[d], ptr[d + 1])
+            ell_acc(acc, vec, val, kx, ptr, d * chw, 0, chw, uw)
 
     @T.macro
-    def r_acc(acc, vec, val, kx, off, ptr, d, ph, row0, rows):
+    def r_acc(acc, vec, val, kx, ptr, d, row0, u, chunks, cid):
         if rmode == "dense":
-            dense_acc(acc, vec, val, d * H * GH, row0, rows // (tile(rows) * v), tile(rows), H)
+            dense_acc(acc, vec, val, d * H * GH, row0, chunks, u, H)
         else:
-            seg_acc(acc, vec, val, kx, off, ptr[d * P + ph], ptr[d * P + ph + 1])
+            ell_acc(acc, vec, val, kx, ptr, d * chr_ + cid, row0, chunks, u)
 
     @T.macro
     def vcopy(dst, dst0, src, src0, n):
@@ -240,9 +278,9 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
         @T.prim_func
         def gru_fn(x_: T.Buffer((S, B, I), "float32"), h0_: T.Buffer((D, B, H), "float32"),
                    wval: T.Buffer((nw,), "float32"), wk: T.Buffer((nwi,), "int32"),
-                   woff: T.Buffer((nwi,), "int32"), wptr: T.Buffer((D + 1,), "int32"),
+                   wptr: T.Buffer((D * chw + 1,), "int32"),
                    rval: T.Buffer((nr,), "float32"), rk: T.Buffer((nri,), "int32"),
-                   roff: T.Buffer((nri,), "int32"), rptr: T.Buffer((D * P + 1,), "int32"),
+                   rptr: T.Buffer((D * chr_ + 1,), "int32"),
                    bx: T.Buffer((D * GH,), "float32"), bh: T.Buffer((D * GH,), "float32"),
                    y_: T.Buffer((S, D, B, H), "float32"), yh_: T.Buffer((D, B, H), "float32")):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
@@ -264,8 +302,8 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
                             xs[i] = x[(tt * B + bi) * I + i]
                         vcopy(ax, 0, bx, d * GH, GH)
                         vcopy(ah, 0, bh, d * GH, GH)
-                        w_acc(ax, xs, wval, wk, woff, wptr, d)
-                        r_acc(ah, hs, rval, rk, roff, rptr, d, 0, rphase[0][0], rphase[0][1])
+                        w_acc(ax, xs, wval, wk, wptr, d)
+                        r_acc(ah, hs, rval, rk, rptr, d, rph[0][0], rph[0][1], rph[0][2], rph[0][3])
                         if lbr == 1:
                             for jo in T.serial(ho):
                                 for ji in T.vectorized(v):
@@ -278,7 +316,7 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
                                 for ji in T.vectorized(v):
                                     rh[jo * v + ji] = sigmoid(ax[H + jo * v + ji] + ah[H + jo * v + ji]) * hs[
                                         jo * v + ji]
-                            r_acc(ah, rh, rval, rk, roff, rptr, d, 1, rphase[-1][0], rphase[-1][1])
+                            r_acc(ah, rh, rval, rk, rptr, d, rph[-1][0], rph[-1][1], rph[-1][2], rph[-1][3])
                             for jo in T.serial(ho):
                                 for ji in T.vectorized(v):
                                     ax[2 * H + jo * v + ji] = tanh(ax[2 * H + jo * v + ji] + ah[2 * H + jo * v + ji])
@@ -293,9 +331,9 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
     def lstm_fn(x_: T.Buffer((S, B, I), "float32"), h0_: T.Buffer((D, B, H), "float32"),
                 c0_: T.Buffer((D, B, H), "float32"),
                 wval: T.Buffer((nw,), "float32"), wk: T.Buffer((nwi,), "int32"),
-                woff: T.Buffer((nwi,), "int32"), wptr: T.Buffer((D + 1,), "int32"),
+                wptr: T.Buffer((D * chw + 1,), "int32"),
                 rval: T.Buffer((nr,), "float32"), rk: T.Buffer((nri,), "int32"),
-                roff: T.Buffer((nri,), "int32"), rptr: T.Buffer((D + 1,), "int32"),
+                rptr: T.Buffer((D * chr_ + 1,), "int32"),
                 bx: T.Buffer((D * GH,), "float32"), bh: T.Buffer((D * GH,), "float32"),
                 y_: T.Buffer((S, D, B, H), "float32"), yh_: T.Buffer((D, B, H), "float32"),
                 yc_: T.Buffer((D, B, H), "float32")):
@@ -319,8 +357,8 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
                     for i in T.serial(I):
                         xs[i] = x[(tt * B + bi) * I + i]
                     vcopy(ax, 0, bx, d * GH, GH)
-                    w_acc(ax, xs, wval, wk, woff, wptr, d)
-                    r_acc(ax, hs, rval, rk, roff, rptr, d, 0, 0, GH)
+                    w_acc(ax, xs, wval, wk, wptr, d)
+                    r_acc(ax, hs, rval, rk, rptr, d, rph[0][0], rph[0][1], rph[0][2], rph[0][3])
                     for jo in T.serial(ho):
                         for ji in T.vectorized(v):
                             cs[jo * v + ji] = sigmoid(ax[2 * H + jo * v + ji]) * cs[jo * v + ji] + sigmoid(
@@ -333,9 +371,11 @@ def make_primfunc(spec: RNNSpec, nw: int, nr: int, target: Any, modes: tuple[str
     return lstm_fn
 
 
-# a weight runs as segments when it stores at most this fraction of a dense weight's
-# segments (else the register-tiled dense loop); see bench/rnn_kernels.md
-SEG_MAX_FRACTION = 0.35
+# a weight runs as ELL segments when its padded steps x this are at most the dense loop's
+# steps (an ELL step loads u indices and broadcasts u inputs where a dense step broadcasts one;
+# measured break-even at 0.8-0.9 of the dense steps, GRU hidden 32-128);
+# see bench/rnn_kernels.md
+ELL_STEP_COST = 1.25
 
 
 @dataclass(frozen=True)
@@ -355,26 +395,38 @@ class RNNWeights:
         out = []
         for seg, dense, mode in ((self.w, self.w_dense, self.modes[0]), (self.r, self.r_dense, self.modes[1])):
             if mode == "dense":
-                out += [dense.reshape(-1), np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros_like(seg.ptr)]
+                out += [dense.reshape(-1), np.zeros(1, np.int32), np.zeros_like(seg.ptr)]
             else:
-                out += [seg.val.reshape(-1), seg.k, seg.off, seg.ptr]
+                out += [seg.val.reshape(-1), seg.k, seg.ptr]
         return out + [self.bx.reshape(-1), self.bh.reshape(-1)]
 
     @property
     def sizes(self) -> tuple[int, int]:
-        return len(self.args()[0]), len(self.args()[4])
+        return len(self.args()[0]), len(self.args()[3])
 
 
 def weight_mode(seg: Segments, forced: str | None = None) -> str:
     if forced:
         return forced
-    return "seg" if seg.stored <= SEG_MAX_FRACTION * seg.dense else "dense"
+    return "seg" if seg.steps * ELL_STEP_COST <= seg.dense_steps else "dense"
+
+
+def step_macs(spec: RNNSpec, w: np.ndarray, r: np.ndarray, target: Any) -> int:
+    """Multiply-adds per time step (all directions and batch rows) the fused kernel runs on
+    ``target``: a weight it runs dense counts all of them, one it runs as segments its padded
+    steps x :data:`ELL_STEP_COST` (``lower.rnn``'s fuse-or-unroll measure)."""
+    kw = kernel_weights(spec, w, r, None, target or "x86")
+    total = 0.0
+    for seg, mode, k in ((kw.w, kw.modes[0], spec.input), (kw.r, kw.modes[1], spec.hidden)):
+        f = 1.0 if mode == "dense" else ELL_STEP_COST * seg.steps / max(seg.dense_steps, 1)
+        total += f * spec.dirs * spec.batch * spec.gates * spec.hidden * k
+    return int(round(total))
 
 
 def kernel_weights(spec: RNNSpec, w: np.ndarray, r: np.ndarray, b: np.ndarray | None, target: Any,
                    modes: tuple[str | None, str | None] = (None, None)) -> RNNWeights:
     """ONNX W/R/B -> :class:`RNNWeights` (``modes`` forces "seg"/"dense"; default by
-    :data:`SEG_MAX_FRACTION`)."""
+    :data:`ELL_STEP_COST`)."""
     v = segment_width(spec.hidden, target)
     w, r = np.asarray(w, np.float32), np.asarray(r, np.float32)
     ws = pack_segments(w, v)
@@ -539,7 +591,9 @@ def relax_converters(tvm_target: Any) -> tuple[dict[str, type], ConverterState]:
             state.kernels.append({"node": name, "cell": op, "steps": S, "batch": B, "input": I, "hidden": H,
                                   "directions": D, "modes": list(kw.modes),
                                   "stored_w": round(kw.w.stored / max(kw.w.dense, 1), 4),
-                                  "stored_r": round(kw.r.stored / max(kw.r.dense, 1), 4)})
+                                  "stored_r": round(kw.r.stored / max(kw.r.dense, 1), 4),
+                                  "steps_w": round(kw.w.steps / max(kw.w.dense_steps, 1), 4),
+                                  "steps_r": round(kw.r.steps / max(kw.r.dense_steps, 1), 4)})
             return relax.Tuple([bb.normalize(e) for e in (y, *finals)])
 
         return type(f"Convert{op}Fused", (OnnxOpConverter,), {"_impl_v1": classmethod(_impl_v1)})

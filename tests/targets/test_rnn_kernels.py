@@ -32,12 +32,21 @@ def test_pack_segments_round_trip_and_skips_zero_segments():
     s = rk.pack_segments(w, 8, phases=(32,))
     assert s.dense == 2 * 6 * 5 and s.stored == s.dense - 1 - 6
     back = np.zeros_like(w)
+    c = 0
     for d in range(2):
-        for p in range(2):
-            for i in range(s.ptr[2 * d + p], s.ptr[2 * d + p + 1]):
-                assert (s.off[i] >= 32) == (p == 1)  # phase 1 holds the rows from 32 on
-                back[d, s.off[i]:s.off[i] + 8, s.k[i]] = s.val[i]
+        for lo, hi in ((0, 32), (32, 48)):  # phase 1 starts at row 32: its own chunks
+            u = rk.tile(hi - lo, 8)
+            for r0 in range(lo, hi, u * 8):
+                slots = int(s.ptr[c + 1] - s.ptr[c])
+                assert slots % u == 0
+                for st in range(slots // u):
+                    for q in range(u):
+                        i = s.ptr[c] + st * u + q
+                        back[d, r0 + q * 8:r0 + q * 8 + 8, s.k[i]] += s.val[i]  # padding: zeros at k 0
+                c += 1
+    assert c == len(s.ptr) - 1
     np.testing.assert_array_equal(back, w)
+    assert s.steps <= s.dense_steps == 2 * (1 + 1) * 5  # u = 4 (32 rows), u = 2 (16 rows): one chunk each
     empty = rk.pack_segments(np.zeros((1, 8, 2), np.float32), 4)
     assert empty.stored == 0 and empty.val.shape == (1, 4)  # a dummy row: buffers may not be empty
 
@@ -46,6 +55,7 @@ def test_weight_mode_follows_stored_fraction():
     rng = np.random.default_rng(1)
     dense = rng.standard_normal((1, 96, 32)).astype(np.float32)
     blocks = dense * np.repeat(rng.random((1, 6, 32)) < 0.1, 16, axis=1)  # 16x1 blocks, 90% zero
+    assert rk.pack_segments(blocks, 16).steps * rk.ELL_STEP_COST <= 32
     assert rk.weight_mode(rk.pack_segments(dense, 16)) == "dense"
     assert rk.weight_mode(rk.pack_segments(blocks, 16)) == "seg"
     assert rk.weight_mode(rk.pack_segments(blocks, 16), "dense") == "dense"
