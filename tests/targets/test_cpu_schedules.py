@@ -95,6 +95,13 @@ def test_encoder_ops_all_get_a_schedule():
     assert "T.parallel" in gelu[0] and "T.vectorized" in gelu[0]  # 32768 elements: both
     attn = [s for n, s in scripts.items() if "matmul" in n]
     assert len(attn) == 2 and all("T.vectorized" in s for s in attn)
+    for name in ("layer_norm", "softmax"):  # 8192 / 2048 elements: below PARALLEL_MIN_ELEMENTS, one thread
+        s = next(s for n, s in scripts.items() if name in n)
+        assert "T.parallel" not in s and "T.vectorized" in s, name
+
+
+def test_large_reductions_run_parallel():
+    scripts = _scheduled_fused(_encoder_block(seq=128, mlp=256), X86)  # LayerNorm 65536, Softmax 131072 elements
     for name in ("layer_norm", "softmax"):
         s = next(s for n, s in scripts.items() if name in n)
         assert "T.parallel" in s and "T.vectorized" in s, name
