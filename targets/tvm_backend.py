@@ -356,8 +356,8 @@ def compile_library(
 def exec_mode_for(target) -> str:
     """Relax VM mode: "compiled" (``main`` compiled to native code that calls the kernels;
     the bytecode interpreter's per-instruction dispatch is gone) on CPU targets, where a
-    small model is dispatch-bound (32-wide transformer: 27.1 -> 23.4 us, GRU: 4.0 -> 3.4 us
-    per inference); "bytecode" elsewhere."""
+    small model is dispatch-bound (bench/vm_exec_mode.md: 1.01-1.16x on the models in
+    models/onnx, never slower, identical outputs); "bytecode" elsewhere."""
     return "compiled" if target.kind.name == "llvm" else "bytecode"
 
 
