@@ -60,11 +60,15 @@ def _arch(manifest: dict) -> str:
 
 
 def sparse_layers(manifest: dict, bundle: Path) -> int:
-    """Layers the artifact runs as BSR kernels (target lowering, or lower.sparse in the pass list)."""
+    """Layers the artifact runs as sparse kernels: BSR kernels (target lowering, or
+    lower.sparse in the pass list) and fused-RNN weights run as ELL segments."""
     n = 0
     for rec in (manifest.get("passes") or []) + (manifest.get("target_passes") or []):
         if rec.get("name") == "lower.sparse":
             n += int((rec.get("stats") or {}).get("lowered", 0))
+    kernels = (manifest.get("artifact") or {}).get("kernels")
+    for k in (kernels.get("rnn_fused", []) if isinstance(kernels, dict) else []):
+        n += sum(m == "seg" for m in k.get("modes", []))
     return n
 
 
@@ -164,7 +168,7 @@ def build_dense_twin(bundle: Path, manifest: dict, out_dir: Path) -> Path:
     src = Path(out_dir) / "dense_source.onnx"
     onnx.save(model, str(src))
     shapes = {i["name"]: list(i["shape"]) for i in manifest["inputs"]}
-    art = tgt.compile(src, spec, twin, shapes)
+    art = tgt.compile(src, spec, twin, shapes, {"rnn_modes": ("dense", "dense")})
     name = manifest["artifact"]["path"]
     if str(art.path) != name:
         shutil.move(str(twin / art.path), str(twin / name))
@@ -226,7 +230,8 @@ def bench_qemu(bundle: Path, manifest: dict, count: bool = True, twin: bool = Tr
     if run.returncode != 0 or not twin:
         return rep
     if n_sparse == 0:
-        rep["notes"] = ["the artifact has no sparse kernel (lower.sparse kept every layer dense): no dense twin to compare"]
+        rep["notes"] = ["the artifact has no sparse kernel (lower.sparse kept every layer dense, no fused-RNN weight "
+                        "runs sparse): no dense twin to compare"]
         return rep
     with tempfile.TemporaryDirectory(prefix="dense_twin_") as tmp:
         say(f"building the dense twin ({n_sparse} sparse layer(s) compiled dense) and running it the same way")

@@ -90,7 +90,8 @@ class ArmTarget(Target):
         name = spec.extra.get("artifact_name", ARTIFACT)
         out = Path(out_dir) / name
         t0 = time.perf_counter()
-        mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
+        mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target,
+                                     rnn_modes=(options or {}).get("rnn_modes"))
         kernels, kernel_warnings = tvm_backend.kernel_report(mod)
         opts = options or {}
         from targets import cpu_schedules

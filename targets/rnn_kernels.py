@@ -548,10 +548,11 @@ class ConverterState:
     kernels: list[dict[str, Any]]
 
 
-def relax_converters(tvm_target: Any) -> tuple[dict[str, type], ConverterState]:
+def relax_converters(tvm_target: Any, modes: tuple[str, str] | None = None) -> tuple[dict[str, type], ConverterState]:
     """Converters for ONNX ``GRU`` / ``LSTM`` on CPU targets (``({}, state)`` for CUDA):
     one ``call_tir`` of the fused recurrence kernel per node (what ``lower.rnn`` leaves
-    whole). A node the kernel cannot run raises TargetError with the reason."""
+    whole). A node the kernel cannot run raises TargetError with the reason. ``modes``
+    forces every node's (W, R) modes (default: :func:`weight_mode`)."""
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
@@ -569,7 +570,7 @@ def relax_converters(tvm_target: Any) -> tuple[dict[str, type], ConverterState]:
             except ValueError as exc:
                 raise TargetError(f"{op} {name}: no fused kernel ({exc}); run lower.rnn to unroll it") from None
             S, B, I, H, D = spec.seq, spec.batch, spec.input, spec.hidden, spec.dirs
-            kw = kernel_weights(spec, w, r, b, tvm_target)
+            kw = kernel_weights(spec, w, r, b, tvm_target, modes or (None, None))
             prim = make_primfunc(spec, *kw.sizes, tvm_target, kw.modes).without_attr("global_symbol")
             gv = bb.add_func(prim, f"fused_{op.lower()}")
             x = inputs[0]

@@ -113,6 +113,7 @@ def import_onnx(
     model_path: str | Path | Any,
     input_shapes: dict[str, Sequence[int]] | None = None,
     target: dict[str, Any] | None = None,
+    rnn_modes: tuple[str, str] | None = None,
 ):
     """ONNX -> Relax IRModule via ``tvm.relax.frontend.onnx.from_onnx``.
 
@@ -121,7 +122,9 @@ def import_onnx(
     shapes of named inputs (e.g. to pin a dynamic batch); input dtypes come from
     the graph. ``target`` (the TVM target dict) enables the converters for the
     ``compressor::SparseMatMul[Relu]`` ops of ``lower.sparse``, lowered to TIR kernels
-    specialised for that target (``targets.sparse_kernels``).
+    specialised for that target (``targets.sparse_kernels``), and runs ONNX GRU/LSTM as fused
+    recurrence kernels (``targets.rnn_kernels``; ``rnn_modes`` forces their weights' modes,
+    e.g. ``("dense", "dense")`` for a dense twin).
     """
     tvm = _tvm()
     import onnx
@@ -151,7 +154,7 @@ def import_onnx(
     if target is not None and any(n.op_type in ("GRU", "LSTM") for n in model.graph.node):
         from targets import rnn_kernels  # fused recurrence kernels (what lower.rnn leaves whole); none for CUDA
 
-        rnn_converters, rnn_state = rnn_kernels.relax_converters(target)
+        rnn_converters, rnn_state = rnn_kernels.relax_converters(target, rnn_modes)
         extra_converters.update(rnn_converters)
     missing = unsupported_ops(model, tuple(extra_converters))
     if missing:

@@ -108,13 +108,15 @@ class X86Target(Target):
     ) -> Artifact:
         """``options``: ``tune_trials`` (meta_schedule trials, 0 = none), ``tuning_db`` (database
         root; with 0 trials an explicit one is still applied), ``progress`` (callable for lines),
-        ``executor_session`` (the run's ``RunExecutor``: with ray, candidates are built/measured on it)."""
+        ``executor_session`` (the run's ``RunExecutor``: with ray, candidates are built/measured on it),
+        ``rnn_modes`` (force the fused RNN kernels' weight modes, e.g. ``("dense", "dense")``)."""
         from targets import tvm_backend
 
         name = spec.extra.get("artifact_name", "model_x86_64.so")
         out = Path(out_dir) / name
         t0 = time.perf_counter()
-        mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target)
+        mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target,
+                                     rnn_modes=(options or {}).get("rnn_modes"))
         kernels, kernel_warnings = tvm_backend.kernel_report(mod)
         opts = options or {}
         trials = int(opts.get("tune_trials") or 0)

@@ -98,6 +98,21 @@ def test_cnn_selfcheck(guest, zoo, tmp_path, cli):
         assert "dense_twin" not in rep and "no sparse kernel" in rep["notes"][0]
 
 
+def test_fused_gru_selfcheck_and_dense_twin(guest, zoo, tmp_path, cli):
+    """The GRU stays whole (lower.rnn fuses it); on NEON its 8x1-sparse weights run as ELL
+    segments, so the dense twin is the same model with the fused kernel forced dense."""
+    b = _compress(zoo("gru"), tmp_path / "gru.arm.bundle", "--sparsity", "0.9", "--pattern", "8x1")
+    m = json.loads((b / "manifest.json").read_text())
+    fused = m["artifact"]["kernels"]["rnn_fused"]
+    assert [k["cell"] for k in fused] == ["GRU"] and "seg" in fused[0]["modes"]
+    out = tmp_path / "bench.json"
+    r = cli("bench", b, "--device", "qemu-aarch64", "--json", out)
+    assert r.code == 0, r.out + r.err
+    rep = json.loads(out.read_text())
+    assert rep["passed"] and rep["sparse_layers"] == fused[0]["modes"].count("seg")
+    assert rep["dense_twin"]["passed"] and rep["insns"]["dense_over_sparse"] > 1.0
+
+
 def test_guest_selfcheck_detects_wrong_outputs(guest, mlp_sparse_bundle, tmp_path, wrong_expected):
     from targets import device_qemu
 
