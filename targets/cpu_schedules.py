@@ -281,7 +281,9 @@ def _largest_buffer(func: Any) -> int:
 
 @contextlib.contextmanager
 def _serial_schedules():
-    """``Schedule.parallel`` is a no-op inside (for a rule that parallelizes unconditionally)."""
+    """``Schedule.parallel`` is a no-op inside (for a rule that parallelizes unconditionally).
+    A class attribute, so for the calling thread's compile only: TVM builds (and our pipeline
+    calls) the rules one function at a time on one thread; tuning's builders are processes."""
     from tvm import s_tir
 
     original = s_tir.Schedule.parallel

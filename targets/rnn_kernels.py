@@ -402,7 +402,8 @@ class RNNWeights:
 
     @property
     def sizes(self) -> tuple[int, int]:
-        return len(self.args()[0]), len(self.args()[3])
+        args = self.args()
+        return len(args[0]), len(args[3])
 
 
 def weight_mode(seg: Segments, forced: str | None = None) -> str:
@@ -415,10 +416,11 @@ def step_macs(spec: RNNSpec, w: np.ndarray, r: np.ndarray, target: Any) -> int:
     """Multiply-adds per time step (all directions and batch rows) the fused kernel runs on
     ``target``: a weight it runs dense counts all of them, one it runs as segments its padded
     steps x :data:`ELL_STEP_COST` (``lower.rnn``'s fuse-or-unroll measure)."""
-    kw = kernel_weights(spec, w, r, None, target or "x86")
+    v = segment_width(spec.hidden, target or "x86")
     total = 0.0
-    for seg, mode, k in ((kw.w, kw.modes[0], spec.input), (kw.r, kw.modes[1], spec.hidden)):
-        f = 1.0 if mode == "dense" else ELL_STEP_COST * seg.steps / max(seg.dense_steps, 1)
+    for a, k, phases in ((w, spec.input, ()), (r, spec.hidden, split_phase(spec))):
+        seg = pack_segments(np.asarray(a, np.float32), v, phases)
+        f = 1.0 if weight_mode(seg) == "dense" else ELL_STEP_COST * seg.steps / max(seg.dense_steps, 1)
         total += f * spec.dirs * spec.batch * spec.gates * spec.hidden * k
     return int(round(total))
 
