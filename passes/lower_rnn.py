@@ -51,9 +51,8 @@ import onnx_graphsurgeon as gs
 
 from compressor.errors import UsageError
 from compressor.pass_base import Pass, PassContext, PassResult
+from targets.rnn_kernels import CELLS, RNNSpec, attr_problem, step_macs  # shared with the fused kernel
 
-_DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]}
-_NUM_GATES = {"LSTM": 4, "GRU": 3}
 
 
 FUSE_MODES = ("auto", "never")
@@ -161,15 +160,9 @@ def _float_dtype(w: np.ndarray) -> np.dtype:
 
 
 def _check_attrs(node: gs.Node, num_dir: int) -> None:
-    acts = node.attrs.get("activations")
-    if acts is not None:
-        acts = [a.decode() if isinstance(a, bytes) else str(a) for a in acts]
-        if acts != _DEFAULT_ACTS[node.op] * num_dir:
-            raise _Skip(f"non-default activations {acts}")
-    if node.attrs.get("clip") is not None:
-        raise _Skip("clip is set")
-    if node.op == "LSTM" and int(node.attrs.get("input_forget", 0)):
-        raise _Skip("input_forget=1")
+    problem = attr_problem(node.op, node.attrs, num_dir)
+    if problem:
+        raise _Skip(problem)
 
 
 def _initial_states(b: _Builder, t: gs.Tensor | None, layout: int, num_dir: int, what: str) -> list:
@@ -194,7 +187,7 @@ def _lower(node: gs.Node, graph: gs.Graph, b: _Builder, max_steps: int, fuse_max
     whole for that kernel (returns "fused"). Raises _Skip before changing anything when the
     node can be neither."""
     op = node.op
-    G = _NUM_GATES[op]
+    G = CELLS[op]
     direction = node.attrs.get("direction", "forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
     if direction not in ("forward", "reverse", "bidirectional"):
@@ -244,8 +237,6 @@ def _lower(node: gs.Node, graph: gs.Graph, b: _Builder, max_steps: int, fuse_max
 
     batch = _static_len(x, 0 if layout == 1 else 1)
     if fuse_max_macs is not None and dtype == np.float32 and batch is not None:
-        from targets.rnn_kernels import RNNSpec, step_macs
-
         spec = RNNSpec(op, S, batch, int(W.shape[2]), hidden, direction, lbr)
         # the kernel never runs more than the dense MACs: pack the weights only when that is over
         if spec.macs_per_step() <= fuse_max_macs or step_macs(spec, W, R, fuse_target) <= fuse_max_macs:

@@ -493,6 +493,19 @@ def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def attr_problem(op: str, attrs: dict, num_dir: int) -> str | None:
+    """Why a GRU/LSTM's attributes (ONNX names; strings or bytes) are outside what both the
+    fused kernel and ``lower.rnn``'s unrolling support, or None."""
+    acts = attrs.get("activations")
+    if acts is not None and [_text(a) for a in acts] != DEFAULT_ACTIVATIONS[op] * num_dir:
+        return f"non-default activations {[_text(a) for a in acts]}"
+    if attrs.get("clip") is not None:
+        return "clip is set"
+    if op == "LSTM" and int(attrs.get("input_forget", 0)):
+        return "input_forget=1"
+    return None
+
+
 def _spec_from(op: str, inputs: list, attr: dict) -> tuple[RNNSpec, int, np.ndarray, np.ndarray, np.ndarray | None]:
     """(spec, layout, W, R, B) of a GRU/LSTM node as the frontend hands it over; raises
     ValueError with the reason when the fused kernel cannot run it."""
@@ -502,13 +515,9 @@ def _spec_from(op: str, inputs: list, attr: dict) -> tuple[RNNSpec, int, np.ndar
     if direction not in ("forward", "reverse", "bidirectional"):
         raise ValueError(f"unknown direction {direction!r}")
     d_ = 2 if direction == "bidirectional" else 1
-    acts = attr.get("activations")
-    if acts is not None and [_text(a) for a in acts] != DEFAULT_ACTIVATIONS[op] * d_:
-        raise ValueError(f"non-default activations {[_text(a) for a in acts]}")
-    if attr.get("clip") is not None:
-        raise ValueError("clip is set")
-    if op == "LSTM" and int(attr.get("input_forget", 0)):
-        raise ValueError("input_forget=1")
+    problem = attr_problem(op, attr, d_)
+    if problem:
+        raise ValueError(problem)
     layout = int(attr.get("layout", 0))
     if layout not in (0, 1):
         raise ValueError(f"unknown layout {layout}")
