@@ -3,13 +3,27 @@ onnx-graphsurgeon graphs.
 
 Load stage (DESIGN.md step 1):
   1. read the protobuf without external data, refuse external-data locations
-     that escape the model's folder, then load the external data;
-  2. ``onnx.checker`` (full check) and opset bounds (default domain 7..current;
-     below 13 is converted with ``onnx.version_converter``);
-  3. static shapes: dynamic input dims must be fixed with ``--input-shape``;
-  4. normalise what exporters emit: ``Constant`` nodes lifted into
+     that escape the model's folder, then load the external data; every
+     tensor's data must match its dims (a file that lies about a tensor's size
+     is refused before anything reads it);
+  2. ``onnx.checker`` and opset bounds (default domain 7..current; below 13 is
+     converted with ``onnx.version_converter`` and checked again);
+  3. initializers listed as graph inputs (IR version < 4 requires it) are
+     dropped from the inputs (they are weights, not inputs), and the IR version
+     is raised to what the opset needs, so passes can add initializers;
+  4. graph inputs and outputs must be tensors (sequence / optional / map types
+     are refused); static shapes: dynamic input dims must be fixed with
+     ``--input-shape``;
+  5. resource limits, before anything is allocated: every statically known
+     tensor (inputs, outputs, inferred intermediates, subgraphs too) must fit
+     a quarter of the available memory, and Conv/Pool pads, strides,
+     dilations and kernels must be sane (``check_resources``);
+  6. normalise what exporters emit: ``Constant`` nodes lifted into
      initializers and constant subgraphs folded (onnx-graphsurgeon +
-     onnxruntime), then shape inference.
+     onnxruntime; ``If`` nodes with a constant condition are replaced by the
+     taken branch), then shape inference.
+Control flow (``If``/``Loop``/``Scan`` bodies) is kept: the folder and the
+cleanup passes see subgraphs and their outer-scope references.
 The input file is only ever read.
 """
 from __future__ import annotations
@@ -32,6 +46,10 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 7  # below this onnx's version converter is unreliable
 TARGET_MIN_OPSET = 13  # models below this are converted up
 MAX_OPSET = onnx.defs.onnx_opset_version()
+MAX_ATTR_EXTENT = 1 << 16  # largest pad / stride / dilation / kernel extent accepted on Conv/Pool nodes
+MEMORY_FRACTION = 4  # one tensor may take at most 1/MEMORY_FRACTION of the available memory
+SPATIAL_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "DeformConv", "MaxPool", "AveragePool",
+               "LpPool", "MaxUnpool"}
 
 
 @dataclass(frozen=True)
@@ -85,25 +103,96 @@ def read_model(path: Path) -> onnx.ModelProto:
     data = path.read_bytes()
     try:
         model = onnx.load_model_from_string(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
+    except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
         raise InputError(f"not an ONNX model (truncated or corrupt protobuf): {path}: {type(exc).__name__}") from exc
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         raise InputError(f"not an ONNX model (no graph found): {path}")
     _check_external_locations(model, path.parent)
     if any(t.data_location == TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)):
-        onnx.load_external_data_for_model(model, str(path.parent))
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise InputError(f"cannot read the model's external data: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
+    check_tensor_data(model)
     opset = default_opset(model)
     if opset is None or opset < MIN_OPSET or opset > MAX_OPSET:
         raise InputError(
             f"unsupported opset {opset} for the default ONNX domain",
             hint=f"supported: {MIN_OPSET}..{MAX_OPSET} (below {TARGET_MIN_OPSET} is converted)",
         )
+    _checker(model, "model fails onnx.checker")
+    return model
+
+
+def _checker(model: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=False)
-    except onnx.checker.ValidationError as exc:
+    except Exception as exc:  # ValidationError, and the C++ checker's other errors on corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"model fails onnx.checker: {first}") from exc
-    return model
+        raise InputError(f"{what}: {first}") from exc
+
+
+_TYPED_FIELD = {
+    TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
+    TensorProto.DOUBLE: ("double_data", 1), TensorProto.COMPLEX128: ("double_data", 2),
+    TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1), TensorProto.UINT64: ("uint64_data", 1),
+    TensorProto.STRING: ("string_data", 1),
+}
+_PACKED_4BIT = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
+
+
+def _itemsize(elem_type: int) -> int:
+    if elem_type in _PACKED_4BIT:
+        return 1
+    try:
+        return max(1, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except Exception:
+        return 4
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def check_tensor_data(model: onnx.ModelProto) -> None:
+    """Every tensor (initializers and Constant attributes, subgraphs included) must hold exactly as many
+    elements as its dims say: a corrupt or hand-edited file whose raw_data is shorter than its dims would
+    otherwise fail deep inside numpy or onnxruntime."""
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        what = f"tensor {t.name!r}" if t.name else "a Constant tensor"
+        if any(d < 0 for d in t.dims):
+            raise InputError(f"{what} has negative dims {list(t.dims)}")
+        if t.data_type == TensorProto.UNDEFINED:
+            raise InputError(f"{what} has no data type")
+        count = 1
+        for d in t.dims:
+            count *= int(d)
+        if t.data_location == TensorProto.EXTERNAL:
+            continue  # refused or loaded before this check
+        if t.HasField("segment"):
+            raise InputError(f"{what} is stored in segments (unsupported)")
+        if t.data_type in _PACKED_4BIT:
+            want_raw, field, per = (count + 1) // 2, "int32_data", None
+        else:
+            want_raw = count * _itemsize(t.data_type)
+            field, per = _TYPED_FIELD.get(t.data_type, ("int32_data", 1))
+        if t.raw_data:
+            have, want = len(t.raw_data), want_raw
+            unit = "bytes"
+        else:
+            have = len(getattr(t, field))
+            want = (count + 1) // 2 if per is None else count * per
+            unit = "values"
+        if t.data_type == TensorProto.STRING and t.raw_data:
+            raise InputError(f"{what}: string tensor with raw_data")
+        if have != want:
+            shape = "x".join(map(str, t.dims)) or "scalar"
+            raise InputError(f"{what} claims shape {shape} ({count} elements) but holds {have} {unit}, not {want}",
+                             hint="the model file is corrupt or was edited by hand")
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -119,7 +208,8 @@ def _convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             model = onnx.version_converter.convert_version(model, TARGET_MIN_OPSET)
         except Exception as exc:
-            raise InputError(f"cannot convert opset {opset} to {TARGET_MIN_OPSET}: {exc}") from exc
+            raise InputError(f"cannot convert opset {opset} to {TARGET_MIN_OPSET}: {' '.join(str(exc).split())[:200]}") from exc
+        _checker(model, f"opset {opset} -> {TARGET_MIN_OPSET} conversion gave an invalid model")
         log.info("converted opset %s -> %s", opset, TARGET_MIN_OPSET)
     return model
 
@@ -127,6 +217,56 @@ def _convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {i.name for i in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]
+
+
+def _normalize_ir(model: onnx.ModelProto) -> None:
+    """Initializers listed as graph inputs (required below IR version 4, allowed after it as
+    "overridable" weights) become plain initializers, and the IR version is raised to what the
+    opset needs: a pass that adds an initializer (a folded BN weight) must not have to list it
+    as an input too. The tool treats weights as constants either way."""
+    inits = {i.name for i in model.graph.initializer}
+    if any(i.name in inits for i in model.graph.input):
+        keep = [i for i in model.graph.input if i.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        log.info("initializers listed as graph inputs dropped from the inputs (IR version %d)", model.ir_version)
+    try:
+        need = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except Exception:
+        need = 7
+    if model.ir_version < max(need, 4):
+        log.info("IR version %d raised to %d", model.ir_version, max(need, 4))
+        model.ir_version = max(need, 4)
+
+
+def _type_name(tp: onnx.TypeProto) -> str:
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type":
+        try:
+            return f"tensor({np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tp.tensor_type.elem_type)).name})"
+        except Exception:
+            return f"tensor(elem_type {tp.tensor_type.elem_type})"
+    if kind == "sequence_type":
+        return f"sequence<{_type_name(tp.sequence_type.elem_type)}>"
+    if kind == "optional_type":
+        return f"optional<{_type_name(tp.optional_type.elem_type)}>"
+    return kind or "no type"
+
+
+def _check_io_types(model: onnx.ModelProto) -> None:
+    """Graph inputs and outputs must be numeric or bool tensors: verification feeds and compares arrays."""
+    for role, vis in (("input", graph_inputs(model)), ("output", model.graph.output)):
+        for vi in vis:
+            tp = vi.type
+            ok = tp.WhichOneof("value") == "tensor_type"
+            if ok:
+                try:
+                    ok = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tp.tensor_type.elem_type)).kind in "biuf"
+                except Exception:
+                    ok = False
+            if not ok:
+                raise InputError(f"graph {role} {vi.name!r} has type {_type_name(tp)}: only numeric/bool tensor inputs and outputs are supported",
+                                 hint="export the model with tensor inputs/outputs (sequence/optional/map/string types are not supported)")
 
 
 def _fix_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> None:
@@ -188,24 +328,188 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _rebind(tensors, old: gs.Tensor, new: gs.Tensor) -> None:
+    for i, t in enumerate(list(tensors)):
+        if t is old:
+            tensors[i] = new
+
+
+def _flatten_constant_ifs(graph: gs.Graph) -> int:
+    """Replace every ``If`` whose condition is a constant by the nodes of the taken branch.
+    onnx-graphsurgeon's own flattening loses the If's output when the branch output has no
+    producer node inside the branch (a folded constant, an outer-scope value) and leaves other
+    readers of a rebound branch output dangling; here such outputs get an Identity node."""
+    count = 0
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        index = 0
+        while index < len(g.nodes):
+            node = g.nodes[index]
+            cond = node.inputs[0] if node.op == "If" and node.inputs else None
+            if not isinstance(cond, gs.Constant) or np.asarray(cond.values).size != 1:
+                index += 1
+                continue
+            sub = node.attrs["then_branch" if bool(np.asarray(cond.values).reshape(-1)[0]) else "else_branch"]
+            for t in sub._local_tensors().values():
+                t.name += f"_if{count}_{sub.name}"
+            outs = list(node.outputs)
+            node.inputs.clear()
+            node.outputs.clear()
+            new_nodes = list(sub.nodes)
+            bound: dict[int, gs.Tensor] = {}
+            for node_out, sub_out in zip(outs, sub.outputs):
+                producer = sub_out.inputs[0] if sub_out.inputs and any(sub_out.inputs[0] is n for n in sub.nodes) else None
+                if producer is not None and id(sub_out) not in bound and not isinstance(sub_out, gs.Constant):
+                    bound[id(sub_out)] = node_out
+                    for consumer in list(sub_out.outputs):  # other readers inside the branch (and deeper)
+                        _rebind(consumer.inputs, sub_out, node_out)
+                    _rebind(producer.outputs, sub_out, node_out)
+                else:
+                    src = bound.get(id(sub_out), sub_out)
+                    new_nodes.append(gs.Node("Identity", name=f"{node.name or 'If'}_out{len(new_nodes)}_if{count}",
+                                             inputs=[src], outputs=[node_out]))
+            g.nodes[index:index + 1] = new_nodes
+            index += len(new_nodes)
+            count += 1
+    return count
+
+
+def _produce_outputs(graph: gs.Graph) -> None:
+    """A graph output (main graph or a subgraph) that folding turned into a constant is produced by an
+    Identity of that constant again, so every output stays the output of a node."""
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for i, t in enumerate(list(g.outputs)):
+            if isinstance(t, gs.Constant):
+                out = gs.Variable(t.name, dtype=t.dtype, shape=t.shape)
+                t.name = t.name + "_value"
+                g.nodes.append(gs.Node("Identity", name=f"{out.name}_identity", inputs=[t], outputs=[out]))
+                g.outputs[i] = out
+
+
+def fold_constants(graph: gs.Graph) -> gs.Graph:
+    """Fold constant subgraphs (onnx-graphsurgeon's folder run with onnxruntime; subgraphs too), lift
+    ``Constant`` nodes, replace constant-condition ``If`` nodes by their branch. Nothing larger than
+    the memory limit is folded; every graph output stays a node output; nodes and constants that a
+    subgraph reads from the outer scope are kept (graphsurgeon's cleanup follows outer-scope reads)."""
+    limit = memory_limit_bytes()
+    graph.fold_constants(error_ok=True, flatten_subgraphs=False, size_threshold=limit)
+    if _flatten_constant_ifs(graph):
+        graph.cleanup(remove_unused_graph_inputs=False)
+        graph.fold_constants(error_ok=True, flatten_subgraphs=False, size_threshold=limit)
+    # fold_constants turns Constant nodes into gs.Constant tensors; cleanup drops the nodes
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for node in list(g.nodes):
+            if node.op == "Constant" and node.outputs and isinstance(node.outputs[0], gs.Constant):
+                node.outputs.clear()
+    _produce_outputs(graph)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return graph
+
+
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Lift Constant nodes into initializers and fold constant subgraphs."""
     graph = to_graph(model)
-    graph.fold_constants(error_ok=True).cleanup()
-    # fold_constants turns Constant nodes into gs.Constant tensors; cleanup drops the nodes
-    for node in list(graph.nodes):
-        if node.op == "Constant" and isinstance(node.outputs[0], gs.Constant):
-            node.outputs.clear()
-    graph.cleanup(remove_unused_graph_inputs=False)
+    fold_constants(graph)
     return to_model(graph, model)
 
 
+def available_memory() -> int:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit if one is set."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (OSError, ValueError, AttributeError):
+            avail = 8 << 30
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+            if text.isdigit():
+                avail = min(avail, int(text))
+        except OSError:
+            pass
+    return avail
+
+
+def memory_limit_bytes() -> int:
+    """The largest single tensor the tool accepts: a quarter of the available memory (at least 256 MiB):
+    reference runs, verification inputs and the passes hold several tensors of that size at once."""
+    return max(available_memory() // MEMORY_FRACTION, 256 << 20)
+
+
+def _all_graphs(graph: onnx.GraphProto, where: str = ""):
+    yield graph, where
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                yield from _all_graphs(sub, f"{where}{node.op_type} node {node.name or '?'!r} / {attr.name}: ")
+
+
+def check_resources(model: onnx.ModelProto, limit: int | None = None) -> None:
+    """Refuse, before anything is allocated, a model whose statically known tensors would not fit in
+    memory (inputs, outputs and inferred intermediates of every graph, subgraphs included; each must fit
+    ``memory_limit_bytes()``) or whose Conv/Pool nodes carry absurd pads, strides, dilations or kernels.
+    Exit 4 naming the tensor or node and the size."""
+    limit = memory_limit_bytes() if limit is None else limit
+    top_inputs = {vi.name for vi in graph_inputs(model)}
+    for g, where in _all_graphs(model.graph):
+        producers = {o: n for n in g.node for o in n.output}
+        inits = {i.name for i in g.initializer}
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.name in inits or vi.type.WhichOneof("value") != "tensor_type" or not vi.type.tensor_type.HasField("shape"):
+                continue
+            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
+            n = producers.get(vi.name)
+            if not where and vi.name in top_inputs:
+                what = f"input {vi.name!r}"
+            elif n is not None:
+                what = f"{where}tensor {vi.name!r} (output of {n.op_type} node {n.name or '?'!r})"
+            else:
+                what = f"{where}tensor {vi.name!r}"
+            shape = "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                             for d in vi.type.tensor_type.shape.dim) or "scalar"
+            if any(d < 0 for d in dims):
+                raise InputError(f"{what} has a negative dimension ({shape})", hint="the model is corrupt")
+            count = 1
+            for d in dims:
+                count *= d
+            size = count * _itemsize(vi.type.tensor_type.elem_type)
+            if size > limit:
+                raise InputError(f"{what} has shape {shape}: {_human_bytes(size)}, over the limit of {_human_bytes(limit)} "
+                                 f"(1/{MEMORY_FRACTION} of the available memory)",
+                                 hint="check the model's static dims (or fix them with --input-shape)")
+        for node in g.node:
+            if node.op_type not in SPATIAL_OPS:
+                continue
+            for attr in node.attribute:
+                if attr.name not in ("pads", "strides", "dilations", "kernel_shape", "output_padding"):
+                    continue
+                vals = list(attr.ints)
+                low = 0 if attr.name in ("pads", "output_padding") else 1
+                bad = [v for v in vals if v < low or v > MAX_ATTR_EXTENT]
+                if bad:
+                    raise InputError(f"{where}{node.op_type} node {node.name or '?'!r} has {attr.name} {vals}: "
+                                     f"each must be in [{low}, {MAX_ATTR_EXTENT}]", hint="the model is corrupt or was edited by hand")
+
+
 def load(path: Path, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
-    """Full load stage: read, check, convert opset, fix shapes, normalise, infer shapes."""
+    """Full load stage: read, check, convert opset, fix shapes, check resources, normalise, infer shapes."""
     model = read_model(path)
     model = _convert_opset(model)
+    _normalize_ir(model)
+    _check_io_types(model)
     _fix_shapes(model, input_shapes or {})
+    check_resources(model)  # declared shapes and node attributes, before anything is computed
     model = infer_shapes(model)
+    check_resources(model)  # inferred intermediates, before folding or running anything
     model = normalize(model)
     model = infer_shapes(model)
     for _ in range(4):  # a folded Shape chain gives the next Reshape a static shape, whose output feeds the next

@@ -8,6 +8,12 @@ Instruments (CLI flag):
   DumpIRInstrument       ``--dump-ir DIR``: the model after every pass
   ProgressInstrument     a callback for the CLI's progress lines
 The final graph is always checked, whatever the instruments.
+
+Control flow: passes get the main graph; ``If``/``Loop``/``Scan`` bodies hang
+off their nodes with outer-scope reads shared (graphsurgeon), so cleanup keeps
+whatever a body reads. A pass that does not declare ``handles_subgraphs = True``
+leaves the bodies alone, and its record says which bodies hold weights it did
+not touch.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -94,6 +101,24 @@ def _short_stats(stats: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:80]
 
 
+def subgraph_weights(graph: gs.Graph) -> list[str]:
+    """Float constants read inside control-flow bodies, per node that owns the body: one line each."""
+    lines = []
+    for node in graph.nodes:
+        seen: dict[int, int] = {}
+        for sub in node.subgraphs():
+            for g in [sub, *sub.subgraphs(recursive=True)]:
+                for n in g.nodes:
+                    for t in n.inputs:
+                        if isinstance(t, gs.Constant) and t.dtype is not None and getattr(t.dtype, "kind", "") == "f" \
+                                and len(t.shape or ()) >= 2:
+                            seen[id(t)] = int(np.prod(t.shape))
+        if seen:
+            who = f"{node.op} node {node.name!r}" if node.name else f"an unnamed {node.op} node"
+            lines.append(f"{who}: {len(seen)} weight tensor(s), {sum(seen.values())} values")
+    return lines
+
+
 class PassManager:
     def __init__(self, passes: list[tuple[Pass, str]], instruments: list[Instrument] | None = None):
         """``passes``: (pass instance, provider) in order."""
@@ -103,6 +128,7 @@ class PassManager:
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, list[PassRecord]]:
         graph = ir.to_graph(model)
         records: list[PassRecord] = []
+        in_bodies = subgraph_weights(graph)
         for p, provider in self.passes:
             rec = PassRecord(p.name, provider, config_dict(p.config))
             is_plugin = not provider.startswith("builtin:")
@@ -117,6 +143,9 @@ class PassManager:
                     raise PassError(f"pass {p.name} returned {type(result).__name__}, not PassResult")
                 p.ensures(graph, ctx)
                 rec.modified, rec.stats, rec.warnings = result.modified, result.stats, list(result.warnings)
+                if in_bodies and not getattr(p, "handles_subgraphs", False) and not p.name.startswith("cleanup."):
+                    rec.warnings.append("weights inside control-flow bodies left untouched (this pass reads the main graph only): "
+                                        + "; ".join(in_bodies))
                 ctx.history.append(p.name)
                 for inst in self.instruments:
                     inst.after(p, graph, ctx, rec)

@@ -212,17 +212,31 @@ def _load(p: Plan, say: Say) -> _Run:
     elif calib is not None:
         verif = calib.head(opts.verify_samples)
     else:
-        verif = data_mod.random_samples(inputs, opts.verify_samples, opts.seed)
+        verif = data_mod.random_samples(inputs, opts.verify_samples, opts.seed, model=model)
         warnings.append(f"verification uses random inputs ({verif.source}): weak evidence; pass --eval data.npz for real data")
+        warnings += verif.notes
     tol = verify.Tolerances(opts.min_cosine, opts.min_top1, opts.max_accuracy_drop)
     return _Run(p, say, warnings, model, inputs, outputs, verif, calib, tol)
+
+
+def _reference_runs(r: _Run) -> list[list[np.ndarray]]:
+    """The original model on the verification inputs. It passed load's checks, so a failure here is the
+    model's or the data's (an index out of its table, a corrupt node onnxruntime refuses): exit 4."""
+    try:
+        return runtime.run_all(runtime.session(r.model), r.verif.feeds)
+    except InputError:
+        raise
+    except Exception as exc:  # onnxruntime's own error types
+        raise InputError(f"onnxruntime cannot run the original model on the verification inputs ({r.verif.source}): "
+                         f"{' '.join(str(exc).split())[:300]}",
+                         hint="pass real inputs with --eval/--calib" if r.verif.weak else "check the data file's values") from exc
 
 
 def _compress(r: _Run) -> list[Any]:
     """Stages 2-4: reference outputs, the pass pipeline, the compressed model verified with onnxruntime."""
     opts, say = r.p.opts, r.say
     say("[2/6] reference outputs (onnxruntime, optimizations disabled)")
-    r.ref_runs = runtime.run_all(runtime.session(r.model), r.verif.feeds)
+    r.ref_runs = _reference_runs(r)
     say(f"[3/6] passes ({len(r.p.passes)})")
     instruments = [ProgressInstrument(say)]
     if opts.check_each_pass:

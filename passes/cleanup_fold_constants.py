@@ -1,10 +1,13 @@
 """``cleanup.fold_constants``: evaluate every subgraph whose inputs are all
 constant (onnx-graphsurgeon's folder, executed with onnxruntime) and replace it
-by its value. Also turns ``Constant`` nodes into initializers."""
+by its value. Also turns ``Constant`` nodes into initializers and replaces ``If``
+nodes with a constant condition by the taken branch (``compressor.ir.fold_constants``:
+subgraph-aware, nothing over the memory limit is folded, graph outputs stay node outputs)."""
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from compressor import ir
 from compressor.pass_base import Pass, PassContext, PassResult
 
 
@@ -14,7 +17,6 @@ class FoldConstants(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         before = len(graph.nodes)
-        graph.fold_constants(error_ok=True)
-        graph.cleanup(remove_unused_graph_inputs=False)
+        ir.fold_constants(graph)
         after = len(graph.nodes)
         return PassResult(after != before, {"nodes_removed": before - after})
