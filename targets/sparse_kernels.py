@@ -47,6 +47,8 @@ lowers ``T.vectorized`` to AVX/NEON.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -198,19 +200,41 @@ def target_family(target: Any) -> str:
     return "x86"
 
 
+@functools.lru_cache(maxsize=64)
+def _llvm_features(key: str) -> frozenset[str]:
+    import tvm
+    from tvm.target import codegen
+
+    return frozenset(str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(json.loads(key))))
+
+
+def llvm_features(target: Any) -> frozenset[str]:
+    """The CPU features LLVM will generate code for: ``mcpu``'s defaults with ``mattr``'s ``+f``/``-f``
+    applied, resolved by LLVM itself (``llvm_get_cpu_features``). A substring test on the target's
+    strings is wrong: ``-avx512f`` in a Zen 3 host's feature list reads as AVX-512, and 16-lane
+    kernels with AVX-512 intrinsics then abort LLVM for a CPU that has none (issue 16)."""
+    if isinstance(target, str):
+        return frozenset()
+    if isinstance(target, dict):
+        d = {k: v for k, v in target.items() if k in ("kind", "mtriple", "mcpu", "mattr")}
+    else:
+        d = {"kind": target.kind.name}
+        for k in ("mtriple", "mcpu", "mattr"):
+            v = target.attrs.get(k)
+            if v is not None and str(v) != "":
+                d[k] = [str(x) for x in v] if k == "mattr" else str(v)
+    if d.get("kind") != "llvm":
+        return frozenset()
+    return _llvm_features(json.dumps(d, sort_keys=True))
+
+
 def vector_floats(target: Any) -> int:
-    """fp32 lanes of the widest SIMD register the target code may use."""
+    """fp32 lanes of the widest SIMD register the target code may use (16 only where LLVM
+    resolves ``avx512f`` for the target; a bare family string means the 8-lane baseline)."""
     fam = target_family(target)
     if fam == "arm":
         return 4
-    attrs = ""
-    if isinstance(target, dict):
-        attrs = " ".join([str(target.get("mcpu", "")), *map(str, target.get("mattr", []) or [])])
-    elif not isinstance(target, str):
-        attrs = " ".join([str(target.attrs.get("mcpu", "")), *map(str, target.attrs.get("mattr", []) or [])])
-    if "avx512" in attrs or "znver4" in attrs or "znver5" in attrs or "x86-64-v4" in attrs or "sapphire" in attrs:
-        return 16
-    return 8
+    return 16 if "avx512f" in llvm_features(target) else 8
 
 
 def lanes_group(block: tuple[int, int], target: Any) -> int:

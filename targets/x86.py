@@ -10,7 +10,7 @@ import numpy as np
 
 from compressor.errors import UsageError
 from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, library_artifact
-from targets.host import detect_host, host_isa_features, llvm_mcpu_and_mattr
+from targets.host import HostInfo, detect_host, host_isa_features, llvm_host_cpu, llvm_mcpu_and_mattr
 
 TRIPLE = "x86_64-linux-gnu"
 
@@ -45,8 +45,10 @@ class X86Target(Target):
     aliases = ("x86_64", "x86-64", "amd64", "x86-host", "x86-avx2", "x86-avx512", "x86-avx512vnni")
     description = "x86-64 Linux shared library (TVM Relax VM, LLVM), host ISA or a fixed AVX2/AVX-512 level"
 
-    def expand(self, tag: str) -> TargetSpec:
-        host = detect_host()
+    def expand(self, tag: str, host: HostInfo | None = None) -> TargetSpec:
+        """``host``: the CPU the plain ``x86`` tag builds for (default: this one; tests pass
+        ``targets.host.profile_host(cpu)`` to build for CPUs they do not run on)."""
+        host = host or detect_host()
         level = tag.split("-", 1)[1] if tag.startswith("x86-") and tag not in ("x86-64", "x86-host") else ""
         level = level.lower().replace("_", "")
         if level == "":
@@ -81,7 +83,8 @@ class X86Target(Target):
             isa = cpu
             artifact = f"model_x86_64_{cpu}.so"
         round_to, pattern, vnni = _knobs(set(required))
-        runs_here = host.arch == "x86_64" and all(f in host.features for f in required)
+        here = detect_host()
+        runs_here = here.arch == "x86_64" and all(f in here.features for f in required)
         return TargetSpec(
             tag=tag,
             family="x86",
@@ -98,6 +101,7 @@ class X86Target(Target):
                 "artifact_name": artifact,
                 "int8_dot": vnni,
                 "host_cpu": host.model_name,
+                "host_llvm_cpu": llvm_host_cpu() if host is detect_host() else host.model_name.removeprefix("profile:"),
                 "host_simd": host.simd_summary,
             },
         )
