@@ -19,6 +19,10 @@
    are ranked by normalised score and the lowest ratio * total go, subject to per-group floors
    (``min_channels``). Kept counts are rounded to the nearest multiple of ``round_to`` channels
    (onnxruntime's NCHWc kernels want multiples of 8/16), never below the floor, never all removed.
+   A group with balance constraints (grouped convs in balanced mode, e.g. ShuffleNet's grouped 1x1 convs
+   around a channel shuffle) removes the same number of channels from every block of each grouped conv
+   (``_select_balanced``: a small integer program over interchangeable unit cells); when no removal meets
+   the constraints and the rounding, the group stays whole and the report says why.
 5. Remove: every parameter slice of a removed unit is deleted (weights, biases, BN terms, broadcast
    constants), attributes and shape constants are rewritten (Conv ``group``, Reshape shapes, Slice
    bounds, Split sizes, GroupNorm ``num_groups``). Removed channels, zeroed in the original, contribute
@@ -112,6 +116,16 @@ def _slice_scores(w: np.ndarray, axis: int, kind: str) -> np.ndarray:
     raise ValueError(kind)
 
 
+def _param_scores(w: np.ndarray, p: Any, kind: str) -> np.ndarray:
+    """Per-channel scores of parameter ``p``'s slices; a grouped consumer (``p.blocks``) holds channel
+    k*Cin/g + j in column j of block k's rows."""
+    if not getattr(p, "blocks", 0):
+        return _slice_scores(w, p.axis, kind)
+    g = p.blocks
+    wb = w.reshape(g, w.shape[0] // g, *w.shape[1:])
+    return np.concatenate([_slice_scores(wb[k], 1, kind) for k in range(g)])
+
+
 def _norm(v: np.ndarray) -> np.ndarray:
     mean = float(np.mean(np.abs(v))) if v.size else 0.0
     return v / mean if mean > 0 else np.zeros_like(v)
@@ -190,7 +204,7 @@ def unit_scores(graph: gs.Graph, grp: Group, criterion: str, gammas: dict[str, n
                 sc = _axis_mean(a, p.space[1], lambda x: (x > 0).astype(np.float64))
             else:
                 w = np.asarray(nodes[p.node].inputs[p.input_index].values)
-                sc = mean_abs * _slice_scores(w, p.axis, "l1")
+                sc = mean_abs * _param_scores(w, p, "l1")
             per_member.append((p.space, None, _norm(sc)))
         if not per_member:
             used = "l1"
@@ -198,7 +212,7 @@ def unit_scores(graph: gs.Graph, grp: Group, criterion: str, gammas: dict[str, n
         for p in grp.params:
             if p.role == "producer" or (p.role == "consumer" and used != "fpgm"):
                 w = np.asarray(nodes[p.node].inputs[p.input_index].values)
-                per_member.append((p.space, p, _norm(_slice_scores(w, p.axis, used))))
+                per_member.append((p.space, p, _norm(_param_scores(w, p, used))))
     scores = np.zeros(len(grp.units))
     for k, unit in enumerate(grp.units):
         vals = []
@@ -312,6 +326,10 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
         by_gid[grp.gid]["channels_after"] = len(grp.units) - len(ks)
         if not ks:
             by_gid[grp.gid]["status"] = "unchanged"
+            if grp.balance and by_gid[grp.gid]["channels_before"] - floors[grp.gid] > 0:
+                by_gid[grp.gid]["barriers"] = [
+                    f"balanced grouped conv / channel shuffle: no removal keeps the {len(grp.balance)} grouped "
+                    f"channel space(s) equal per group" + (f" with round_to {cfg.round_to}" if cfg.round_to > 1 else "")]
         for k in ks:
             for s, idx in grp.units[k].items():
                 removed[s].append(idx)
@@ -337,6 +355,8 @@ def _select(grp: Group, scores: np.ndarray, removable: np.ndarray, keep: float, 
     n = len(grp.units)
     mult = round_to // gcd(_width(grp), round_to)
     segs = _segments(grp)
+    if grp.balance:
+        return _select_balanced(grp, scores, removable, n - int(round(keep)), floor, mult, segs)
     if len(segs) <= 1 or mult == 1:
         k = _round_keep(keep, n, floor, mult)
         n_remove = min(n - k, int(removable.sum()))
@@ -358,6 +378,142 @@ def _select(grp: Group, scores: np.ndarray, removable: np.ndarray, keep: float, 
     return sorted(out)
 
 
+def _select_balanced(grp: Group, scores: np.ndarray, removable: np.ndarray, target: int, floor: int, mult: int,
+                     segs: list[np.ndarray]) -> list[int]:
+    """Units to remove from a group with balance constraints (grouped convs in balanced mode): for every
+    constraint (space, g) the removed indices fall equally into the g blocks of the space.
+
+    Units with the same block counts in every constrained space and the same producer segment (a *cell*) are
+    interchangeable, so the choice is: how many units n_c to take from each cell (then its lowest-scored
+    ones). An integer program over the n_c (scipy's HiGHS MILP; a proportional search without scipy):
+    maximise the number removed (up to ``target``), then minimise their score, subject to
+    sum_c n_c (cnt_c[k] - cnt_c[0]) = 0 for every constrained space and block k, every producer segment
+    keeping at least one unit, a multiple of ``mult`` (the rounding, per segment as in ``_select``), and the
+    group keeping at least ``floor``. Returns [] when only the empty removal is feasible."""
+    n = len(grp.units)
+    target = min(target, n - floor, int(removable.sum()))
+    if target <= 0:
+        return []
+    seg_of = np.zeros(n, dtype=np.int64)
+    for i, seg in enumerate(segs):
+        seg_of[seg] = i
+    cells: dict[tuple, list[int]] = defaultdict(list)
+    sig_rows: dict[tuple, np.ndarray] = {}
+    for k in np.nonzero(removable)[0]:
+        u = grp.units[int(k)]
+        sig = []
+        for s, g in grp.balance:
+            idx = u.get(s)
+            cnt = np.zeros(g, dtype=np.int64) if idx is None else np.bincount(idx // (grp.sizes[s] // g), minlength=g)
+            sig.append(cnt[1:] - cnt[0])
+        row = np.concatenate(sig) if sig else np.zeros(0, dtype=np.int64)
+        key = (int(seg_of[k]), row.tobytes())
+        cells[key].append(int(k))
+        sig_rows[key] = row
+    keys = list(cells)
+    for key in keys:  # lowest score first
+        cells[key].sort(key=lambda k: (scores[k], k))
+    A = np.stack([sig_rows[k] for k in keys], axis=1).astype(np.float64) if keys else np.zeros((0, 0))
+    A = A[np.any(A != 0, axis=1)] if A.size else A
+    seg_units = [len(seg) for seg in segs]
+    seg_locked = [int((~removable[seg]).sum()) for seg in segs]
+
+    def seg_mult(ns: int) -> int:
+        m = mult
+        while m > 1 and m > ns:
+            m //= 2
+        return m
+
+    counts = _balanced_counts_milp(keys, cells, scores, A, target, floor, n, segs, seg_units, seg_locked, seg_mult)
+    if counts is None:
+        counts = _balanced_counts_search(keys, cells, A, target, segs, seg_units, seg_locked, seg_mult)
+    if A.size and np.any(A @ np.asarray(counts, dtype=np.float64) != 0):  # a solver tolerance slip: refuse
+        log.warning("group %d: balanced selection not exact; group kept whole", grp.gid)
+        return []
+    out = [k for key, c in zip(keys, counts) for k in cells[key][:int(c)]]
+    return sorted(out)
+
+
+def _balanced_counts_milp(keys, cells, scores, A, target, floor, n, segs, seg_units, seg_locked, seg_mult):
+    try:
+        from scipy.optimize import Bounds, LinearConstraint, milp
+    except ImportError:  # optional: the proportional search below
+        return None
+    nc = len(keys)
+    sizes = [len(cells[k]) for k in keys]
+    nz = sum(sizes)
+    ns = len(segs)
+    nv = nc + nz + ns  # n_c, z (one per unit, in cell order), y_seg (kept = mult * y)
+    sc = np.concatenate([scores[cells[k]] for k in keys]).astype(np.float64)
+    big = 1.0 + float(np.abs(sc).sum())
+    cost = np.zeros(nv)
+    cost[nc:nc + nz] = sc - big  # every removal pays -big: the count comes first, then the score
+    rows, lo, hi = [], [], []
+
+    def add(r, a, b):
+        rows.append(r)
+        lo.append(a)
+        hi.append(b)
+
+    off = nc
+    for j, sz in enumerate(sizes):  # n_c = sum of the cell's z (lowest scores first: the LP fills them in order)
+        r = np.zeros(nv)
+        r[j] = 1.0
+        r[off:off + sz] = -1.0
+        add(r, 0.0, 0.0)
+        off += sz
+    for arow in A:
+        r = np.zeros(nv)
+        r[:nc] = arow
+        add(r, 0.0, 0.0)
+    r = np.zeros(nv)
+    r[:nc] = 1.0
+    add(r, 0.0, float(min(target, n - floor)))
+    seg_of_key = [k[0] for k in keys]
+    for i in range(ns):
+        r = np.zeros(nv)  # kept in segment i: seg_units - sum n_c = mult * y  ->  sum n_c + mult * y = seg_units
+        for j in range(nc):
+            if seg_of_key[j] == i:
+                r[j] = 1.0
+        r[nc + nz + i] = float(seg_mult(seg_units[i]))
+        add(r, float(seg_units[i]), float(seg_units[i]))
+    lb = np.zeros(nv)
+    ub = np.concatenate([np.array(sizes, float), np.ones(nz), np.array(seg_units, float)])
+    for i in range(ns):
+        m = seg_mult(seg_units[i])
+        seg_floor = max(1, seg_locked[i], int(np.ceil(floor * seg_units[i] / n)))
+        lb[nc + nz + i] = -(-seg_floor // m)
+        ub[nc + nz + i] = seg_units[i] // m
+    integrality = np.concatenate([np.ones(nc), np.zeros(nz), np.ones(ns)])
+    res = milp(cost, integrality=integrality, bounds=Bounds(lb, ub),
+               constraints=LinearConstraint(np.array(rows), np.array(lo), np.array(hi)),
+               options={"time_limit": 20.0})
+    if res.x is None:
+        return [0] * nc
+    return [int(round(v)) for v in res.x[:nc]]
+
+
+def _balanced_counts_search(keys, cells, A, target, segs, seg_units, seg_locked, seg_mult):
+    """Without scipy: the same fraction of every cell (balanced when it is integral), the largest that fits."""
+    sizes = np.array([len(cells[k]) for k in keys])
+    seg_of_key = np.array([k[0] for k in keys])
+    best, best_n = [0] * len(keys), 0
+    for f in np.linspace(1.0, 0.0, 401):
+        c = np.floor(f * sizes + 1e-9).astype(np.int64)
+        tot = int(c.sum())
+        if tot <= best_n or tot > target or (A.size and np.any(A @ c != 0)):
+            continue
+        ok = True
+        for i in range(len(segs)):
+            kept = seg_units[i] - int(c[seg_of_key == i].sum())
+            if kept < max(1, seg_locked[i]) or kept % seg_mult(seg_units[i]):
+                ok = False
+                break
+        if ok:
+            best, best_n = c.tolist(), tot
+    return best
+
+
 # ------------------------------------------------------------------------------------------ rewriting
 
 def apply_plan(graph: gs.Graph, p: Plan, mode: str = "remove") -> int:
@@ -366,22 +522,24 @@ def apply_plan(graph: gs.Graph, p: Plan, mode: str = "remove") -> int:
     if not p.removed:
         return 0
     nodes = {n.name: n for n in graph.nodes}
-    edits: dict[tuple[str, int], dict[int, tuple[set[int], float]]] = defaultdict(dict)
+    edits: dict[tuple[str, int], dict[int, tuple[set[int], float, int]]] = defaultdict(dict)
     for grp in p.dep.groups:
         for prm in grp.params:
             r = p.removed.get(prm.space)
             if r is None:
                 continue
-            idx, fill = edits[(prm.node, prm.input_index)].get(prm.axis, (set(), prm.fill))
+            idx, fill, blocks = edits[(prm.node, prm.input_index)].get(prm.axis, (set(), prm.fill, prm.blocks))
             idx |= set(prm.indices(r).tolist())
-            edits[(prm.node, prm.input_index)][prm.axis] = (idx, fill)
+            edits[(prm.node, prm.input_index)][prm.axis] = (idx, fill, blocks)
     for (nname, i), axes in edits.items():
         node = nodes[nname]
         old = node.inputs[i]
         vals = np.array(old.values, copy=True)
-        for axis, (idx, fill) in sorted(axes.items(), reverse=True):
+        for axis, (idx, fill, blocks) in sorted(axes.items(), reverse=True):
             ii = np.array(sorted(idx), dtype=np.int64)
-            if mode == "zero":
+            if blocks:  # grouped consumer (axis 1): channel c is column c % cin_g of block c // cin_g's rows
+                vals = _edit_grouped(vals, ii, blocks, mode, fill)
+            elif mode == "zero":
                 sl = [slice(None)] * vals.ndim
                 sl[axis] = ii
                 vals[tuple(sl)] = fill
@@ -417,6 +575,25 @@ def apply_plan(graph: gs.Graph, p: Plan, mode: str = "remove") -> int:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     _reinfer_shapes(graph)
     return len(edits)
+
+
+def _edit_grouped(w: np.ndarray, removed: np.ndarray, g: int, mode: str, fill: float) -> np.ndarray:
+    """Zero or delete input channels of a grouped Conv weight [Cout, Cin/g, ...]; the selection removed the
+    same number from every block."""
+    cin_g, rows = w.shape[1], w.shape[0] // g
+    wb = w.reshape(g, rows, *w.shape[1:])
+    out = []
+    for k in range(g):
+        cols = removed[(removed // cin_g) == k] % cin_g
+        if mode == "zero":
+            wb[k][:, cols] = fill
+        else:
+            out.append(np.delete(wb[k], cols, axis=1))
+    if mode == "zero":
+        return wb.reshape(w.shape)
+    if len({o.shape[1] for o in out}) != 1:
+        raise ValueError("unbalanced removal from a grouped conv (a bug in the selection)")
+    return np.concatenate(out, axis=0)
 
 
 def _reinfer_shapes(graph: gs.Graph) -> None:

@@ -19,6 +19,15 @@ graph are *pruning groups*. Inside a group, the union of all index pairs
 indices that can be removed together (one conv channel with its S Gemm
 columns, one attention head with its Dh columns of Q, K, V and rows of the
 output projection, one group of a grouped conv).
+
+Grouped convs have two exact treatments. By default (*whole groups*) the Cin/g inputs and Cout/g outputs of
+one group are one unit, and removing it lowers ``group``. When that collapses a group's units (the blocks of
+a grouped conv merged by other couplings: a ShuffleNet channel shuffle ties index j of every block together,
+so whole-group removal would take everything), ``build`` revisits such a conv in *balanced* mode
+(``GraphView.balanced``): input and output channels are independent, ``group`` stays, and the node declares
+a balance constraint ``(space, g)``: the removed indices of the space must fall equally into its g blocks
+(else the weight is no longer [Cout, Cin/g, ...] with equal blocks). The selection
+(``prune.channels``) honours these constraints; a constraint it cannot meet leaves the group unpruned.
 """
 from __future__ import annotations
 
@@ -68,6 +77,7 @@ class Param:
     role: str = "aux"
     fill: float = 0.0
     index_fn: Callable[[np.ndarray], np.ndarray] | None = None
+    blocks: int = 0  # grouped consumer: index c of the space is column c % (n/blocks) of the rows of block c // (n/blocks)
 
     def indices(self, removed: np.ndarray) -> np.ndarray:
         idx = removed if self.index_fn is None else self.index_fn(removed)
@@ -79,6 +89,7 @@ class Visit:
     couplings: list[Coupling] = field(default_factory=list)
     params: list[Param] = field(default_factory=list)
     inexact: str | None = None  # the op changes numerics when channels are removed (e.g. LayerNorm over them)
+    balance: list[tuple[Space, int]] = field(default_factory=list)  # (space, g): remove equally from its g blocks
 
 
 def identity(a: Space, b: Space, n: int) -> Coupling:
@@ -89,9 +100,10 @@ def identity(a: Space, b: Space, n: int) -> Coupling:
 class GraphView:
     """Read-only facts about the graph the handlers need: shapes, constants, readers."""
 
-    def __init__(self, graph: gs.Graph, model: onnx.ModelProto, opset: int):
+    def __init__(self, graph: gs.Graph, model: onnx.ModelProto, opset: int, balanced: frozenset[str] = frozenset()):
         self.graph = graph
         self.opset = opset
+        self.balanced = balanced  # grouped Conv nodes visited in balanced mode (see the module docstring)
         inferred = onnx.shape_inference.infer_shapes(model)
         self.shapes: dict[str, tuple[int, ...]] = {}
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -164,6 +176,7 @@ class Group:
     barriers: list[str]  # "OpType node: reason"
     inexact: list[str]
     io_spaces: list[Space]
+    balance: list[tuple[Space, int]] = field(default_factory=list)
     # units: list of dict space -> indices
     units: list[dict[Space, np.ndarray]] = field(default_factory=list)
     locked: np.ndarray | None = None  # bool per unit: cannot be removed
@@ -184,13 +197,49 @@ Lookup = Callable[[gs.Node, int], object]  # (node, opset) -> handler or None
 
 
 def build(graph: gs.Graph, model: onnx.ModelProto, opset: int, lookup: Lookup) -> DepGraph:
-    """Build the dependency graph and its pruning groups."""
-    view = GraphView(graph, model, opset)
+    """Build the dependency graph and its pruning groups; grouped convs whose whole-group units collapse are
+    revisited in balanced mode (one rebuild: removing couplings only splits units further)."""
+    dep = _build(GraphView(graph, model, opset), lookup)
+    collapsed = collapsed_grouped_convs(dep)
+    if collapsed:
+        log.info("grouped convs in balanced mode: %s", ", ".join(sorted(collapsed)))
+        view = dep.view
+        view.balanced = frozenset(collapsed)
+        dep = _build(view, lookup)
+    return dep
+
+
+def collapsed_grouped_convs(dep: DepGraph) -> set[str]:
+    """Grouped Convs (Cin/g > 1) whose g output blocks do not fall into g distinct units of their group."""
+    out = set()
+    where = {s: grp for grp in dep.groups for s in grp.spaces}
+    for node in dep.view.graph.nodes:
+        g = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+        if g <= 1 or node.name in dep.view.balanced or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        w = np.asarray(node.inputs[1].values)
+        y = (node.outputs[0].name, 1)
+        grp = where.get(y)
+        if w.shape[1] <= 1 or grp is None:
+            continue
+        unit_of = np.full(grp.sizes[y], -1)
+        for k, u in enumerate(grp.units):
+            if y in u:
+                unit_of[u[y]] = k
+        firsts = unit_of[np.arange(g) * (w.shape[0] // g)]
+        if len(set(firsts.tolist())) < g:
+            out.add(node.name)
+    return out
+
+
+def _build(view: GraphView, lookup: Lookup) -> DepGraph:
+    graph, opset = view.graph, view.opset
     g = nx.Graph()
     params: dict[Space, list[Param]] = {}
     node_of: dict[Space, set[str]] = {}
     barrier_at: dict[Space, list[str]] = {}
     inexact_at: dict[Space, list[str]] = {}
+    balance_at: dict[Space, set[int]] = {}
     visited: set[tuple[str, Space]] = set()
 
     seeds: list[Space] = []
@@ -233,6 +282,8 @@ def build(graph: gs.Graph, model: onnx.ModelProto, opset: int, lookup: Lookup) -
             except Barrier as exc:
                 barrier_at.setdefault(s, []).append(f"{node.op} {node.name}: {exc}")
                 continue
+            for bs, bg in v.balance:
+                balance_at.setdefault(bs, set()).add(bg)
             if v.inexact:
                 inexact_at.setdefault(s, []).append(f"{node.op} {node.name}: {v.inexact}")
             for p in v.params:
@@ -263,6 +314,7 @@ def build(graph: gs.Graph, model: onnx.ModelProto, opset: int, lookup: Lookup) -
             barriers=sorted({b for s in spaces for b in barrier_at.get(s, [])}),
             inexact=sorted({b for s in spaces for b in inexact_at.get(s, [])}),
             io_spaces=[s for s in spaces if s[0] in view.graph_inputs or s[0] in view.graph_outputs],
+            balance=sorted((s, bg) for s in spaces for bg in balance_at.get(s, ())),
         )
         _units(grp, g)
         groups.append(grp)

@@ -7,7 +7,14 @@ Index maps used below, for a removed index set R of a space:
   * Reshape/Flatten merging axes (a_major, ..., a_minor) -> o: input digit c of axis a <-> every flat
     index f of o whose digit on a is c (channel c of a Conv <-> columns c*S .. c*S+S-1 of a Gemm),
   * Reshape splitting D -> (H, Dh): d <-> head d // Dh (whole heads; Dh is never cut),
-  * grouped Conv (group g): all Cin/g inputs and Cout/g outputs of one group form one unit; group -= removed,
+  * grouped Conv (group g): all Cin/g inputs and Cout/g outputs of one group form one unit; group -= removed;
+    in balanced mode (``GraphView.balanced``) inputs and outputs are independent, each removed equally from
+    the g blocks (a balance constraint), and group stays,
+  * channel shuffle (Reshape C -> (g, C/g), Transpose swapping the two, Reshape back): channel c = i*C/g + j
+    goes to p(c) = j*g + i. Only index j of the middle (C/g) axis can go, the same j from every one of the g
+    blocks: c <-> j and j <-> the g outputs j*g .. j*g+g-1. Removing the same set from each block keeps
+    the shuffle a deletion (the kept channels stay in order on both sides; equal counts with different
+    indices would make it a new permutation); the Reshape shapes are rewritten, g stays,
   * GroupNormalization: the C/G channels of one group form one unit; num_groups -= removed.
 """
 from __future__ import annotations
@@ -80,6 +87,17 @@ class ConvHandler(Handler):
         cout, cin_g = w.shape[0], w.shape[1]
         cin = cin_g * g
         v = Visit()
+        if g > 1 and cin_g > 1 and node.name in view.balanced:
+            v.balance.append((space, g))
+            if space == (y, 1):
+                v.params.append(Param(node.name, 1, 0, space, "producer"))
+                if len(node.inputs) > 2 and node.inputs[2].name:
+                    if _const_input(node, 2, view) is None:
+                        raise Barrier("bias is not constant")
+                    v.params.append(Param(node.name, 2, 0, space, "aux"))
+            else:
+                v.params.append(Param(node.name, 1, 1, space, "consumer", blocks=g))
+            return v
         if g > 1:
             cout_g = cout // g
             v.couplings.append(Coupling((x, 1), (y, 1), np.arange(cin), (np.arange(cin) // cin_g) * cout_g))
@@ -96,7 +114,7 @@ class ConvHandler(Handler):
 
     def fix(self, node, removed, new_shape, view):
         g = int(node.attrs.get("group", 1))
-        if g > 1:
+        if g > 1 and node.name not in view.balanced:
             cout = view.shape(node.outputs[0].name)[1]
             node.attrs["group"] = new_shape(node.outputs[0].name)[1] // (cout // g)
 
@@ -474,6 +492,32 @@ def reshape_coupling(space: Space, x: str, y: str, sx: tuple[int, ...], sy: tupl
     raise Barrier("reshape mixes the channel axis with others")
 
 
+def shuffle_split(node: gs.Node, view: GraphView) -> tuple[int, int, int] | None:
+    """(axis a, g, C/g) when ``node`` is the first Reshape of a channel shuffle: x [.., C, ..] -> y [.., g, C/g, ..]
+    (axis a split in place), read only by a Transpose swapping axes a and a+1, read only by a Reshape back to
+    x's shape."""
+    if node.op != "Reshape" or len(node.outputs[0].outputs) != 1:
+        return None
+    try:
+        sx, sy = view.shape(node.inputs[0].name), view.shape(node.outputs[0].name)
+    except Barrier:
+        return None
+    if len(sy) != len(sx) + 1:
+        return None
+    a = next((i for i in range(len(sx)) if sx[i] != sy[i]), len(sx))
+    if a >= len(sx) or sx[:a] != sy[:a] or sx[a + 1:] != sy[a + 2:] or sy[a] * sy[a + 1] != sx[a] or min(sy[a], sy[a + 1]) < 2:
+        return None
+    t = node.outputs[0].outputs[0]
+    perm = list(range(len(sy)))
+    perm[a], perm[a + 1] = a + 1, a
+    if t.op != "Transpose" or list(t.attrs.get("perm", [])) != perm or len(t.outputs[0].outputs) != 1:
+        return None
+    back = t.outputs[0].outputs[0]
+    if back.op != "Reshape" or view.shapes.get(back.outputs[0].name) != sx:
+        return None
+    return a, sy[a], sy[a + 1]
+
+
 class ReshapeHandler(Handler):
     name, ops = "reshape", ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -485,6 +529,13 @@ class ReshapeHandler(Handler):
             raise Barrier("shape is not constant")
         if node.op in ("Squeeze", "Unsqueeze") and len(node.inputs) > 1 and _const_input(node, 1, view) is None:
             raise Barrier("axes are not constant")
+        sh = shuffle_split(node, view)
+        if sh is not None and space in ((x, sh[0]), (y, sh[0]), (y, sh[0] + 1)):
+            a, g, m = sh
+            if space == (y, a):
+                raise Barrier(f"group axis of a channel shuffle (g={g} stays)")
+            r = np.arange(g * m)
+            return Visit([Coupling((x, a), (y, a + 1), r, r % m)])
         return Visit([reshape_coupling(space, x, y, view.shape(x), view.shape(y))])
 
     def fix(self, node, removed, new_shape, view):
