@@ -80,11 +80,14 @@ def test_mlp_sparse_selfcheck_and_instruction_counts(guest, mlp_sparse_bundle, c
     assert rep["insns"]["dense_over_sparse"] == round(twin["insns"] / rep["insns"]["artifact"], 3)
     assert f"dense_over_sparse_insns={rep['insns']['dense_over_sparse']}" in r.out
 
-    # the count is deterministic: the same run again gives exactly the same number
+    # the count is reproducible: the same run again is within 1% (not bit-identical: on a Zen 3 host two
+    # runs gave 3493603 and 3490362 -- thread-pool spin/wait loops under qemu differ from run to run),
+    # far tighter than the sparse-vs-dense gap asserted above
     from targets import device_qemu
 
     again = device_qemu.run_bundle(guest, mlp_sparse_bundle, count=True)
-    assert again.returncode == 0 and again.insns_region == rep["insns"]["artifact"]
+    assert again.returncode == 0 and abs(again.insns_region - rep["insns"]["artifact"]) <= 0.01 * rep["insns"]["artifact"]
+    assert twin["insns"] > 1.05 * rep["insns"]["artifact"]
 
 
 def test_cnn_selfcheck(guest, zoo, tmp_path, cli):
