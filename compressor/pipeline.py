@@ -80,14 +80,16 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
     return items
 
 
-def lower_for_target(model: onnx.ModelProto, target: Any, spec: Any, say: Say) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+def lower_for_target(model: onnx.ModelProto, target: Any, spec: Any, say: Say,
+                     only: tuple[str, ...] | None = None) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """Apply the passes a backend needs before it can compile (``Target.required_passes``,
     e.g. ``lower.rnn`` for TVM's importer) to a copy of the compressed model. The bundle's
     model.onnx stays as compressed (an LSTM stays an LSTM for onnxruntime users); the
     artifact-vs-compressed comparison checks the lowering."""
     from passes import PASSES
 
-    needed = [(PASSES.get(n)(), PASSES.entry(n).provider) for n in target.required_passes]
+    names = target.required_passes if only is None else only
+    needed = [(PASSES.get(n)(), PASSES.entry(n).provider) for n in names]
     if not needed:
         return model, []
     ctx = PassContext(target=spec, opset=ir.default_opset(model) or 17, template=model)
@@ -152,6 +154,70 @@ def _compile_artifact(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int
     if p.opts.tune_trials or p.opts.tuning_db:
         warnings.append(f"target {p.spec.tag} does not support tuning options: --tune-trials/--tuning-db ignored, artifact untuned")
     return p.target.compile(src, p.spec, bdir, shapes)
+
+
+class _ChildPlan:
+    """What :func:`_compile_in_child` needs of a Plan (picklable: no callables, no executor)."""
+
+    def __init__(self, p: Plan):
+        self.target, self.spec = p.target, p.spec
+        self.opts = p.opts
+
+
+def _compile_in_child(cp: _ChildPlan, src: Path, bdir: Path, shapes: dict[str, list[int]],
+                      feeds: list[dict[str, np.ndarray]]) -> tuple[Any, list[list[np.ndarray]] | None, str | None, list[str]]:
+    """Child side of an isolated build: compile, then run the artifact once on every verification
+    feed where this host can (a kernel that segfaults does so here, not in the tool's process).
+    Returns (artifact, runs or None, why not run, warnings)."""
+    from targets.base import NotRunnableHere
+
+    warnings: list[str] = []
+    art = _compile_artifact(cp, src, bdir, shapes, lambda line: print(line, flush=True), warnings)  # type: ignore[arg-type]
+    try:
+        runs = [cp.target.run(bdir / art.path, cp.spec, f) for f in feeds]
+    except NotRunnableHere as exc:
+        return art, None, str(exc), warnings
+    return art, runs, None, warnings
+
+
+def _isolated_build(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say, warnings: list[str],
+                    session: Any, feeds: list[dict[str, np.ndarray]]) -> tuple[Any, list[list[np.ndarray]] | None, str | None]:
+    """Compile (and first-run) the artifact in a child process (``compressor.isolated``): an LLVM
+    abort or a segfaulting kernel becomes :class:`~compressor.isolated.ChildCrashed` instead of
+    killing the run. Runs with a Ray executor compile in this process (the tuning fans out on the
+    run's cluster connection, which cannot cross into a child)."""
+    from compressor import isolated
+    from targets.base import NotRunnableHere
+
+    if session is not None and getattr(session, "kind", "local") != "local":
+        art = _compile_artifact(p, src, bdir, shapes, say, warnings, session)
+        try:
+            return art, [p.target.run(bdir / art.path, p.spec, f) for f in feeds], None
+        except NotRunnableHere as exc:
+            return art, None, str(exc)
+    try:
+        art, runs, why, child_warnings = isolated.call(
+            _compile_in_child, (_ChildPlan(p), src, bdir, shapes, feeds),
+            label=f"code generation for {p.spec.tag} ({p.spec.extra.get('isa', p.spec.family)})",
+            plugins=list(p.opts.plugin), on_line=say)
+    except TypeError as exc:  # a plugin target that cannot be pickled: build here, say so
+        warnings.append(f"compile: not isolated in a child process ({exc}); a code-generation crash would end the run")
+        art = _compile_artifact(p, src, bdir, shapes, say, warnings, session)
+        try:
+            return art, [p.target.run(bdir / art.path, p.spec, f) for f in feeds], None
+        except NotRunnableHere as exc2:
+            return art, None, str(exc2)
+    warnings += child_warnings
+    return art, runs, why
+
+
+def _sparse_kernels_in(model: onnx.ModelProto) -> dict[str, int]:
+    """Counts of the ``compressor``-domain kernel ops in a lowered model, by op type."""
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.domain == "compressor":
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
 
 
 def _host_description() -> str:
@@ -275,12 +341,12 @@ class _Build:
     target_passes: list[dict[str, Any]] | None = None
     runtime_choice: dict[str, Any] | None = None
     expected_runs: list[list[np.ndarray]] | None = None  # what the bundle's default runtime produces
+    sparse_fallback: dict[str, Any] | None = None  # sparse kernels that crashed code generation (kept dense)
 
 
 def _build(r: _Run, stage: bundle_mod.StagedDir) -> _Build:
     """Stage 5: pick the runtime, lower + compile for the target, run and verify the artifact where it runs."""
     from passes.quant_common import choose_runtime
-    from targets.base import NotRunnableHere
 
     p, say, bdir = r.p, r.say, stage.path
     b = _Build(target_passes=[], runtime_choice=choose_runtime(r.compressed, p.spec), expected_runs=r.comp_runs)
@@ -302,41 +368,70 @@ def _build(r: _Run, stage: bundle_mod.StagedDir) -> _Build:
         say(f"[5/6] compile for {p.spec.tag} ({p.spec.tvm_target.get('kind')}, {p.spec.triple})")
         t0 = time.perf_counter()
         try:
-            lowered, b.target_passes = lower_for_target(r.compressed, p.target, p.spec, say)
-            src = bdir / "model.onnx"
-            if lowered is not r.compressed:
-                # the lowered graph (unrolled RNNs, BSR ops with a standard-op reference body) still
-                # runs in onnxruntime: check it bit-tight against the compressed model, so targets
-                # whose artifact cannot run here (arm, cuda) have their lowering verified too
-                r.compare("lowered.onnx", "compressed.onnx", "compile", runtime.run_all(runtime.session(lowered), r.verif.feeds), r.comp_runs)
-                src = stage.path.parent / f"{stage.path.name}.lowered.onnx"
-                ir.save_model(lowered, src)
-            try:
-                b.artifact = _compile_artifact(p, src, bdir, {s.name: list(s.shape) for s in r.inputs}, say, r.warnings,
-                                               r.session)
-            finally:
-                if src.name.endswith(".lowered.onnx"):
-                    src.unlink(missing_ok=True)
-            say(f"      {b.artifact.path} ({time.perf_counter() - t0:.1f} s)")
-            r.warnings += [f"compile: {w}" for w in getattr(b.artifact, "warnings", ())]
+            b.artifact, b.artifact_runs = _lower_and_compile(r, b, stage, t0)
         except TargetError as exc:
             r.warnings.append(f"artifact not produced for {p.spec.tag}: {exc.one_line()}")
             say(f"      warning: artifact not produced: {exc.one_line()}")
-    if b.artifact is not None:
-        try:
-            b.artifact_runs = [p.target.run(bdir / b.artifact.path, p.spec, f) for f in r.verif.feeds]
-        except NotRunnableHere as exc:
-            r.warnings.append(f"artifact not executed here: {exc}; it was verified only as ONNX (onnxruntime)")
-            say(f"      artifact not run here: {exc}")
-        if b.artifact_runs is not None:
-            r.compare(f"artifact({p.spec.tag})", "original.onnx", "lossy", b.artifact_runs, r.ref_runs)
-            r.compare(f"artifact({p.spec.tag})", "compressed.onnx", "compile", b.artifact_runs, r.comp_runs)
-            if r.accuracy is not None:
-                r.accuracy["artifact"] = verify.accuracy(b.artifact_runs, r.verif.labels)
+    if b.artifact_runs is not None:
+        r.compare(f"artifact({p.spec.tag})", "original.onnx", "lossy", b.artifact_runs, r.ref_runs)
+        r.compare(f"artifact({p.spec.tag})", "compressed.onnx", "compile", b.artifact_runs, r.comp_runs)
+        if r.accuracy is not None:
+            r.accuracy["artifact"] = verify.accuracy(b.artifact_runs, r.verif.labels)
     if b.artifact is None and b.runtime_choice["name"] == "tvm":
         b.runtime_choice = {"name": "onnxruntime", "quantized_ops": {},
                             "reason": "no TVM artifact (see warnings): the bundle's model.onnx runs with onnxruntime"}
     return b
+
+
+def _lower_and_compile(r: _Run, b: _Build, stage: bundle_mod.StagedDir, t0: float) -> tuple[Any, list[list[np.ndarray]] | None]:
+    """Target lowering, then the isolated compile + first run. When the code generation of the
+    lowered model crashes and the lowering put sparse kernels in it, the layers are kept dense
+    (the target's lowering without ``lower.sparse``) and the build is retried once: a warning and a
+    report row (``sparse_fallback``) name the kernels and the ISA."""
+    from compressor.isolated import ChildCrashed
+
+    p, say, bdir = r.p, r.say, stage.path
+    lowered, b.target_passes = lower_for_target(r.compressed, p.target, p.spec, say)
+    shapes = {s.name: list(s.shape) for s in r.inputs}
+
+    def build(model: onnx.ModelProto, name: str) -> tuple[Any, list[list[np.ndarray]] | None]:
+        src = bdir / "model.onnx"
+        if model is not r.compressed:
+            # the lowered graph (unrolled RNNs, BSR ops with a standard-op reference body) still
+            # runs in onnxruntime: check it bit-tight against the compressed model, so targets
+            # whose artifact cannot run here (arm, cuda) have their lowering verified too
+            r.compare(f"{name}.onnx", "compressed.onnx", "compile", runtime.run_all(runtime.session(model), r.verif.feeds),
+                      r.comp_runs)
+            src = stage.path.parent / f"{stage.path.name}.{name}.onnx"
+            ir.save_model(model, src)
+        try:
+            art, runs, why = _isolated_build(p, src, bdir, shapes, say, r.warnings, r.session, r.verif.feeds)
+        finally:
+            if src.parent != bdir:
+                src.unlink(missing_ok=True)
+        say(f"      {art.path} ({time.perf_counter() - t0:.1f} s)")
+        r.warnings.extend(f"compile: {w}" for w in getattr(art, "warnings", ()))
+        if why is not None:
+            r.warnings.append(f"artifact not executed here: {why}; it was verified only as ONNX (onnxruntime)")
+            say(f"      artifact not run here: {why}")
+        return art, runs
+
+    try:
+        return build(lowered, "lowered")
+    except ChildCrashed as exc:
+        kernels = _sparse_kernels_in(lowered)
+        if not kernels:
+            raise
+        isa = p.spec.extra.get("isa", p.spec.family)
+        what = ", ".join(f"{n} x{c}" for c, n in sorted((c, n) for n, c in kernels.items()))
+        r.warnings.append(f"sparse kernels ({what}) crashed code generation for {p.spec.tag} (ISA {isa}): "
+                          f"{exc.one_line()}; every layer kept dense for this artifact")
+        say(f"      warning: sparse kernels crashed code generation ({exc.signal_name or 'error'}); retrying with dense layers")
+        b.sparse_fallback = {"kernels": kernels, "isa": isa, "target": p.spec.tvm_target, "error": exc.one_line()}
+        keep = tuple(n for n in p.target.required_passes if n != "lower.sparse")
+        dense, passes = lower_for_target(r.compressed, p.target, p.spec, say, only=keep)
+        b.target_passes = passes
+        return build(dense, "lowered_dense")
 
 
 def _measure(r: _Run, b: _Build, bdir: Path) -> dict[str, Any] | None:
@@ -438,6 +533,7 @@ def _execute_rest(p: Plan, say: Say, r: _Run, model_path: Path, src_hash: str | 
             "target": p.spec.to_dict(),
             "passes": [rec.to_dict() for rec in records],
             "target_passes": b.target_passes,
+            "sparse_fallback": b.sparse_fallback,
             "verification_data": r.verif.source,
             "verification": [c.to_dict() for c in r.comparisons],
             "accuracy": r.accuracy,

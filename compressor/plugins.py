@@ -6,6 +6,7 @@ Plugin packages use entry points instead (see registry.py).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import sys
@@ -23,7 +24,13 @@ def load_plugin_file(path: Path) -> list[str]:
 
     if not path.is_file() or path.suffix != ".py":
         raise UsageError(f"plugin file not found or not a .py file: {path}")
-    mod_name = f"compressor_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
+    # a stable name (not hash(): salted per process): the compile child (compressor.isolated)
+    # loads the same file and must find the plugin's classes under the same module name
+    mod_name = f"compressor_plugin_{path.stem}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+    if mod_name in sys.modules and getattr(sys.modules[mod_name], "__file__", None) == str(path):
+        module = sys.modules[mod_name]
+        return [n for n, obj in inspect.getmembers(module, inspect.isclass)
+                if obj.__module__ == mod_name and getattr(obj, "name", "")]
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
         raise PluginError(f"cannot import plugin {path}")
