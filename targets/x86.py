@@ -10,7 +10,8 @@ import numpy as np
 
 from compressor.errors import UsageError
 from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, library_artifact
-from targets.host import HostInfo, detect_host, host_isa_features, llvm_host_cpu, llvm_mcpu_and_mattr
+from targets.host import (CPU_PROFILES, X86_FLAG_TO_LLVM, HostInfo, detect_host, host_isa_features, llvm_host_cpu,
+                          llvm_mcpu_and_mattr, profile_host)
 
 TRIPLE = "x86_64-linux-gnu"
 
@@ -43,7 +44,8 @@ class X86Target(Target):
     required_passes = TVM_FRONTEND_PASSES + ("lower.sparse",)  # BSR kernels where the cost model predicts a win
     name = "x86"
     aliases = ("x86_64", "x86-64", "amd64", "x86-host", "x86-avx2", "x86-avx512", "x86-avx512vnni")
-    description = "x86-64 Linux shared library (TVM Relax VM, LLVM), host ISA or a fixed AVX2/AVX-512 level"
+    description = ("x86-64 Linux shared library (TVM Relax VM, LLVM), host ISA, a fixed AVX2/AVX-512 level, or "
+                   "x86-<cpu> (the host target as it is built on that CPU: znver3, skylake-avx512, ...)")
 
     def expand(self, tag: str, host: HostInfo | None = None) -> TargetSpec:
         """``host``: the CPU the plain ``x86`` tag builds for (default: this one; tests pass
@@ -69,6 +71,16 @@ class X86Target(Target):
             tvm_target = {"kind": "llvm", "mtriple": TRIPLE, "mcpu": mcpu, "mattr": list(mattr_t)}
             isa = level
             artifact = f"model_x86_64_{level}.so"
+        elif level.replace("_", "-") in CPU_PROFILES or tag.split("-", 1)[1] in CPU_PROFILES:
+            # what the plain x86 tag builds on that CPU: compile for a Zen 3 on a Zen 4 and get
+            # exactly the artifact a Zen 3 user gets
+            cpu = tag.split("-", 1)[1]
+            prof = profile_host(cpu)
+            mcpu, mattr = llvm_mcpu_and_mattr(prof)
+            required = host_isa_features(prof)
+            tvm_target = {"kind": "llvm", "mtriple": TRIPLE, "mcpu": mcpu, "mattr": mattr}
+            isa = cpu
+            artifact = f"model_x86_64_{cpu}.so"
         else:
             cpu = tag.split("-", 1)[1]
             from targets.host import _llvm_cpu_is_valid
@@ -76,10 +88,15 @@ class X86Target(Target):
             if not _llvm_cpu_is_valid(cpu, TRIPLE):
                 raise UsageError(
                     f"unknown x86 target {tag!r}",
-                    hint="use x86 (host ISA), x86-avx2, x86-avx512, x86-avx512vnni or x86-<llvm cpu name>",
+                    hint="use x86 (host ISA), x86-avx2, x86-avx512, x86-avx512vnni, x86-<cpu> with a CPU of "
+                         f"{', '.join(CPU_PROFILES)} or x86-<llvm cpu name>",
                 )
             tvm_target = {"kind": "llvm", "mtriple": TRIPLE, "mcpu": cpu}
-            required = ()
+            # the features LLVM enables for that CPU, as cpuinfo flags: what the runner must find
+            from targets.sparse_kernels import llvm_features
+
+            feats = llvm_features(tvm_target)
+            required = tuple(sorted(f for f, llvm in X86_FLAG_TO_LLVM.items() if llvm in feats))
             isa = cpu
             artifact = f"model_x86_64_{cpu}.so"
         round_to, pattern, vnni = _knobs(set(required))

@@ -94,3 +94,23 @@ def test_every_kernel_compiles(tvm_target, needs, tmp_path):
     if runs:
         ran = [c for c in res["cases"].values() if "max_rel_err" in c]
         assert len(ran) >= 15 and all(c["max_rel_err"] <= 1e-5 for c in ran)
+
+
+def test_zen3_target_compiles_the_seed_mlp_sparse(cli, tmp_path):
+    """The exact failing case of issue 16: a 4-layer 2048-wide MLP at 90% for a Zen 3 (the
+    x86 target as a Zen 3 host expands it) aborted LLVM; now it is a sparse bundle, and it runs
+    here when this host has AVX2."""
+    from models.large import build_mlp_large
+
+    model = build_mlp_large(tmp_path / "mlp.onnx", widths=(2048, 2048, 2048, 2048))
+    out = tmp_path / "b"
+    r = cli(model, "--target", "x86-znver3", "--sparsity", "0.9", "--no-gate", "--no-latency", "-o", out)
+    assert r.code == 0, r.out + r.err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["target"]["tvm_target"]["mcpu"] == "x86-64-v3" and "avx512f" not in rep["target"]["isa_features"]
+    low = [p for p in rep["target_passes"] if p["name"] == "lower.sparse"][0]
+    assert low["stats"]["lowered"] == 3 and rep["sparse_fallback"] is None
+    assert rep["artifact"]["path"] == "model_x86_64_znver3.so"
+    if {"avx2", "fma"} <= detect_host().features:
+        art = [c for c in rep["verification"] if c["candidate"] == "artifact(x86-znver3)" and c["reference"] == "compressed.onnx"]
+        assert art and art[0]["passed"]
