@@ -37,10 +37,11 @@ PARALLEL_MIN_MACS = 1 << 18
 
 
 def _lanes(target, dtype_bits: int = 32) -> int:
-    from tvm.target.codegen import llvm_get_vector_width
+    """SIMD lanes of ``dtype_bits`` in the widest register LLVM enables for ``target``.
+    (``llvm_get_vector_width`` answers 512 for every x86 target, AVX2-only ones included.)"""
+    from targets.sparse_kernels import vector_floats
 
-    bits = llvm_get_vector_width(target)
-    return max((bits if bits > 0 else 128) // dtype_bits, 2)
+    return max(vector_floats(target) * 32 // dtype_bits, 2)
 
 
 def _static(sch, loops) -> list[int] | None:
