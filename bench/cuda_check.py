@@ -57,9 +57,8 @@ def dense_tvm(m, n, k, target):
     """Dense Y = X @ W^T as a TE compute, scheduled by the cuda target's dlight rules."""
     import tvm
     from tvm import te
-    from tvm.s_tir import dlight as dl
 
-    from targets.cuda import DLIGHT_RULES
+    from targets.cuda import schedule_functions
 
     x = te.placeholder((m, k), "float32", name="x")
     w = te.placeholder((n, k), "float32", name="w")
@@ -67,7 +66,7 @@ def dense_tvm(m, n, k, target):
     y = te.compute((m, n), lambda i, j: te.sum(x[i, kk] * w[j, kk], axis=kk), name="y")
     mod = tvm.IRModule({"dense": te.create_prim_func([x, w, y]).with_attr("global_symbol", "dense")})
     with target:
-        mod = dl.ApplyDefaultSchedule(*[getattr(dl.gpu, r)() for r in DLIGHT_RULES])(mod)
+        mod = schedule_functions(mod, target, validate=True)  # what CudaTarget.compile does per function
         return tvm.compile(mod, target=target)
 
 
@@ -178,7 +177,8 @@ def main(argv=None) -> int:
     arch = a.arch
     if arch is None:
         arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "") if present else "sm_80"
-    target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    # max_shared_memory_per_block as in targets/cuda.py's tvm_target
+    target = tvm.target.Target({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152})
     dev = tvm.cuda(0) if present else None
     print(f"device: {what if present else 'none (compile only)'}; target arch {arch}")
     rng = np.random.default_rng(a.seed)

@@ -18,6 +18,13 @@ rewrite those entries of TVM's serialized module blob to format "fatbin"
 (``CUDAModuleNode`` then calls ``cuModuleLoadData`` on it directly), and link the
 blob into the .so through ``export_library(fpack_imports=...)``. The embedded
 fatbin is then parsed back out of the written .so to verify the arch.
+
+Schedules: every fused PrimFunc gets a dlight GPU schedule, the rules tried one function at
+a time in ``DLIGHT_RULES`` order (``schedule_functions``): a rule that raises on a function
+(dlight's Matmul on a conv fused with Clip + Pad in MobileNetV2) is skipped for the next,
+down to ``Fallback``, and the artifact's ``details["schedules"]`` records the rule of each
+function plus a warning per function that fell back. A function nothing schedules is a
+``TargetError`` naming it.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import shutil
 import struct
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,32 +262,185 @@ def nvcc_version(nvcc: str) -> str:
     return m.group(2) if m else "unknown"
 
 
-def cuda_relax_pipeline(target):
-    """CUDA Relax pipeline with the dlight default GPU schedules made explicit."""
+# ------------------------------------------------------------ dlight scheduling, per function
+
+
+def c_safe_param_names(func):
+    """A PrimFunc whose parameter (buffer) names are C identifiers. The names become CUDA
+    kernel parameter names and the Relax ONNX frontend keeps graph input names such as
+    ``gpu_0/data_0`` or ``input:0`` (it only rewrites dots), which nvcc rejects. TVMScript
+    prints every name as an identifier, so a print/parse round trip renames them; the result
+    must be structurally equal to the input (names aside), else the input is returned.
+    The Relax-level names (the VM's ``main`` signature) are untouched."""
+    import tvm
+
+    if all(p.name.isidentifier() for p in func.params):
+        return func
+    try:
+        new = tvm.script.from_source(func.script())
+        if func.attrs is None or "global_symbol" not in func.attrs:
+            new = new.without_attr("global_symbol")
+        tvm.ir.assert_structural_equal(func, new, map_free_vars=True)
+    except Exception:  # noqa: BLE001 - keep the original; nvcc then names the problem
+        return func
+    return new
+
+
+def _rule_name(rule: Any) -> str:
+    return rule if isinstance(rule, str) else type(rule).__name__
+
+
+def _is_scheduled(func) -> bool:
+    return func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1
+
+
+def _check_builds(name: str, func, target) -> None:
+    """Lower one scheduled PrimFunc alone and generate its code (``tvm.tirx.build``'s steps),
+    raising what ``tvm.compile`` would, and also when it yields no GPU kernel (TVM compiles a
+    function whose loops are not bound to GPU threads as host code, silently) or a kernel over
+    the block limits (threads, shared memory)."""
+    import importlib
+
+    import tvm
+    from tvm import s_tir
+
+    tb = importlib.import_module("tvm.tirx.build")  # the module (``tvm.tirx.build`` is its function)
+    if target.host is None:
+        target = target.with_host(tvm.target.Target("llvm"))
+    mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
+    mod = tvm.tirx.transform.BindTarget(target)(mod)
+    pipeline, finalize_host, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
+    host_mod, device_mods = tb.split_host_device_mods(pipeline(mod))
+    kernels = [(gv, f) for dm in device_mods.values() for gv, f in dm.functions_items()]
+    if not kernels:
+        raise TargetError("no GPU kernel (loops not bound to GPU threads)")
+    limits = {"max_threads_per_block": int(target.attrs.get("max_num_threads", 1024)),
+              "max_shared_memory_per_block": int(target.attrs.get("max_shared_memory_per_block", 49152))}
+    for gv, f in kernels:
+        if not s_tir.analysis.verify_gpu_code(f, limits):
+            raise TargetError(f"kernel {gv.name_hint} exceeds the GPU block limits {limits}")
+    tb.tir_to_runtime(finalize_host()(host_mod), {t: finalize_device()(dm) for t, dm in device_mods.items()},
+                      target.host)
+
+
+def schedule_functions(mod, target, rules: Sequence[Any] | None = None, validate: bool = False,
+                       report: dict[str, Any] | None = None):
+    """Give every unscheduled PrimFunc of ``mod`` a dlight GPU schedule, one function at a time.
+
+    dlight's ``ApplyDefaultSchedule`` takes the first rule whose ``apply`` returns a schedule and
+    lets an exception of that rule abort the whole build (e.g. Matmul on a conv fused with a
+    Clip and a Pad: "There are some consumers of the cache-write stage that are not properly
+    inlined"). Here a rule that raises -- or, with ``validate``, whose schedule does not lower
+    and generate code on its own, yields no GPU kernel or exceeds the block limits
+    (``_check_builds``) -- is skipped and the next rule is tried, down to ``Fallback``; a
+    function no rule schedules is a ``TargetError`` naming it.
+
+    ``rules``: dlight GPU rule names or ``ScheduleRule`` objects, in order (default
+    ``DLIGHT_RULES``). ``report`` (filled): ``functions`` {function: rule}, ``by_rule`` {rule: count},
+    ``fallbacks`` [{function, rule, failed: [(rule, reason)]}] for the functions an earlier,
+    matching rule failed on.
+    """
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+
+    from targets.tvm_backend import one_line
+
+    rule_objs = [(_rule_name(r), getattr(dl.gpu, r)() if isinstance(r, str) else r)
+                 for r in (DLIGHT_RULES if rules is None else rules)]
+    mod = mod.clone()
+    rep = report if report is not None else {}
+    rep.setdefault("functions", {})
+    rep.setdefault("fallbacks", [])
+    updated = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        name = gv.name_hint
+        func = c_safe_param_names(func)
+        if _is_scheduled(func):  # hand-written kernels (targets/sparse_kernels.py)
+            updated[gv] = func
+            rep["functions"][name] = "kernel"
+            continue
+        ftarget = func.attrs.get("target") if func.attrs is not None else None
+        ftarget = ftarget or target
+        failed: list[tuple[str, str]] = []
+        chosen = None
+        for rname, rule in rule_objs:
+            try:
+                space = rule.apply(func, ftarget, False)
+            except Exception as exc:  # noqa: BLE001 - any rule failure: try the next rule
+                failed.append((rname, one_line(exc, 200)))
+                continue
+            if space is None:
+                continue
+            sch = space[0] if isinstance(space, (list, tuple)) else space
+            new = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            if validate:
+                try:
+                    _check_builds(name, new, ftarget)
+                except Exception as exc:  # noqa: BLE001
+                    failed.append((rname, "does not build: " + one_line(exc, 200)))
+                    continue
+            chosen = (rname, new)
+            break
+        if chosen is None:
+            why = "; ".join(f"{r}: {m}" for r, m in failed) or "no rule matches it"
+            raise TargetError(f"no dlight GPU schedule for function {name} ({why})",
+                              hint="this model cannot be compiled for cuda; drop the target or replace the op")
+        rname, new = chosen
+        updated[gv] = new
+        rep["functions"][name] = rname
+        if failed:
+            rep["fallbacks"].append({"function": name, "rule": rname, "failed": failed})
+    for gv, func in updated.items():
+        mod[gv] = func
+    by_rule: dict[str, int] = {}
+    for r in rep["functions"].values():
+        by_rule[r] = by_rule.get(r, 0) + 1
+    rep["by_rule"] = dict(sorted(by_rule.items()))
+    return mod
+
+
+def fallback_warnings(report: dict[str, Any]) -> tuple[str, ...]:
+    """One report line per function a matching dlight rule failed on (what scheduled it instead)."""
+    out = []
+    for f in report.get("fallbacks", ()):
+        why = "; ".join(f"{r} failed: {m}" for r, m in f["failed"])
+        out.append(f"kernel: {f['function']}: {why}; scheduled by dlight {f['rule']} instead")
+    return tuple(out)
+
+
+def cuda_pre_schedule(mod, target):
+    """Relax CUDA pipeline up to (not including) the dlight schedules: library dispatch,
+    legalize, fold constants, fuse."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda_pipeline
-    from tvm.s_tir import dlight as dl
 
-    rules = [getattr(dl.gpu, r)() for r in DLIGHT_RULES]
+    with target:
+        return tvm.transform.Sequential(
+            cuda_pipeline.library_dispatch_passes(target)
+            + [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ]
+        )(mod)
+
+
+def cuda_post_schedule_pipeline(target):
+    """The rest of TVM's Relax CUDA pipeline (dataflow lowering, memory planning, VM lowering)."""
+    import tvm
+    from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
         with target:
-            seq = tvm.transform.Sequential(
-                cuda_pipeline.library_dispatch_passes(target)
-                + [
-                    relax.transform.LegalizeOps(),
-                    relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(),
-                    relax.transform.FuseOps(),
-                    relax.transform.FuseTIR(),
-                    dl.ApplyDefaultSchedule(*rules),
-                ]
-                + cuda_pipeline.dataflow_lower_passes(target)
-                + cuda_pipeline.finalize_passes(target)
-            )
-            return seq(mod)
+            return tvm.transform.Sequential(
+                cuda_pipeline.dataflow_lower_passes(target) + cuda_pipeline.finalize_passes(target)
+            )(mod)
 
     return _pipeline
 
@@ -301,7 +462,10 @@ class CudaTarget(Target):
         return TargetSpec(
             tag=tag,
             family="cuda",
-            tvm_target={"kind": "cuda", "arch": arch, "host": {"kind": "llvm", "mtriple": triple}},
+            # 48 KiB: the static shared memory every block may use on all archs (dlight sizes its
+            # tiles by it; without it dlight logs a warning per function and assumes the same)
+            tvm_target={"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
+                        "host": {"kind": "llvm", "mtriple": triple}},
             triple=triple,
             isa_features=(arch,),
             preferred_pattern="2:4" if sm >= 80 else "unstructured",
@@ -313,7 +477,7 @@ class CudaTarget(Target):
                 "artifact_name": f"model_cuda_{arch}.so",
                 "cuda_arch": arch,
                 "device_code": f"fatbin: sm_{arch[3:]} SASS + compute_{arch[3:]} PTX",
-                "schedules": "dlight " + ", ".join(DLIGHT_RULES),
+                "schedules": f"dlight {', '.join(map(_rule_name, DLIGHT_RULES))} (per function: first that builds)",
                 "nvcc": nvcc,
             },
         )
@@ -373,17 +537,12 @@ class CudaTarget(Target):
             return str(asm)
 
         with _env(TVM_COMPILE_FORCE_FALLBACK="1"):
-            timing = tvm_backend.compile_library(
-                mod,
-                spec.tvm_target,
-                out,
-                relax_pipeline=cuda_relax_pipeline(tvm_backend.make_target(spec.tvm_target)),
-                fpack_imports=fpack_imports,
-            )
+            timing, schedules = self._schedule_and_build(mod, spec, out, fpack_imports)
         if not packed:
             raise TargetError(f"{name}: TVM produced no CUDA kernels for this model")
         verified = self.verify_device_code(out, arch)
         hdr = read_elf_header(out)
+        schedules["rules"] = [_rule_name(r) for r in DLIGHT_RULES]
         return Artifact(
             path=Path(name),
             kind="tvm-relax-vm-library",
@@ -398,10 +557,35 @@ class CudaTarget(Target):
                 "nvcc": f"{nvcc} ({nvcc_version(nvcc)})",
                 "kernels": sum(p["kernels"] for p in packed),
                 "device_code": verified,
-                "schedules": spec.extra.get("schedules"),
+                "schedules": schedules,
                 "tvm_target": spec.tvm_target,
             },
+            warnings=fallback_warnings(schedules),
         )
+
+    @staticmethod
+    def _schedule_and_build(mod, spec: TargetSpec, out: Path, fpack_imports) -> tuple[dict, dict]:
+        """Pre-schedule passes, per-function dlight schedules, each built alone before it is
+        taken (``schedule_functions(validate=True)``), then the rest of the pipeline + export.
+        Returns (timing, schedule report); ``schedule_seconds``: fusion + scheduling, before
+        ``tvm_compile_seconds``."""
+        from targets import tvm_backend
+
+        t0 = time.perf_counter()
+        target = tvm_backend.make_target(spec.tvm_target)
+        try:
+            fused = cuda_pre_schedule(mod, target)
+        except Exception as exc:
+            raise TargetError(f"TVM compile for cuda failed: {tvm_backend.one_line(exc)}") from exc
+        report: dict[str, Any] = {}
+        with target:
+            scheduled = schedule_functions(fused, target, validate=True, report=report)
+        seconds = time.perf_counter() - t0
+        timing = tvm_backend.compile_library(
+            scheduled, spec.tvm_target, out,
+            relax_pipeline=cuda_post_schedule_pipeline(target), fpack_imports=fpack_imports,
+        )
+        return {"schedule_seconds": round(seconds, 3), **timing}, report
 
     @staticmethod
     def verify_device_code(path: Path, arch: str) -> dict[str, Any]:
