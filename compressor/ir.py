@@ -107,6 +107,9 @@ def read_model(path: Path) -> onnx.ModelProto:
         raise InputError(f"not an ONNX model (truncated or corrupt protobuf): {path}: {type(exc).__name__}") from exc
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         raise InputError(f"not an ONNX model (no graph found): {path}")
+    bad = _bad_string(model)
+    if bad:
+        raise InputError(f"not an ONNX model (corrupt protobuf): {path}: field {bad} is not valid UTF-8")
     _check_external_locations(model, path.parent)
     if any(t.data_location == TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)):
         try:
@@ -122,6 +125,28 @@ def read_model(path: Path) -> onnx.ModelProto:
         )
     _checker(model, "model fails onnx.checker")
     return model
+
+
+def _bad_string(msg, where: str = "model") -> str | None:
+    """The path of the first string field that does not hold valid UTF-8 (ONNX is proto2: the parser
+    accepts such bytes, and they fail later wherever a name is copied)."""
+    from google.protobuf.descriptor import FieldDescriptor as FD
+
+    for fd, value in msg.ListFields():
+        if fd.type not in (FD.TYPE_STRING, FD.TYPE_MESSAGE):
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == FD.LABEL_REPEATED
+        values = value if repeated else [value]
+        for i, v in enumerate(values):
+            here = f"{where}.{fd.name}" + (f"[{i}]" if repeated else "")
+            if fd.type == FD.TYPE_STRING:
+                if not isinstance(v, str):
+                    return here
+            else:
+                found = _bad_string(v, here)
+                if found:
+                    return found
+    return None
 
 
 def _checker(model: onnx.ModelProto, what: str) -> None:
@@ -301,9 +326,64 @@ def _fix_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> None
             out.type.tensor_type.ClearField("shape")
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def _has_shape_ops(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("Shape", "Size") for g, _ in _all_graphs(model.graph) for n in g.node)
+
+
+def _infer_guarded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference with data propagation in a forked child under an address-space limit (the
+    model's memory limit above what the process already maps): onnx's data propagation materialises
+    the values it propagates, and a shape computed as [2**42] allocated that many elements (the
+    kernel's OOM killer, not an exception). The child sends the inferred model back over a pipe."""
+    import resource
+
+    limit = memory_limit_bytes()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: infer, write "K"+model or "E"+message, exit without cleanup handlers
+        try:
+            os.close(rfd)
+            try:
+                with open("/proc/self/statm") as f:
+                    mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+                resource.setrlimit(resource.RLIMIT_AS, (mapped + limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+            except (OSError, ValueError):
+                pass
+            try:
+                out = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+                payload = b"K" + out.SerializeToString()
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                payload = b"E" + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+            with os.fdopen(wfd, "wb") as f:
+                f.write(payload)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        payload = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not payload:
+        raise InputError(f"shape inference failed: the inferring process ended with status {status}")
+    if payload[:1] == b"E":
+        msg = payload[1:].decode("utf-8", "replace")
+        if "bad_alloc" in msg or "MemoryError" in msg:
+            msg = f"it needs more than {_human_bytes(limit)} (a computed shape is absurd): {msg}"
+        raise InputError(f"shape inference failed: {' '.join(msg.split())[:300]}")
+    return onnx.load_model_from_string(payload[1:])
+
+
+def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
+    """Strict shape inference. Data propagation (the values of Shape computations, so a Reshape whose
+    target is computed from Shape gets a static output) runs only where a graph has Shape/Size nodes,
+    and, where ``os.fork`` exists, in a child process under a memory limit (``_infer_guarded``)."""
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        if data_prop and _has_shape_ops(model):
+            if hasattr(os, "fork") and model.ByteSize() < 1_800_000_000:
+                return _infer_guarded(model)
+            return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=False)
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"shape inference failed: {' '.join(str(exc).split())[:300]}") from exc
 
@@ -328,6 +408,18 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _rename(t: gs.Tensor, name: str) -> None:
+    """Rename a tensor without touching the model it was imported from: graphsurgeon exports a lazily
+    loaded constant by renaming the *source* TensorProto in place, so it gets a copy first."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues):
+        proto = TensorProto()
+        proto.CopyFrom(t._values.tensor)
+        t._values = LazyValues(proto)
+    t.name = name
+
+
 def _rebind(tensors, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, t in enumerate(list(tensors)):
         if t is old:
@@ -350,7 +442,7 @@ def _flatten_constant_ifs(graph: gs.Graph) -> int:
                 continue
             sub = node.attrs["then_branch" if bool(np.asarray(cond.values).reshape(-1)[0]) else "else_branch"]
             for t in sub._local_tensors().values():
-                t.name += f"_if{count}_{sub.name}"
+                _rename(t, f"{t.name}_if{count}_{sub.name}")
             outs = list(node.outputs)
             node.inputs.clear()
             node.outputs.clear()
@@ -380,7 +472,7 @@ def _produce_outputs(graph: gs.Graph) -> None:
         for i, t in enumerate(list(g.outputs)):
             if isinstance(t, gs.Constant):
                 out = gs.Variable(t.name, dtype=t.dtype, shape=t.shape)
-                t.name = t.name + "_value"
+                _rename(t, t.name + "_value")
                 g.nodes.append(gs.Node("Identity", name=f"{out.name}_identity", inputs=[t], outputs=[out]))
                 g.outputs[i] = out
 
@@ -390,6 +482,11 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     ``Constant`` nodes, replace constant-condition ``If`` nodes by their branch. Nothing larger than
     the memory limit is folded; every graph output stays a node output; nodes and constants that a
     subgraph reads from the outer scope are kept (graphsurgeon's cleanup follows outer-scope reads)."""
+    import onnxruntime
+
+    # graphsurgeon evaluates with onnxruntime sessions on the default logger, and a failed evaluation is
+    # expected (error_ok): its warnings/errors would reach the terminal's stderr, not only the report
+    onnxruntime.set_default_logger_severity(4)
     limit = memory_limit_bytes()
     graph.fold_constants(error_ok=True, flatten_subgraphs=False, size_threshold=limit)
     if _flatten_constant_ifs(graph):
@@ -444,13 +541,17 @@ def memory_limit_bytes() -> int:
     return max(available_memory() // MEMORY_FRACTION, 256 << 20)
 
 
+def _node_name(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} node {node.name!r}" if node.name else f"an unnamed {node.op_type} node"
+
+
 def _all_graphs(graph: onnx.GraphProto, where: str = ""):
     yield graph, where
     for node in graph.node:
         for attr in node.attribute:
             subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for sub in subs:
-                yield from _all_graphs(sub, f"{where}{node.op_type} node {node.name or '?'!r} / {attr.name}: ")
+                yield from _all_graphs(sub, f"{where}{_node_name(node)} / {attr.name}: ")
 
 
 def check_resources(model: onnx.ModelProto, limit: int | None = None) -> None:
@@ -461,19 +562,22 @@ def check_resources(model: onnx.ModelProto, limit: int | None = None) -> None:
     limit = memory_limit_bytes() if limit is None else limit
     top_inputs = {vi.name for vi in graph_inputs(model)}
     for g, where in _all_graphs(model.graph):
-        producers = {o: n for n in g.node for o in n.output}
         inits = {i.name for i in g.initializer}
-        for vi in [*g.input, *g.output, *g.value_info]:
-            if vi.name in inits or vi.type.WhichOneof("value") != "tensor_type" or not vi.type.tensor_type.HasField("shape"):
+        infos = {vi.name: vi for vi in [*g.value_info, *g.output, *g.input]}
+        # graph inputs first, then node outputs in graph order: the first offending node is named
+        order = [(vi.name, None) for vi in g.input] + [(o, n) for n in g.node for o in n.output]
+        for name, n in order:
+            vi = infos.get(name)
+            if vi is None or name in inits or vi.type.WhichOneof("value") != "tensor_type" \
+                    or not vi.type.tensor_type.HasField("shape"):
                 continue
             dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
-            n = producers.get(vi.name)
-            if not where and vi.name in top_inputs:
-                what = f"input {vi.name!r}"
+            if not where and name in top_inputs:
+                what = f"input {name!r}"
             elif n is not None:
-                what = f"{where}tensor {vi.name!r} (output of {n.op_type} node {n.name or '?'!r})"
+                what = f"{where}tensor {name!r} (output of {_node_name(n)})"
             else:
-                what = f"{where}tensor {vi.name!r}"
+                what = f"{where}tensor {name!r}"
             shape = "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
                              for d in vi.type.tensor_type.shape.dim) or "scalar"
             if any(d < 0 for d in dims):
@@ -496,7 +600,7 @@ def check_resources(model: onnx.ModelProto, limit: int | None = None) -> None:
                 low = 0 if attr.name in ("pads", "output_padding") else 1
                 bad = [v for v in vals if v < low or v > MAX_ATTR_EXTENT]
                 if bad:
-                    raise InputError(f"{where}{node.op_type} node {node.name or '?'!r} has {attr.name} {vals}: "
+                    raise InputError(f"{where}{_node_name(node)} has {attr.name} {vals}: "
                                      f"each must be in [{low}, {MAX_ATTR_EXTENT}]", hint="the model is corrupt or was edited by hand")
 
 
@@ -508,8 +612,10 @@ def load(path: Path, input_shapes: dict[str, list[int]] | None = None) -> onnx.M
     _check_io_types(model)
     _fix_shapes(model, input_shapes or {})
     check_resources(model)  # declared shapes and node attributes, before anything is computed
+    model = infer_shapes(model, data_prop=False)
+    check_resources(model)  # inferred intermediates, before data propagation, folding or running anything
     model = infer_shapes(model)
-    check_resources(model)  # inferred intermediates, before folding or running anything
+    check_resources(model)  # shapes computed from Shape chains
     model = normalize(model)
     model = infer_shapes(model)
     for _ in range(4):  # a folded Shape chain gives the next Reshape a static shape, whose output feeds the next

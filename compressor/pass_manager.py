@@ -11,9 +11,10 @@ The final graph is always checked, whatever the instruments.
 
 Control flow: passes get the main graph; ``If``/``Loop``/``Scan`` bodies hang
 off their nodes with outer-scope reads shared (graphsurgeon), so cleanup keeps
-whatever a body reads. A pass that does not declare ``handles_subgraphs = True``
-leaves the bodies alone, and its record says which bodies hold weights it did
-not touch.
+whatever a body reads. A compression pass that does not declare
+``handles_subgraphs = True`` leaves the bodies alone, and its record says which
+bodies hold weights it did not touch (cleanup and target lowering passes do not
+warn: they change no weights).
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ class PassManager:
                     raise PassError(f"pass {p.name} returned {type(result).__name__}, not PassResult")
                 p.ensures(graph, ctx)
                 rec.modified, rec.stats, rec.warnings = result.modified, result.stats, list(result.warnings)
-                if in_bodies and not getattr(p, "handles_subgraphs", False) and not p.name.startswith("cleanup."):
+                if in_bodies and not getattr(p, "handles_subgraphs", False) and not p.name.startswith(("cleanup.", "lower.")):
                     rec.warnings.append("weights inside control-flow bodies left untouched (this pass reads the main graph only): "
                                         + "; ".join(in_bodies))
                 ctx.history.append(p.name)

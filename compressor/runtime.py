@@ -21,7 +21,7 @@ def session(model: onnx.ModelProto | bytes | str, optimized: bool = False, threa
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions (one line from the CLI); no log lines on stderr
     if threads:
         so.intra_op_num_threads = threads
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model

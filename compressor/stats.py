@@ -39,7 +39,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):  # no shape: rank unknown
             shapes[vi.name] = [d.dim_value for d in dims]
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
@@ -67,7 +67,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
         return int(np.prod(out)) * int(np.prod(w[1:]))
     if op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
         a = shapes.get(node.input[0])
-        if out is None or a is None:
+        if out is None or not a:
             return 0
         k = a[-1]
         if op == "Gemm" and _attr(node, "transA", 0):

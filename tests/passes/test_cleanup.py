@@ -102,3 +102,86 @@ def test_dead_code_removed():
     assert [n.op_type for n in out.graph.node] == ["Relu"]
     assert recs[0].stats["nodes_removed"] == 1
     check_model(out, "test")
+
+
+def _if_model(cond_const: bool | None):
+    """h = relu(x @ w1); y = If(cond, then: relu(h @ w_then) [w_then a branch initializer],
+    else: h @ w_else [w_else an outer initializer read only by the branch]); with a constant
+    condition the then branch also has two outputs, one of them read inside the branch."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    V = helper.make_tensor_value_info
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "w_then"], ["t0"]), helper.make_node("Relu", ["t0"], ["t1"]),
+                                helper.make_node("Add", ["t1", "t1"], ["t2"])], "then", [],
+                               [V("t1", TensorProto.FLOAT, [1, 8]), V("t2", TensorProto.FLOAT, [1, 8])],
+                               [onnx.numpy_helper.from_array(f(16, 8), "w_then")])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["h", "w_else"], ["e1"]), helper.make_node("Neg", ["e1"], ["e2"])],
+                               "else", [], [V("e1", TensorProto.FLOAT, [1, 8]), V("e2", TensorProto.FLOAT, [1, 8])])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("If", ["c"], ["y", "z"], name="branch", then_branch=then_g, else_branch=else_g)]
+    inits = {"w1": f(16, 16), "w_else": f(16, 8)}
+    inputs = [V("x", TensorProto.FLOAT, [1, 16])]
+    if cond_const is None:
+        inputs.append(V("c", TensorProto.BOOL, []))
+    else:
+        inits["c"] = np.array(cond_const)
+    return make_model(nodes, inputs, [V("y", TensorProto.FLOAT, [1, 8]), V("z", TensorProto.FLOAT, [1, 8])], inits)
+
+
+def test_cleanup_keeps_what_if_branches_read():
+    m = _if_model(None)
+    source = m.SerializeToString()
+    out, _ = run_passes(m, CLEANUP_PIPELINE)
+    assert m.SerializeToString() == source  # the input model is not touched
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "Relu", "If"]
+    # w_else (read only by the else branch) may move into that branch's initializers; it must not vanish
+    everywhere = {i.name for i in out.graph.initializer} | {i.name for a in out.graph.node[2].attribute for i in a.g.initializer}
+    assert {"w1", "w_else", "w_then"} <= everywhere
+    x = np.random.default_rng(1).standard_normal((1, 16)).astype(np.float32)
+    for c in (True, False):
+        feeds = {"x": x, "c": np.array(c)}
+        for got, ref in zip(ort_run(out, feeds), ort_run(m, feeds)):
+            np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_fold_constants_flattens_a_constant_if():
+    """The taken branch replaces the If; a branch output also read inside the branch stays wired."""
+    x = np.random.default_rng(1).standard_normal((1, 16)).astype(np.float32)
+    for c in (True, False):
+        m = _if_model(c)
+        source = m.SerializeToString()
+        out, _ = run_passes(m, ["cleanup.fold_constants", "cleanup.dead_code"])
+        assert m.SerializeToString() == source  # flattening renames the branch's tensors in the copy only
+        assert "If" not in [n.op_type for n in out.graph.node]
+        for got, ref in zip(ort_run(out, {"x": x}), ort_run(m, {"x": x})):
+            np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_fold_constants_keeps_graph_outputs_that_fold_to_constants():
+    V = helper.make_tensor_value_info
+    then_g = helper.make_graph([helper.make_node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(np.ones((1, 4), np.float32), "kv")),
+                                helper.make_node("Relu", ["k"], ["t"])], "then", [], [V("t", TensorProto.FLOAT, [1, 4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [V("e", TensorProto.FLOAT, [1, 4])])
+    for cond in ([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("ReduceProd", ["s"], ["n"], keepdims=0),
+                  helper.make_node("Greater", ["n", "zero"], ["c"])], []):
+        nodes = cond + [helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+        inputs = [V("x", TensorProto.FLOAT, [1, 4])] + ([] if cond else [V("c", TensorProto.BOOL, [])])
+        m = make_model(nodes, inputs, [V("y", TensorProto.FLOAT, [1, 4])], {"zero": np.array(0, np.int64)})
+        out, _ = run_passes(m, CLEANUP_PIPELINE)  # the final check_model raises if y lost its producer
+        feeds = {"x": np.full((1, 4), 3, np.float32), **({} if cond else {"c": np.array(True)})}
+        np.testing.assert_array_equal(ort_run(out, feeds)[0], np.ones((1, 4), np.float32))
+
+
+def test_ir3_initializers_listed_as_inputs_dropped_at_load(tmp_path):
+    m = conv_bn_model()
+    m.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in m.graph.initializer)
+    m.ir_version = 3
+    m.opset_import[0].version = 9
+    p = tmp_path / "ir3.onnx"
+    p.write_bytes(m.SerializeToString())
+    loaded = ir.load(p)
+    assert [i.name for i in loaded.graph.input] == ["x"] and loaded.ir_version >= 7
+    out, recs = run_passes(loaded, CLEANUP_PIPELINE)  # adds "<w>_bnfold" initializers: valid without input entries
+    assert {r.name: r.stats for r in recs}["cleanup.fold_batchnorm"]["folded"] == 1
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(out, {"x": x})[0], ort_run(conv_bn_model(), {"x": x})[0], rtol=1e-4, atol=1e-5)
