@@ -292,6 +292,13 @@ def _check_io_types(model: onnx.ModelProto) -> None:
             if not ok:
                 raise InputError(f"graph {role} {vi.name!r} has type {_type_name(tp)}: only numeric/bool tensor inputs and outputs are supported",
                                  hint="export the model with tensor inputs/outputs (sequence/optional/map/string types are not supported)")
+    for g, where in _all_graphs(model.graph):
+        if not where:
+            continue
+        for vi in [*g.input, *g.output]:
+            if vi.type.WhichOneof("value") not in ("tensor_type", "sequence_type", None):
+                raise InputError(f"{where}subgraph value {vi.name!r} has type {_type_name(vi.type)}: optional/map values "
+                                 "crossing a control-flow body are not supported")
 
 
 def _fix_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> None:
@@ -334,10 +341,12 @@ def _infer_guarded(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference with data propagation in a forked child under an address-space limit (the
     model's memory limit above what the process already maps): onnx's data propagation materialises
     the values it propagates, and a shape computed as [2**42] allocated that many elements (the
-    kernel's OOM killer, not an exception). The child sends the inferred model back over a pipe."""
+    kernel's OOM killer, not an exception). The child may map 1 GiB (at most the memory limit) plus
+    four copies of the model; it sends the inferred model back over a pipe."""
     import resource
 
-    limit = memory_limit_bytes()
+    # inference copies the model a few times; propagated shape values are small
+    limit = min(memory_limit_bytes(), 1 << 30) + 4 * model.ByteSize()
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: infer, write "K"+model or "E"+message, exit without cleanup handlers
@@ -388,8 +397,20 @@ def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelPr
         raise InputError(f"shape inference failed: {' '.join(str(exc).split())[:300]}") from exc
 
 
+_GS_TYPES = ("tensor_type", "sequence_type", "sparse_tensor_type")  # value types graphsurgeon can export
+
+
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    """Import into onnx-graphsurgeon. Intermediate values of a type graphsurgeon cannot export
+    (optional, map) lose their recorded type: they are exported untyped and shape inference
+    recomputes it (load refuses such types on graph and subgraph inputs/outputs)."""
+    graph = gs.import_onnx(model)
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        io = {id(t) for t in [*g.inputs, *g.outputs]}
+        for t in g.tensors().values():
+            if isinstance(t, gs.Variable) and getattr(t, "type", "tensor_type") not in _GS_TYPES and id(t) not in io:
+                t.dtype = None
+    return graph
 
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:

@@ -266,6 +266,27 @@ def optional_output_model() -> onnx.ModelProto:
     return _model(nodes, [V("x", TensorProto.FLOAT, [1, 4])], [opt], [numpy_helper.from_array(_f(_rng(), 4, 4), "w")], opset=18)
 
 
+def optional_internal_model() -> onnx.ModelProto:
+    """Optional values inside the graph (Optional -> OptionalGetElement); tensor inputs/outputs."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Optional", ["a"], ["o"]),
+             helper.make_node("OptionalGetElement", ["o"], ["g"]), helper.make_node("Relu", ["g"], ["y"])]
+    return _model(nodes, [V("x", TensorProto.FLOAT, [1, 4])], [V("y", TensorProto.FLOAT, [1, 4])],
+                  [numpy_helper.from_array(_f(_rng(), 4, 4), "w")], opset=18)
+
+
+def pad_model(pad: int) -> onnx.ModelProto:
+    pads = np.array([0, 0, pad, pad, 0, 0, pad, pad], np.int64)
+    return _model([helper.make_node("Pad", ["x", "pads"], ["y"], name="pad")], [V("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                  [V("y", TensorProto.FLOAT, ["a", "b", "c", "d"])], [numpy_helper.from_array(pads, "pads")])
+
+
+def resize_model(scale: float) -> onnx.ModelProto:
+    scales = np.array([1, 1, scale, scale], np.float32)
+    return _model([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize")],
+                  [V("x", TensorProto.FLOAT, [1, 3, 8, 8])], [V("y", TensorProto.FLOAT, ["a", "b", "c", "d"])],
+                  [numpy_helper.from_array(scales, "scales")])
+
+
 def lying_initializer_model(kind: str) -> onnx.ModelProto:
     m = mlp_model()
     w = m.graph.initializer[0]
@@ -368,6 +389,19 @@ def test_absurd_conv_attributes(cli, tmp_path, case, needle):
     assert needle in r.err and "conv" in r.err, r
 
 
+@pytest.mark.parametrize("build,needle", [(lambda: pad_model(1 << 20), "Pad node 'pad'"),
+                                          (lambda: resize_model(1e6), "Resize node 'resize'")])
+def test_absurd_pad_and_resize(cli, tmp_path, build, needle):
+    r = _run_case(cli, tmp_path, _save(tmp_path, build()), FAST, expect=(BAD,))
+    assert needle in r.err and "TiB" in r.err, r
+
+
+def test_absurd_input_shape_flag(cli, tmp_path):
+    r = _run_case(cli, tmp_path, _save(tmp_path, mlp_model(dynamic=True)), [*FAST, "--input-shape", "x:100000000000x16"],
+                  expect=(BAD,))
+    assert "input 'x'" in r.err and "over the limit" in r.err, r
+
+
 def test_huge_constant_of_shape(cli, tmp_path):
     r = _run_case(cli, tmp_path, _save(tmp_path, constant_of_shape_model(1 << 42)), FAST, expect=(BAD,))
     assert "'big'" in r.err and "ConstantOfShape" in r.err, r
@@ -462,8 +496,9 @@ def test_loop_and_scan_bodies(cli, tmp_path, build):
     _run_case(cli, tmp_path, _save(tmp_path, build()), [*FAST, "--sparsity", "0.5", "--no-gate"], expect=(OK,))
 
 
-def test_sequence_inside_graph(cli, tmp_path):
-    _run_case(cli, tmp_path, _save(tmp_path, sequence_internal_model()), FAST, expect=(OK,))
+@pytest.mark.parametrize("build", [sequence_internal_model, optional_internal_model])
+def test_sequence_and_optional_inside_graph(cli, tmp_path, build):
+    _run_case(cli, tmp_path, _save(tmp_path, build()), [*FAST, "--sparsity", "0.5", "--no-gate"], expect=(OK,))
 
 
 @pytest.mark.parametrize("build,needle", [(sequence_input_model, "sequence<"), (optional_output_model, "optional<")])
