@@ -21,7 +21,7 @@ def compare_models(a: Path, b: Path, eval_path: Path | None, samples: int, seed:
         raise InputError(f"inputs differ: {[s.to_dict() for s in ia]} vs {[s.to_dict() for s in ib]}")
     if [s.name for s in oa] != [s.name for s in ob]:
         raise InputError(f"outputs differ: {[s.name for s in oa]} vs {[s.name for s in ob]}")
-    verif = data_mod.load_npz(eval_path, ia, "--eval") if eval_path else data_mod.random_samples(ia, samples, seed)
+    verif = data_mod.load_npz(eval_path, ia, "--eval") if eval_path else data_mod.random_samples(ia, samples, seed, model=ma)
     sa, sb = runtime.session(ma), runtime.session(mb)
     ra, rb = runtime.run_all(sa, verif.feeds), runtime.run_all(sb, verif.feeds)
     labelled = verif.labels is not None

@@ -625,11 +625,43 @@ def check_resources(model: onnx.ModelProto, limit: int | None = None) -> None:
                                      f"each must be in [{low}, {MAX_ATTR_EXTENT}]", hint="the model is corrupt or was edited by hand")
 
 
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node (subgraphs included) a unique name ``<op_type>_<k>``; returns how
+    many were named. Exporters may leave names empty, and every per-layer rule (``--ignore``
+    globs, the final-classifier and stem rules, report rows) is keyed by node name: with all
+    names "" the classifier rule matched every MatMul of such a model and kept it dense."""
+    graphs = [model.graph]
+    taken: set[str] = set()
+    k = 0
+    while k < len(graphs):
+        for n in graphs[k].node:
+            taken.add(n.name)
+            for a in n.attribute:
+                graphs += list(a.g for _ in [0] if a.type == onnx.AttributeProto.GRAPH) + list(a.graphs)
+        k += 1
+    named = 0
+    counters: dict[str, int] = {}
+    for g in graphs:
+        for n in g.node:
+            if n.name:
+                continue
+            while True:
+                counters[n.op_type] = counters.get(n.op_type, 0) + 1
+                cand = f"{n.op_type}_{counters[n.op_type]}"
+                if cand not in taken:
+                    break
+            n.name = cand
+            taken.add(cand)
+            named += 1
+    return named
+
+
 def load(path: Path, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """Full load stage: read, check, convert opset, fix shapes, check resources, normalise, infer shapes."""
     model = read_model(path)
     model = _convert_opset(model)
     _normalize_ir(model)
+    name_nodes(model)
     _check_io_types(model)
     _fix_shapes(model, input_shapes or {})
     check_resources(model)  # declared shapes and node attributes, before anything is computed
