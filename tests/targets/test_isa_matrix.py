@@ -67,6 +67,14 @@ def test_host_expansion_per_cpu():
     spr = X86Target().expand("x86", profile_host("sapphirerapids"))
     assert "avx512fp16" in llvm_features(spr.tvm_target) and "amx-int8" in llvm_features(spr.tvm_target)
     assert z3.round_to == 8 and z4.round_to == 16
+    # the kernel choice per ISA: the AVX-512 permute kernel only where LLVM has AVX-512
+    from targets.sparse_kernels import kernel_params
+
+    assert kernel_params((1, 1), 1, z3.tvm_target, 2048, 2048) == kernel_params((1, 1), 1, "x86")
+    assert kernel_params((1, 1), 1, z3.tvm_target, 2048, 2048).lanes == 8
+    assert kernel_params((1, 1), 1, z4.tvm_target, 2048, 2048).variant == "perm"
+    assert kernel_params((1, 1), 1, spr.tvm_target, 2048, 2048).variant == "perm"
+    assert kernel_params((1, 1), 4, z3.tvm_target, 2048, 2048).variant == "xt"
     # runs_here is about this machine, not the profile the spec was built for
     here = detect_host().features
     assert z4.runs_here == (detect_host().arch == "x86_64" and set(z4.isa_features) <= here)
