@@ -91,6 +91,9 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--min-cosine", type=float, default=0.99, help="gate: min cosine similarity per output (default 0.99)")
     p.add_argument("--min-top1", type=float, default=0.95, help="gate: min top-1 agreement for classifier outputs (default 0.95)")
     p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="gate: max task-accuracy drop with --eval labels (default 0.01)")
+    p.add_argument("--search-budget", type=int, default=12,
+                   help="when the one-shot result fails the gate: verification rounds of the accuracy search that reverts "
+                        "the weights causing most error (default 12; 0 = off)")
     p.add_argument("--verify-samples", type=int, default=16, help="random or --calib samples used for output comparison, and samples kept for the bundle self-check (default 16); with --eval every eval sample is compared")
     p.add_argument("--seed", type=int, default=0)
 
@@ -120,7 +123,7 @@ def _options_from_args(a: argparse.Namespace) -> Options:
         print_pass_times=a.print_pass_times, no_compile=a.no_compile, no_latency=a.no_latency,
         tune_trials=a.tune_trials, tuning_db=a.tuning_db, executor=a.executor, ray_address=a.ray_address,
         no_gate=a.no_gate, min_cosine=a.min_cosine, min_top1=a.min_top1,
-        max_accuracy_drop=a.max_accuracy_drop, verify_samples=a.verify_samples, seed=a.seed, strict=a.strict,
+        max_accuracy_drop=a.max_accuracy_drop, search_budget=a.search_budget, verify_samples=a.verify_samples, seed=a.seed, strict=a.strict,
     )
 
 

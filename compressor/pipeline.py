@@ -246,6 +246,7 @@ class _Run:
     comparisons: list[verify.Comparison] | None = None
     accuracy: dict[str, Any] | None = None
     session: Any = None  # the run's RunExecutor (passes and tuning fan out on it; see execute)
+    search: dict[str, Any] | None = None  # the accuracy search's result, when it ran
 
     @property
     def out_names(self) -> list[str]:
@@ -331,7 +332,55 @@ def _compress(r: _Run) -> list[Any]:
     if r.labelled:
         r.accuracy = {"original": verify.accuracy(r.ref_runs, r.verif.labels), "compressed": verify.accuracy(r.comp_runs, r.verif.labels),
                       "n": len(r.verif.feeds), "max_drop": r.tol.max_accuracy_drop, "artifact": None}
+    _search(r)
     return records
+
+
+def _search(r: _Run) -> None:
+    """Accuracy-aware search (``compressor.accuracy_search``) when the one-shot result misses the gate:
+    revert the weights that cause most of the error until it passes or ``--search-budget`` runs out."""
+    from compressor import accuracy_search
+
+    opts, say = r.p.opts, r.say
+    gate = accuracy_search.gate_for(r.out_names, r.ref_runs, r.tol, r.verif.labels if r.labelled else None,
+                                    r.accuracy["original"] if r.accuracy else None)
+    if opts.no_gate or not gate(r.comp_runs):
+        return
+    if opts.search_budget <= 0:
+        r.warnings.append("accuracy search off (--search-budget 0): the one-shot result fails the gate")
+        return
+    attrib = r.calib.head(32).feeds if r.calib is not None else r.verif.feeds
+    say(f"      gate fails on the one-shot result: accuracy search (budget {opts.search_budget} rounds)")
+    # the weights to go back to: the model after the leading value-preserving cleanup passes (BN folding
+    # renames conv weights; the original's names would find nothing to revert)
+    lead = []
+    for ps, provider in r.p.passes:
+        if not ps.name.startswith("cleanup."):
+            break
+        lead.append((ps, provider))
+    base = r.model
+    if lead:
+        ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17, template=r.model)
+        base, _ = PassManager(lead, []).run(r.model, ctx)
+    res = accuracy_search.search(base, r.compressed, attrib, r.verif.feeds, r.ref_runs, gate, opts.search_budget, say)
+    r.search = res.to_dict()
+    r.search["hint"] = res.top3_hint()
+    for note in res.unsearchable:
+        r.warnings.append(f"accuracy search: {note}")
+    if not res.passed:
+        r.warnings.append(f"accuracy search: no passing configuration within {res.rounds} rounds; {res.top3_hint()}"
+                          if res.ranking else "accuracy search: nothing to revert")
+        return
+    names = ", ".join(x.node for x in res.reverted[:6]) + (f" (+{len(res.reverted) - 6} more)" if len(res.reverted) > 6 else "")
+    r.warnings.append(f"accuracy search: reverted {len(res.reverted)} of {len(res.ranking)} compressed weights to their "
+                      f"original values to pass the gate ({names}; relative output error {res.error_before:.3g} -> "
+                      f"{res.error_after:.3g}, {res.rounds} rounds)")
+    r.compressed = res.model
+    r.comp_runs = runtime.run_all(runtime.session(r.compressed), r.verif.feeds)
+    r.comparisons = []
+    r.compare("compressed.onnx", "original.onnx", "lossy", r.comp_runs, r.ref_runs)
+    if r.labelled:
+        r.accuracy["compressed"] = verify.accuracy(r.comp_runs, r.verif.labels)
 
 
 @dataclass
@@ -534,6 +583,7 @@ def _execute_rest(p: Plan, say: Say, r: _Run, model_path: Path, src_hash: str | 
             "passes": [rec.to_dict() for rec in records],
             "target_passes": b.target_passes,
             "sparse_fallback": b.sparse_fallback,
+            "search": r.search,
             "verification_data": r.verif.source,
             "verification": [c.to_dict() for c in r.comparisons],
             "accuracy": r.accuracy,

@@ -70,6 +70,7 @@ class Options:
     min_cosine: float = 0.99
     min_top1: float = 0.95
     max_accuracy_drop: float = 0.01
+    search_budget: int = 12  # accuracy search: verification rounds when the one-shot result fails the gate (0 = off)
     verify_samples: int = 16
     seed: int = 0
     strict: bool = False
@@ -100,6 +101,8 @@ class Options:
             raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
         if self.tune_trials < 0:
             raise UsageError(f"--tune-trials must be >= 0, got {self.tune_trials}")
+        if self.search_budget < 0:
+            raise UsageError(f"--search-budget must be >= 0, got {self.search_budget}")
         if self.verify_samples < 1:
             raise UsageError(f"--verify-samples must be >= 1, got {self.verify_samples}")
         if self.executor not in ("local", "ray"):

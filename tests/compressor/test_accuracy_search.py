@@ -1,0 +1,94 @@
+"""Accuracy-aware search (issue 17): when the one-shot result fails the gate, the weights that cause
+most of the output error are reverted until it passes; what it gave up is reported."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor import accuracy_search, runtime, verify
+
+REPO = Path(__file__).resolve().parents[2]
+DIGITS = REPO / "models" / "digits_cnn.onnx"
+CALIB = REPO / "models" / "digits_calib.npz"
+EVAL = REPO / "models" / "digits_eval.npz"
+
+
+def test_digits_at_90_percent_passes_the_gate_after_search(cli, tmp_path):
+    out = tmp_path / "b"
+    r = cli(DIGITS, "--sparsity", "0.9", "--calib", CALIB, "--eval", EVAL, "--no-compile", "--no-latency", "-o", out)
+    assert r.code == 0, r.out + r.err
+    rep = json.loads((out / "report.json").read_text())
+    s = rep["search"]
+    assert s["passed"] and 1 <= len(s["reverted"]) < len(s["worst"]) and s["rounds"] <= s["budget"]
+    assert s["error_after"] < s["error_before"]
+    # the reverted weights are the original ones again; the others stay sparse
+    m = onnx.load(str(out / "model.onnx"))
+    w = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    for x in s["reverted"]:
+        assert float(np.mean(w[x["weight"]] == 0)) < 0.05
+    kept = [x for x in s["worst"] if x["weight"] not in {y["weight"] for y in s["reverted"]}]
+    assert kept and all(float(np.mean(w[x["weight"]] == 0)) > 0.85 for x in kept)
+    acc = rep["accuracy"]
+    assert acc["original"] - acc["compressed"] <= 0.01
+    assert any(x.startswith("accuracy search: reverted") for x in rep["warnings"])
+
+
+def test_search_budget_zero_keeps_the_failure_and_says_so(cli, tmp_path):
+    out = tmp_path / "b"
+    r = cli(DIGITS, "--sparsity", "0.9", "--calib", CALIB, "--eval", EVAL, "--no-compile", "--no-latency",
+            "--search-budget", "0", "-o", out)
+    assert r.code == 3
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["search"] is None and any("--search-budget 0" in x for x in rep["warnings"])
+
+
+def test_unreachable_bound_names_the_worst_layers_and_the_flag(cli, tmp_path):
+    out = tmp_path / "b"
+    r = cli(DIGITS, "--sparsity", "0.9", "--calib", CALIB, "--no-compile", "--no-latency", "--min-cosine", "1.0",
+            "--search-budget", "1", "-o", out)
+    assert r.code == 3
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["search"]["passed"] is False and rep["search"]["rounds"] == 1
+    hint = [x for x in rep["warnings"] if x.startswith("accuracy search: no passing configuration")]
+    assert len(hint) == 1 and "--ignore '" in hint[0] and "of the output error" in hint[0]
+
+
+def _mm_model(ws: dict[str, np.ndarray]) -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["x", "a"], ["h"], name="mm_a"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "b"], ["y"], name="mm_b")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+                          [numpy_helper.from_array(v, k) for k, v in ws.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_search_reverts_the_weight_with_the_largest_error_first():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((16, 16)).astype(np.float32), rng.standard_normal((16, 16)).astype(np.float32)
+    orig = _mm_model({"a": a, "b": b})
+    a2 = a * (np.abs(a) > 1.5)  # heavily damaged
+    b2 = b * (np.abs(b) > 0.05)  # barely touched
+    comp = _mm_model({"a": a2, "b": b2})
+    feeds = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(16)]
+    ref = runtime.run_all(runtime.session(orig), feeds)
+    gate = accuracy_search.gate_for(["y"], ref, verify.Tolerances(0.999, 0.95, 0.01), None, None)
+    assert gate(runtime.run_all(runtime.session(comp), feeds))  # fails one-shot
+    res = accuracy_search.search(orig, comp, feeds, feeds, ref, gate, 4)
+    assert [x.weight for x in res.ranking] == ["a", "b"] and res.ranking[0].gain > 10 * res.ranking[1].gain
+    assert res.passed and [x.weight for x in res.reverted] == ["a"] and res.rounds == 1
+    got = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert np.array_equal(got["a"], a) and np.array_equal(got["b"], b2)
+    assert "mm_a" in res.top3_hint() or "mm_b" in res.top3_hint()
+
+
+def test_searchable_skips_reshaped_and_quantized():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((16, 16)).astype(np.float32), rng.standard_normal((16, 16)).astype(np.float32)
+    orig = _mm_model({"a": a, "b": b})
+    comp = _mm_model({"a": a[:, :8].copy(), "b": b})
+    changed, notes = accuracy_search.searchable(orig, comp)
+    assert changed == {} and any("changed shape" in n for n in notes)
