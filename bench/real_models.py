@@ -116,7 +116,9 @@ def run_ort(kind: str, model_dir: Path, out: Path) -> dict:
 
 
 def fmt_metric(v) -> str:
-    return "—" if v is None else f"{v:.3f}"
+    if v is None:
+        return "—"
+    return f"{v:.4f}" if 0 < abs(v) < 0.01 else f"{v:.3f}"
 
 
 def render(results: dict, cpu: str) -> str:

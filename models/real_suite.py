@@ -376,8 +376,9 @@ def _metric_rec(outputs: dict, ev: dict) -> dict:
     chars = list(ev["extra"]["chars"])
     (o,) = outputs.values()
     (r,) = ev["ref"].values()
-    pred, dense = ctc_greedy(o, chars), ctc_greedy(r, chars)
-    truth = [str(t) for t in ev["extra"]["texts"]]
+    norm = lambda t: " ".join(str(t).split())  # leading/trailing blanks of the crop are not text
+    pred, dense = [norm(t) for t in ctc_greedy(o, chars)], [norm(t) for t in ctc_greedy(r, chars)]
+    truth = [norm(t) for t in ev["extra"]["texts"]]
     cer = lambda a, b: sum(levenshtein(x, y) for x, y in zip(a, b)) / max(1, sum(len(y) for y in b))
     return {"cer": cer(pred, truth), "dense_cer": cer(dense, truth), "cer_vs_dense": cer(pred, dense),
             "exact_agreement": float(np.mean([a == b for a, b in zip(pred, dense)]))}
