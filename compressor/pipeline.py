@@ -49,6 +49,20 @@ class Plan:
         return to_recipe(self.opts, self.resolved_passes(), base)
 
 
+def sparsity_defaults(opts: Options) -> tuple[str, str]:
+    """(method, allocation) for ``--sparsity`` when left at ``auto``: with calibration data the
+    data-aware method (``obs``: SparseGPT's OBS update) and the measured per-layer allocation
+    (``sensitivity``: depthwise convs, stems and heads that lose accuracy get a smaller share); without
+    data, magnitude and uniform. N:M patterns fix every layer's sparsity: uniform."""
+    from passes.sparsity_patterns import parse_pattern
+
+    data = bool(opts.calib)
+    method = opts.method if opts.method != "auto" else ("obs" if data else "magnitude")
+    nm = parse_pattern(opts.pattern).kind == "nm"
+    allocation = opts.allocation if opts.allocation != "auto" else ("sensitivity" if data and not nm else "uniform")
+    return method, allocation
+
+
 def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
     """cleanup -> prune.channels (--structured) -> sparsify.<method> (--sparsity) -> finetune.distill (--finetune)
     -> quantize.<q> (--quantize).
@@ -60,7 +74,7 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
     if opts.structured > 0:
         cfg = {"ratio": opts.structured, "criterion": opts.criterion, "min_channels": opts.min_channels,
                "round_to": opts.round_to or spec.round_to, **ignore}
-        if opts.allocation != "uniform":
+        if opts.allocation not in ("uniform", "auto"):
             cfg["allocation"] = opts.allocation
         if opts.reconstruct:
             cfg["reconstruct"] = True
@@ -69,9 +83,10 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
         cfg = {"sparsity": opts.sparsity, **ignore, **({"include": list(opts.include)} if opts.include else {})}
         if opts.pattern != "unstructured":
             cfg["pattern"] = opts.pattern
-        if opts.allocation != "uniform":
-            cfg["allocation"] = opts.allocation
-        items.append({"name": f"sparsify.{opts.method}", "config": cfg})
+        method, allocation = sparsity_defaults(opts)
+        if allocation != "uniform":
+            cfg["allocation"] = allocation
+        items.append({"name": f"sparsify.{method}", "config": cfg})
     if opts.finetune:
         items.append({"name": "finetune.distill", "config": {"epochs": opts.epochs, "data": str(opts.finetune)}})
     if opts.quantize != "none":

@@ -37,8 +37,8 @@ class Options:
     output: str | None = None
     sparsity: float = 0.0
     pattern: str = "unstructured"  # unstructured | N:M (2:4) | RxC blocks (1x4, 8x1)
-    method: str = "magnitude"  # sparsify.<method>: magnitude | wanda | obs
-    allocation: str = "uniform"  # uniform | global | sensitivity
+    method: str = "auto"  # sparsify.<method>: auto (obs with --calib, else magnitude) | magnitude | wanda | obs
+    allocation: str = "auto"  # auto (sensitivity with --calib for --sparsity, else uniform) | uniform | global | sensitivity
     structured: float = 0.0  # prune.channels ratio
     criterion: str = "l1"  # prune.channels criterion
     min_channels: int = 1
@@ -80,15 +80,15 @@ class Options:
             raise UsageError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if not 0.0 <= self.structured < 1.0:
             raise UsageError(f"--structured must be in [0, 1), got {self.structured}")
-        if self.method not in ("magnitude", "wanda", "obs"):
-            raise UsageError(f"--method must be magnitude, wanda or obs, got {self.method!r}",
+        if self.method not in ("auto", "magnitude", "wanda", "obs"):
+            raise UsageError(f"--method must be auto, magnitude, wanda or obs, got {self.method!r}",
                              hint="other sparsify passes (plugins) go in with --pass NAME")
         if self.quantize not in ("none", "int8", "fp16", "int4"):
             raise UsageError(f"--quantize must be none, int8, fp16 or int4, got {self.quantize!r}")
         if self.keep_fp32 not in ("none", "auto"):
             raise UsageError(f"--keep-fp32 must be none or auto, got {self.keep_fp32!r}")
-        if self.allocation not in ("uniform", "global", "sensitivity"):
-            raise UsageError(f"--allocation must be uniform, global or sensitivity, got {self.allocation!r}")
+        if self.allocation not in ("auto", "uniform", "global", "sensitivity"):
+            raise UsageError(f"--allocation must be auto, uniform, global or sensitivity, got {self.allocation!r}")
         if self.min_channels < 1 or self.round_to < 0:
             raise UsageError("--min-channels must be >= 1 and --round-to >= 0")
         for name in ("min_cosine", "min_top1"):

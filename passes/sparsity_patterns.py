@@ -337,7 +337,12 @@ class SparsifyConfig:
     include: tuple[str, ...] = ()  # name globs pruned even where a default rule keeps them dense (stem, classifier)
     keep_stem: bool = True
     keep_classifier: bool = True
-    calib_samples: int = 128  # calibration samples used (sensitivity / wanda / obs); 0 = all
+    calib_samples: int = 128  # calibration samples used (wanda / obs statistics); 0 = all
+    # samples per sensitivity probe (allocation=sensitivity: layers x 12 levels full-model runs each):
+    # on the zoo MobileNetV2 at 70% (10 layers) 16 samples gave the same per-layer sparsities as 128
+    # in 3.7 s instead of 24.8 s of probes; MobileNetV2-112 spent 706 s in 561 probes of 128 samples
+    # (shared cores). 0 = calib_samples
+    sensitivity_samples: int = 16
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -349,8 +354,9 @@ class SparsifyConfig:
         if not 0.0 <= self.min_layer_sparsity <= self.max_layer_sparsity < 1.0:
             raise UsageError("need 0 <= min_layer_sparsity <= max_layer_sparsity < 1, got "
                              f"{self.min_layer_sparsity}, {self.max_layer_sparsity}")
-        if self.calib_samples < 0:
-            raise UsageError(f"calib_samples must be >= 0, got {self.calib_samples}")
+        if self.calib_samples < 0 or self.sensitivity_samples < 0:
+            raise UsageError(f"calib_samples and sensitivity_samples must be >= 0, got {self.calib_samples}, "
+                             f"{self.sensitivity_samples}")
         p = parse_pattern(self.pattern)
         fixed = p.fixed_sparsity
         if fixed is not None and self.sparsity > 0 and abs(fixed - self.sparsity) > 1e-6:
@@ -637,6 +643,8 @@ def plan_sparsities(graph: gs.Graph, ctx: Any, cfg: SparsifyConfig, layers: list
     from compressor import sensitivity
 
     feeds = calib_feeds(ctx, cfg, f"{who} with allocation=sensitivity")
+    if cfg.sensitivity_samples:
+        feeds = feeds[: cfg.sensitivity_samples]
     model = ctx.export(graph)
     by_name = {l.name: l for l in layers}
     scores = {l.name: score(l) for l in layers}

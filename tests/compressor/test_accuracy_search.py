@@ -19,7 +19,8 @@ EVAL = REPO / "models" / "digits_eval.npz"
 
 def test_digits_at_90_percent_passes_the_gate_after_search(cli, tmp_path):
     out = tmp_path / "b"
-    r = cli(DIGITS, "--sparsity", "0.9", "--calib", CALIB, "--eval", EVAL, "--no-compile", "--no-latency", "-o", out)
+    r = cli(DIGITS, "--sparsity", "0.9", "--method", "magnitude", "--allocation", "uniform", "--calib", CALIB, "--eval", EVAL,
+            "--no-compile", "--no-latency", "-o", out)
     assert r.code == 0, r.out + r.err
     rep = json.loads((out / "report.json").read_text())
     s = rep["search"]
@@ -39,8 +40,8 @@ def test_digits_at_90_percent_passes_the_gate_after_search(cli, tmp_path):
 
 def test_search_budget_zero_keeps_the_failure_and_says_so(cli, tmp_path):
     out = tmp_path / "b"
-    r = cli(DIGITS, "--sparsity", "0.9", "--calib", CALIB, "--eval", EVAL, "--no-compile", "--no-latency",
-            "--search-budget", "0", "-o", out)
+    r = cli(DIGITS, "--sparsity", "0.9", "--method", "magnitude", "--allocation", "uniform", "--calib", CALIB, "--eval", EVAL,
+            "--no-compile", "--no-latency", "--search-budget", "0", "-o", out)
     assert r.code == 3
     rep = json.loads((out / "report.json").read_text())
     assert rep["search"] is None and any("--search-budget 0" in x for x in rep["warnings"])
@@ -48,13 +49,31 @@ def test_search_budget_zero_keeps_the_failure_and_says_so(cli, tmp_path):
 
 def test_unreachable_bound_names_the_worst_layers_and_the_flag(cli, tmp_path):
     out = tmp_path / "b"
-    r = cli(DIGITS, "--sparsity", "0.9", "--calib", CALIB, "--no-compile", "--no-latency", "--min-cosine", "1.0",
-            "--search-budget", "1", "-o", out)
+    r = cli(DIGITS, "--sparsity", "0.9", "--method", "magnitude", "--allocation", "uniform", "--calib", CALIB,
+            "--no-compile", "--no-latency", "--min-cosine", "1.0", "--search-budget", "1", "-o", out)
     assert r.code == 3
     rep = json.loads((out / "report.json").read_text())
     assert rep["search"]["passed"] is False and rep["search"]["rounds"] == 1
     hint = [x for x in rep["warnings"] if x.startswith("accuracy search: no passing configuration")]
     assert len(hint) == 1 and "--ignore '" in hint[0] and "of the output error" in hint[0]
+
+
+def test_default_with_calib_is_data_aware_and_keeps_accuracy(cli, tmp_path):
+    """--sparsity with --calib and no --method/--allocation: OBS with the measured allocation. On the
+    digits CNN at 90% it keeps the dense accuracy where magnitude/uniform lost 14 points."""
+    out = tmp_path / "b"
+    r = cli(DIGITS, "--sparsity", "0.9", "--calib", CALIB, "--eval", EVAL, "--no-compile", "--no-latency", "-o", out)
+    assert r.code == 0, r.out + r.err
+    rep = json.loads((out / "report.json").read_text())
+    sp = [p for p in rep["passes"] if p["name"].startswith("sparsify.")][0]
+    assert sp["name"] == "sparsify.obs" and sp["stats"]["allocation"] == "sensitivity"
+    assert sp["stats"]["sensitivity_samples"] == 16 and abs(sp["stats"]["achieved_sparsity"] - 0.9) < 0.01
+    assert rep["accuracy"]["original"] - rep["accuracy"]["compressed"] <= 0.01 and rep["search"] is None
+    # without data the default stays magnitude / uniform
+    out2 = tmp_path / "b2"
+    assert cli(DIGITS, "--sparsity", "0.5", "--no-compile", "--no-latency", "--no-gate", "-o", out2).code == 0
+    rep2 = json.loads((out2 / "report.json").read_text())
+    assert [p["name"] for p in rep2["passes"] if p["name"].startswith("sparsify.")] == ["sparsify.magnitude"]
 
 
 def _mm_model(ws: dict[str, np.ndarray]) -> onnx.ModelProto:
