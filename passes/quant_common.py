@@ -23,14 +23,19 @@ What lives here:
   tool ever broke it;
 * **fidelity** -- the minimum over outputs of the cosine similarity between the
   quantized and the float model (onnxruntime, optimizations disabled);
-* **mixed precision** (``keep_fp32: auto``) -- ``keep_fp32_search``: per-layer
-  sensitivity = 1 - fidelity when *only* that layer is quantized; the most
-  sensitive layers are kept in fp32, one at a time in decreasing sensitivity,
-  until the whole model's fidelity reaches the target.
+* **mixed precision** (``keep_fp32: auto``) -- ``keep_fp32_search``: layers the
+  structure marks as sensitive (``structural_sensitive_layers``: a conv with <= 4
+  input channels (the stem), depthwise convs, the final layer before an output;
+  the layers that dominate the error of compact CNNs under int8) are kept fp32
+  first when a pass asks for it; then per-layer sensitivity = 1 - fidelity when
+  *only* that layer is quantized; the k most sensitive layers are kept in fp32,
+  with the smallest k for which the whole model's fidelity reaches the target
+  (bisection on k). Every kept layer carries its reason and measured error.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -140,16 +145,21 @@ class _Collect(logging.Filter):
 @contextlib.contextmanager
 def quiet_ort_quantization() -> Iterator[list[str]]:
     """onnxruntime's quantization tools log advice (pre-processing hints, BN axis notes)
-    straight to the root logger; collect it at debug level instead of printing it."""
+    straight to the root logger, and its histogram calibrators (entropy, percentile)
+    print progress on stdout; collect both at debug level instead of printing them."""
     flt = _Collect()
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
     for lg in loggers:
         lg.addFilter(flt)
+    out = io.StringIO()
     try:
-        yield flt.messages
+        with contextlib.redirect_stdout(out):
+            yield flt.messages
     finally:
         for lg in loggers:
             lg.removeFilter(flt)
+        if out.getvalue().strip():
+            log.debug("onnxruntime.quantization (stdout): %s", out.getvalue().strip())
 
 
 def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], optimized: bool = False) -> list[list[np.ndarray]]:
@@ -190,6 +200,72 @@ def weight_layers(graph: gs.Graph, op_types: tuple[str, ...] = ("Conv", "Gemm", 
         if isinstance(w, gs.Constant) and np.asarray(w.values).dtype.kind == "f":
             out.append((node, w))
     return out
+
+
+# ops with a learned weight matrix: the "final layer" is the last of these before an output
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "Gather", "Attention",
+                          "EmbedLayerNormalization", "MatMulNBits", "MatMulInteger", "ConvInteger", "QLinearConv",
+                          "QLinearMatMul"})
+STEM_MAX_CHANNELS = 4  # a conv with at most this many input channels is a stem (image, audio, one-hot planes)
+
+
+def structural_sensitive_layers(graph: gs.Graph, names: list[str]) -> dict[str, str]:
+    """name -> why, for the layers among ``names`` whose structure makes them sensitive to quantization.
+
+    * the stem: a Conv with <= ``STEM_MAX_CHANNELS`` input channels and no weighted op upstream
+      (raw image / audio / one-hot planes with wide ranges; every later layer sees its error);
+    * a depthwise Conv (group == input channels > 1: one 3x3/5x5 filter per channel, few weights per
+      output, so a per-channel int8 grid is coarse relative to each output);
+    * the final layer: for each graph output, the last weighted op (``WEIGHTED_OPS`` with a >= 2-D
+      float constant, in graph order) among its ancestors, if it is one of ``names`` (the classifier
+      / output projection, whose error reaches the output unattenuated). An output produced after
+      another weighted op (an LSTM, say) has no final layer among ``names``.
+    """
+    wanted = set(names)
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+
+    def weighted(n: gs.Node) -> bool:  # a layer with a learned weight matrix (not a bias or a scale)
+        return n.op in WEIGHTED_OPS and any(
+            isinstance(t, gs.Constant) and len(t.shape or ()) >= 2 and np.asarray(t.values).dtype.kind == "f"
+            for t in n.inputs)
+
+    def upstream_weighted(node: gs.Node) -> bool:
+        seen, stack = set(), [t for t in node.inputs if not isinstance(t, gs.Constant)]
+        while stack:
+            for p in stack.pop().inputs:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    if weighted(p):
+                        return True
+                    stack.extend(i for i in p.inputs if not isinstance(i, gs.Constant))
+        return False
+
+    reasons: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.name not in wanted or node.op != "Conv" or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        w = node.inputs[1].shape
+        group = int(node.attrs.get("group", 1))
+        cin = int(w[1]) * group
+        if group > 1 and group == cin and int(w[1]) == 1:
+            reasons[node.name] = f"depthwise conv ({group} channels, {int(np.prod(w[2:]))} weights per filter)"
+        elif cin <= STEM_MAX_CHANNELS and not upstream_weighted(node):
+            reasons[node.name] = f"stem conv ({cin} input channel{'s' if cin != 1 else ''})"
+
+    for out in graph.outputs:
+        seen, stack, last = set(), [out], None
+        while stack:
+            t = stack.pop()
+            for p in t.inputs:  # producers of tensor t (0 or 1)
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if weighted(p) and (last is None or order.get(id(p), -1) > order.get(id(last), -1)):
+                    last = p
+                stack.extend(i for i in p.inputs if not isinstance(i, gs.Constant))
+        if last is not None and last.name in wanted and last.name not in reasons:
+            reasons[last.name] = f"final layer (last weighted op before output {out.name})"
+    return {n: reasons[n] for n in names if n in reasons}
 
 
 def float_zero_masks(graph: gs.Graph) -> dict[str, np.ndarray]:
@@ -337,73 +413,114 @@ class MixedResult:
     kept: list[dict[str, Any]] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
+    samples: int = 0
 
     def stats(self, target: float) -> dict[str, Any]:
         return {"target_min_cosine": target, "fidelity_min_cosine": round(self.fidelity, 6), "target_met": self.met,
                 "kept_fp32": self.kept, "sensitivity": {k: round(v, 8) for k, v in self.sensitivity.items()},
-                "quantizations_evaluated": self.evaluations}
+                "quantizations_evaluated": self.evaluations, "samples": self.samples}
 
 
 SENSITIVITY_SAMPLES = 64  # calibration samples used by the per-layer sensitivity search (keep_fp32: auto)
+RANK_SAMPLES = 16  # of those, the samples each single-layer quantization is measured on (a ranking)
 
 
 def quantize_with_keep_fp32(quantize: QuantizeFn, candidates: list[str], ref_model: onnx.ModelProto,
                             feeds: list[dict[str, np.ndarray]], keep_fp32: str, target: float,
-                            warnings: list[str]) -> tuple[onnx.ModelProto, "MixedResult | None"]:
+                            warnings: list[str], forced: dict[str, str] | None = None,
+                            ) -> tuple[onnx.ModelProto, "MixedResult | None"]:
     """The model every quantize.* pass returns: all ``candidates`` quantized, or with
-    ``keep_fp32 == "auto"`` and calibration data, the most sensitive layers kept fp32 until
-    the output cosine reaches ``target`` (``keep_fp32_search``). Appends a warning for every
-    kept layer, for a missed target, and when ``auto`` had no data to measure with."""
+    ``keep_fp32 == "auto"`` and calibration data, the layers in ``forced`` (name -> structural
+    reason) and then the most sensitive layers kept fp32 until the output cosine reaches
+    ``target`` (``keep_fp32_search``). Appends a warning for every kept layer (reason and measured
+    error), for a missed target, and when ``auto`` had no data to measure with."""
     if keep_fp32 != "auto":
         return quantize(None, []), None
     if not feeds:
         warnings.append("keep_fp32=auto needs calibration data (--calib) to measure per-layer sensitivity: "
                         "every layer quantized")
         return quantize(None, []), None
-    mixed = keep_fp32_search(quantize, candidates, ref_model, feeds[:SENSITIVITY_SAMPLES], target)
+    mixed = keep_fp32_search(quantize, candidates, ref_model, feeds[:SENSITIVITY_SAMPLES], target, forced)
     warnings += [f"{k['layer']}: kept fp32 (keep_fp32=auto): {k['reason']}" for k in mixed.kept]
     if not mixed.met:
         warnings.append(f"keep_fp32=auto: output cosine {mixed.fidelity:.6f} still below the target {target} "
                         f"with {len(mixed.kept)} layer(s) kept fp32")
     elif candidates and len(mixed.kept) == len(candidates):
-        warnings.append("keep_fp32=auto: every layer had to stay fp32 to meet the target: nothing quantized")
-    return (mixed.model if mixed.kept else quantize(None, [])), mixed
+        warnings.append("keep_fp32=auto: every layer stayed fp32 (structure or measured error): nothing quantized")
+    return mixed.model, mixed
 
 
 def keep_fp32_search(quantize: QuantizeFn, candidates: list[str], ref_model: onnx.ModelProto,
-                     feeds: list[dict[str, np.ndarray]], target: float) -> MixedResult:
-    """Greedy mixed precision: keep the most sensitive layers fp32 until fidelity >= target.
+                     feeds: list[dict[str, np.ndarray]], target: float,
+                     forced: dict[str, str] | None = None) -> MixedResult:
+    """Mixed precision: keep the most sensitive layers fp32 until fidelity >= target.
 
-    sensitivity(layer) = 1 - fidelity(model with only ``layer`` quantized). Layers are
-    kept in decreasing sensitivity; after each one the whole model is re-quantized and
-    measured. Stops at the first configuration meeting ``target`` (or with every layer kept).
+    ``forced`` (name -> reason, e.g. from ``structural_sensitive_layers``) are kept first, each
+    with its measured error. sensitivity(layer) = 1 - fidelity(model with only ``layer``
+    quantized), measured on the first ``RANK_SAMPLES`` samples (a ranking; the whole model is
+    always measured on all ``feeds``). The other layers are kept in decreasing sensitivity: the
+    smallest k such that keeping the k most sensitive meets ``target`` is found by bisection
+    (fidelity grows with k, up to 1.0 with every layer fp32), so a model needing 15 of 40 layers
+    kept costs ~6 whole-model quantizations, not 15. Every kept entry: layer, rule (structure |
+    sensitivity), rank, cosine (output cosine with only that layer quantized), reason.
     """
     ref = run_model(ref_model, feeds)
-    full = quantize(None, [])
-    fid = fidelity(run_model(full, feeds), ref)
-    evals = 1
-    if fid >= target:
-        return MixedResult(full, fid, True, evaluations=evals)
-    sens = {}
-    for name in candidates:
-        sens[name] = 1.0 - fidelity(run_model(quantize([name], []), feeds), ref)
-        evals += 1
-    order = sorted(candidates, key=lambda n: (-sens[n], candidates.index(n)))
+    rank_feeds = feeds[:RANK_SAMPLES]
+    rank_ref = [r for r in ref[:RANK_SAMPLES]]
+    forced = {k: v for k, v in (forced or {}).items() if k in candidates}
+    sens: dict[str, float] = {}
+    evals = 0
+
+    def measure(name: str) -> float:
+        nonlocal evals
+        if name not in sens:
+            sens[name] = 1.0 - fidelity(run_model(quantize([name], []), rank_feeds), rank_ref)
+            evals += 1
+        return sens[name]
+
+    def entry(name: str, rule: str, rank: int | None, why: str) -> dict[str, Any]:
+        cos = 1.0 - sens[name]
+        return {"layer": name, "rule": rule, "rank": rank, "cosine": round(cos, 6),
+                "reason": f"{why}; quantizing only this layer gives output cosine {cos:.6f}"}
+
     kept: list[dict[str, Any]] = []
-    model = full
-    for rank, name in enumerate(order, 1):
-        kept.append({"layer": name, "rank": rank,
-                     "reason": f"sensitivity #{rank}: quantizing only this layer gives output cosine {1 - sens[name]:.6f}"})
-        excluded = [k["layer"] for k in kept]
-        if len(excluded) == len(candidates):
-            model, fid = ref_model, 1.0
-            break
-        model = quantize(None, excluded)
+    for name, why in forced.items():
+        measure(name)
+        kept.append(entry(name, "structure", None, why))
+    rest = [c for c in candidates if c not in forced]
+    if not rest:
+        return MixedResult(ref_model, 1.0, True, kept, sens, evals, len(feeds))
+    model = quantize(None, list(forced))
+    fid = fidelity(run_model(model, feeds), ref)
+    evals += 1
+    if fid >= target:
+        return MixedResult(model, fid, True, kept, sens, evals, len(feeds))
+    for name in rest:
+        measure(name)
+    order = sorted(rest, key=lambda n: (-sens[n], rest.index(n)))
+    tried: dict[int, tuple[onnx.ModelProto, float]] = {0: (model, fid)}
+    lo, hi = 0, len(order)  # keeping lo layers misses the target; keeping hi (all: float) meets it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        cand = quantize(None, list(forced) + order[:mid])
+        f = fidelity(run_model(cand, feeds), ref)
+        evals += 1
+        tried[mid] = (cand, f)
+        if f >= target:
+            hi = mid
+        else:
+            lo = mid
+    if hi in tried:
+        model, fid = tried[hi]
+    elif len(forced) + hi == len(candidates):
+        model, fid = ref_model, 1.0
+    else:  # only when the loop never ran past hi (e.g. one layer left)
+        model = quantize(None, list(forced) + order[:hi])
         fid = fidelity(run_model(model, feeds), ref)
         evals += 1
-        if fid >= target:
-            break
-    return MixedResult(model, fid, fid >= target, kept, sens, evals)
+    kept += [entry(name, "sensitivity", rank, f"sensitivity #{rank} of {len(order)}")
+             for rank, name in enumerate(order[:hi], 1)]
+    return MixedResult(model, fid, fid >= target, kept, sens, evals, len(feeds))
 
 
 # --------------------------------------------------------------------------- runtime choice
