@@ -90,11 +90,7 @@ class ConvHandler(Handler):
         if g > 1 and cin_g > 1 and node.name in view.balanced:
             v.balance.append((space, g))
             if space == (y, 1):
-                v.params.append(Param(node.name, 1, 0, space, "producer"))
-                if len(node.inputs) > 2 and node.inputs[2].name:
-                    if _const_input(node, 2, view) is None:
-                        raise Barrier("bias is not constant")
-                    v.params.append(Param(node.name, 2, 0, space, "aux"))
+                self._producer(node, space, view, v)
             else:
                 v.params.append(Param(node.name, 1, 1, space, "consumer", blocks=g))
             return v
@@ -103,14 +99,19 @@ class ConvHandler(Handler):
             v.couplings.append(Coupling((x, 1), (y, 1), np.arange(cin), (np.arange(cin) // cin_g) * cout_g))
             v.couplings.append(Coupling((y, 1), (y, 1), np.arange(cout), (np.arange(cout) // cout_g) * cout_g))
         if space == (y, 1):
-            v.params.append(Param(node.name, 1, 0, space, "producer"))
-            if len(node.inputs) > 2 and node.inputs[2].name:
-                if _const_input(node, 2, view) is None:
-                    raise Barrier("bias is not constant")
-                v.params.append(Param(node.name, 2, 0, space, "aux"))
+            self._producer(node, space, view, v)
         elif g == 1:
             v.params.append(Param(node.name, 1, 1, space, "consumer"))
         return v
+
+    @staticmethod
+    def _producer(node, space, view, v) -> None:
+        """The conv's output channels: weight axis 0 is scored and removed, the bias follows."""
+        v.params.append(Param(node.name, 1, 0, space, "producer"))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            if _const_input(node, 2, view) is None:
+                raise Barrier("bias is not constant")
+            v.params.append(Param(node.name, 2, 0, space, "aux"))
 
     def fix(self, node, removed, new_shape, view):
         g = int(node.attrs.get("group", 1))
