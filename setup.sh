@@ -14,6 +14,11 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && ! command -v qemu
   (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user) >/dev/null 2>&1 \
     || echo "setup: qemu-user could not be installed (emulated aarch64 tests will skip)" >&2
 fi
+# espeak-ng: speech for the real-model suite's voice-activity data (models/real_suite.py); non-fatal: that model skips
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && ! command -v espeak-ng >/dev/null 2>&1; then
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng)) >/dev/null 2>&1 \
+    || echo "setup: espeak-ng could not be installed (the silero_vad real-model data will be skipped)" >&2
+fi
 if command -v qemu-aarch64 >/dev/null 2>&1; then
   .venv/bin/python -m targets.device_qemu || echo "setup: aarch64 guest runtime not prepared (emulated tests will skip)" >&2
 fi
