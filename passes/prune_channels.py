@@ -67,6 +67,8 @@ class PruneChannelsConfig:
     allocation: str = "uniform"
     reconstruct: bool = False
     allow_inexact: bool = False
+    order: str = "internal_first"  # internal_first | uniform (every group alike, the pre-issue-17 behaviour)
+    internal_cap: float = 0.6  # most of each internal group removed before residual groups are touched
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
@@ -79,6 +81,10 @@ class PruneChannelsConfig:
             raise UsageError(f"round_to must be >= 1, got {self.round_to}")
         if self.allocation not in ("uniform", "global"):
             raise UsageError(f"allocation must be uniform or global for prune.channels, got {self.allocation!r}")
+        if self.order not in ("internal_first", "uniform"):
+            raise UsageError(f"order must be internal_first or uniform, got {self.order!r}")
+        if not 0.0 < self.internal_cap < 1.0:
+            raise UsageError(f"internal_cap must be in (0, 1), got {self.internal_cap}")
 
 
 @dataclass
@@ -226,6 +232,60 @@ def unit_scores(graph: gs.Graph, grp: Group, criterion: str, gammas: dict[str, n
     return scores, used
 
 
+ADD_OPS = ("Add", "Sum", "Sub", "Mean")
+
+
+def group_kind(grp: Group, view) -> str:
+    """``residual`` when the group's channels are coupled through an elementwise Add/Sum/Sub/Mean of two
+    activations (a skip connection: the channels reach a residual stream whose width every block shares),
+    else ``internal`` (expansion channels of an inverted residual, FFN intermediate units, attention heads,
+    plain conv chains). Adds with a constant or a broadcast operand (biases, ``x + 3`` in hard-swish, an
+    attention mask over the heads) couple nothing and do not count."""
+    spaces = set(grp.spaces)
+    names = {s[0] for s in spaces}
+    for nname in grp.nodes:
+        node = view.nodes.get(nname)
+        if node is None or node.op not in ADD_OPS:
+            continue
+        coupled = {t.name for t in node.inputs if not isinstance(t, gs.Constant) and t.name in names}
+        if len(coupled) >= 2 or (len(node.inputs) >= 2 and len({t.name for t in node.inputs}) == 1 and coupled):
+            return "residual"
+    return "internal"
+
+
+def _internal_first(eligible, kinds: dict[int, str], cfg: PruneChannelsConfig, graph: gs.Graph) -> dict[int, float]:
+    """Fraction of units removed per group: the parameters that ``ratio`` of every group would remove are
+    taken from internal groups first (each up to ``max(internal_cap, ratio)``), then, only for what is
+    left, from residual groups (uniformly)."""
+    nodes = {n.name: n for n in graph.nodes}
+    weight = {}
+    for grp, _, rem, _ in eligible:
+        weight[grp.gid] = _params_per_unit(grp, nodes) * int(rem.sum())
+    target = cfg.ratio * sum(weight.values())
+    internal = sum(w for gid, w in weight.items() if kinds[gid] == "internal")
+    residual = sum(w for gid, w in weight.items() if kinds[gid] == "residual")
+    cap = max(cfg.internal_cap, cfg.ratio)
+    f_int = min(cap, target / internal) if internal > 0 else 0.0
+    left = target - f_int * internal
+    f_res = min(0.95, left / residual) if residual > 0 and left > 1e-6 * max(target, 1.0) else 0.0
+    return {gid: (f_int if kinds[gid] == "internal" else f_res) for gid in weight}
+
+
+def _params_per_unit(grp: Group, nodes: dict[str, gs.Node]) -> float:
+    """Parameter elements a removed unit takes on average (every slice of every parameter of the group)."""
+    total = 0.0
+    for p in grp.params:
+        t = nodes[p.node].inputs[p.input_index] if p.node in nodes else None
+        if not isinstance(t, gs.Constant):
+            continue
+        shape = np.asarray(t.values).shape
+        if p.axis >= len(shape) or not shape[p.axis]:
+            continue
+        covered = sum(len(p.indices(u[p.space])) for u in grp.units if p.space in u)
+        total += float(np.prod(shape)) / shape[p.axis] * covered
+    return total / max(len(grp.units), 1) if total else 1.0
+
+
 def _width(grp: Group) -> int:
     n = len(grp.units)
     w = 1
@@ -298,10 +358,27 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
 
     removed_units: dict[int, list[int]] = {}
     floors = {grp.gid: max(cfg.min_channels, int(grp.locked.sum()), 1) for grp, *_ in eligible}
+    kinds = {grp.gid: group_kind(grp, dep.view) for grp, *_ in eligible}
+    for st in stats:
+        if st["group"] in kinds:
+            st["kind"] = kinds[st["group"]]
     if cfg.allocation == "uniform":
+        fracs = _internal_first(eligible, kinds, cfg, graph) if cfg.order == "internal_first" else {
+            grp.gid: cfg.ratio for grp, *_ in eligible}
         for grp, sc, rem, _ in eligible:
             n = len(grp.units)
-            removed_units[grp.gid] = _select(grp, sc, rem, n - round(cfg.ratio * n), floors[grp.gid], cfg.round_to)
+            f = fracs[grp.gid]
+            next(st for st in stats if st["group"] == grp.gid)["fraction"] = round(f, 4)
+            if f <= 0:
+                continue
+            removed_units[grp.gid] = _select(grp, sc, rem, n - round(f * n), floors[grp.gid], cfg.round_to)
+        res = [g for g, *_ in eligible if kinds[g.gid] == "residual"]
+        if cfg.order == "internal_first" and res:
+            fr = max(fracs[g.gid] for g in res)
+            if fr > 0:
+                warnings.append(f"structured: the parameter target needs the residual stream: {len(res)} residual group(s) "
+                                f"pruned at {fr:.0%} after every internal group reached its cap {max(cfg.internal_cap, cfg.ratio):.0%} "
+                                f"(accuracy risk; lower --structured to keep the residual width)")
     else:
         total = sum(len(g.units) for g, *_ in eligible)
         budget = round(cfg.ratio * total)
@@ -613,40 +690,94 @@ def _reinfer_shapes(graph: gs.Graph) -> None:
 
 # ------------------------------------------------------------------------------------------ reconstruction
 
+def _conv_rows(x: np.ndarray, node: gs.Node, kshape: tuple[int, ...]) -> np.ndarray:
+    """x [N, C, *spatial] -> im2col rows [N * prod(out spatial), C * prod(kernel)] for a 1-D or 2-D Conv with
+    explicit pads (rows ordered as the output's N, spatial; columns as the weight's C, kernel)."""
+    d = len(kshape)
+    pads = list(node.attrs.get("pads", [0] * (2 * d)))
+    st = list(node.attrs.get("strides", [1] * d))
+    dl = list(node.attrs.get("dilations", [1] * d))
+    xp = np.pad(x, ((0, 0), (0, 0), *[(pads[i], pads[i + d]) for i in range(d)]))
+    ext = tuple((kshape[i] - 1) * dl[i] + 1 for i in range(d))
+    win = np.lib.stride_tricks.sliding_window_view(xp, ext, axis=tuple(range(2, 2 + d)))
+    sl = (slice(None), slice(None)) + tuple(slice(None, None, st[i]) for i in range(d)) + tuple(slice(None, None, dl[i]) for i in range(d))
+    win = win[sl]
+    n, c = win.shape[:2]
+    out_sp = win.shape[2:2 + d]
+    perm = (0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
+    return win.transpose(perm).reshape(n * int(np.prod(out_sp)), c * int(np.prod(kshape)))
+
+
 def _im2col(x: np.ndarray, node: gs.Node, kshape: tuple[int, ...]) -> np.ndarray:
-    """x [N, C, H, W] -> rows [N*Ho*Wo, C*kh*kw] for a 2-D Conv (explicit pads)."""
-    kh, kw = kshape
-    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
-    st = list(node.attrs.get("strides", [1, 1]))
-    dl = list(node.attrs.get("dilations", [1, 1]))
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    eh, ew = (kh - 1) * dl[0] + 1, (kw - 1) * dl[1] + 1
-    win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::st[0], ::st[1], ::dl[0], ::dl[1]]
-    n, c, ho, wo = win.shape[:4]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+    return _conv_rows(x, node, kshape)
+
+
+def refit_targets(graph: gs.Graph, p: Plan) -> tuple[list[gs.Node], list[str]]:
+    """Every node whose weight reads pruned channels (the groups' consumer parameters), in topological
+    order; those that cannot be refit are listed with the reason."""
+    consumers = {prm.node for grp in p.dep.groups for prm in grp.params
+                 if prm.role == "consumer" and prm.space in p.removed}
+    targets, warnings = [], []
+    for n in graph.nodes:
+        if n.name not in consumers:
+            continue
+        why = _refit_blocker(n, p)
+        if why:
+            warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: {why}")
+        else:
+            targets.append(n)
+    return targets, warnings
+
+
+def _refit_blocker(n: gs.Node, p: Plan) -> str | None:
+    if len(n.inputs) < 2 or not isinstance(n.inputs[1], gs.Constant):
+        return "no constant weight"
+    w = np.asarray(n.inputs[1].values)
+    if n.op == "Conv":
+        if int(n.attrs.get("group", 1)) != 1:
+            return "grouped conv reads the pruned channels"
+        if w.ndim not in (3, 4):
+            return f"{w.ndim - 2}-D conv"
+        if n.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return "auto_pad"
+        return None
+    if n.op == "Gemm":
+        return "transA Gemm" if n.attrs.get("transA", 0) else None
+    if n.op == "MatMul":
+        return None if w.ndim == 2 else "batched weight"
+    return f"no least-squares refit for {n.op}"
+
+
+def _fit_rows(n: gs.Node, x: np.ndarray, y: np.ndarray, removed_out: np.ndarray | None, take: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Design rows A (the consumer's pruned input, im2col for convs) and targets T (its original output,
+    less its own removed output channels) of one calibration sample, ``take`` random rows of them."""
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
+    w = np.asarray(n.inputs[1].values)
+    if n.op == "Conv":
+        if removed_out is not None:
+            y = np.delete(y, removed_out, axis=1)
+        A = _conv_rows(x, n, w.shape[2:])
+        T = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    else:
+        if removed_out is not None:
+            y = np.delete(y, removed_out, axis=-1)
+        A, T = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if A.shape[0] != T.shape[0]:
+        raise ValueError(f"{A.shape[0]} input rows vs {T.shape[0]} output rows")
+    if A.shape[0] > take:
+        sel = rng.choice(A.shape[0], take, replace=False)
+        A, T = A[sel], T[sel]
+    return A, T
 
 
 def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassContext, template: onnx.ModelProto,
-                ridge: float = 1e-3, max_rows: int = 20000) -> tuple[int, list[str]]:
-    """Refit the consumers of pruned channels; returns (count, warnings)."""
-    warnings: list[str] = []
-    targets = []
-    for n in graph.nodes:
-        if not n.inputs or (n.inputs[0].name, 1 if n.op in ("Conv", "Gemm") else -1) is None:
-            continue
-        x = n.inputs[0].name
-        if n.op == "Conv" and (x, 1) in p.removed and isinstance(n.inputs[1], gs.Constant):
-            if int(n.attrs.get("group", 1)) != 1 or np.asarray(n.inputs[1].values).ndim != 4 or n.attrs.get("auto_pad", "NOTSET") != "NOTSET":
-                warnings.append(f"reconstruct: {n.name} skipped (grouped, non-2-D or auto_pad Conv)")
-                continue
-            targets.append(n)
-        elif n.op in ("Gemm", "MatMul") and isinstance(n.inputs[1], gs.Constant):
-            rank = len(p.dep.view.shapes.get(x, ()))
-            if rank and (x, rank - 1) in p.removed:
-                if n.op == "Gemm" and (n.attrs.get("transA", 0) or rank != 2):
-                    warnings.append(f"reconstruct: {n.name} skipped (transA Gemm)")
-                    continue
-                targets.append(n)
+                ridge: float = 1e-5, max_rows: int = 24000) -> tuple[int, list[str]]:
+    """Refit every consumer of pruned channels (Conv 1-D/2-D with any kernel via im2col, Gemm, MatMul):
+    min ||X' W' + b' - Y||^2 + lambda ||W'||^2 with X' its input in the pruned model (after the refits above
+    it) and Y its output in the original; returns (count, warnings)."""
+    targets, warnings = refit_targets(graph, p)
     if not targets:
         return 0, warnings
     ys = _activation_stats(original, [n.outputs[0].name for n in targets], ctx.calib, MAX_RECONSTRUCT)
@@ -654,27 +785,18 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
     done = 0
     for n in targets:  # topological order; each refit sees the already refitted layers above it
         yname = n.outputs[0].name
-        xs = _activation_stats(ctx.export(graph), [n.inputs[0].name], ctx.calib, MAX_RECONSTRUCT)
-        X = np.concatenate([a.astype(np.float64) for a in xs[n.inputs[0].name]])
-        Y = np.concatenate([a.astype(np.float64) for a in ys[yname]])
+        xs = _activation_stats(ctx.export(graph), [n.inputs[0].name], ctx.calib, MAX_RECONSTRUCT)[n.inputs[0].name]
         w = np.asarray(n.inputs[1].values)
-        if n.op == "Conv":
-            r = p.removed.get((yname, 1))
-            if r is not None:
-                Y = np.delete(Y, r, axis=1)
-            A = _im2col(X, n, w.shape[2:])
-            T = Y.transpose(0, 2, 3, 1).reshape(-1, Y.shape[1])
-        else:
-            r = p.removed.get((yname, Y.ndim - 1))
-            if r is not None:
-                Y = np.delete(Y, r, axis=-1)
-            A, T = X.reshape(-1, X.shape[-1]), Y.reshape(-1, Y.shape[-1])
-        if A.shape[0] != T.shape[0]:
-            warnings.append(f"reconstruct: {n.name} skipped (row mismatch)")
+        ax_out = 1 if n.op == "Conv" else len(ys[yname][0].shape) - 1
+        r = p.removed.get((yname, ax_out))
+        take = max(1, max_rows // max(len(xs), 1))
+        try:
+            parts = [_fit_rows(n, x, y, r, take, rng) for x, y in zip(xs, ys[yname])]
+        except ValueError as exc:
+            warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: {exc}")
             continue
-        if A.shape[0] > max_rows:
-            sel = rng.choice(A.shape[0], max_rows, replace=False)
-            A, T = A[sel], T[sel]
+        A = np.concatenate([a for a, _ in parts])
+        T = np.concatenate([t for _, t in parts])
         A1 = np.concatenate([A, np.ones((A.shape[0], 1))], axis=1)
         G = A1.T @ A1
         lam = ridge * float(np.trace(G)) / G.shape[0]
@@ -683,12 +805,13 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
         try:
             sol = np.linalg.solve(G + reg, A1.T @ T)
         except np.linalg.LinAlgError:
-            warnings.append(f"reconstruct: {n.name} skipped (singular system)")
+            warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: singular system")
             continue
         W, b = sol[:-1], sol[-1]
         dt = w.dtype
         if n.op == "Conv":
-            n.inputs[1] = gs.Constant(n.inputs[1].name + "_refit", W.T.reshape(w.shape).astype(dt))
+            shape = (W.shape[1], *w.shape[1:])
+            n.inputs[1] = gs.Constant(n.inputs[1].name + "_refit", W.T.reshape(shape).astype(dt))
         elif n.op == "Gemm":
             tb = int(n.attrs.get("transB", 0))
             alpha = float(n.attrs.get("alpha", 1.0))
@@ -759,7 +882,11 @@ class PruneChannels(Pass):
             "channels_after": sum(g["channels_after"] for g in groups),
             "params_before": params_before, "params_after": _param_count(graph),
             "tensors_rewritten": edited, "reconstructed": refit,
-            "barrier_ops": dict(barrier_ops), "group_stats": groups,
+            "barrier_ops": dict(barrier_ops), "group_stats": groups, "order": cfg.order,
+            "groups_internal": sum(g.get("kind") == "internal" for g in groups),
+            "groups_residual": sum(g.get("kind") == "residual" for g in groups),
+            "channels_removed_internal": sum(g["channels_before"] - g["channels_after"] for g in groups if g.get("kind") == "internal"),
+            "channels_removed_residual": sum(g["channels_before"] - g["channels_after"] for g in groups if g.get("kind") == "residual"),
         }
         return PassResult(bool(pl.removed), stats, warnings)
 

@@ -1,0 +1,196 @@
+"""prune.channels (issue 17): internal channels first, residual stream last; reconstruct refits every consumer."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor import runtime
+from compressor.data import Samples
+from passes import PASSES
+from passes.prune_channels import PruneChannelsConfig
+from tests.passes.prune_channels_util import cleaned, zero_then_remove
+
+OPSET = 21
+
+
+def _model(nodes, x_shape, y_shape, inits):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                          [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def inverted_residual(blocks: int = 2, c: int = 16, t: int = 6) -> onnx.ModelProto:
+    """stem -> blocks x (1x1 expand c->tc, ReLU, 3x3 depthwise, ReLU, 1x1 project tc->c, Add skip) -> GAP -> fc."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s) * (2.0 / np.prod(s[1:])) ** 0.5
+    n = helper.make_node
+    inits = {"stem": f(c, 3, 3, 3), "fc": f(10, c)}
+    nodes = [n("Conv", ["x", "stem"], ["h0"], name="stem", pads=[1, 1, 1, 1])]
+    for b in range(blocks):
+        inits |= {f"e{b}": f(c * t, c, 1, 1), f"d{b}": f(c * t, 1, 3, 3), f"p{b}": f(c, c * t, 1, 1)}
+        nodes += [n("Conv", [f"h{b}", f"e{b}"], [f"ex{b}"], name=f"expand{b}"),
+                  n("Relu", [f"ex{b}"], [f"er{b}"], name=f"relu_e{b}"),
+                  n("Conv", [f"er{b}", f"d{b}"], [f"dw{b}"], name=f"dw{b}", group=c * t, pads=[1, 1, 1, 1]),
+                  n("Relu", [f"dw{b}"], [f"dr{b}"], name=f"relu_d{b}"),
+                  n("Conv", [f"dr{b}", f"p{b}"], [f"pr{b}"], name=f"project{b}"),
+                  n("Add", [f"h{b}", f"pr{b}"], [f"h{b + 1}"], name=f"skip{b}")]
+    nodes += [n("GlobalAveragePool", [f"h{blocks}"], ["gap"], name="gap"),
+              n("Flatten", ["gap"], ["fl"], name="flat"),
+              n("Gemm", ["fl", "fc"], ["y"], name="fc", transB=1)]
+    return _model(nodes, [1, 3, 8, 8], [1, 10], inits)
+
+
+def ffn_block(d: int = 32, hidden: int = 128, seq: int = 8) -> onnx.ModelProto:
+    """in-proj -> x + W2 GELU(W1 x + b1) + b2 -> head: the FFN intermediate units are internal, d is the stream."""
+    rng = np.random.default_rng(1)
+    f = lambda *s: rng.standard_normal(s) / np.sqrt(s[0])
+    n = helper.make_node
+    inits = {"win": f(16, d), "w1": f(d, hidden), "b1": f(hidden) * 0.1, "w2": f(hidden, d), "b2": f(d) * 0.1,
+             "head": f(d, 10)}
+    nodes = [n("MatMul", ["x", "win"], ["h"], name="in_proj"),
+             n("MatMul", ["h", "w1"], ["u"], name="ffn_up"),
+             n("Add", ["u", "b1"], ["ub"], name="ffn_up_bias"),
+             n("Gelu", ["ub"], ["g"], name="gelu"),
+             n("MatMul", ["g", "w2"], ["v"], name="ffn_down"),
+             n("Add", ["v", "b2"], ["vb"], name="ffn_down_bias"),
+             n("Add", ["h", "vb"], ["r"], name="residual"),
+             n("MatMul", ["r", "head"], ["y"], name="head")]
+    return _model(nodes, [1, seq, 16], [1, seq, 10], inits)
+
+
+def _shape(model, init_name):
+    return next(tuple(t.dims) for t in model.graph.initializer if t.name.startswith(init_name))
+
+
+def _weight_of(model, node_name, i=1):
+    node = next(x for x in model.graph.node if x.name == node_name)
+    return next(tuple(t.dims) for t in model.graph.initializer if t.name == node.input[i])
+
+
+def test_inverted_residual_prunes_expansion_only():
+    r = zero_then_remove(inverted_residual(), ratio=0.2)
+    st = r["plan"].group_stats
+    kinds = {s["group"]: s.get("kind") for s in st if s["status"] in ("pruned", "unchanged")}
+    assert sorted(kinds.values()) == ["internal", "internal", "residual"], st
+    pr = r["pruned"]
+    for b in range(2):
+        e, p = _weight_of(pr, f"expand{b}"), _weight_of(pr, f"project{b}")
+        assert e[1] == 16 and p[0] == 16  # the residual width is untouched
+        assert e[0] < 96 and p[1] == e[0] and _weight_of(pr, f"dw{b}")[0] == e[0]  # expansion channels went
+    assert _weight_of(pr, "stem")[0] == 16
+    res = next(s for s in st if s.get("kind") == "residual")
+    assert res["channels_after"] == res["channels_before"] == 16
+    # the parameter target of ratio 0.2 over all groups is met from the expansion channels alone
+    before, after = r["params"]
+    assert 0.15 <= 1 - after / before <= 0.35, (before, after)
+    # the previous behaviour (order="uniform") pruned the residual stream too
+    u = zero_then_remove(inverted_residual(), ratio=0.2, order="uniform")
+    assert _weight_of(u["pruned"], "stem")[0] < 16
+
+
+def test_residual_groups_pruned_only_past_the_internal_cap():
+    r = zero_then_remove(inverted_residual(), ratio=0.7, internal_cap=0.6)
+    res = next(s for s in r["plan"].group_stats if s.get("kind") == "residual")
+    assert res["channels_after"] < res["channels_before"]
+    assert all(s["fraction"] == 0.7 for s in r["plan"].group_stats if s.get("kind") == "internal")
+
+
+def test_ffn_prunes_intermediate_units_only():
+    r = zero_then_remove(ffn_block(), ratio=0.2)
+    pr = r["pruned"]
+    w1, w2 = _weight_of(pr, "ffn_up"), _weight_of(pr, "ffn_down")
+    assert w1[0] == 32 and w2[1] == 32 and _weight_of(pr, "in_proj")[1] == 32  # stream width kept
+    assert w1[1] < 128 and w2[0] == w1[1]
+    kinds = sorted(s.get("kind") for s in r["plan"].group_stats if s["status"] in ("pruned", "unchanged"))
+    assert kinds == ["internal", "residual"], r["plan"].group_stats
+
+
+def _run_pass(model, calib_feeds, **cfg):
+    g, ctx = cleaned(model)
+    ctx.calib = Samples(calib_feeds, None, "test")
+    res = PASSES.get("prune.channels")(PruneChannelsConfig(**cfg)).run(g, ctx)
+    return res, ctx.export(g)
+
+
+def _dependent_conv_model(k: int, ndim: int) -> onnx.ModelProto:
+    """conv1 (no bias) makes 8 channels, 4..7 = 0.1 x 0..3; conv2 (kernel k) reads all 8: pruning 4..7 loses
+    nothing a refit cannot restore exactly (W'[:, c] = W[:, c] + 0.1 W[:, c + 4])."""
+    rng = np.random.default_rng(3)
+    sp = [1] * ndim
+    w1 = rng.standard_normal((4, 4, *sp))
+    w1 = np.concatenate([w1, 0.1 * w1])
+    w2 = rng.standard_normal((6, 8, *([k] * ndim)))
+    w2[:, 4:] *= 0.1
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             n("Conv", ["c1", "w2", "b2"], ["y"], name="conv2", pads=[k // 2] * (2 * ndim))]
+    shape = [1, 4] + [6] * ndim
+    return _model(nodes, shape, [1, 6] + [6] * ndim, {"w1": w1, "w2": w2, "b2": rng.standard_normal(6)})
+
+
+def _dependent_linear_model(op: str) -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((5, 4))
+    w1 = np.concatenate([w1, 0.1 * w1], axis=1)  # [5, 8]: units 4..7 = 0.1 x units 0..3
+    w2 = rng.standard_normal((8, 3))
+    w2[4:] *= 0.1
+    n = helper.make_node
+    if op == "MatMul":
+        nodes = [n("MatMul", ["x", "w1"], ["h"], name="lin1"), n("MatMul", ["h", "w2"], ["y"], name="lin2")]
+        return _model(nodes, [1, 7, 5], [1, 7, 3], {"w1": w1, "w2": w2})
+    nodes = [n("Gemm", ["x", "w1"], ["h"], name="lin1"), n("Gemm", ["h", "w2t", "b2"], ["y"], name="lin2", transB=1)]
+    return _model(nodes, [1, 5], [1, 3], {"w1": w1, "w2t": w2.T, "b2": rng.standard_normal(3)})
+
+
+def _feeds(model, n, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+def _exact_refit(model, n_calib):
+    calib = _feeds(model, n_calib)
+    res, pruned = _run_pass(model, calib, ratio=0.5, reconstruct=True)
+    assert res.stats["reconstructed"] == 1 and res.stats["channels_after"] < res.stats["channels_before"], res.stats
+    assert not [w for w in res.warnings if "reconstruct" in w], res.warnings
+    s0, s1 = runtime.session(model), runtime.session(pruned)
+    for feed in _feeds(model, 4, seed=9):  # held-out inputs: the refit is exact, not a fit to the calibration set
+        a, b = s0.run(None, feed)[0], s1.run(None, feed)[0]
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max()))
+    # without the refit the output differs (the removed channels carried signal)
+    _, plain = _run_pass(model, calib, ratio=0.5)
+    feed = _feeds(model, 1, seed=9)[0]
+    assert np.abs(runtime.session(plain).run(None, feed)[0] - s0.run(None, feed)[0]).max() > 1e-2
+
+
+def test_reconstruct_exact_conv3x3():
+    _exact_refit(_dependent_conv_model(3, 2), 8)
+
+
+def test_reconstruct_exact_conv1d():
+    _exact_refit(_dependent_conv_model(3, 1), 8)
+
+
+def test_reconstruct_exact_matmul_and_gemm():
+    _exact_refit(_dependent_linear_model("MatMul"), 16)
+    _exact_refit(_dependent_linear_model("Gemm"), 64)
+
+
+def test_reconstruct_covers_every_consumer():
+    """Every weight layer reading pruned channels is refit (3x3 depthwise-free convs, 1x1, Gemm), and the
+    refit lowers the error against the original on the calibration data."""
+    model = inverted_residual(blocks=2)
+    calib = _feeds(model, 16)
+    res, pruned = _run_pass(model, calib, ratio=0.3, reconstruct=True)
+    refit_names = {"project0", "project1"}  # the consumers of the expansion channels (depthwise convs follow exactly)
+    assert res.stats["reconstructed"] == len(refit_names), res.stats
+    assert not [w for w in res.warnings if "not refit" in w], res.warnings
+    _, plain = _run_pass(model, calib, ratio=0.3)
+    s0, s1, s2 = runtime.session(model), runtime.session(pruned), runtime.session(plain)
+    err = lambda s: np.mean([np.square(s.run(None, f)[0] - s0.run(None, f)[0]).mean() for f in calib])
+    assert err(s1) < 0.5 * err(s2)
