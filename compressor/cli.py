@@ -70,7 +70,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="--sparsity: node/weight name globs pruned even where a default rule keeps them dense (stem conv, final classifier)")
     p.add_argument("--quantize", default="none", help="none | int8 | fp16 | int4")
-    p.add_argument("--keep-fp32", default="none", help="--quantize: none | auto (keep the most sensitive layers in fp32)")
+    p.add_argument("--keep-fp32", default=None, help="--quantize: auto (int8's default: with --calib keep the stem, depthwise "
+                   "convs, the last layer and the most sensitive layers in fp32) | none (quantize every layer it can)")
     p.add_argument("--pass", dest="passes", action="append", metavar="NAME[:k=v,...]",
                    help="explicit pipeline (repeatable); replaces the default cleanup + flag-driven passes")
     p.add_argument("--calib", help="calibration data .npz (one array per input, samples on axis 0)")

@@ -90,7 +90,7 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
     if opts.finetune:
         items.append({"name": "finetune.distill", "config": {"epochs": opts.epochs, "data": str(opts.finetune)}})
     if opts.quantize != "none":
-        cfg = {"keep_fp32": opts.keep_fp32} if opts.keep_fp32 != "none" else {}
+        cfg = {"keep_fp32": opts.keep_fp32} if opts.keep_fp32 is not None else {}
         items.append({"name": f"quantize.{opts.quantize}", "config": cfg})
     return items
 

@@ -47,7 +47,7 @@ class Options:
     ignore: list[str] = field(default_factory=list)  # name globs left alone by pruning/sparsity passes
     include: list[str] = field(default_factory=list)  # name globs sparsified despite default exclusions (stem, classifier)
     quantize: str = "none"  # none | int8 | fp16 | int4
-    keep_fp32: str = "none"  # none | auto (mixed precision by sensitivity)
+    keep_fp32: str | None = None  # none | auto (mixed precision by sensitivity); None: the pass's default
     passes: list[dict[str, Any]] | None = None  # explicit pipeline [{name, config}]
     calib: str | None = None
     eval: str | None = None
@@ -85,7 +85,7 @@ class Options:
                              hint="other sparsify passes (plugins) go in with --pass NAME")
         if self.quantize not in ("none", "int8", "fp16", "int4"):
             raise UsageError(f"--quantize must be none, int8, fp16 or int4, got {self.quantize!r}")
-        if self.keep_fp32 not in ("none", "auto"):
+        if self.keep_fp32 not in (None, "none", "auto"):
             raise UsageError(f"--keep-fp32 must be none or auto, got {self.keep_fp32!r}")
         if self.allocation not in ("auto", "uniform", "global", "sensitivity"):
             raise UsageError(f"--allocation must be auto, uniform, global or sensitivity, got {self.allocation!r}")

@@ -20,6 +20,8 @@ Gate (defaults, all overridable from the CLI / recipe):
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -78,8 +80,18 @@ class Comparison:
         }
 
 
-def is_classifier_like(shape: tuple[int, ...], dtype: np.dtype) -> bool:
+# output names that say "not class scores" although the shape looks like [batch, classes]: recurrent
+# state (an LSTM's hn/cn), embeddings and hidden features. Their argmax means nothing: the top-1 gate
+# failed silero-vad (LSTM state outputs) and a sentence encoder (the embedding) with their tasks intact.
+_NOT_SCORES = re.compile(r"(^|[^a-z])(hn|cn|h_?n|c_?n|h0|c0|state\w*|hidden\w*|embed\w*|pooler\w*|features?|"
+                         r"last_hidden_state|encoder\w*|memory|latent\w*)($|[^a-z])", re.I)
+
+
+def is_classifier_like(shape: tuple[int, ...], dtype: np.dtype, name: str = "") -> bool:
+    """[batch, (1, ...,) classes] float outputs, unless the name says state / embedding / features."""
     if np.dtype(dtype).kind != "f" or len(shape) < 1 or shape[-1] < 2:
+        return False
+    if name and _NOT_SCORES.search(name):
         return False
     return all(d == 1 for d in shape[1:-1]) and len(shape) <= 3
 
@@ -102,7 +114,7 @@ def output_metrics(name: str, cand: list[np.ndarray], ref: list[np.ndarray]) -> 
         cos = float(np.dot(a, r) / (na * nr))
     top1 = None
     first = np.asarray(ref[0])
-    if is_classifier_like(first.shape, first.dtype):
+    if is_classifier_like(first.shape, first.dtype, name):
         c = first.shape[-1]
         ca = np.concatenate([np.asarray(x).reshape(-1, c) for x in cand]).argmax(-1)
         cr = np.concatenate([np.asarray(x).reshape(-1, c) for x in ref]).argmax(-1)

@@ -111,3 +111,14 @@ def test_searchable_skips_reshaped_and_quantized():
     comp = _mm_model({"a": a[:, :8].copy(), "b": b})
     changed, notes = accuracy_search.searchable(orig, comp)
     assert changed == {} and any("changed shape" in n for n in notes)
+
+
+def test_state_and_embedding_outputs_are_not_gated_on_top1():
+    """An LSTM's hn/cn and an encoder's embedding look like [batch, classes] but have no classes:
+    their argmax is not a decision (the top-1 gate failed silero-vad and MiniLM with their tasks intact)."""
+    from compressor.verify import is_classifier_like
+
+    f32 = np.dtype(np.float32)
+    assert is_classifier_like((1, 10), f32, "logits") and is_classifier_like((1, 2), f32, "save_infer_model/scale_0.tmp_1")
+    for name in ("hn", "cn", "stateN", "embedding", "sentence_embedding", "last_hidden_state", "pooler_output"):
+        assert not is_classifier_like((1, 1, 128), f32, name), name
