@@ -253,22 +253,42 @@ def group_kind(grp: Group, view) -> str:
     return "internal"
 
 
-def _internal_first(eligible, kinds: dict[int, str], cfg: PruneChannelsConfig, graph: gs.Graph) -> dict[int, float]:
+def _internal_first(eligible, kinds: dict[int, str], cfg: PruneChannelsConfig, graph: gs.Graph,
+                    floors: dict[int, int]) -> dict[int, float]:
     """Fraction of units removed per group: the parameters that ``ratio`` of every group would remove are
     taken from internal groups first (each up to ``max(internal_cap, ratio)``), then, only for what is
-    left, from residual groups (uniformly)."""
+    left, from residual groups (uniformly). The fraction is chosen on the counts after rounding
+    (``round_to`` moves a 200-channel group in steps of 16): the one whose realised removal is nearest
+    the target, so rounding neither overshoots the target nor pushes work onto the residual stream."""
     nodes = {n.name: n for n in graph.nodes}
-    weight = {}
-    for grp, _, rem, _ in eligible:
-        weight[grp.gid] = _params_per_unit(grp, nodes) * int(rem.sum())
-    target = cfg.ratio * sum(weight.values())
-    internal = sum(w for gid, w in weight.items() if kinds[gid] == "internal")
-    residual = sum(w for gid, w in weight.items() if kinds[gid] == "residual")
+    cost = {grp.gid: _params_per_unit(grp, nodes) for grp, *_ in eligible}
+    target = cfg.ratio * sum(cost[grp.gid] * int(rem.sum()) for grp, _, rem, _ in eligible)
     cap = max(cfg.internal_cap, cfg.ratio)
-    f_int = min(cap, target / internal) if internal > 0 else 0.0
-    left = target - f_int * internal
-    f_res = min(0.95, left / residual) if residual > 0 and left > 1e-6 * max(target, 1.0) else 0.0
-    return {gid: (f_int if kinds[gid] == "internal" else f_res) for gid in weight}
+
+    def realised(kind: str, f: float) -> float:
+        tot = 0.0
+        for grp, sc, rem, _ in eligible:
+            if kinds[grp.gid] != kind or f <= 0:
+                continue
+            n = len(grp.units)
+            if grp.balance:  # the integer program is too slow to probe: its count is close to the request
+                k = min(round(f * n), int(rem.sum()), n - floors[grp.gid])
+            else:
+                k = len(_select(grp, sc, rem, n - round(f * n), floors[grp.gid], cfg.round_to))
+            tot += max(k, 0) * cost[grp.gid]
+        return tot
+
+    def best(kind: str, want: float, hi: float) -> tuple[float, float]:
+        grid = np.linspace(0.0, hi, 121)
+        vals = [realised(kind, float(f)) for f in grid]
+        i = int(np.argmin([abs(v - want) + 1e-9 * k for k, v in enumerate(vals)]))
+        return float(grid[i]), vals[i]
+
+    f_int, got = best("internal", target, cap)
+    f_res = 0.0
+    if target - got > 0.02 * target and any(k == "residual" for k in kinds.values()):
+        f_res, _ = best("residual", target - got, 0.95)
+    return {grp.gid: (f_int if kinds[grp.gid] == "internal" else f_res) for grp, *_ in eligible}
 
 
 def _params_per_unit(grp: Group, nodes: dict[str, gs.Node]) -> float:
@@ -363,7 +383,7 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
         if st["group"] in kinds:
             st["kind"] = kinds[st["group"]]
     if cfg.allocation == "uniform":
-        fracs = _internal_first(eligible, kinds, cfg, graph) if cfg.order == "internal_first" else {
+        fracs = _internal_first(eligible, kinds, cfg, graph, floors) if cfg.order == "internal_first" else {
             grp.gid: cfg.ratio for grp, *_ in eligible}
         for grp, sc, rem, _ in eligible:
             n = len(grp.units)
@@ -772,8 +792,48 @@ def _fit_rows(n: gs.Node, x: np.ndarray, y: np.ndarray, removed_out: np.ndarray 
     return A, T
 
 
+RIDGES = (1e-7, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def _ridge_fit(parts: list[tuple[np.ndarray, np.ndarray]], ridge: float | None) -> np.ndarray | None:
+    """[W; b] of min ||[A 1] [W; b] - T||^2 + lambda ||W||^2, lambda relative to the mean diagonal of A'A.
+    ``ridge=None``: lambda chosen on held-out calibration samples (every 5th): a well-determined layer gets
+    a near-exact fit, one with few rows per unknown (a classifier after global pooling: one row per
+    sample) the shrinkage that generalises."""
+    def gram(ps):
+        A = np.concatenate([a for a, _ in ps])
+        T = np.concatenate([t for _, t in ps])
+        A1 = np.concatenate([A, np.ones((A.shape[0], 1))], axis=1)
+        return A1.T @ A1, A1.T @ T, A1, T
+
+    def solve(G, B, lam_rel):
+        reg = lam_rel * max(float(np.trace(G)) / G.shape[0], 1e-30) * np.eye(G.shape[0])
+        reg[-1, -1] = 0.0
+        try:
+            return np.linalg.solve(G + reg, B)
+        except np.linalg.LinAlgError:
+            return None
+
+    G, B, _, _ = gram(parts)
+    lam = ridge
+    if lam is None:
+        lam = 1e-3
+        val = parts[::5]
+        train = [q for i, q in enumerate(parts) if i % 5]
+        if len(parts) >= 5 and train:
+            Gt, Bt, _, _ = gram(train)
+            _, _, Av, Tv = gram(val)
+            errs = []
+            for r in RIDGES:
+                sol = solve(Gt, Bt, r)
+                errs.append(np.inf if sol is None else float(np.square(Av @ sol - Tv).mean()))
+            if np.isfinite(min(errs)):
+                lam = RIDGES[int(np.argmin(errs))]
+    return solve(G, B, lam)
+
+
 def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassContext, template: onnx.ModelProto,
-                ridge: float = 1e-5, max_rows: int = 24000) -> tuple[int, list[str]]:
+                ridge: float | None = None, max_rows: int = 24000) -> tuple[int, list[str]]:
     """Refit every consumer of pruned channels (Conv 1-D/2-D with any kernel via im2col, Gemm, MatMul):
     min ||X' W' + b' - Y||^2 + lambda ||W'||^2 with X' its input in the pruned model (after the refits above
     it) and Y its output in the original; returns (count, warnings)."""
@@ -795,16 +855,8 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
         except ValueError as exc:
             warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: {exc}")
             continue
-        A = np.concatenate([a for a, _ in parts])
-        T = np.concatenate([t for _, t in parts])
-        A1 = np.concatenate([A, np.ones((A.shape[0], 1))], axis=1)
-        G = A1.T @ A1
-        lam = ridge * float(np.trace(G)) / G.shape[0]
-        reg = lam * np.eye(G.shape[0])
-        reg[-1, -1] = 0.0
-        try:
-            sol = np.linalg.solve(G + reg, A1.T @ T)
-        except np.linalg.LinAlgError:
+        sol = _ridge_fit(parts, ridge)
+        if sol is None:
             warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: singular system")
             continue
         W, b = sol[:-1], sol[-1]
