@@ -135,7 +135,7 @@ def test_obs_on_two_node_cluster_is_bit_identical(cluster, cli, tmp_path):
     onnx.save(wide_model(), str(model))
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.concatenate([f["x"] for f in _calib_wide(2).feeds]).reshape(2, 16, 256))
-    flags = ["--method", "obs", "--sparsity", "0.6", "--calib", calib, "--no-compile", "--no-latency", "--verify-samples", "4",
+    flags = ["--method", "obs", "--allocation", "uniform", "--sparsity", "0.6", "--calib", calib, "--no-compile", "--no-latency", "--verify-samples", "4",
              "--no-gate"]
     loc = cli(model, *flags, "-o", tmp_path / "local")
     assert loc.code == 0, loc
