@@ -56,6 +56,8 @@ class SearchResult:
     budget: int
     error_before: float
     error_after: float
+    zeros_before: float = 0.0  # fraction of zeros over the searchable weights, one-shot
+    zeros_after: float = 0.0  # ... after the reverts
     ranking: list[Layer] = field(default_factory=list)  # all searchable weights, worst first
     reverted: list[Layer] = field(default_factory=list)
     unsearchable: list[str] = field(default_factory=list)  # changes the search cannot revert (why)
@@ -64,6 +66,7 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "rounds": self.rounds, "budget": self.budget,
                 "error_before": self.error_before, "error_after": self.error_after,
+                "zeros_before": round(self.zeros_before, 4), "zeros_after": round(self.zeros_after, 4),
                 "reverted": [x.to_dict() for x in self.reverted],
                 "worst": [x.to_dict() for x in self.ranking[:10]], "unsearchable": self.unsearchable}
 
@@ -139,6 +142,8 @@ def search(original: onnx.ModelProto, compressed: onnx.ModelProto, attrib_feeds:
                             float(np.mean(comp_vals[n] == 0))))
     layers.sort(key=lambda x: -x.gain)
     res.ranking, res.error_before = layers, base
+    total = sum(x.numel for x in layers)
+    res.zeros_before = res.zeros_after = sum(x.zeros * x.numel for x in layers) / max(total, 1)
 
     def passes(k: int) -> bool:
         res.rounds += 1
@@ -165,6 +170,8 @@ def search(original: onnx.ModelProto, compressed: onnx.ModelProto, attrib_feeds:
         return res
     res.passed = True
     res.reverted = layers[:hi]
+    gone = {x.weight for x in res.reverted}
+    res.zeros_after = sum(x.zeros * x.numel for x in layers if x.weight not in gone) / max(total, 1)
     res.error_after = _rel_error(run(attrib_feeds, {x.weight for x in res.reverted}), ref_attrib)
     m = onnx.ModelProto()
     m.CopyFrom(compressed)

@@ -389,7 +389,13 @@ def _search(r: _Run) -> None:
     names = ", ".join(x.node for x in res.reverted[:6]) + (f" (+{len(res.reverted) - 6} more)" if len(res.reverted) > 6 else "")
     r.warnings.append(f"accuracy search: reverted {len(res.reverted)} of {len(res.ranking)} compressed weights to their "
                       f"original values to pass the gate ({names}; relative output error {res.error_before:.3g} -> "
-                      f"{res.error_after:.3g}, {res.rounds} rounds)")
+                      f"{res.error_after:.3g}, {res.rounds} rounds); zeros in the compressed layers "
+                      f"{res.zeros_before:.1%} -> {res.zeros_after:.1%}")
+    if res.zeros_after < 0.5 * res.zeros_before:
+        r.warnings.append(f"accuracy search gave back more than half of the compression ({res.zeros_before:.1%} -> "
+                          f"{res.zeros_after:.1%} zeros) to meet the gate: lower the target, relax the bound "
+                          f"(--min-cosine/--min-top1/--max-accuracy-drop), or recover with --finetune; --search-budget 0 "
+                          "keeps the one-shot result")
     r.compressed = res.model
     r.comp_runs = runtime.run_all(runtime.session(r.compressed), r.verif.feeds)
     r.comparisons = []

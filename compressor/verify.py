@@ -88,8 +88,10 @@ _NOT_SCORES = re.compile(r"(^|[^a-z])(hn|cn|h_?n|c_?n|h0|c0|state\w*|hidden\w*|e
 
 
 def is_classifier_like(shape: tuple[int, ...], dtype: np.dtype, name: str = "") -> bool:
-    """[batch, (1, ...,) classes] float outputs, unless the name says state / embedding / features."""
-    if np.dtype(dtype).kind != "f" or len(shape) < 1 or shape[-1] < 2:
+    """[batch, (1, ...,) classes] float outputs, unless the name says state / embedding / features.
+    1-D outputs are not: without a batch axis an argmax picks a position (silero-vad's per-chunk
+    speech probabilities [32]), not a class."""
+    if np.dtype(dtype).kind != "f" or len(shape) < 2 or shape[-1] < 2:
         return False
     if name and _NOT_SCORES.search(name):
         return False
