@@ -228,9 +228,7 @@ def gate_for(out_names: list[str], ref_runs: list[list[np.ndarray]], tol: verify
                               gate_cosine=labels is None)
         fails = list(comp.failures)
         if labels is not None and original_accuracy is not None:
-            drop = original_accuracy - verify.accuracy(runs, labels)
-            if drop > tol.max_accuracy_drop + 1e-9:  # float noise: 0.99 - 0.98 > 0.01
-                fails.append(f"accuracy drop {drop:.4f} > {tol.max_accuracy_drop}")
+            fails += filter(None, [verify.accuracy_drop_failure(original_accuracy, verify.accuracy(runs, labels), tol)])
         return fails
 
     return gate

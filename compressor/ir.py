@@ -630,15 +630,8 @@ def name_nodes(model: onnx.ModelProto) -> int:
     many were named. Exporters may leave names empty, and every per-layer rule (``--ignore``
     globs, the final-classifier and stem rules, report rows) is keyed by node name: with all
     names "" the classifier rule matched every MatMul of such a model and kept it dense."""
-    graphs = [model.graph]
-    taken: set[str] = set()
-    k = 0
-    while k < len(graphs):
-        for n in graphs[k].node:
-            taken.add(n.name)
-            for a in n.attribute:
-                graphs += list(a.g for _ in [0] if a.type == onnx.AttributeProto.GRAPH) + list(a.graphs)
-        k += 1
+    graphs = [g for g, _ in _all_graphs(model.graph)]
+    taken = {n.name for g in graphs for n in g.node}
     named = 0
     counters: dict[str, int] = {}
     for g in graphs:

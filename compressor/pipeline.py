@@ -179,20 +179,27 @@ class _ChildPlan:
         self.opts = p.opts
 
 
-def _compile_in_child(cp: _ChildPlan, src: Path, bdir: Path, shapes: dict[str, list[int]],
-                      feeds: list[dict[str, np.ndarray]]) -> tuple[Any, list[list[np.ndarray]] | None, str | None, list[str]]:
-    """Child side of an isolated build: compile, then run the artifact once on every verification
-    feed where this host can (a kernel that segfaults does so here, not in the tool's process).
-    Returns (artifact, runs or None, why not run, warnings)."""
+def _compile_and_run(p: Plan | _ChildPlan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say,
+                     warnings: list[str], session: Any,
+                     feeds: list[dict[str, np.ndarray]]) -> tuple[Any, list[list[np.ndarray]] | None, str | None]:
+    """Compile, then run the artifact once on every verification feed where this host can.
+    Returns (artifact, runs or None, why it was not run)."""
     from targets.base import NotRunnableHere
 
-    warnings: list[str] = []
-    art = _compile_artifact(cp, src, bdir, shapes, lambda line: print(line, flush=True), warnings)  # type: ignore[arg-type]
+    art = _compile_artifact(p, src, bdir, shapes, say, warnings, session)  # type: ignore[arg-type]
     try:
-        runs = [cp.target.run(bdir / art.path, cp.spec, f) for f in feeds]
+        return art, [p.target.run(bdir / art.path, p.spec, f) for f in feeds], None
     except NotRunnableHere as exc:
-        return art, None, str(exc), warnings
-    return art, runs, None, warnings
+        return art, None, str(exc)
+
+
+def _compile_in_child(cp: _ChildPlan, src: Path, bdir: Path, shapes: dict[str, list[int]],
+                      feeds: list[dict[str, np.ndarray]]) -> tuple[Any, list[list[np.ndarray]] | None, str | None, list[str]]:
+    """Child side of an isolated build (a kernel that segfaults on its first run does so here, not in
+    the tool's process). Returns :func:`_compile_and_run`'s triple plus the compile warnings."""
+    warnings: list[str] = []
+    art, runs, why = _compile_and_run(cp, src, bdir, shapes, lambda line: print(line, flush=True), warnings, None, feeds)
+    return art, runs, why, warnings
 
 
 def _isolated_build(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say, warnings: list[str],
@@ -202,14 +209,9 @@ def _isolated_build(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]]
     killing the run. Runs with a Ray executor compile in this process (the tuning fans out on the
     run's cluster connection, which cannot cross into a child)."""
     from compressor import isolated
-    from targets.base import NotRunnableHere
 
     if session is not None and getattr(session, "kind", "local") != "local":
-        art = _compile_artifact(p, src, bdir, shapes, say, warnings, session)
-        try:
-            return art, [p.target.run(bdir / art.path, p.spec, f) for f in feeds], None
-        except NotRunnableHere as exc:
-            return art, None, str(exc)
+        return _compile_and_run(p, src, bdir, shapes, say, warnings, session, feeds)
     try:
         art, runs, why, child_warnings = isolated.call(
             _compile_in_child, (_ChildPlan(p), src, bdir, shapes, feeds),
@@ -217,11 +219,7 @@ def _isolated_build(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]]
             plugins=list(p.opts.plugin), on_line=say)
     except TypeError as exc:  # a plugin target that cannot be pickled: build here, say so
         warnings.append(f"compile: not isolated in a child process ({exc}); a code-generation crash would end the run")
-        art = _compile_artifact(p, src, bdir, shapes, say, warnings, session)
-        try:
-            return art, [p.target.run(bdir / art.path, p.spec, f) for f in feeds], None
-        except NotRunnableHere as exc2:
-            return art, None, str(exc2)
+        return _compile_and_run(p, src, bdir, shapes, say, warnings, session, feeds)
     warnings += child_warnings
     return art, runs, why
 
@@ -550,9 +548,7 @@ def _write_selfcheck(r: _Run, b: _Build, bdir: Path) -> None:
 def _gate(r: _Run) -> tuple[str, list[str]]:
     failures = [f"{c.candidate} vs {c.reference}: {f}" for c in r.comparisons for f in c.failures]
     if r.accuracy is not None:
-        drop = r.accuracy["original"] - r.accuracy["compressed"]
-        if drop > r.tol.max_accuracy_drop + 1e-9:  # 0.99 - 0.98 = 0.010000000000000009
-            failures.append(f"accuracy drop {drop:.4f} > {r.tol.max_accuracy_drop}")
+        failures += filter(None, [verify.accuracy_drop_failure(r.accuracy["original"], r.accuracy["compressed"], r.tol)])
     if r.p.opts.no_gate and failures:
         r.warnings.append(f"accuracy gate disabled (--no-gate); {len(failures)} check(s) would have failed")
     return ("FAILED" if failures and not r.p.opts.no_gate else "PASSED"), failures

@@ -157,6 +157,13 @@ def compare(
     return comp
 
 
+def accuracy_drop_failure(original: float, compressed: float, tol: Tolerances) -> str | None:
+    """The gate's task-accuracy check: a failure line when the drop exceeds ``max_accuracy_drop``
+    (compared with a float tolerance: 0.99 - 0.98 = 0.010000000000000009 is a 1-point drop)."""
+    drop = original - compressed
+    return f"accuracy drop {drop:.4f} > {tol.max_accuracy_drop}" if drop > tol.max_accuracy_drop + 1e-9 else None
+
+
 def accuracy(runs: list[list[np.ndarray]], labels: np.ndarray, output_index: int = 0) -> float:
     logits = np.concatenate([np.asarray(r[output_index]).reshape(-1, np.asarray(r[output_index]).shape[-1]) for r in runs])
     return float(np.mean(logits.argmax(-1) == labels[: len(logits)]))
