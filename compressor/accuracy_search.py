@@ -66,9 +66,10 @@ class SearchResult:
     halved: list[Layer] = field(default_factory=list)  # half of the pruned weights given back
     unsearchable: list[str] = field(default_factory=list)  # changes the search cannot revert (why)
     model: onnx.ModelProto | None = None  # the compressed model with the reverted weights restored
+    kind: str = "values"  # values: pruned weights given back | quantized: int8 layers back to fp32
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "rounds": self.rounds, "budget": self.budget,
+        return {"kind": self.kind, "passed": self.passed, "rounds": self.rounds, "budget": self.budget,
                 "error_before": self.error_before, "error_after": self.error_after,
                 "zeros_before": round(self.zeros_before, 4), "zeros_after": round(self.zeros_after, 4),
                 "reverted": [x.to_dict() for x in self.reverted], "halved": [x.to_dict() for x in self.halved],
@@ -81,7 +82,8 @@ class SearchResult:
             return ""
         names = ", ".join(f"{x.node} ({x.gain:.2%} of the output error)" for x in worst)
         flags = " ".join(f"--ignore '{x.node}'" for x in worst)
-        return f"most error comes from {names}; keep them dense with {flags}"
+        keep = "fp32" if self.kind == "quantized" else "dense"
+        return f"most error comes from {names}; keep them {keep} with {flags}"
 
 
 def searchable(original: onnx.ModelProto, compressed: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -106,7 +108,7 @@ def searchable(original: onnx.ModelProto, compressed: onnx.ModelProto) -> tuple[
                      "--ignore NODE keeps a layer's channels")
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv",
                          "QLinearMatMul", "DynamicQuantizeLinear") for n in compressed.graph.node):
-        notes.append("quantized layers: not revertible by the search; --keep-fp32 auto keeps the sensitive ones in fp32")
+        notes.append("quantized layers: searched separately (back to fp32), see quantized_search")
     return changed, notes
 
 
@@ -232,3 +234,216 @@ def gate_for(out_names: list[str], ref_runs: list[list[np.ndarray]], tol: verify
         return fails
 
     return gate
+
+
+# ------------------------------------------------------------------ quantized layers (QDQ) back to fp32
+
+QDQ_COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+DYNAMIC_INT8 = ("MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul")
+
+
+def _float_source(name: str) -> str:
+    """The float initializer a QDQ-quantized weight came from (onnxruntime's naming: ``W_quantized``)."""
+    return name[: -len("_quantized")] if name.endswith("_quantized") else name
+
+
+def _dequantize(inits: dict[str, onnx.TensorProto], dq: onnx.NodeProto) -> np.ndarray:
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+    zp = (numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64)
+          if len(dq.input) > 2 and dq.input[2] in inits else np.zeros_like(scale))
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * q.ndim
+        shape[axis % q.ndim] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return ((q - zp) * scale).astype(np.float32)
+
+
+def qdq_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Compute nodes (Conv/Gemm/MatMul) that read at least one DequantizeLinear output."""
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n for n in model.graph.node if n.op_type in QDQ_COMPUTE and n.name and any(i in dq_out for i in n.input)]
+
+
+def revert_qdq(model: onnx.ModelProto, names: set[str], floats: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``model`` with the QDQ layers ``names`` computing in fp32 again: each input that comes through a
+    DequantizeLinear reads the float tensor instead (an activation: the QuantizeLinear's input; a
+    weight or bias: the float original from ``floats`` by name, else its dequantized values). Q/DQ
+    nodes and initializers nothing reads any more are removed."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    prod = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    added: dict[str, np.ndarray] = {}
+    for n in g.node:
+        if n.name not in names:
+            continue
+        for i, x in enumerate(n.input):
+            d = prod.get(x)
+            if d is None or d.op_type != "DequantizeLinear":
+                continue
+            q = prod.get(d.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                n.input[i] = _saturate(g, q, inits, added, f"{d.output[0]}__fp32")
+            elif d.input[0] in inits:
+                src = _float_source(d.input[0])
+                shape = tuple(inits[d.input[0]].dims)
+                val = floats.get(src)
+                if val is None or tuple(val.shape) != shape:
+                    val = _dequantize(inits, d)
+                fname = f"{src}__fp32"
+                added[fname] = val.astype(np.float32)
+                n.input[i] = fname
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in added.items() if k not in inits)
+    # the reverted layers' outputs: a Q -> DQ pair on them becomes an Identity unless a layer that stays
+    # int8 reads it (that is the int8 layer's own input quantization)
+    int8_left = {n.name for n in qdq_layers(m)} - names
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for n in [n for n in g.node if n.name in names]:
+        for o in n.output:
+            for q in [r for r in readers.get(o, []) if r.op_type == "QuantizeLinear"]:
+                for d in [r for r in readers.get(q.output[0], []) if r.op_type == "DequantizeLinear"]:
+                    if any(c.name in int8_left for c in readers.get(d.output[0], [])):
+                        continue
+                    idx = list(g.node).index(d)
+                    g.node.remove(d)
+                    g.node.insert(idx, onnx.helper.make_node("Identity", [_saturate(g, q, inits, added, f"{o}__sat")],
+                                                             [d.output[0]], name=f"{d.name}__fp32"))
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in added.items()
+                         if k not in inits and k not in {t.name for t in g.initializer})
+    _topo_sort(g)
+    _prune_dead(g)
+    return m
+
+
+def _saturate(g: onnx.GraphProto, q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], added: dict[str, np.ndarray],
+              name: str) -> str:
+    """The float tensor a QuantizeLinear reads, clipped to the range that quantizer represents. onnxruntime's
+    QDQ quantizer removes a Relu/Clip before a QuantizeLinear whose range already clamps like it; bypassing
+    the Q/DQ pair without the clamp would drop that activation."""
+    src = q.input[0]
+    if len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits:
+        return src
+    scale = float(numpy_helper.to_array(inits[q.input[1]]).reshape(-1)[0])
+    zp_arr = numpy_helper.to_array(inits[q.input[2]])
+    if zp_arr.size != 1 or zp_arr.dtype.kind not in "iu":
+        return src
+    info = np.iinfo(zp_arr.dtype)
+    zp = float(zp_arr.reshape(-1)[0])
+    added[f"{name}_lo"] = np.array((info.min - zp) * scale, dtype=np.float32)
+    added[f"{name}_hi"] = np.array((info.max - zp) * scale, dtype=np.float32)
+    if not any(n.output and n.output[0] == name for n in g.node):
+        g.node.append(onnx.helper.make_node("Clip", [src, f"{name}_lo", f"{name}_hi"], [name], name=name))
+    return name
+
+
+def _topo_sort(g: onnx.GraphProto) -> None:
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    nodes, order = list(g.node), []
+    while nodes:
+        rest = []
+        for n in nodes:
+            if all(i in known for i in n.input):
+                order.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(nodes):  # subgraph-scoped inputs or a cycle: keep the remaining order
+            order += rest
+            break
+        nodes = rest
+    del g.node[:]
+    g.node.extend(order)
+
+
+def _prune_dead(g: onnx.GraphProto) -> None:
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        for n in g.node:  # subgraph reads (If/Loop bodies) count as uses
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    used |= {i for sn in sub.node for i in sn.input}
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input}
+    for n in g.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                used |= {i for sn in sub.node for i in sn.input}
+    keep = [t for t in g.initializer if t.name in used or t.name in {o.name for o in g.output}]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def search_quantized(original: onnx.ModelProto, compressed: onnx.ModelProto, attrib_feeds: list[dict[str, np.ndarray]],
+                     verif_feeds: list[dict[str, np.ndarray]], ref_verif: list[list[np.ndarray]], gate: GateFn, budget: int,
+                     say: Callable[[str], None] = lambda s: None) -> SearchResult:
+    """The accuracy search for int8 (QDQ) models: rank the quantized layers by the output error that
+    computing each one in fp32 removes (one onnxruntime session per layer on ``attrib_feeds``), then
+    give the worst back to fp32 (weights: the ``original``'s float values, so a pruned-and-quantized
+    layer becomes dense fp32) 1, 2, 4, ... at a time and bisect for the fewest that pass ``gate``.
+    ``budget`` counts verification rounds; 0 ranks only (the hint of a failed gate)."""
+    res = SearchResult(False, 0, budget, 0.0, 0.0, kind="quantized")
+    if any(n.op_type in DYNAMIC_INT8 for n in compressed.graph.node):
+        res.unsearchable.append("dynamic int8 layers (MatMulInteger/ConvInteger): not revertible by the search; "
+                                "--ignore NODE keeps a layer fp32")
+    layers = qdq_layers(compressed)
+    if not layers:
+        res.unsearchable.append("no QDQ layer to give back to fp32")
+        return res
+    floats = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer
+              if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)}
+    ref_attrib = runtime.run_all(runtime.session(original), attrib_feeds)
+
+    def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        return runtime.run_all(runtime.session(model), feeds)
+
+    base = _rel_error(run(compressed, attrib_feeds), ref_attrib)
+    say(f"      search: ranking {len(layers)} quantized layers by output error ({len(attrib_feeds)} samples)")
+    inits = {t.name: t for t in compressed.graph.initializer}
+    prod = {o: n for n in compressed.graph.node for o in n.output}
+    ranked = []
+    for n in layers:
+        err = _rel_error(run(revert_qdq(compressed, {n.name}, floats), attrib_feeds), ref_attrib)
+        w = next((prod[i].input[0] for i in n.input[1:2] if i in prod and prod[i].input[0] in inits), n.name)
+        numel = int(np.prod(inits[w].dims)) if w in inits else 0
+        ranked.append(Layer(_float_source(w), n.name, (base - err) / max(base, 1e-30), numel, 0.0))
+    ranked.sort(key=lambda x: -x.gain)
+    res.ranking, res.error_before = ranked, base
+    if budget <= 0:
+        return res
+
+    def passes(k: int) -> bool:
+        res.rounds += 1
+        fails = gate(run(revert_qdq(compressed, {x.node for x in ranked[:k]}, floats), verif_feeds))
+        say(f"      search round {res.rounds}/{budget}: {k} layer(s) back to fp32 -> {'gate passes' if not fails else fails[0]}")
+        return not fails
+
+    lo, hi, k = 0, None, 1
+    while res.rounds < budget and k <= len(ranked):
+        if passes(k):
+            hi = k
+            break
+        lo = k
+        k = min(2 * k, len(ranked)) if k < len(ranked) else k + 1
+    while hi is not None and hi - lo > 1 and res.rounds < budget:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    if hi is None:
+        return res
+    res.passed = True
+    res.reverted = ranked[:hi]
+    res.model = revert_qdq(compressed, {x.node for x in res.reverted}, floats)
+    res.error_after = _rel_error(run(res.model, attrib_feeds), ref_attrib)
+    return res

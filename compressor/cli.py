@@ -65,8 +65,10 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--criterion", default="l1", help="channel score for --structured: l1 | l2 | fpgm | bn_gamma | apoz | mean_act | taylor")
     p.add_argument("--min-channels", type=int, default=1, help="--structured: channels kept per group at least")
     p.add_argument("--round-to", type=int, default=0, help="--structured: keep channel counts a multiple of this (0: the target's default)")
-    p.add_argument("--reconstruct", action="store_true", help="--structured: refit consumers by least squares on --calib data")
-    p.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="node/weight name globs left alone by pruning passes")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="--structured: refit every layer whose inputs lost channels by least squares on --calib data "
+                        "(default: on when --calib is given)")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="node/weight name globs left alone by compression passes (pruned channels, sparsity, int8: kept fp32)")
     p.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="--sparsity: node/weight name globs pruned even where a default rule keeps them dense (stem conv, final classifier)")
     p.add_argument("--quantize", default="none", help="none | int8 | fp16 | int4")

@@ -76,7 +76,7 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
                "round_to": opts.round_to or spec.round_to, **ignore}
         if opts.allocation not in ("uniform", "auto"):
             cfg["allocation"] = opts.allocation
-        if opts.reconstruct:
+        if opts.reconstruct if opts.reconstruct is not None else bool(opts.calib):
             cfg["reconstruct"] = True
         items.append({"name": "prune.channels", "config": cfg})
     if opts.sparsity > 0:
@@ -91,6 +91,8 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
         items.append({"name": "finetune.distill", "config": {"epochs": opts.epochs, "data": str(opts.finetune)}})
     if opts.quantize != "none":
         cfg = {"keep_fp32": opts.keep_fp32} if opts.keep_fp32 is not None else {}
+        if opts.ignore and opts.quantize == "int8":
+            cfg.update(ignore)
         items.append({"name": f"quantize.{opts.quantize}", "config": cfg})
     return items
 
@@ -359,11 +361,11 @@ def _search(r: _Run) -> None:
                                     r.accuracy["original"] if r.accuracy else None)
     if opts.no_gate or not gate(r.comp_runs):
         return
-    if opts.search_budget <= 0:
-        r.warnings.append("accuracy search off (--search-budget 0): the one-shot result fails the gate")
-        return
+    budget = max(opts.search_budget, 0)
     attrib = r.calib.head(32).feeds if r.calib is not None else r.verif.feeds
-    say(f"      gate fails on the one-shot result: accuracy search (budget {opts.search_budget} rounds)")
+    quantized = any(n.op_type in ("QuantizeLinear", *accuracy_search.DYNAMIC_INT8) for n in r.compressed.graph.node)
+    say(f"      gate fails on the one-shot result: accuracy search (budget {budget} rounds)" if budget else
+        "      gate fails on the one-shot result: ranking the layers by error (search off: --search-budget 0)")
     # the weights to go back to: the model after the leading value-preserving cleanup passes (BN folding
     # renames conv weights; the original's names would find nothing to revert)
     lead = []
@@ -375,23 +377,36 @@ def _search(r: _Run) -> None:
     if lead:
         ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17, template=r.model)
         base, _ = PassManager(lead, []).run(r.model, ctx)
-    res = accuracy_search.search(base, r.compressed, attrib, r.verif.feeds, r.ref_runs, gate, opts.search_budget, say)
+    search_fn = accuracy_search.search_quantized if quantized else accuracy_search.search
+    res = search_fn(base, r.compressed, attrib, r.verif.feeds, r.ref_runs, gate, budget, say)
     r.search = res.to_dict()
     r.search["hint"] = res.top3_hint()
     for note in res.unsearchable:
         r.warnings.append(f"accuracy search: {note}")
+    if not budget:
+        r.warnings.append("accuracy search off (--search-budget 0): the one-shot result fails the gate"
+                          + (f"; {res.top3_hint()}" if res.ranking else ""))
+        return
     if not res.passed:
         r.warnings.append(f"accuracy search: no passing configuration within {res.rounds} rounds; {res.top3_hint()}"
                           if res.ranking else "accuracy search: nothing to revert")
         return
     touched = res.reverted + res.halved
     names = ", ".join(x.node for x in touched[:6]) + (f" (+{len(touched) - 6} more)" if len(touched) > 6 else "")
-    r.warnings.append(f"accuracy search: gave weights back in {len(touched)} of {len(res.ranking)} compressed layers to "
-                      f"pass the gate ({len(res.reverted)} fully, {len(res.halved)} half: {names}; relative output error "
-                      f"{res.error_before:.3g} -> "
-                      f"{res.error_after:.3g}, {res.rounds} rounds); zeros in the compressed layers "
-                      f"{res.zeros_before:.1%} -> {res.zeros_after:.1%}")
-    if res.zeros_after < 0.5 * res.zeros_before:
+    if res.kind == "quantized":
+        r.warnings.append(f"accuracy search: gave {len(res.reverted)} of {len(res.ranking)} int8 layers back to fp32 to pass "
+                          f"the gate ({names}; relative output error {res.error_before:.3g} -> {res.error_after:.3g}, "
+                          f"{res.rounds} rounds)")
+        if len(res.reverted) > 0.5 * len(res.ranking):
+            r.warnings.append(f"accuracy search gave more than half of the int8 layers back to fp32 to meet the gate: relax "
+                              "the bound (--min-cosine/--min-top1/--max-accuracy-drop) or quantize fewer op types")
+    else:
+        r.warnings.append(f"accuracy search: gave weights back in {len(touched)} of {len(res.ranking)} compressed layers to "
+                          f"pass the gate ({len(res.reverted)} fully, {len(res.halved)} half: {names}; relative output error "
+                          f"{res.error_before:.3g} -> "
+                          f"{res.error_after:.3g}, {res.rounds} rounds); zeros in the compressed layers "
+                          f"{res.zeros_before:.1%} -> {res.zeros_after:.1%}")
+    if res.kind == "values" and res.zeros_after < 0.5 * res.zeros_before:
         r.warnings.append(f"accuracy search gave back more than half of the compression ({res.zeros_before:.1%} -> "
                           f"{res.zeros_after:.1%} zeros) to meet the gate: lower the target, relax the bound "
                           f"(--min-cosine/--min-top1/--max-accuracy-drop), or recover with --finetune; --search-budget 0 "

@@ -43,7 +43,7 @@ class Options:
     criterion: str = "l1"  # prune.channels criterion
     min_channels: int = 1
     round_to: int = 0  # 0 = the target's default channel multiple
-    reconstruct: bool = False
+    reconstruct: bool | None = None  # None: on when calibration data is given
     ignore: list[str] = field(default_factory=list)  # name globs left alone by pruning/sparsity passes
     include: list[str] = field(default_factory=list)  # name globs sparsified despite default exclusions (stem, classifier)
     quantize: str = "none"  # none | int8 | fp16 | int4

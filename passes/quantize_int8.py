@@ -61,6 +61,8 @@ weight and reports sparsity after quantization.
 """
 from __future__ import annotations
 
+import fnmatch
+
 import logging
 import shutil
 import tempfile
@@ -95,6 +97,7 @@ class Int8Config:
     keep_fp32: str = "auto"  # auto: with calibration data, sensitive layers stay fp32; none: every candidate quantized
     min_cosine: float = 0.995  # output fidelity target of keep_fp32=auto (min cosine vs fp32 over outputs)
     op_block_list: tuple[str, ...] = ()  # op types never quantized (e.g. ["Conv"] for dynamic mode)
+    ignore: tuple[str, ...] = ()  # node/weight name globs kept fp32 (--ignore)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -324,7 +327,8 @@ class QuantizeInt8(Pass):
         op_of = {n.name: n.op for n, _ in all_layers}
         weight_of = {n.name: w.name for n, w in all_layers}
         wanted = WEIGHT_OPS if cfg.all_ops else cfg.op_types
-        layers = [n for n in op_of if op_of[n] in wanted and op_of[n] not in cfg.op_block_list]
+        ignored = [n for n in op_of if any(fnmatch.fnmatchcase(n, g) or fnmatch.fnmatchcase(weight_of[n], g) for g in cfg.ignore)]
+        layers = [n for n in op_of if op_of[n] in wanted and op_of[n] not in cfg.op_block_list and n not in ignored]
         convs = [n for n in layers if op_of[n] == "Conv"]
         matmuls = {n for n in layers if op_of[n] == "MatMul"}
         if not layers:
@@ -360,7 +364,7 @@ class QuantizeInt8(Pass):
 
         ops = qc.quantized_op_counts(result)
         zeros = qc.zero_preservation(before, result, self.name)
-        fp32_rows = self._fp32_layers(op_of, weight_of, layers, mixed, zeros, cfg, mode, warnings)
+        fp32_rows = self._fp32_layers(op_of, weight_of, layers, mixed, zeros, cfg, mode, warnings, set(ignored))
         eff_ops = (list(scheme.op_types) if scheme.op_types else "all supported") if cfg.all_ops else list(cfg.op_types)
         stats: dict[str, Any] = {
             "mode": mode,
@@ -441,7 +445,8 @@ class QuantizeInt8(Pass):
 
     @staticmethod
     def _fp32_layers(op_of: dict[str, str], weight_of: dict[str, str], layers: list[str], mixed: Any,
-                     zeros: dict[str, Any], cfg: Int8Config, mode: str, warnings: list[str]) -> list[dict[str, Any]]:
+                     zeros: dict[str, Any], cfg: Int8Config, mode: str, warnings: list[str],
+                     ignored: set[str] = frozenset()) -> list[dict[str, Any]]:
         """One row per weight layer left fp32, with why; a warning for each one no rule explains."""
         kept = {k["layer"]: k for k in (mixed.kept if mixed is not None else [])}
         quantized = set(zeros["weights"])
@@ -454,6 +459,9 @@ class QuantizeInt8(Pass):
                 k = kept[name]
                 rows.append({"layer": name, "op": op, "why": f"keep_fp32 ({k['rule']})", "cosine_if_quantized": k["cosine"],
                              "reason": k["reason"]})
+            elif name in ignored:
+                rows.append({"layer": name, "op": op, "why": "ignore (--ignore)"})
+                warnings.append(f"{name}: kept fp32 (--ignore)")
             elif op in cfg.op_block_list:
                 rows.append({"layer": name, "op": op, "why": "op_block_list"})
                 blocked.append(name)

@@ -48,7 +48,10 @@ def test_search_budget_zero_keeps_the_failure_and_says_so(cli, tmp_path):
             "--no-compile", "--no-latency", "--search-budget", "0", "-o", out)
     assert r.code == 3
     rep = json.loads((out / "report.json").read_text())
-    assert rep["search"] is None and any("--search-budget 0" in x for x in rep["warnings"])
+    # no search rounds, but the layers are ranked so the failure names the worst three and the flag
+    assert rep["search"]["rounds"] == 0 and not rep["search"]["passed"] and rep["search"]["worst"]
+    off = [x for x in rep["warnings"] if "--search-budget 0" in x]
+    assert off and "--ignore '" in off[0] and rep["search"]["worst"][0]["node"] in off[0]
 
 
 def test_unreachable_bound_names_the_worst_layers_and_the_flag(cli, tmp_path):
@@ -133,3 +136,75 @@ def test_state_and_embedding_outputs_are_not_gated_on_top1():
     assert is_classifier_like((1, 10), f32, "logits") and is_classifier_like((1, 2), f32, "save_infer_model/scale_0.tmp_1")
     for name in ("hn", "cn", "stateN", "embedding", "sentence_embedding", "last_hidden_state", "pooler_output"):
         assert not is_classifier_like((1, 1, 128), f32, name), name
+
+
+def _qdq(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], tmp_path: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(model, str(src))
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return onnx.load(str(dst))
+
+
+def test_quantized_search_gives_the_worst_int8_layer_back_to_fp32(tmp_path):
+    """int8 (QDQ) layers are searchable: ranked by the error that computing each in fp32 removes; the
+    worst go back to fp32 (exact float weights, no Q/DQ left on them), the others stay int8."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((16, 16)).astype(np.float32)
+    a[0, :] *= 200.0  # one outlier row: per-channel int8 on the input side cannot help its column scale
+    a[:, 3] *= 300.0
+    b = rng.standard_normal((16, 16)).astype(np.float32)
+    orig = _mm_model({"a": a, "b": b})
+    feeds = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(32)]
+    comp = _qdq(orig, feeds, tmp_path)
+    assert {n.name for n in accuracy_search.qdq_layers(comp)} == {"mm_a", "mm_b"}
+    ref = runtime.run_all(runtime.session(orig), feeds)
+    comp_err = accuracy_search._rel_error(runtime.run_all(runtime.session(comp), feeds), ref)
+    # reverting both layers gives exactly the float model back
+    both = accuracy_search.revert_qdq(comp, {"mm_a", "mm_b"}, {"a": a, "b": b})
+    assert not [n for n in both.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    out = runtime.run_all(runtime.session(both), feeds)
+    # up to the quantizers' saturation (the range ends are rounded to the int8 grid: < one step of 255)
+    assert max(float(np.abs(o[0] - r[0]).max() / np.abs(r[0]).max()) for o, r in zip(out, ref)) < 1 / 255
+    gate = lambda runs: [] if accuracy_search._rel_error(runs, ref) < 0.6 * comp_err else ["too far"]  # noqa: E731
+    res = accuracy_search.search_quantized(orig, comp, feeds, feeds, ref, gate, 6)
+    assert res.kind == "quantized" and res.ranking[0].gain > 0 and res.ranking[0].gain >= res.ranking[1].gain
+    assert res.passed and len(res.reverted) == 1 and res.error_after < res.error_before
+    worst = res.reverted[0].node
+    m = res.model
+    node = next(n for n in m.graph.node if n.name == worst)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert node.input[1] in inits and np.array_equal(inits[node.input[1]], a if worst == "mm_a" else b)
+    other = next(n for n in m.graph.node if n.name in {"mm_a", "mm_b"} - {worst})
+    prod = {o: n.op_type for n in m.graph.node for o in n.output}
+    assert prod.get(other.input[1]) == "DequantizeLinear"  # still int8
+    assert "keep them fp32 with --ignore" in res.top3_hint()
+    # budget 0 ranks only
+    r0 = accuracy_search.search_quantized(orig, comp, feeds, feeds, ref, gate, 0)
+    assert r0.rounds == 0 and not r0.passed and [x.node for x in r0.ranking] == [x.node for x in res.ranking]
+
+
+def test_ignore_keeps_an_int8_layer_fp32(cli, tmp_path):
+    out = tmp_path / "b"
+    m = onnx.load(str(DIGITS))
+    convs = [n.name for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    r = cli(DIGITS, "--quantize", "int8", "--calib", CALIB, "--no-compile", "--no-latency", "--no-gate",
+            "--ignore", convs[-1], "-o", out)
+    assert r.code == 0, r.out + r.err
+    rep = json.loads((out / "report.json").read_text())
+    q = [p for p in rep["passes"] if p["name"] == "quantize.int8"][0]["stats"]
+    rows = {x["layer"]: x["why"] for x in q["fp32_layers"]}
+    assert rows.get(convs[-1]) == "ignore (--ignore)"
+    got = onnx.load(str(out / "model.onnx"))
+    prod = {o: n.op_type for n in got.graph.node for o in n.output}
+    node = next(n for n in got.graph.node if n.name == convs[-1])
+    assert prod.get(node.input[1]) != "DequantizeLinear"
+    assert any(prod.get(n.input[1]) == "DequantizeLinear" for n in got.graph.node if n.name in convs[:-1])
