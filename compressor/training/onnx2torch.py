@@ -376,6 +376,52 @@ def _softmax(log_: bool) -> Handler:
     return run
 
 
+def _variadic(fn: Callable[[Tensor, Tensor], Tensor]) -> Handler:
+    def run(i: list[Any], a: dict) -> list[Tensor]:
+        y = i[0]
+        for x in i[1:]:
+            y = fn(y, x)
+        return [y]
+    return run
+
+
+def _reduce_l2(i: list[Any], a: dict) -> list[Tensor]:
+    x = i[0]
+    axes = _axes(i, a)
+    if not axes:
+        axes = list(range(x.dim()))
+    return [torch.sqrt((x * x).sum(dim=axes, keepdim=bool(a.get("keepdims", 1))))]
+
+
+def _pad(i: list[Any], a: dict) -> list[Tensor]:
+    x = i[0]
+    pads = _ints(i[1]) if len(i) > 1 and i[1] is not None else list(a.get("pads", []))
+    value = float(i[2].reshape(-1)[0]) if len(i) > 2 and i[2] is not None and i[2].numel() else float(a.get("value", 0.0))
+    axes = _ints(i[3]) if len(i) > 3 and i[3] is not None else list(range(x.dim()))
+    axes = [d % x.dim() for d in axes]
+    n = len(axes)
+    begin, end = [0] * x.dim(), [0] * x.dim()
+    for k, ax in enumerate(axes):
+        begin[ax], end[ax] = pads[k], pads[n + k]
+    mode = a.get("mode", "constant")
+    flat = _torch_pad(begin, end)
+    if mode == "constant":
+        return [F.pad(x, flat, mode="constant", value=value)]
+    # reflect / replicate / wrap: torch pads only the trailing 1-3 axes, given as few pairs as needed
+    first = next((k for k in range(x.dim()) if begin[k] or end[k]), x.dim())
+    if first == x.dim():
+        return [x]
+    if x.dim() - first > 3:
+        raise UsageError(f"Pad mode {mode} over more than the last 3 axes is not supported for fine-tuning")
+    flat = flat[: 2 * (x.dim() - first)]
+    torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    y = x
+    while y.dim() < x.dim() - first + 1:  # torch wants k+1 or k+2 axes to pad the last k
+        y = y.unsqueeze(0)
+    out = F.pad(y, flat, mode=torch_mode)
+    return [out.reshape(out.shape[y.dim() - x.dim():])]
+
+
 def _identity(i: list[Any], a: dict) -> list[Tensor]:
     return [i[0]] + ([torch.ones_like(i[0], dtype=torch.bool)] if a.get("_n_outputs", 1) > 1 else [])
 
@@ -403,6 +449,10 @@ HANDLERS: dict[str, Handler] = {
     "Shape": _shape, "Gather": _gather, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Expand": _expand,
     "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Slice": _slice, "Split": _split, "Cast": _cast,
     "GRU": _gru, "LSTM": _lstm,
+    "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum),
+    "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
+    "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or), "Not": _unary(torch.logical_not),
+    "Where": lambda i, a: [torch.where(i[0].bool(), i[1], i[2])], "ReduceL2": _reduce_l2, "Pad": _pad,
 }
 
 

@@ -82,3 +82,32 @@ def test_unsupported_ops_are_listed():
     assert unsupported_ops(m) == ["Hardmax", "Softsign"]
     with pytest.raises(UsageError, match="Hardmax, Softsign"):
         OnnxModule(m)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_pad_masks_and_reductions_equal_onnxruntime(mode):
+    """The ops the real-suite models need for --finetune (silero-vad: reflect Pad; magika: Equal/Max;
+    MiniLM: And/Where/ReduceL2), against onnxruntime."""
+    f32 = TensorProto.FLOAT
+    x = helper.make_tensor_value_info("x", f32, [2, 6])
+    z = helper.make_tensor_value_info("z", f32, [2, 6])
+    outs = [helper.make_tensor_value_info(n, f32, s) for n, s in (("p", [2, 11]), ("w", [2, 6]), ("l2", [2, 1]), ("mx", [2, 6]))]
+    inits = {"pads": np.array([0, 2, 0, 3], np.int64), "c": np.array(0.5, np.float32), "zero": np.array(0.0, np.float32)}
+    nodes = [
+        helper.make_node("Pad", ["x", "pads", "c"] if mode == "constant" else ["x", "pads"], ["p"], mode=mode),
+        helper.make_node("Greater", ["x", "zero"], ["gt"]), helper.make_node("Less", ["z", "c"], ["lt"]),
+        helper.make_node("And", ["gt", "lt"], ["both"]), helper.make_node("Not", ["both"], ["nb"]),
+        helper.make_node("Or", ["nb", "gt"], ["any"]), helper.make_node("Equal", ["any", "gt"], ["eq"]),
+        helper.make_node("Where", ["eq", "x", "z"], ["w"]),
+        helper.make_node("ReduceL2", ["w"], ["l2"], axes=[1], keepdims=1),
+        helper.make_node("Max", ["x", "z", "c"], ["m1"]), helper.make_node("Min", ["m1", "x"], ["mx"]),
+    ]
+    m = make_model(nodes, [x, z], outs, inits, opset=17)
+    assert unsupported_ops(m) == []
+    mod = OnnxModule(m)
+    rng = np.random.default_rng(5)
+    feed = {"x": rng.standard_normal((2, 6)).astype(np.float32), "z": rng.standard_normal((2, 6)).astype(np.float32)}
+    ref = ort_run(m, feed)
+    got = _torch_run(mod, feed)
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
