@@ -79,7 +79,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--calib", help="calibration data .npz (one array per input, samples on axis 0)")
     p.add_argument("--eval", help="evaluation data .npz (inputs + 'labels'); verification uses it too")
     p.add_argument("--finetune", metavar="DATA.npz", help="recovery fine-tuning after pruning: distil from the original model on these inputs (+ optional labels)")
-    p.add_argument("--epochs", type=int, default=3, help="--finetune: training epochs (default 3)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="--finetune: training epochs, exactly (default: 3, more on small data to reach 100 steps)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224", help="fix dynamic input dims")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py", help="load passes/targets from a Python file")
     p.add_argument("--strict", action="store_true", help="a plugin entry point that fails to load is an error")

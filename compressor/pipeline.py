@@ -88,7 +88,10 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
             cfg["allocation"] = allocation
         items.append({"name": f"sparsify.{method}", "config": cfg})
     if opts.finetune:
-        items.append({"name": "finetune.distill", "config": {"epochs": opts.epochs, "data": str(opts.finetune)}})
+        ft = {"data": str(opts.finetune)}
+        if opts.epochs is not None:  # an explicit count is honoured exactly
+            ft.update(epochs=opts.epochs, min_steps=0)
+        items.append({"name": "finetune.distill", "config": ft})
     if opts.quantize != "none":
         cfg = {"keep_fp32": opts.keep_fp32} if opts.keep_fp32 is not None else {}
         if opts.ignore and opts.quantize == "int8":

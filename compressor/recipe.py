@@ -52,7 +52,7 @@ class Options:
     calib: str | None = None
     eval: str | None = None
     finetune: str | None = None  # --finetune DATA.npz: recovery fine-tuning (finetune.distill)
-    epochs: int = 3  # --epochs for --finetune
+    epochs: int | None = None  # --epochs for --finetune (None: the pass's default, at least 100 steps)
     input_shape: list[str] = field(default_factory=list)
     plugin: list[str] = field(default_factory=list)
     force: bool = False
@@ -97,7 +97,7 @@ class Options:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [-1, 1], got {v}")
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise UsageError(f"--max-accuracy-drop must be in [0, 1], got {self.max_accuracy_drop}")
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
         if self.tune_trials < 0:
             raise UsageError(f"--tune-trials must be >= 0, got {self.tune_trials}")

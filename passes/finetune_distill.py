@@ -10,7 +10,9 @@ a little while with the pruned positions held at zero recovers most of it
    onnxruntime on the fine-tuning inputs;
 3. the student is trained to match the teacher (KL on softmax for classifier-like outputs,
    normalised MSE otherwise, plus cross-entropy when the data has ``labels``) for
-   ``epochs`` epochs of Adam with a cosine learning rate; the keep-mask of every
+   ``epochs`` epochs (at least ``min_steps`` optimizer steps: a 128-sample set is 4 steps an epoch)
+   of Adam with a cosine learning rate, holding ``holdout`` of the samples out and keeping the
+   epoch with the lowest loss on them (or the untrained weights); the keep-mask of every
    prunable weight (its non-zero positions) is re-applied after each step, so every
    zero stays exactly zero;
 4. the trained values are written back into the graph's existing constants (same
@@ -49,6 +51,8 @@ class DistillConfig:
     batch_size: int = 32
     temperature: float = 1.0
     seed: int = 0
+    min_steps: int = 100  # at least this many optimizer steps (small data: more epochs than `epochs`)
+    holdout: float = 0.125  # fraction of the data held out to keep the best epoch (0: keep the last)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -57,6 +61,8 @@ class DistillConfig:
             raise UsageError(f"lr must be in (0, 1), got {self.lr}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.min_steps < 0 or not 0.0 <= self.holdout < 0.5:
+            raise UsageError(f"min_steps must be >= 0 and holdout in [0, 0.5), got {self.min_steps}, {self.holdout}")
         if self.temperature <= 0:
             raise UsageError(f"temperature must be > 0, got {self.temperature}")
 
@@ -107,9 +113,15 @@ class FinetuneDistill(Pass):
         old_values = {name: np.asarray(c.values).copy() for name, c in
                       ((t.name, t) for t in graph.tensors().values() if isinstance(t, gs.Constant)) if name in trainable}
         res = distill(student, student.input_names, samples.feeds, teacher_runs, samples.labels, masks=masks,
-                      epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, temperature=cfg.temperature, seed=cfg.seed)
+                      epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, temperature=cfg.temperature, seed=cfg.seed,
+                      min_steps=cfg.min_steps, holdout=cfg.holdout)
         warnings = [f"fine-tuning metrics are measured on the fine-tuning data itself ({len(samples.feeds)} samples); "
                     "held-out quality is what --eval reports"]
+        if res.held_out and res.best_epoch == 0:
+            warnings.append(f"fine-tuning did not lower the loss on the {res.held_out} held-out fine-tuning samples in "
+                            f"{res.epochs} epochs: the weights from before fine-tuning were kept")
+        elif res.held_out and res.best_epoch is not None and res.best_epoch < res.epochs:
+            log.info("finetune.distill: kept epoch %d of %d (lowest held-out loss)", res.best_epoch, res.epochs)
         if not res.batched and len(samples.feeds) > 1:
             warnings.append("the graph does not run batched (e.g. a Reshape to a fixed batch of 1): fine-tuning ran "
                             "one sample at a time with accumulated gradients (same result, slower)")

@@ -37,11 +37,20 @@ class DistillResult:
     loss_before: float
     loss_after: float
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+    steps: int = 0
+    held_out: int = 0  # samples kept out of training to pick the epoch (0: none, the last epoch is kept)
+    val_before: float | None = None  # held-out loss before training
+    val_losses: list[float] = field(default_factory=list)  # held-out loss after each epoch
+    best_epoch: int | None = None  # the epoch whose weights were kept (0 = before training)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "seconds": round(self.seconds, 3), "batched": self.batched,
-                "loss_before": round(self.loss_before, 6), "loss_after": round(self.loss_after, 6),
-                "loss_per_epoch": [round(v, 6) for v in self.losses]}
+        out = {"epochs": self.epochs, "steps": self.steps, "seconds": round(self.seconds, 3), "batched": self.batched,
+               "loss_before": round(self.loss_before, 6), "loss_after": round(self.loss_after, 6),
+               "loss_per_epoch": [round(v, 6) for v in self.losses]}
+        if self.held_out:
+            out.update(held_out=self.held_out, held_out_loss_before=round(self.val_before or 0.0, 6),
+                       held_out_loss_per_epoch=[round(v, 6) for v in self.val_losses], best_epoch=self.best_epoch)
+        return out
 
 
 def _outs(y: Any) -> tuple[torch.Tensor, ...]:
@@ -109,13 +118,29 @@ def distill(student: nn.Module, input_names: list[str], feeds: list[dict[str, np
             teacher_runs: list[list[np.ndarray]], labels: np.ndarray | None = None, *,
             masks: dict[str, tuple[nn.Parameter, torch.Tensor]] | None = None, epochs: int = 3, lr: float = 1e-3,
             batch_size: int = 32, temperature: float = 1.0, seed: int = 0,
-            classifier: list[bool] | None = None) -> DistillResult:
+            classifier: list[bool] | None = None, min_steps: int = 0, holdout: float = 0.0) -> DistillResult:
     """Fine-tune ``student`` in place. ``teacher_runs[i]`` are the teacher's outputs on ``feeds[i]``;
     ``masks``: name -> (parameter, keep mask) re-applied after every step; ``classifier``: per
     output, KL on softmax over the last axis (True) or normalised MSE (False); default: detected
-    (``verify.is_classifier_like``)."""
+    (``verify.is_classifier_like``).
+
+    ``min_steps``: at least this many optimizer steps (more epochs than ``epochs`` when the data is
+    small: 128 samples at batch 32 are 4 steps an epoch). ``holdout``: that fraction of the samples
+    (at least 4, only when 16 or more are given) is not trained on; after every epoch the loss on
+    them is measured and the weights of the best epoch (or the untrained ones) are kept, so a small
+    fine-tuning set cannot overfit the student away from the teacher."""
     t0 = time.perf_counter()
     masks = masks or {}
+    n_all = len(feeds)
+    n_val = max(4, int(round(holdout * n_all))) if holdout > 0 and n_all >= 16 else 0
+    order = np.random.default_rng(seed).permutation(n_all)
+    val_ix, train_ix = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
+    val_feeds = [feeds[i] for i in val_ix]
+    val_teacher = [teacher_runs[i] for i in val_ix]
+    feeds = [feeds[i] for i in train_ix]
+    teacher_runs = [teacher_runs[i] for i in train_ix]
+    val_labels = labels[val_ix] if labels is not None and n_val else None
+    labels = labels[train_ix] if labels is not None else None
     runner = _Runner(student, input_names, feeds)
     n = len(feeds)
     teacher = [torch.from_numpy(np.concatenate([np.asarray(r[k]) for r in teacher_runs])) for k in range(len(teacher_runs[0]))]
@@ -146,11 +171,32 @@ def distill(student: nn.Module, input_names: list[str], feeds: list[dict[str, np
         for p, m in masks.values():
             p.mul_(m.to(p.dtype))
 
+    @torch.no_grad()
+    def val_loss() -> float:
+        if not n_val:
+            return 0.0
+        vr = _Runner(student, input_names, val_feeds)
+        vt = [torch.from_numpy(np.concatenate([np.asarray(r[k]) for r in val_teacher])) for k in range(len(teacher))]
+        vy = torch.from_numpy(val_labels.astype(np.int64)) if val_labels is not None else None
+        tot = 0.0
+        for i in range(0, n_val, max(batch_size, 64)):
+            idx = torch.arange(i, min(n_val, i + max(batch_size, 64)))
+            tgt = [vt[k].reshape(n_val, per_sample_rows[k], *vt[k].shape[1:])[idx].flatten(0, 1) for k in range(len(vt))]
+            tot += float(distill_loss(vr(idx), tgt, classifier,
+                                      None if vy is None or not classifier[0] or per_sample_rows[0] != 1 else vy[idx],
+                                      temperature)) * len(idx)
+        return tot / n_val
+
     apply()
     before = full_loss()
+    steps_per_epoch = (n + batch_size - 1) // batch_size
+    epochs = max(epochs, -(-min_steps // steps_per_epoch)) if min_steps else epochs
+    val_before = val_loss()
+    best = (val_before, 0, {k: v.detach().clone() for k, v in student.state_dict().items()}) if n_val else None
+    val_losses: list[float] = []
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * ((n + batch_size - 1) // batch_size)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for ep in range(epochs):
@@ -166,6 +212,14 @@ def distill(student: nn.Module, input_names: list[str], feeds: list[dict[str, np
             apply()
             tot += float(loss.detach()) * len(idx)
         losses.append(tot / n)
-        log.info("fine-tune epoch %d/%d: loss %.5f", ep + 1, epochs, losses[-1])
+        if n_val:
+            val_losses.append(val_loss())
+            if val_losses[-1] < best[0]:
+                best = (val_losses[-1], ep + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
+        log.info("fine-tune epoch %d/%d: loss %.5f%s", ep + 1, epochs, losses[-1],
+                 f", held-out {val_losses[-1]:.5f}" if n_val else "")
+    if best is not None:
+        student.load_state_dict(best[2])
     after = full_loss()
-    return DistillResult(epochs, time.perf_counter() - t0, runner.batched, before, after, losses)
+    return DistillResult(epochs, time.perf_counter() - t0, runner.batched, before, after, losses, epochs * steps_per_epoch,
+                         n_val, val_before if n_val else None, val_losses, best[1] if best is not None else None)

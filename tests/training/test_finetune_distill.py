@@ -66,7 +66,12 @@ def test_fidelity_improves_on_held_out_data(pruned_and_tuned):
     assert agree_b > agree_a + 0.03, (agree_a, agree_b)
     assert (b == ev.labels).mean() > (a == ev.labels).mean()
     st = rec.stats
-    assert st["epochs"] == 2 and len(st["loss_per_epoch"]) == 2 and st["loss_after"] < st["loss_before"]
+    # epochs: 2 asked, raised to reach min_steps (100) on the small set; the best held-out epoch is kept
+    assert st["epochs"] >= 2 and st["steps"] >= 100 and len(st["loss_per_epoch"]) == st["epochs"]
+    assert st["held_out"] >= 4 and len(st["held_out_loss_per_epoch"]) == st["epochs"]
+    assert 1 <= st["best_epoch"] <= st["epochs"]
+    assert min(st["held_out_loss_per_epoch"]) == st["held_out_loss_per_epoch"][st["best_epoch"] - 1] < st["held_out_loss_before"]
+    assert st["loss_after"] < st["loss_before"]
     assert st["agreement_after"] > st["agreement_before"]
 
 
