@@ -314,7 +314,20 @@ def classifier_nodes(graph: gs.Graph) -> set[str]:
 
 
 def is_stem_conv(node: gs.Node, w: np.ndarray) -> bool:
-    return node.op == "Conv" and w.ndim >= 3 and w.shape[1] * int(node.attrs.get("group", 1)) <= 4
+    """A Conv with <= 4 input channels and no weighted layer upstream (a squeeze-excite conv on 4
+    squeezed channels is not a stem)."""
+    if not (node.op == "Conv" and w.ndim >= 3 and w.shape[1] * int(node.attrs.get("group", 1)) <= 4):
+        return False
+    seen, stack = set(), [t for t in node.inputs[:1] if not isinstance(t, gs.Constant)]
+    while stack:
+        for p in stack.pop().inputs:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.op in WEIGHT_OPS and any(isinstance(t, gs.Constant) and len(t.shape or ()) >= 2 for t in p.inputs[1:]):
+                return False
+            stack.extend(i for i in p.inputs if not isinstance(i, gs.Constant))
+    return True
 
 
 # ----------------------------------------------------------------------------- shared config
@@ -335,8 +348,10 @@ class SparsifyConfig:
     min_elements: int = 16
     ignore: tuple[str, ...] = ()
     include: tuple[str, ...] = ()  # name globs pruned even where a default rule keeps them dense (stem, classifier)
-    keep_stem: bool = True
-    keep_classifier: bool = True
+    # None (default): kept dense by rule unless allocation=sensitivity, which measures how much error
+    # pruning them costs and allocates their sparsity like every other layer's
+    keep_stem: bool | None = None
+    keep_classifier: bool | None = None
     calib_samples: int = 128  # calibration samples used (wanda / obs statistics); 0 = all
     # samples per sensitivity probe (allocation=sensitivity: layers x 12 levels full-model runs each):
     # on the zoo MobileNetV2 at 70% (10 layers) 16 samples gave the same per-layer sparsities as 128
@@ -372,14 +387,17 @@ def select_layers(graph: gs.Graph, cfg: SparsifyConfig, data_aware: bool = False
     """Layers to prune under the shared rules, plus warnings for each layer kept dense and why."""
     classifiers = classifier_nodes(graph)
     layers, warnings = [], []
+    measured = cfg.allocation == "sensitivity"
+    keep_stem = cfg.keep_stem if cfg.keep_stem is not None else not measured
+    keep_classifier = cfg.keep_classifier if cfg.keep_classifier is not None else not measured
     for layer in find_layers(graph):
         node, vals = layer.node, layer.values
         included = any(fnmatch.fnmatch(node.name, g) or fnmatch.fnmatch(layer.weight.name, g) for g in cfg.include)
         if any(fnmatch.fnmatch(node.name, g) or fnmatch.fnmatch(layer.weight.name, g) for g in cfg.ignore):
             warnings.append(f"{node.name}: ignored by pattern, kept dense")
-        elif cfg.keep_stem and not included and is_stem_conv(node, vals):
+        elif keep_stem and not included and is_stem_conv(node, vals):
             warnings.append(f"{node.name}: stem conv (<= 4 input channels) kept dense by default (keep_stem)")
-        elif cfg.keep_classifier and not included and node.name in classifiers:
+        elif keep_classifier and not included and node.name in classifiers:
             warnings.append(f"{node.name}: final classifier kept dense by default (keep_classifier)")
         elif vals.size < cfg.min_elements:
             warnings.append(f"{node.name}: {vals.size} weights < min_elements {cfg.min_elements}, kept dense")

@@ -136,3 +136,28 @@ def test_global_allocation_single_threshold_floor_ceiling():
     assert alloc["c"] < alloc["b"] < alloc["a"]
     _, warns = global_allocation(scores, p, 0.97, 0.0, 0.95)
     assert warns  # infeasible target is reported, not silent
+
+
+def test_stem_is_the_first_weighted_conv_not_a_squeeze_excite_conv():
+    """``is_stem_conv``: <= 4 input channels *and* no weighted layer upstream. A squeeze-excite conv on
+    4 squeezed channels (ppocr_cls's conv2_se_2) is not a stem."""
+    from passes.sparsity_patterns import find_layers, is_stem_conv, select_layers, SparsifyConfig
+
+    f32 = TensorProto.FLOAT
+    w = lambda *s: RNG.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["a"], ["p"]),
+             helper.make_node("Conv", ["p", "w1"], ["q"], name="se_reduce"),
+             helper.make_node("Conv", ["q", "w2"], ["r"], name="se_expand"),
+             helper.make_node("Mul", ["a", "r"], ["y"])]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", f32, [1, 3, 8, 8])],
+                   [helper.make_tensor_value_info("y", f32, [1, 16, 8, 8])],
+                   {"w0": w(16, 3, 3, 3), "w1": w(4, 16, 1, 1), "w2": w(16, 4, 1, 1)})
+    g = gs.import_onnx(m)
+    stems = {l.name for l in find_layers(g) if is_stem_conv(l.node, l.values)}
+    assert stems == {"stem"}
+    # the default keeps the stem dense by rule; measured (sensitivity) allocation prunes it like any layer
+    _, warn = select_layers(g, SparsifyConfig(sparsity=0.5, min_elements=0))
+    assert any("stem: stem conv" in x for x in warn) and not any("se_expand" in x for x in warn)
+    layers, warn = select_layers(g, SparsifyConfig(sparsity=0.5, min_elements=0, allocation="sensitivity"))
+    assert {l.name for l in layers} == {"stem", "se_reduce", "se_expand"} and not warn
