@@ -57,8 +57,9 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--target", default="x86", help="x86 | arm | cuda (or a variant: x86-avx2, arm64-linux, cuda-sm90)")
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of prunable weights set to zero, in [0, 1)")
     p.add_argument("--pattern", default="unstructured", help="sparsity pattern: unstructured | N:M (e.g. 2:4) | RxC blocks (e.g. 1x4, 8x1)")
-    p.add_argument("--method", default="auto", help="how weights are chosen for --sparsity: auto (obs with --calib, else "
-                   "magnitude) | magnitude | wanda | obs (wanda/obs need --calib)")
+    p.add_argument("--method", default="auto", help="how weights are chosen for --sparsity: auto (with --calib: obs and wanda "
+                   "both run, the better on held-out calibration samples is kept; else magnitude) | magnitude | wanda | obs "
+                   "(wanda/obs need --calib)")
     p.add_argument("--allocation", default="auto", help="per-layer budget: auto (sensitivity for --sparsity with --calib, "
                    "else uniform) | uniform | global | sensitivity")
     p.add_argument("--structured", type=float, default=0.0, help="fraction of prunable channels removed (prune.channels), in [0, 1)")

@@ -51,13 +51,14 @@ class Plan:
 
 def sparsity_defaults(opts: Options) -> tuple[str, str]:
     """(method, allocation) for ``--sparsity`` when left at ``auto``: with calibration data the
-    data-aware method (``obs``: SparseGPT's OBS update) and the measured per-layer allocation
+    data-aware method that fits the model (``auto``: OBS/SparseGPT and Wanda both run, the one with the
+    smaller error on held-out calibration samples is kept) and the measured per-layer allocation
     (``sensitivity``: depthwise convs, stems and heads that lose accuracy get a smaller share); without
     data, magnitude and uniform. N:M patterns fix every layer's sparsity: uniform."""
     from passes.sparsity_patterns import parse_pattern
 
     data = bool(opts.calib)
-    method = opts.method if opts.method != "auto" else ("obs" if data else "magnitude")
+    method = opts.method if opts.method != "auto" else ("auto" if data else "magnitude")
     nm = parse_pattern(opts.pattern).kind == "nm"
     allocation = opts.allocation if opts.allocation != "auto" else ("sensitivity" if data and not nm else "uniform")
     return method, allocation

@@ -37,7 +37,7 @@ class Options:
     output: str | None = None
     sparsity: float = 0.0
     pattern: str = "unstructured"  # unstructured | N:M (2:4) | RxC blocks (1x4, 8x1)
-    method: str = "auto"  # sparsify.<method>: auto (obs with --calib, else magnitude) | magnitude | wanda | obs
+    method: str = "auto"  # sparsify.<method>: auto (with --calib: obs vs wanda on held-out data, else magnitude) | magnitude | wanda | obs
     allocation: str = "auto"  # auto (sensitivity with --calib for --sparsity, else uniform) | uniform | global | sensitivity
     structured: float = 0.0  # prune.channels ratio
     criterion: str = "auto"  # prune.channels criterion (auto: mean_act with calibration data, else l1)

@@ -30,7 +30,9 @@ def _register_builtins() -> None:
     from passes.lower_sparse import LowerSparse
 
     PASSES.register(LowerSparse.name, LowerSparse, f"builtin:{LowerSparse.__module__}")
-    for cls in (WandaSparsify, OBSSparsify):
+    from passes.sparsify_auto import AutoSparsify
+
+    for cls in (WandaSparsify, OBSSparsify, AutoSparsify):
         PASSES.register(cls.name, cls, f"builtin:{cls.__module__}")
     from passes.prune_channels import PruneChannels
 

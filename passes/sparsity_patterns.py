@@ -673,6 +673,14 @@ def plan_sparsities(graph: gs.Graph, ctx: Any, cfg: SparsifyConfig, layers: list
         return from_matrix(l, np.where(select_mask(scores[name], pat, s), w2, 0), l.values.shape)
 
     weights = {l.name: (l.node.op, l.weight.name, l.values) for l in layers}
+    import hashlib
+
+    key = hashlib.sha1(model.SerializeToString()).hexdigest(), tuple(names), pat.text, cfg.sparsity, \
+        cfg.min_layer_sparsity, cfg.max_layer_sparsity, len(feeds), \
+        hashlib.sha1(b"".join(np.ascontiguousarray(v).tobytes() for f in feeds[:2] for v in f.values())).hexdigest(), \
+        hashlib.sha1(b"".join(np.ascontiguousarray(s_).tobytes() for s_ in scores.values())).hexdigest()
+    if key in _SWEEP_CACHE:  # sparsify.auto: every candidate measures the same curves
+        return _SWEEP_CACHE[key]
     from compressor.executor import for_stage
 
     # the run's executor (--executor local|ray): every (layer, level) probe is a task; the curves,
@@ -686,4 +694,9 @@ def plan_sparsities(graph: gs.Graph, ctx: Any, cfg: SparsifyConfig, layers: list
                         f"(tasks {run['retried_tasks']}); results are from the completed attempts")
     extra = {"sensitivity": {c.layer: {"levels": c.levels, "errors": [round(e, 8) for e in c.errors]} for c in curves},
              "sensitivity_samples": len(feeds), "sensitivity_run": run}
+    _SWEEP_CACHE.clear()  # one entry: the candidates of one sparsify.auto run
+    _SWEEP_CACHE[key] = (alloc, list(warnings), extra)
     return alloc, warnings, extra
+
+
+_SWEEP_CACHE: dict[tuple, tuple[dict[str, float], list[str], dict[str, Any]]] = {}

@@ -73,7 +73,13 @@ def test_default_with_calib_is_data_aware_and_keeps_accuracy(cli, tmp_path):
     assert r.code == 0, r.out + r.err
     rep = json.loads((out / "report.json").read_text())
     sp = [p for p in rep["passes"] if p["name"].startswith("sparsify.")][0]
-    assert sp["name"] == "sparsify.obs" and sp["stats"]["allocation"] == "sensitivity"
+    assert sp["name"] == "sparsify.auto" and sp["stats"]["allocation"] == "sensitivity"
+    mc = sp["stats"]["method_choice"]
+    assert set(mc["errors"]) == {"obs", "wanda"} and mc["chosen"] == min(mc["errors"], key=mc["errors"].get)
+    n_calib = len(next(iter(np.load(CALIB).values())))
+    used = min(n_calib, 128)  # SparsifyConfig.calib_samples
+    assert mc["held_out"] == used // 4 and mc["fit_samples"] + mc["held_out"] == used
+    assert sp["stats"]["calib_samples_used"] == mc["fit_samples"]
     assert sp["stats"]["sensitivity_samples"] == 16 and abs(sp["stats"]["achieved_sparsity"] - 0.9) < 0.01
     assert rep["accuracy"]["original"] - rep["accuracy"]["compressed"] <= 0.01 and rep["search"] is None
     # without data the default stays magnitude / uniform

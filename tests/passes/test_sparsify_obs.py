@@ -133,3 +133,37 @@ def test_nm_pattern_fixes_sparsity():
     with pytest.raises(UsageError, match="2:4"):
         make_config(cls, {"sparsity": 0.7, "pattern": "2:4"})
     make_config(cls, {"sparsity": 0.75, "pattern": "1:4"})
+
+
+def test_auto_keeps_the_candidate_with_the_smaller_held_out_error():
+    """sparsify.auto: every candidate runs on the calibration samples minus every 4th; the one whose
+    output is closer to the dense model's on those held-out samples is kept, bit for bit what that
+    candidate alone produces on the same fitting samples."""
+    from passes.sparsify_auto import rel_error
+    from compressor import runtime
+
+    m = mlp_model()
+    rng = np.random.default_rng(11)
+    shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    name = m.graph.input[0].name
+    feeds = [{name: (rng.standard_normal(shape) * (1 + 3 * (np.arange(shape[-1]) % 5 == 0))).astype(np.float32)}
+             for _ in range(16)]
+    calib = Samples(feeds, None, "t")
+    out, recs = run_pass("sparsify.auto", m, calib, sparsity=0.6, keep_classifier=False, min_elements=0)
+    mc = recs[0].stats["method_choice"]
+    assert mc["held_out"] == 4 and mc["fit_samples"] == 12 and set(mc["errors"]) == {"obs", "wanda"}
+    held = feeds[3::4]
+    fit = [f for i, f in enumerate(feeds) if i % 4 != 3]
+    ref = runtime.run_all(runtime.session(m), held)
+    errs = {}
+    for cand in ("obs", "wanda"):
+        alone, _ = run_pass(f"sparsify.{cand}", m, Samples(fit, None, "t"), sparsity=0.6, keep_classifier=False,
+                            min_elements=0, calib_samples=0)
+        errs[cand] = rel_error(runtime.run_all(runtime.session(alone), held), ref)
+        if cand == mc["chosen"]:
+            for k, v in inits(alone).items():
+                assert np.array_equal(inits(out)[k], v), k
+    assert mc["chosen"] == min(errs, key=errs.get)
+    assert all(abs(mc["errors"][c] - errs[c]) <= 1e-6 * max(errs[c], 1e-12) + 1e-12 for c in errs)
+    with pytest.raises(UsageError):
+        make_config(PASSES.get("sparsify.auto"), {"candidates": ["sgd"]})
