@@ -54,3 +54,30 @@ def test_explain_target(cli):
     spec = json.loads(r.out)
     assert spec["tvm_target"]["mtriple"] == "aarch64-linux-gnu" and "+neon" in spec["tvm_target"]["mattr"]
     assert spec["family"] == "arm"
+
+
+def test_data_aware_defaults_follow_calibration_data(cli, tmp_path):
+    """Issue 17's defaults: with --calib, --structured scores channels by mean |activation| and refits
+    (--reconstruct), --sparsity picks OBS or Wanda on held-out samples (sparsify.auto) with the measured
+    allocation, and --ignore also keeps int8 layers fp32; without data the data-free choices stay."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    model, calib = repo / "models" / "digits_cnn.onnx", repo / "models" / "digits_calib.npz"
+    r = cli(model, "--structured", "0.2", "--sparsity", "0.5", "--quantize", "int8", "--calib", calib, "--ignore", "fc*",
+            "--dry-run", "-o", tmp_path / "o")
+    assert r.code == 0, r.err
+    lines = {ln.split()[1]: ln for ln in r.out.splitlines() if ln.strip()[:2].rstrip(".").isdigit()}
+    assert "'criterion': 'mean_act'" in lines["prune.channels"] and "'reconstruct': True" in lines["prune.channels"]
+    assert "'allocation': 'sensitivity'" in lines["sparsify.auto"] and "'candidates': ['obs', 'wanda']" in lines["sparsify.auto"]
+    assert "'ignore': ['fc*']" in lines["quantize.int8"]
+    r = cli(model, "--structured", "0.2", "--sparsity", "0.5", "--dry-run", "-o", tmp_path / "o2")
+    lines = {ln.split()[1]: ln for ln in r.out.splitlines() if ln.strip()[:2].rstrip(".").isdigit()}
+    assert "'criterion': 'l1'" in lines["prune.channels"] and "'reconstruct': False" in lines["prune.channels"]
+    assert "sparsify.magnitude" in lines
+    # explicit choices win over the data-aware defaults
+    r = cli(model, "--structured", "0.2", "--criterion", "l2", "--no-reconstruct", "--sparsity", "0.5", "--method", "obs",
+            "--calib", calib, "--dry-run", "-o", tmp_path / "o3")
+    lines = {ln.split()[1]: ln for ln in r.out.splitlines() if ln.strip()[:2].rstrip(".").isdigit()}
+    assert "'criterion': 'l2'" in lines["prune.channels"] and "'reconstruct': False" in lines["prune.channels"]
+    assert "sparsify.obs" in lines
