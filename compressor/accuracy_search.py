@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from compressor import runtime, verify
-from compressor.sensitivity import _rel_error, weights_as_inputs
+from compressor.sensitivity import _rel_error, _sweep_session, weights_as_inputs
 
 GateFn = Callable[[list[list[np.ndarray]]], list[str]]  # runs on the verification samples -> gate failures
 
@@ -131,10 +131,25 @@ def _consumers(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
+def _rank_probe(sweep: str, model_bytes: np.ndarray, feeds: list[dict[str, np.ndarray]], comp: dict[str, np.ndarray],
+                ref: list[list[np.ndarray]], wname: str, value: np.ndarray) -> float:
+    """One ranking probe (an executor task): the relative output error vs the original model with every
+    searchable weight compressed but ``wname``, which is fed ``value`` (its full or half revert)."""
+    sess = _sweep_session(sweep, model_bytes)
+    w = {**comp, wname: value}
+    return _rel_error([sess.run(None, {**f, **w}) for f in feeds], ref)
+
+
 def search(original: onnx.ModelProto, compressed: onnx.ModelProto, attrib_feeds: list[dict[str, np.ndarray]],
            verif_feeds: list[dict[str, np.ndarray]], ref_verif: list[list[np.ndarray]], gate: GateFn, budget: int,
-           say: Callable[[str], None] = lambda s: None) -> SearchResult:
-    """Rank the searchable weights by error gain and revert the fewest that make ``gate`` pass."""
+           say: Callable[[str], None] = lambda s: None, executor: Any = None) -> SearchResult:
+    """Rank the searchable weights by error gain and revert the fewest that make ``gate`` pass.
+    The ranking probes (two per weight: full and half revert) are independent tasks of ``executor``
+    (``--executor ray``: spread over the cluster; default: in this process, same numbers)."""
+    import uuid
+
+    from compressor.executor import ExecutorError, LocalExecutor
+
     changed, notes = searchable(original, compressed)
     comp_vals = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer if t.name in changed}
     res = SearchResult(False, 0, budget, 0.0, 0.0, unsearchable=notes)
@@ -156,11 +171,21 @@ def search(original: onnx.ModelProto, compressed: onnx.ModelProto, attrib_feeds:
     ref_attrib = runtime.run_all(runtime.session(original), attrib_feeds)
     base = _rel_error(run(attrib_feeds, {}), ref_attrib)
     cons = _consumers(compressed)
-    say(f"      search: ranking {len(names)} changed weights by output error ({len(attrib_feeds)} samples)")
+    ex = executor or LocalExecutor()
+    say(f"      search: ranking {len(names)} changed weights by output error ({len(attrib_feeds)} samples"
+        + (f", on {ex.describe()}" if not isinstance(ex, LocalExecutor) else "") + ")")
+    mbytes = np.frombuffer(weights_as_inputs(compressed, names).SerializeToString(), dtype=np.uint8)
+    shared = (uuid.uuid4().hex, ex.put(mbytes), ex.put(attrib_feeds), ex.put(comp_vals), ex.put(ref_attrib))
+    jobs = [(n, level) for n in names for level in ("full", "half")]
+    outs = ex.map(_rank_probe, ((n, (changed if level == "full" else half_vals)[n]) for n, level in jobs), shared,
+                  label="accuracy search ranking", total=len(jobs))
+    bad = [o for o in outs if not o.ok]
+    if bad:
+        raise ExecutorError(f"accuracy search: {len(bad)} of {len(jobs)} ranking probes failed: {bad[0].error}")
+    err = {job: o.value for job, o in zip(jobs, outs)}
     layers = []
     for n in names:
-        gain = base - _rel_error(run(attrib_feeds, {n: "full"}), ref_attrib)
-        gain_half = base - _rel_error(run(attrib_feeds, {n: "half"}), ref_attrib)
+        gain, gain_half = base - err[(n, "full")], base - err[(n, "half")]
         layers.append(Layer(n, cons.get(n, n), gain / max(base, 1e-30), int(comp_vals[n].size),
                             float(np.mean(comp_vals[n] == 0)), gain_half / max(base, 1e-30)))
     layers.sort(key=lambda x: -x.gain)

@@ -384,8 +384,11 @@ def _search(r: _Run) -> None:
     if lead:
         ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17, template=r.model)
         base, _ = PassManager(lead, []).run(r.model, ctx)
-    search_fn = accuracy_search.search_quantized if quantized else accuracy_search.search
-    res = search_fn(base, r.compressed, attrib, r.verif.feeds, r.ref_runs, gate, budget, say)
+    if quantized:
+        res = accuracy_search.search_quantized(base, r.compressed, attrib, r.verif.feeds, r.ref_runs, gate, budget, say)
+    else:  # the ranking probes fan out on the run's executor (--executor ray)
+        ex = r.session.get("accuracy search") if opts.executor != "local" and r.session is not None else None
+        res = accuracy_search.search(base, r.compressed, attrib, r.verif.feeds, r.ref_runs, gate, budget, say, executor=ex)
     r.search = res.to_dict()
     r.search["hint"] = res.top3_hint()
     for note in res.unsearchable:

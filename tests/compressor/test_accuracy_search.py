@@ -214,3 +214,44 @@ def test_ignore_keeps_an_int8_layer_fp32(cli, tmp_path):
     node = next(n for n in got.graph.node if n.name == convs[-1])
     assert prod.get(node.input[1]) != "DequantizeLinear"
     assert any(prod.get(n.input[1]) == "DequantizeLinear" for n in got.graph.node if n.name in convs[:-1])
+
+
+def test_ranking_probes_fan_out_on_an_executor_with_the_local_numbers():
+    """--executor ray: the ranking probes are executor tasks. A stand-in executor that pickles every task
+    and its shared objects (as Ray would ship them) and runs them in a fresh order gives the same ranking
+    and gains, bit for bit, as the in-process search."""
+    import pickle
+
+    from compressor.executor import LocalExecutor
+
+    class _Shipping(LocalExecutor):
+        name = "ray"
+
+        def __init__(self):
+            super().__init__()
+            self.tasks = 0
+
+        def map(self, fn, tasks, shared=(), **kw):
+            shipped = [pickle.loads(pickle.dumps(t)) for t in tasks]
+            self.tasks += len(shipped)
+            order = list(reversed(range(len(shipped))))
+            outs = super().map(fn, [shipped[i] for i in order], pickle.loads(pickle.dumps(shared)), **kw)
+            back = [None] * len(outs)
+            for o, i in zip(outs, order):
+                o.index = i
+                back[i] = o
+            return back
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((16, 16)).astype(np.float32), rng.standard_normal((16, 16)).astype(np.float32)
+    orig = _mm_model({"a": a, "b": b})
+    comp = _mm_model({"a": a * (np.abs(a) > 1.0), "b": b * (np.abs(b) > 0.5)})
+    feeds = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(8)]
+    ref = runtime.run_all(runtime.session(orig), feeds)
+    gate = accuracy_search.gate_for(["y"], ref, verify.Tolerances(0.999, 0.95, 0.01), None, None)
+    local = accuracy_search.search(orig, comp, feeds, feeds, ref, gate, 4)
+    ex = _Shipping()
+    fanned = accuracy_search.search(orig, comp, feeds, feeds, ref, gate, 4, executor=ex)
+    assert ex.tasks == 4  # 2 weights x (full, half)
+    assert [x.to_dict() for x in fanned.ranking] == [x.to_dict() for x in local.ranking]
+    assert fanned.passed == local.passed and [x.weight for x in fanned.reverted] == [x.weight for x in local.reverted]
