@@ -91,8 +91,8 @@ class PruneChannelsConfig:
             raise UsageError(f"min_channels must be >= 1, got {self.min_channels}")
         if self.round_to < 1:
             raise UsageError(f"round_to must be >= 1, got {self.round_to}")
-        if self.allocation not in ("uniform", "global"):
-            raise UsageError(f"allocation must be uniform or global for prune.channels, got {self.allocation!r}")
+        if self.allocation not in ("uniform", "global", "sensitivity"):
+            raise UsageError(f"allocation must be uniform, global or sensitivity for prune.channels, got {self.allocation!r}")
         if self.order not in ("internal_first", "uniform"):
             raise UsageError(f"order must be internal_first or uniform, got {self.order!r}")
         if not 0.0 < self.internal_cap < 1.0:
@@ -105,6 +105,7 @@ class Plan:
     removed: dict[Space, np.ndarray]  # space -> removed indices
     group_stats: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    sensitivity: dict[str, Any] = field(default_factory=dict)  # allocation=sensitivity: the measured curves
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -404,9 +405,16 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
     for st in stats:
         if st["group"] in kinds:
             st["kind"] = kinds[st["group"]]
-    if cfg.allocation == "uniform":
+    sens_extra: dict[str, Any] = {}
+    if cfg.allocation == "sensitivity" and ctx.calib is None:
+        warnings.append("allocation sensitivity needs calibration data (--calib); used uniform")
+    if cfg.allocation == "uniform" or (cfg.allocation == "sensitivity" and ctx.calib is None):
         fracs = _internal_first(eligible, kinds, cfg, graph, floors) if cfg.order == "internal_first" else {
             grp.gid: cfg.ratio for grp, *_ in eligible}
+    elif cfg.allocation == "sensitivity":
+        fracs, w, sens_extra = _sensitivity_fractions(graph, model, ctx, cfg, dep, eligible, floors, kinds)
+        warnings += w
+    if cfg.allocation in ("uniform", "sensitivity"):
         for grp, sc, rem, _ in eligible:
             n = len(grp.units)
             f = fracs[grp.gid]
@@ -415,7 +423,12 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
                 continue
             removed_units[grp.gid] = _select(grp, sc, rem, n - round(f * n), floors[grp.gid], cfg.round_to)
         res = [g for g, *_ in eligible if kinds[g.gid] == "residual"]
-        if cfg.order == "internal_first" and res:
+        if cfg.allocation == "sensitivity":
+            cut = [g for g in res if g.gid in removed_units and removed_units[g.gid]]
+            if cut:
+                warnings.append(f"structured: {len(cut)} residual-stream group(s) pruned where the measured output error was "
+                                "lowest (accuracy risk; lower --structured to keep the residual width)")
+        elif cfg.order == "internal_first" and res:
             fr = max(fracs[g.gid] for g in res)
             if fr > 0:
                 warnings.append(f"structured: the internal groups (each at most {max(cfg.internal_cap, cfg.ratio):.0%}) cannot meet the "
@@ -453,7 +466,65 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
             for s, idx in grp.units[k].items():
                 removed[s].append(idx)
     final = {s: np.unique(np.concatenate(v)) for s, v in removed.items()}
-    return Plan(dep, final, stats, warnings)
+    return Plan(dep, final, stats, warnings, sens_extra)
+
+
+SENS_LEVELS = (0.1, 0.2, 0.3, 0.45, 0.6)  # fractions of a group's units probed by allocation=sensitivity
+SENS_SAMPLES = 16
+
+
+def _sensitivity_fractions(graph: gs.Graph, model: onnx.ModelProto, ctx: PassContext, cfg: PruneChannelsConfig, dep: DepGraph,
+                           eligible: list, floors: dict[int, int], kinds: dict[int, str]
+                           ) -> tuple[dict[int, float], list[str], dict[str, Any]]:
+    """Per-group fractions with the least summed output error for the parameter target: every group's
+    lowest-scored units are zeroed at a few fractions (``SENS_LEVELS``, the removal the pass would make,
+    rounding included), the relative output error against the unpruned model is measured on
+    ``SENS_SAMPLES`` calibration samples, and the curves are allocated like sparsity's
+    (``compressor.sensitivity.allocate``: cheapest marginal error per parameter first). Measured without the
+    refit, so an overestimate of what ``reconstruct`` leaves, but a ranking of where channels are cheap."""
+    from compressor import runtime
+    from compressor.sensitivity import Curve, _rel_error, allocate
+
+    feeds = list(ctx.calib.feeds[:SENS_SAMPLES])
+    ref = runtime.run_all(runtime.session(model), feeds)
+    nodes = {n.name: n for n in graph.nodes}
+    cap = max(cfg.internal_cap, cfg.ratio)
+    curves = []
+    for grp, sc, rem, _ in eligible:
+        n = len(grp.units)
+        cost = _params_per_unit(grp, nodes)
+        levels, errs = [0.0], [0.0]
+        seen: set[int] = set()
+        for f in SENS_LEVELS:
+            if f > cap + 1e-9:
+                break
+            ks = _select(grp, sc, rem, n - round(f * n), floors[grp.gid], cfg.round_to)
+            if not ks or len(ks) in seen:
+                continue
+            seen.add(len(ks))
+            removed: dict[Space, list[np.ndarray]] = defaultdict(list)
+            for k in ks:
+                for sp, idx in grp.units[k].items():
+                    removed[sp].append(idx)
+            g2 = gs.import_onnx(model)
+            apply_plan(g2, Plan(dep, {sp: np.unique(np.concatenate(v)) for sp, v in removed.items()}), "zero")
+            m2 = ctx.export(g2)
+            levels.append(len(ks) / n)
+            errs.append(_rel_error(runtime.run_all(runtime.session(m2), feeds), ref))
+        curves.append(Curve(str(grp.gid), kinds[grp.gid], int(round(cost * n)), levels, errs))
+    # the removals _select can make (round_to) are the probed levels; anything past a group's last probed
+    # level is unreachable for it (a prohibitive error, not the flat extrapolation of its curve)
+    top = max(max(c.levels) for c in curves) if curves else 0.0
+    for c in curves:
+        if c.levels[-1] < top:
+            c.levels.append(top)
+            c.errors.append(1e6)
+    alloc, warnings = allocate(curves, cfg.ratio, 0.0, top)
+    fracs = {grp.gid: float(alloc.get(str(grp.gid), 0.0)) for grp, *_ in eligible}
+    extra = {"samples": len(feeds), "curves": {c.layer: {"kind": c.op, "params": c.numel,
+                                                         "levels": [round(v, 4) for v in c.levels],
+                                                         "errors": [round(e, 8) for e in c.errors]} for c in curves}}
+    return fracs, warnings, extra
 
 
 def _segments(grp: Group) -> list[np.ndarray]:
@@ -957,6 +1028,7 @@ class PruneChannels(Pass):
             "params_before": params_before, "params_after": _param_count(graph),
             "tensors_rewritten": edited, "reconstructed": refit,
             "barrier_ops": dict(barrier_ops), "group_stats": groups, "order": cfg.order,
+            **({"sensitivity": pl.sensitivity} if pl.sensitivity else {}),
             "groups_internal": sum(g.get("kind") == "internal" for g in groups),
             "groups_residual": sum(g.get("kind") == "residual" for g in groups),
             "groups_attention": sum(g.get("kind") == "attention" for g in groups),

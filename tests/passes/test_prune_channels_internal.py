@@ -194,3 +194,36 @@ def test_reconstruct_covers_every_consumer():
     s0, s1, s2 = runtime.session(model), runtime.session(pruned), runtime.session(plain)
     err = lambda s: np.mean([np.square(s.run(None, f)[0] - s0.run(None, f)[0]).mean() for f in calib])
     assert err(s1) < 0.5 * err(s2)
+
+
+def test_sensitivity_allocation_takes_the_channels_that_cost_nothing():
+    """allocation=sensitivity: each group's removal is probed on calibration data and the parameter target
+    is taken where the measured output error is least. conv2's channels 8..15 feed conv3 through zero
+    weights (free to remove); every conv1 channel matters. Sensitivity removes exactly the free ones and
+    the output is unchanged; uniform takes from both groups and the output moves."""
+    rng = np.random.default_rng(7)
+    n = helper.make_node
+    w1 = rng.standard_normal((16, 4, 3, 3)) * 0.3
+    w2 = rng.standard_normal((16, 16, 3, 3)) * 0.1
+    w3 = rng.standard_normal((6, 16, 1, 1)) * 0.3
+    w3[:, 8:] = 0.0
+    nodes = [n("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]), n("Relu", ["a"], ["ar"], name="r1"),
+             n("Conv", ["ar", "w2"], ["b"], name="conv2", pads=[1, 1, 1, 1]), n("Relu", ["b"], ["br"], name="r2"),
+             n("Conv", ["br", "w3"], ["y"], name="conv3")]
+    model = _model(nodes, [1, 4, 6, 6], [1, 6, 6, 6], {"w1": w1, "w2": w2, "w3": w3})
+    calib = [{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(16)]
+    ref = runtime.run_all(runtime.session(model), calib)
+    # 0.2 of the 5280 group parameters = 1056 < the 1200 of the 8 free channels
+    res, pruned = _run_pass(model, calib, ratio=0.2, criterion="taylor", allocation="sensitivity")
+    st = {s["group"]: s for s in res.stats["group_stats"]}
+    assert "sensitivity" in res.stats and len(res.stats["sensitivity"]["curves"]) == 2
+    by_producer = {s["members"][0]: s for s in st.values()}
+    w = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    shapes = {nd.name: w[nd.input[1]].shape for nd in pruned.graph.node if nd.op_type == "Conv"}
+    assert shapes["conv1"][0] == 16 and 8 <= shapes["conv2"][0] <= 10 and shapes["conv3"][1] == shapes["conv2"][0], shapes
+    out = runtime.run_all(runtime.session(pruned), calib)
+    assert max(float(np.abs(o[0] - r[0]).max()) for o, r in zip(out, ref)) < 1e-5
+    _, uni = _run_pass(model, calib, ratio=0.2, criterion="taylor")
+    wu = {t.name: numpy_helper.to_array(t) for t in uni.graph.initializer}
+    assert {nd.name: wu[nd.input[1]].shape for nd in uni.graph.node if nd.op_type == "Conv"}["conv1"][0] < 16
+    assert by_producer  # the stats name the groups' members
