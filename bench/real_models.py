@@ -85,8 +85,9 @@ LEGEND = [
      "`--sparsity 0.5 --pattern 2:4` / `--structured 0.2`, with `--search-budget 0` (no accuracy search)"),
     ("+search", "the same flags with the accuracy search on (the default, budget 12 verification rounds): when the "
      "one-shot result fails the gate, the weights causing most error are reverted / half given back"),
-    ("+ft", "the same flags + `--finetune calib.npz` (distillation from the dense model on the calibration inputs, "
-     "3 epochs; search on). int8+ft is n/a: fine-tuning recovers pruned weights, int8 has none"),
+    ("+ft", "the same flags + `--finetune calib.npz` (distillation from the dense model on the calibration inputs: "
+     "at least 100 optimizer steps, 1/8 of the samples held out to keep the best epoch; search on). int8+ft is n/a: "
+     "fine-tuning recovers pruned weights, int8 has none"),
     ("magnitude50 / wanda50", "`--sparsity 0.5 --method magnitude|wanda --allocation uniform --search-budget 0`: the "
      "textbook one-shot baselines, every prunable layer at 50%"),
     ("sparsegpt50-dw", "`--sparsity 0.5 --method obs --allocation uniform --search-budget 0` (SparseGPT-style OBS "
