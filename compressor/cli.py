@@ -60,8 +60,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--method", default="auto", help="how weights are chosen for --sparsity: auto (with --calib: obs and wanda "
                    "both run, the better on held-out calibration samples is kept; else magnitude) | magnitude | wanda | obs "
                    "(wanda/obs need --calib)")
-    p.add_argument("--allocation", default="auto", help="per-layer budget: auto (sensitivity for --sparsity with --calib, "
-                   "else uniform) | uniform | global | sensitivity")
+    p.add_argument("--allocation", default="auto", help="per-layer budget: auto (sensitivity with --calib -- for --structured: "
+                   "each channel group's removal measured --, else uniform) | uniform | global | sensitivity")
     p.add_argument("--structured", type=float, default=0.0, help="fraction of prunable channels removed (prune.channels), in [0, 1)")
     p.add_argument("--criterion", default="auto", help="channel score for --structured: auto (mean_act with --calib, else l1) | "
                                                         "l1 | l2 | fpgm | bn_gamma | apoz | mean_act | taylor")

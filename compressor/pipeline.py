@@ -80,6 +80,10 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
                "round_to": opts.round_to or spec.round_to, **ignore}
         if opts.allocation not in ("uniform", "auto"):
             cfg["allocation"] = opts.allocation
+        elif opts.allocation == "auto" and opts.calib:
+            # measured on the real suite (20%, mean_act, refit) against internal-first uniform: MiniLM cosine
+            # 0.866 -> 0.916, ppocr_rec CER 0.70% -> 0.35%, silero-vad decisions 0.991 -> 0.999, ppocr_cls 0.990 -> 0.985
+            cfg["allocation"] = "sensitivity"
         if opts.reconstruct if opts.reconstruct is not None else bool(opts.calib):
             cfg["reconstruct"] = True
         items.append({"name": "prune.channels", "config": cfg})

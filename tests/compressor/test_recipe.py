@@ -69,12 +69,13 @@ def test_data_aware_defaults_follow_calibration_data(cli, tmp_path):
     assert r.code == 0, r.err
     lines = {ln.split()[1]: ln for ln in r.out.splitlines() if ln.strip()[:2].rstrip(".").isdigit()}
     assert "'criterion': 'mean_act'" in lines["prune.channels"] and "'reconstruct': True" in lines["prune.channels"]
+    assert "'allocation': 'sensitivity'" in lines["prune.channels"]
     assert "'allocation': 'sensitivity'" in lines["sparsify.auto"] and "'candidates': ['obs', 'wanda']" in lines["sparsify.auto"]
     assert "'ignore': ['fc*']" in lines["quantize.int8"]
     r = cli(model, "--structured", "0.2", "--sparsity", "0.5", "--dry-run", "-o", tmp_path / "o2")
     lines = {ln.split()[1]: ln for ln in r.out.splitlines() if ln.strip()[:2].rstrip(".").isdigit()}
     assert "'criterion': 'l1'" in lines["prune.channels"] and "'reconstruct': False" in lines["prune.channels"]
-    assert "sparsify.magnitude" in lines
+    assert "'allocation': 'uniform'" in lines["prune.channels"] and "sparsify.magnitude" in lines
     # explicit choices win over the data-aware defaults
     r = cli(model, "--structured", "0.2", "--criterion", "l2", "--no-reconstruct", "--sparsity", "0.5", "--method", "obs",
             "--calib", calib, "--dry-run", "-o", tmp_path / "o3")
