@@ -64,7 +64,7 @@ for _b, _f in BASE.items():
 CONFIGS.update({
     "magnitude50": ["--sparsity", "0.5", "--method", "magnitude", "--allocation", "uniform", *ONE_SHOT],
     "wanda50": ["--sparsity", "0.5", "--method", "wanda", "--allocation", "uniform", *ONE_SHOT],
-    "sparsegpt50-dw": ["--sparsity", "0.5", "--method", "obs", "--allocation", "uniform", *ONE_SHOT, "{ignore_depthwise}"],
+    "sparsegpt50-dw": ["--sparsity", "0.5", "--method", "sparsegpt", "--allocation", "uniform", *ONE_SHOT, "{ignore_depthwise}"],
 })
 NOT_APPLICABLE = {"int8+ft": "finetune recovers pruned weights; int8 has none"}
 for _c in NOT_APPLICABLE:
@@ -90,8 +90,8 @@ LEGEND = [
      "fine-tuning recovers pruned weights, int8 has none"),
     ("magnitude50 / wanda50", "`--sparsity 0.5 --method magnitude|wanda --allocation uniform --search-budget 0`: the "
      "textbook one-shot baselines, every prunable layer at 50%"),
-    ("sparsegpt50-dw", "`--sparsity 0.5 --method obs --allocation uniform --search-budget 0` (SparseGPT-style OBS "
-     "reconstruction) with every depthwise Conv kept dense (`--ignore`); the depthwise column says how many"),
+    ("sparsegpt50-dw", "`--sparsity 0.5 --method sparsegpt --allocation uniform --search-budget 0` (plain SparseGPT: "
+     "OBS masks and updates) with every depthwise Conv kept dense (`--ignore`); the depthwise column says how many"),
     ("tp-struct20", "Torch-Pruning 1.6 `MagnitudePruner` (L1 importance), 20% of the channels of every layer, one "
      "step, no fine-tuning; the ONNX model goes through onnx2torch and back (`bench/torch_pruning_baseline.py`)"),
     ("ort-static / ort-dynamic", "onnxruntime.quantization `quantize_static` (calib.npz reader) / `quantize_dynamic`, "

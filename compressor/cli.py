@@ -59,7 +59,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--pattern", default="unstructured", help="sparsity pattern: unstructured | N:M (e.g. 2:4) | RxC blocks (e.g. 1x4, 8x1)")
     p.add_argument("--method", default="auto", help="how weights are chosen for --sparsity: auto (with --calib: obs and wanda "
                    "both run, the better on held-out calibration samples is kept; else magnitude) | magnitude | wanda | obs "
-                   "(wanda/obs need --calib)")
+                   "(per layer group the least-error of SparseGPT, the activation mask and that mask with the OBS update) | "
+                   "sparsegpt (plain SparseGPT) (wanda/obs/sparsegpt need --calib)")
     p.add_argument("--allocation", default="auto", help="per-layer budget: auto (sensitivity with --calib -- for --structured: "
                    "each channel group's removal measured --, else uniform) | uniform | global | sensitivity")
     p.add_argument("--structured", type=float, default=0.0, help="fraction of prunable channels removed (prune.channels), in [0, 1)")

@@ -94,6 +94,8 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
         method, allocation = sparsity_defaults(opts)
         if allocation != "uniform":
             cfg["allocation"] = allocation
+        if method == "sparsegpt":  # the paper's algorithm: OBS masks and updates only, no per-group alternatives
+            method, cfg["variants"] = "obs", ["obs"]
         items.append({"name": f"sparsify.{method}", "config": cfg})
     if opts.finetune:
         ft = {"data": str(opts.finetune)}

@@ -37,7 +37,7 @@ class Options:
     output: str | None = None
     sparsity: float = 0.0
     pattern: str = "unstructured"  # unstructured | N:M (2:4) | RxC blocks (1x4, 8x1)
-    method: str = "auto"  # sparsify.<method>: auto (with --calib: obs vs wanda on held-out data, else magnitude) | magnitude | wanda | obs
+    method: str = "auto"  # sparsify.<method>: auto (with --calib: obs vs wanda on held-out data, else magnitude) | magnitude | wanda | obs | sparsegpt
     allocation: str = "auto"  # auto (sensitivity with --calib for --sparsity, else uniform) | uniform | global | sensitivity
     structured: float = 0.0  # prune.channels ratio
     criterion: str = "auto"  # prune.channels criterion (auto: mean_act with calibration data, else l1)
@@ -80,8 +80,8 @@ class Options:
             raise UsageError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if not 0.0 <= self.structured < 1.0:
             raise UsageError(f"--structured must be in [0, 1), got {self.structured}")
-        if self.method not in ("auto", "magnitude", "wanda", "obs"):
-            raise UsageError(f"--method must be auto, magnitude, wanda or obs, got {self.method!r}",
+        if self.method not in ("auto", "magnitude", "wanda", "obs", "sparsegpt"):
+            raise UsageError(f"--method must be auto, magnitude, wanda, obs or sparsegpt, got {self.method!r}",
                              hint="other sparsify passes (plugins) go in with --pass NAME")
         if self.quantize not in ("none", "int8", "fp16", "int4"):
             raise UsageError(f"--quantize must be none, int8, fp16 or int4, got {self.quantize!r}")

@@ -38,6 +38,7 @@ class AutoSparsifyConfig(SparsifyConfig):
     holdout: int = 4  # every holdout-th calibration sample scores the candidates (none trains them)
     damp: float = 0.01  # obs
     block_size: int = 128  # obs
+    variants: tuple[str, ...] = ("obs", "act", "act_update")  # obs: per-group candidate solutions
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,7 +84,7 @@ class AutoSparsify(Pass):
             own = {f.name for f in dataclasses.fields(cls.Config)}
             values = {k: v for k, v in shared.items() if k in own}
             if name == "obs":
-                values.update(damp=cfg.damp, block_size=cfg.block_size)
+                values.update(damp=cfg.damp, block_size=cfg.block_size, variants=list(cfg.variants))
             g = gs.import_onnx(base)
             res = cls(make_config(cls, values)).run(g, sub)
             model = sub.export(g)

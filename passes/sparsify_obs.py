@@ -76,10 +76,16 @@ from passes.sparsify_wanda import wanda_scores
 log = logging.getLogger(__name__)
 
 
+VARIANTS = ("obs", "act", "act_update")  # per-group candidate solutions (solve_group)
+
+
 @dataclass(frozen=True)
 class OBSConfig(SparsifyConfig):
     damp: float = 0.01  # dampening, fraction of mean(diag(H))
     block_size: int = 128  # lazy-update / mask-selection column block
+    # per layer group, the solution with the least reconstruction error among these (see solve_group);
+    # ["obs"] is plain SparseGPT
+    variants: tuple[str, ...] = VARIANTS
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,6 +93,8 @@ class OBSConfig(SparsifyConfig):
             raise UsageError(f"damp must be in (0, 1], got {self.damp}")
         if self.block_size < 1:
             raise UsageError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.variants or any(v not in VARIANTS for v in self.variants):
+            raise UsageError(f"variants must be among {', '.join(VARIANTS)}, got {list(self.variants)}")
 
 
 def _upper_hinv(h: np.ndarray, damp: float) -> np.ndarray:
@@ -106,9 +114,10 @@ def _upper_hinv(h: np.ndarray, damp: float) -> np.ndarray:
 
 
 def sparsegpt(w: np.ndarray, h: np.ndarray, pattern: Pattern, sparsity: float, k: int | None = None,
-              block_size: int = 128, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+              block_size: int = 128, damp: float = 0.01, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Prune ``w[rows, cols]`` given ``h[cols, cols]`` (OBS/SparseGPT). Returns (new weights, keep-mask).
-    ``k``: exact number of pruned entries (unstructured; default round(sparsity * size))."""
+    ``k``: exact number of pruned entries (unstructured; default round(sparsity * size)). ``mask``: a
+    given keep-mask (the OBS update only, no mask selection)."""
     W = np.array(w, dtype=np.float64)
     rows, cols = W.shape
     U = _upper_hinv(h, damp)
@@ -124,7 +133,9 @@ def sparsegpt(w: np.ndarray, h: np.ndarray, pattern: Pattern, sparsity: float, k
         Q1 = np.zeros_like(W1)
         E1 = np.zeros_like(W1)
         sal = np.abs(W1) / dg  # sqrt of the OBS saliency w^2 / [H^-1]_qq
-        if pattern.kind == "unstructured":
+        if mask is not None:
+            keep1 = np.array(mask[:, i1:i2], dtype=bool)
+        elif pattern.kind == "unstructured":
             kb = int(round(k_total * i2 / cols)) - int(round(k_total * i1 / cols))
             keep1 = unstructured_mask(sal, 0.0, k=kb)
         elif pattern.kind == "block":
@@ -133,7 +144,7 @@ def sparsegpt(w: np.ndarray, h: np.ndarray, pattern: Pattern, sparsity: float, k
         else:
             keep1 = np.ones(W1.shape, dtype=bool)
         for i in range(i2 - i1):
-            if pattern.kind == "nm" and i % pattern.m == 0:
+            if mask is None and pattern.kind == "nm" and i % pattern.m == 0:
                 j = min(i + pattern.m, i2 - i1)
                 keep1[:, i:j] = nm_mask(np.abs(W1[:, i:j]) / dg[i:j], pattern.n, pattern.m)
             col = W1[:, i]
@@ -177,8 +188,46 @@ def blas_threads() -> int | None:
     return max(n) if n else None
 
 
+def solve_group(w: np.ndarray, h: np.ndarray, pattern: Pattern, s: float, k: int, block_size: int, damp: float,
+                variants: tuple[str, ...] = VARIANTS) -> tuple[np.ndarray, np.ndarray, float, float, str]:
+    """One group's pruned weights: each of ``variants`` is solved and the one with the smallest
+    reconstruction error ``||(W - Wq) X^T||^2`` on the calibration inputs is kept.
+
+    * ``obs``: SparseGPT (mask by OBS saliency per column block, jointly over the rows, with the update);
+    * ``act``: the activation-weighted mask ``|w| ||x||`` with each row pruning its own share (Wanda's),
+      weights unchanged;
+    * ``act_update``: that mask with SparseGPT's update.
+
+    Measured on ppocr_cls's layers at 50%: OBS alone is 10-25x worse than ``act`` on squeeze-excite and
+    5x5 depthwise convs (0.0107 vs 0.0007), better on the others; the per-group minimum beats both.
+    Block (RxC) patterns use ``obs`` only. Returns (Wq, keep, err_num, err_den, variant)."""
+    cands = [v for v in variants if v == "obs" or pattern.kind in ("unstructured", "nm")] or ["obs"]
+    den = float(np.sum((w @ h) * w))
+    best = None
+    act_keep = None
+    for v in cands:
+        if v == "obs":
+            wq, kq = sparsegpt(w, h, pattern, s, k=k, block_size=block_size, damp=damp)
+        else:
+            if act_keep is None:
+                score = np.abs(w) * np.sqrt(np.maximum(np.diag(h), 0.0))[None, :]
+                act_keep = (unstructured_mask(score, 0.0, per_row=True, k=k) if pattern.kind == "unstructured"
+                            else nm_mask(score, pattern.n, pattern.m))
+            if v == "act":
+                kq = act_keep
+                wq = np.where(kq, w, 0.0)
+            else:
+                wq, kq = sparsegpt(w, h, pattern, s, k=k, block_size=block_size, damp=damp, mask=act_keep)
+        d = w - wq
+        num = float(np.sum((d @ h) * d))
+        if best is None or num < best[2]:
+            best = (wq, kq, num, den, v)
+    return best
+
+
 def _solve_groups(w_groups: list[np.ndarray], hs: list[np.ndarray], pattern: Pattern, s: float, ks: list[int],
-                  block_size: int, damp: float, threads: int | None = None) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
+                  block_size: int, damp: float, threads: int | None = None, variants: tuple[str, ...] = VARIANTS
+                  ) -> list[tuple[np.ndarray, np.ndarray, float, float, str]]:
     """Solve some groups of one layer (an executor task): per group ``(Wq, keep, err_num, err_den)``,
     computed exactly as ``OBSSparsify._prune_layer`` does locally, with ``threads`` BLAS threads
     (the driver's count: the thread count changes the last bits of GEMM/LAPACK results)."""
@@ -186,13 +235,8 @@ def _solve_groups(w_groups: list[np.ndarray], hs: list[np.ndarray], pattern: Pat
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(threads, user_api="blas"):
-            return _solve_groups(w_groups, hs, pattern, s, ks, block_size, damp)
-    out = []
-    for w, h, k in zip(w_groups, hs, ks):
-        wq, kq = sparsegpt(w, h, pattern, s, k=k, block_size=block_size, damp=damp)
-        d = w - wq
-        out.append((wq, kq, float(np.sum((d @ h) * d)), float(np.sum((w @ h) * w))))
-    return out
+            return _solve_groups(w_groups, hs, pattern, s, ks, block_size, damp, None, variants)
+    return [solve_group(w, h, pattern, s, k, block_size, damp, variants) for w, h, k in zip(w_groups, hs, ks)]
 
 
 def _run_executor(ctx: PassContext):
@@ -286,7 +330,7 @@ class OBSSparsify(Pass):
             edges = [round(g * i / min(g, ex.slots)) for i in range(min(g, ex.slots) + 1)]
             for a, b in zip(edges[:-1], edges[1:]):
                 tasks.append(([W2[gi * rows_g:(gi + 1) * rows_g] for gi in range(a, b)], hs[a:b], pat, s, ks[a:b],
-                              cfg.block_size, cfg.damp, threads))
+                              cfg.block_size, cfg.damp, threads, tuple(cfg.variants)))
             plans.append((l, W2, rows_g, s, len(edges) - 1))
         t0 = time.perf_counter()
         outs = ex.map(_solve_groups, tasks, label="sparsify.obs solves", total=len(tasks))
@@ -300,45 +344,33 @@ class OBSSparsify(Pass):
         reports = {}
         for l, W2, rows_g, s, n_tasks in plans:
             groups = [grp for _ in range(n_tasks) for grp in next(results).value]
-            out = np.empty_like(W2)
-            keep = np.ones(W2.shape, dtype=bool)
-            err_num = err_den = 0.0
-            for gi, (wq, kq, num, den) in enumerate(groups):
-                sl = slice(gi * rows_g, (gi + 1) * rows_g)
-                out[sl], keep[sl] = wq, kq
-                err_num += num
-                err_den += den
-            reports[l.name] = self._finish_layer(l, out, keep, s, pat, err_num, err_den)
+            reports[l.name] = self._assemble(l, W2, rows_g, groups, s, pat)
         return reports
 
-    def _finish_layer(self, l: Layer, out: np.ndarray, keep: np.ndarray, s: float, pat: Pattern, err_num: float,
-                      err_den: float) -> LayerReport:
-        vals = l.values
-        check_valid(l.name, keep, pat)
-        l.set_matrix(out.astype(vals.dtype))
-        nz = int(np.count_nonzero(l.values))
-        return LayerReport(l.node.op, l.weight.name, int(vals.size), s, 1 - nz / vals.size,
-                           {"rel_recon_error": round(err_num / max(err_den, 1e-30), 8)})
-
-    def _prune_layer(self, l: Layer, hs: list[np.ndarray], s: float, pat: Pattern, cfg: OBSConfig) -> LayerReport:
-        vals = l.values
-        W2 = l.matrix().astype(np.float64)
-        g = len(hs)
-        rows_g = W2.shape[0] // g
-        k_total = int(round(s * W2.size))
-        ks = _counts(k_total, [rows_g * W2.shape[1]] * g)
+    def _assemble(self, l: Layer, W2: np.ndarray, rows_g: int, groups: list[tuple], s: float, pat: Pattern) -> LayerReport:
+        """Write the groups' solutions (``solve_group`` results, in group order) into the layer."""
         out = np.empty_like(W2)
         keep = np.ones(W2.shape, dtype=bool)
         err_num = err_den = 0.0
-        for gi, h in enumerate(hs):
+        chosen: dict[str, int] = {}
+        for gi, (wq, kq, num, den, variant) in enumerate(groups):
             sl = slice(gi * rows_g, (gi + 1) * rows_g)
-            wq, kq = sparsegpt(W2[sl], h, pat, s, k=ks[gi], block_size=cfg.block_size, damp=cfg.damp)
             out[sl], keep[sl] = wq, kq
-            d = W2[sl] - wq
-            err_num += float(np.sum((d @ h) * d))
-            err_den += float(np.sum((W2[sl] @ h) * W2[sl]))
+            err_num += num
+            err_den += den
+            chosen[variant] = chosen.get(variant, 0) + 1
+        vals = l.values
         check_valid(l.name, keep, pat)
         l.set_matrix(out.astype(vals.dtype))
         nz = int(np.count_nonzero(l.values))
         return LayerReport(l.node.op, l.weight.name, int(vals.size), s, 1 - nz / vals.size,
-                           {"rel_recon_error": round(err_num / max(err_den, 1e-30), 8)})
+                           {"rel_recon_error": round(err_num / max(err_den, 1e-30), 8), "variant": chosen})
+
+    def _prune_layer(self, l: Layer, hs: list[np.ndarray], s: float, pat: Pattern, cfg: OBSConfig) -> LayerReport:
+        W2 = l.matrix().astype(np.float64)
+        g = len(hs)
+        rows_g = W2.shape[0] // g
+        ks = _counts(int(round(s * W2.size)), [rows_g * W2.shape[1]] * g)
+        groups = [solve_group(W2[gi * rows_g:(gi + 1) * rows_g], h, pat, s, ks[gi], cfg.block_size, cfg.damp,
+                              tuple(cfg.variants)) for gi, h in enumerate(hs)]
+        return self._assemble(l, W2, rows_g, groups, s, pat)

@@ -167,3 +167,31 @@ def test_auto_keeps_the_candidate_with_the_smaller_held_out_error():
     assert all(abs(mc["errors"][c] - errs[c]) <= 1e-6 * max(errs[c], 1e-12) + 1e-12 for c in errs)
     with pytest.raises(UsageError):
         make_config(PASSES.get("sparsify.auto"), {"candidates": ["sgd"]})
+
+
+def test_solve_group_keeps_the_variant_with_the_least_reconstruction_error():
+    """Per group, OBS/SparseGPT, the activation-weighted mask and that mask with the OBS update are solved;
+    the smallest ||(W - Wq) X^T||^2 wins. ["obs"] alone is plain SparseGPT."""
+    from passes.sparsify_obs import solve_group
+
+    rng = np.random.default_rng(4)
+    pat = parse_pattern("unstructured")
+    for trial in range(6):
+        x = correlated(256, 24, rng, rank=4 + trial) if trial % 2 else rng.standard_normal((256, 24)) * rng.uniform(0.1, 3, 24)
+        h = x.T @ x / len(x)
+        w = rng.standard_normal((16, 24))
+        k = int(0.5 * w.size)
+        errs = {}
+        for v in ("obs", "act", "act_update"):
+            wq, keep, num, den, got = solve_group(w, h, pat, 0.5, k, 128, 0.01, (v,))
+            assert got == v and (~keep).sum() == k and np.all(wq[~keep] == 0)
+            d = w - wq
+            assert abs(num - float(np.sum((d @ h) * d))) <= 1e-9 * max(num, 1)
+            errs[v] = num
+        wq, keep, num, den, got = solve_group(w, h, pat, 0.5, k, 128, 0.01)
+        assert got == min(errs, key=errs.get) and num == errs[got]
+        ref, _ = sparsegpt(w, h, pat, 0.5, k=k)
+        assert np.array_equal(solve_group(w, h, pat, 0.5, k, 128, 0.01, ("obs",))[0], ref)
+        # the activation mask prunes each row's own share
+        _, keep_act, *_ = solve_group(w, h, pat, 0.5, k, 128, 0.01, ("act",))
+        assert set((~keep_act).sum(axis=1).tolist()) == {12}
