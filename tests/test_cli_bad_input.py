@@ -215,4 +215,4 @@ def test_output_dir_containing_input_refused_even_with_force(cli, tmp_path):
 
 def test_unknown_method(cli, tmp_path):
     _assert_one_line_error(cli(_model_file(tmp_path), "--sparsity", "0.5", "--method", "nope", "-o", tmp_path / "o"), EXIT_USAGE,
-                           "--method must be auto, magnitude, wanda or obs")
+                           "--method must be auto, magnitude, wanda, obs or sparsegpt")

@@ -243,7 +243,7 @@ def test_bad_config_is_usage_error():
     with pytest.raises(UsageError):
         PruneChannelsConfig(criterion="random")
     with pytest.raises(UsageError):
-        PruneChannelsConfig(allocation="sensitivity")
+        PruneChannelsConfig(allocation="hessian")
 
 
 def test_reconstruct_reduces_error_on_calibration_data():
