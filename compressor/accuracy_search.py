@@ -77,9 +77,12 @@ class SearchResult:
 
     def top3_hint(self) -> str:
         """The three layers that contribute most error and the flag that keeps them."""
-        worst = [x for x in self.ranking if x not in self.reverted][:3] or self.ranking[:3]
+        worst = [x for x in self.ranking if x not in self.reverted and x.gain > 0][:3]
         if not worst:
-            return ""
+            if not self.ranking:
+                return ""
+            return ("no single layer, given back alone, lowers the output error (the layers after it were "
+                    "fitted to its compressed outputs); try a lower ratio or --finetune DATA")
         names = ", ".join(f"{x.node} ({x.gain:.2%} of the output error)" for x in worst)
         flags = " ".join(f"--ignore '{x.node}'" for x in worst)
         keep = "fp32" if self.kind == "quantized" else "dense"

@@ -69,7 +69,7 @@ import onnx_graphsurgeon as gs
 from compressor.errors import UsageError
 from compressor.pass_base import Pass, PassContext, PassResult
 from passes.sparsity_patterns import (Layer, LayerReport, Pattern, SparsifyConfig, activation, ancestors, block_mask, calib_feeds,
-                                      check_valid, feature_stats, nm_mask, plan_sparsities, select_layers,
+                                      check_valid, cross_stats, feature_stats, nm_mask, plan_sparsities, select_layers,
                                       summarize, unstructured_mask)
 from passes.sparsify_wanda import wanda_scores
 
@@ -86,6 +86,10 @@ class OBSConfig(SparsifyConfig):
     # per layer group, the solution with the least reconstruction error among these (see solve_group);
     # ["obs"] is plain SparseGPT
     variants: tuple[str, ...] = VARIANTS
+    # reconstruct the *dense* model's layer outputs from the pruned model's layer inputs (the error of the
+    # layers upstream is compensated too): the target weights become W' = W + W (G^T - H)(H + lambda I)^-1
+    # with G = X'^T X (pruned vs dense inputs); off: SparseGPT's own objective ||W X'^T - Wq X'^T||
+    dense_targets: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -175,6 +179,21 @@ def _counts(total_k: int, sizes: list[int]) -> list[int]:
         prev = int(round(total_k * cum / n))
         cum += s
         out.append(int(round(total_k * cum / n)) - prev)
+    return out
+
+
+def _dense_target(l: Layer, hs: list[np.ndarray], gs_: list[np.ndarray], damp: float) -> np.ndarray:
+    """The weights whose output on the pruned inputs X' is closest to the dense layer's output on the dense
+    inputs X, per group: W' = W + W (G^T - H)(H + lambda I)^-1 (exactly W when X' = X)."""
+    W2 = l.matrix().astype(np.float64)
+    g = len(hs)
+    rows_g = W2.shape[0] // g
+    out = W2.copy()
+    for gi, (h, gm) in enumerate(zip(hs, gs_)):
+        lam = damp * float(np.mean(np.diag(h))) or 1e-8
+        hd = h + lam * np.eye(h.shape[0])
+        w = W2[gi * rows_g:(gi + 1) * rows_g]
+        out[gi * rows_g:(gi + 1) * rows_g] = w + np.linalg.solve(hd, (gm.T - h).T @ w.T).T
     return out
 
 
@@ -286,17 +305,24 @@ class OBSSparsify(Pass):
         reports, captures = {}, 0
         ex = _run_executor(ctx)
         remote = {"tasks": 0, "retries": 0, "seconds": 0.0}
+        dense_model = ctx.export(graph) if cfg.dense_targets else None
         while pending:
             ids = {id(p.node) for p in pending}
             ready = [l for l in pending if not (anc[l.name] & (ids - {id(l.node)}))]
             model = ctx.export(graph)
-            hess = feature_stats(model, feeds, ready, full=True)
+            targets: dict[str, np.ndarray] = {}
+            if dense_model is not None:
+                hess, cross = cross_stats(model, dense_model, feeds, ready)
+                for l in ready:
+                    targets[l.name] = _dense_target(l, hess[l.name], cross[l.name], cfg.damp)
+            else:
+                hess = feature_stats(model, feeds, ready, full=True)
             captures += 1
             if ex is None:
                 for l in ready:
-                    reports[l.name] = self._prune_layer(l, hess[l.name], alloc[l.name], pat, cfg)
+                    reports[l.name] = self._prune_layer(l, hess[l.name], alloc[l.name], pat, cfg, targets.get(l.name))
             else:
-                reports.update(self._prune_remote(ex, ready, hess, alloc, pat, cfg, remote))
+                reports.update(self._prune_remote(ex, ready, hess, alloc, pat, cfg, remote, targets))
             pending = [p for p in pending if p not in ready]
         stats = summarize(reports, cfg, warnings)
         stats.update(extra, calib_samples_used=len(feeds), captures=captures)
@@ -310,7 +336,8 @@ class OBSSparsify(Pass):
         return PassResult(True, stats, warnings)
 
     def _prune_remote(self, ex, ready: list[Layer], hess: dict[str, list[np.ndarray]], alloc: dict[str, float],
-                      pat: Pattern, cfg: OBSConfig, remote: dict) -> dict[str, LayerReport]:
+                      pat: Pattern, cfg: OBSConfig, remote: dict, targets: dict[str, np.ndarray] | None = None
+                      ) -> dict[str, LayerReport]:
         """The (layer, group) solves of one capture as executor tasks (at most ``slots`` per layer);
         results assembled in group order, so everything equals ``_prune_layer``."""
         from compressor.executor import ExecutorError
@@ -321,7 +348,8 @@ class OBSSparsify(Pass):
             remote["blas"] = ("threadpoolctl is not installed: the BLAS thread count of the workers cannot be pinned to this "
                               "process's, so OBS weights may differ from a local run in the last bits (pip install threadpoolctl)")
         for l in ready:
-            W2 = l.matrix().astype(np.float64)
+            W2 = (targets or {}).get(l.name)
+            W2 = l.matrix().astype(np.float64) if W2 is None else W2
             hs = hess[l.name]
             g = len(hs)
             rows_g = W2.shape[0] // g
@@ -366,8 +394,9 @@ class OBSSparsify(Pass):
         return LayerReport(l.node.op, l.weight.name, int(vals.size), s, 1 - nz / vals.size,
                            {"rel_recon_error": round(err_num / max(err_den, 1e-30), 8), "variant": chosen})
 
-    def _prune_layer(self, l: Layer, hs: list[np.ndarray], s: float, pat: Pattern, cfg: OBSConfig) -> LayerReport:
-        W2 = l.matrix().astype(np.float64)
+    def _prune_layer(self, l: Layer, hs: list[np.ndarray], s: float, pat: Pattern, cfg: OBSConfig,
+                     target: np.ndarray | None = None) -> LayerReport:
+        W2 = l.matrix().astype(np.float64) if target is None else target
         g = len(hs)
         rows_g = W2.shape[0] // g
         ks = _counts(int(round(s * W2.size)), [rows_g * W2.shape[1]] * g)

@@ -622,6 +622,32 @@ def feature_stats(model: Any, samples: list[dict], layers: list[Layer], full: bo
 _FLUSH_ROWS = 1024  # buffered feature rows per layer group before they are folded into H
 
 
+def cross_stats(model: Any, dense: Any, samples: list[dict], layers: list[Layer]
+                ) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """Per layer and group, ``H = X'^T X' / tokens`` of the layer's input X' in ``model`` and the cross term
+    ``G = X'^T X / tokens`` with its input X in ``dense`` (same graph, other weights), both from the same
+    samples run through both models in lockstep."""
+    from compressor.activations import iter_capture
+
+    names = sorted({input_tensor(l) for l in layers})
+    H: dict[str, list[np.ndarray]] = {}
+    G: dict[str, list[np.ndarray]] = {}
+    tokens = {l.name: 0 for l in layers}
+    for acts, dacts in zip(iter_capture(model, samples, names), iter_capture(dense, samples, names)):
+        for l in layers:
+            fx = layer_features(l, np.asarray(acts[input_tensor(l)], dtype=np.float64))
+            fd = layer_features(l, np.asarray(dacts[input_tensor(l)], dtype=np.float64))
+            if l.name not in H:
+                H[l.name] = [np.zeros((f.shape[1], f.shape[1])) for f in fx]
+                G[l.name] = [np.zeros((f.shape[1], f.shape[1])) for f in fx]
+            for i, (a, b) in enumerate(zip(fx, fd)):
+                H[l.name][i] += a.T @ a
+                G[l.name][i] += a.T @ b
+            tokens[l.name] += fx[0].shape[0]
+    return ({k: [a / max(tokens[k], 1) for a in v] for k, v in H.items()},
+            {k: [a / max(tokens[k], 1) for a in v] for k, v in G.items()})
+
+
 def expand_group_rows(layer: Layer, per_group: list[np.ndarray], rows: int) -> np.ndarray:
     """Per-row copy of a per-group vector ([rows, cols])."""
     g = len(per_group)

@@ -255,3 +255,15 @@ def test_ranking_probes_fan_out_on_an_executor_with_the_local_numbers():
     assert ex.tasks == 4  # 2 weights x (full, half)
     assert [x.to_dict() for x in fanned.ranking] == [x.to_dict() for x in local.ranking]
     assert fanned.passed == local.passed and [x.weight for x in fanned.reverted] == [x.weight for x in local.reverted]
+
+
+def test_hint_names_only_layers_whose_revert_lowers_the_error():
+    L = accuracy_search.Layer
+    res = accuracy_search.SearchResult(False, 0, 0, 0.1, 0.1, ranking=[L("w1", "a", 0.3, 10, 0.5), L("w2", "b", -0.01, 10, 0.5)])
+    hint = res.top3_hint()
+    assert "--ignore 'a'" in hint and "'b'" not in hint and "30.00%" in hint
+    res.ranking = [L("w1", "a", -0.02, 10, 0.5), L("w2", "b", -0.01, 10, 0.5)]
+    hint = res.top3_hint()
+    assert "--ignore" not in hint and "no single layer" in hint and "--finetune" in hint
+    res.ranking = []
+    assert res.top3_hint() == ""

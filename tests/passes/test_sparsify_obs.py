@@ -195,3 +195,39 @@ def test_solve_group_keeps_the_variant_with_the_least_reconstruction_error():
         # the activation mask prunes each row's own share
         _, keep_act, *_ = solve_group(w, h, pat, 0.5, k, 128, 0.01, ("act",))
         assert set((~keep_act).sum(axis=1).tolist()) == {12}
+
+
+def test_dense_targets_first_layer_unchanged_second_layer_closed_form_and_lower_error():
+    """dense_targets: the first layer sees the dense inputs (X' = X, so W' = W: identical to plain OBS); the second
+    layer's target is W' = W + W (G^T - H)(H + lambda I)^-1 with H = X'^T X', G = X'^T X (pruned vs dense
+    activations), and the pruned chain's output is closer to the dense chain's than without it."""
+    from passes.sparsify_obs import _dense_target
+    from passes.sparsity_patterns import select_layers
+
+    m = mlp_model()
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1, 16)).astype(np.float32) for _ in range(64)]
+    calib = Samples([{"x": x} for x in xs], None, "t")
+    cfg = dict(sparsity=0.6, keep_classifier=False, min_elements=0, calib_samples=0, variants=["obs"])
+    plain, _ = run_pass("sparsify.obs", m, calib, **cfg)
+    dt, recs = run_pass("sparsify.obs", m, calib, dense_targets=True, **cfg)
+    assert recs[0].stats["captures"] == 2
+    w, p, d = inits(m), inits(plain), inits(dt)
+    np.testing.assert_array_equal(d["w1"], p["w1"])  # identical inputs: the target is W itself
+
+    x = np.concatenate(xs).astype(np.float64)
+    a_dense = np.maximum(x @ w["w1"] + w["b1"], 0)
+    a_pruned = np.maximum(x @ d["w1"].astype(np.float64) + w["b1"], 0)
+    h, g = a_pruned.T @ a_pruned / len(x), a_pruned.T @ a_dense / len(x)
+    import onnx_graphsurgeon as gs
+    graph = gs.import_onnx(m)
+    lay = next(l for l in select_layers(graph, make_config(PASSES.get("sparsify.obs"), cfg))[0] if l.weight.name == "w2")
+    target = _dense_target(lay, [h], [g], 0.01)
+    lam = 0.01 * np.mean(np.diag(h))
+    ref = w["w2"].T + w["w2"].T @ (g.T - h) @ np.linalg.inv(h + lam * np.eye(len(h)))
+    np.testing.assert_allclose(target, ref, rtol=1e-8, atol=1e-10)
+    # the pruned chain's output error against the dense chain's, on the calibration inputs
+    y = a_dense @ w["w2"]
+    err = {k: float(np.sum((np.maximum(x @ q["w1"] + w["b1"], 0) @ q["w2"] - y) ** 2) / np.sum(y ** 2))
+           for k, q in (("plain", p), ("dense_targets", d))}
+    assert err["dense_targets"] < err["plain"], err
