@@ -33,7 +33,8 @@ import onnx
 from onnx import numpy_helper
 
 from compressor import runtime, verify
-from compressor.sensitivity import _rel_error, _sweep_session, weights_as_inputs
+from compressor.metrics import rel_error as _rel_error
+from compressor.sensitivity import _sweep_session, weights_as_inputs
 
 GateFn = Callable[[list[list[np.ndarray]]], list[str]]  # runs on the verification samples -> gate failures
 

@@ -29,7 +29,6 @@ status per row, plus the executor's task statistics), and a final line
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -44,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 import compressor
+from compressor.digest import sha256_bytes
 from compressor.errors import CompressorError, InputError, UsageError
 from compressor.recipe import Options
 
@@ -54,8 +54,7 @@ STATE_DIR = ".batch"
 _FILE_FLAGS = ("calib", "eval", "finetune")
 
 
-def _sha256_bytes(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
+
 
 
 def _read_arr(path: Path) -> np.ndarray:
@@ -67,7 +66,7 @@ def job_key(model_sha: str, recipe: dict[str, Any], file_hashes: dict[str, Any])
     r = {k: v for k, v in recipe.items() if k not in ("model", "output", "plugin", *_FILE_FLAGS)}
     blob = json.dumps({"model": model_sha, "recipe": r, "files": file_hashes, "tool": compressor.__version__},
                       sort_keys=True, default=str)
-    return _sha256_bytes(blob.encode())
+    return sha256_bytes(blob.encode())
 
 
 def _tar_dir(d: Path) -> bytes:
@@ -230,10 +229,10 @@ def run_batch(models: list[str], targets_arg: str, base: Options, out_dir: Path,
                 raise InputError(f"--{flag} file not found: {p}")
             arr = _read_arr(p)
             files[flag] = (p.name, executor.put(arr))
-            file_hashes[flag] = _sha256_bytes(arr.tobytes())
+            file_hashes[flag] = sha256_bytes(arr.tobytes())
     if base.plugin:
         files["plugin"] = [(Path(p).name, executor.put(_read_arr(Path(p)))) for p in base.plugin]
-        file_hashes["plugin"] = [_sha256_bytes(Path(p).read_bytes()) for p in base.plugin]
+        file_hashes["plugin"] = [sha256_bytes(Path(p).read_bytes()) for p in base.plugin]
 
     state = out_dir / STATE_DIR
     rows: dict[tuple[int, int], dict[str, Any]] = {}
@@ -249,7 +248,7 @@ def run_batch(models: list[str], targets_arg: str, base: Options, out_dir: Path,
             for ti, t in enumerate(tags):
                 rows[(mi, ti)] = _row(mpath.name, t, Path("-"), None, "FAILED", msg)
             continue
-        msha = _sha256_bytes(arr.tobytes())
+        msha = sha256_bytes(arr.tobytes())
         mref = None
         for ti, t in enumerate(tags):
             opts = dataclasses.replace(base, model=str(mpath), target=t, output=None, force=False, dry_run=False,

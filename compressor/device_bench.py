@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from compressor import sparse_ops
 from compressor.errors import EXIT_DEPENDENCY, EXIT_GATE, EXIT_INPUT, EXIT_OK, InputError, TargetError, UsageError
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("host", "qemu-aarch64")
-SPARSE_OPS = ("SparseMatMul", "SparseMatMulRelu")
 # run_bundle.py exit codes -> compress exit codes
 RUNNER_EXIT = {0: EXIT_OK, 6: EXIT_INPUT, 7: EXIT_INPUT, 8: EXIT_INPUT, 9: EXIT_GATE}
 _SELFCHECK = re.compile(r"SELFCHECK (PASSED|FAILED) samples=(\d+) min_cosine=([0-9.]+)")
@@ -89,8 +89,9 @@ def _last_line(text: str) -> str:
 
 def densify_sparse_ops(model):
     """``compressor::SparseMatMul[Relu](X, data, indices, indptr, bias)`` -> ``MatMul(X, W^T)``,
-    ``Add(bias)`` (, ``Relu``) with ``W`` rebuilt from the BSR initializers; the model-local
-    function definitions go too. Returns a new ModelProto (same outputs, dense weights)."""
+    ``Add(bias)`` (, ``Relu``) and ``compressor::SparseConv1x1[Relu]`` -> ``Conv(X, W[:, :, None, None], bias)``
+    (, ``Relu``), with ``W`` rebuilt from the BSR initializers; the model-local function definitions go
+    too. Returns a new ModelProto (same outputs, dense weights)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -105,22 +106,34 @@ def densify_sparse_ops(model):
         dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     new_nodes, used = [], set()
     for node in g.node:
-        if node.domain != "compressor" or node.op_type not in SPARSE_OPS:
+        if not sparse_ops.is_sparse_op(node.domain, node.op_type):
             new_nodes.append(node)
             continue
         x, d_name, i_name, p_name, b_name = (list(node.input) + [""] * 5)[:5]
         arr = {k: numpy_helper.to_array(inits[k]) for k in (d_name, i_name, p_name) if k in inits}
-        if len(arr) != 3 or not dims.get(x) or dims[x][-1] is None:
+        conv = node.op_type in sparse_ops.CONV_OPS
+        xd = dims.get(x) or []
+        kdim = (xd[1] if conv else xd[-1]) if len(xd) >= (2 if conv else 1) else None
+        if len(arr) != 3 or kdim is None:
             raise TargetError(f"cannot rebuild the dense weight of {node.name or node.op_type} (non-constant BSR "
                               "arrays or unknown input width)")
         data, indices, indptr = arr[d_name], arr[i_name], arr[p_name]
         n = (len(indptr) - 1) * int(data.shape[1])
-        w = from_bsr(BSR(data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int32), (n, dims[x][-1])))
+        w = from_bsr(BSR(data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int32), (n, kdim)))
         base = (node.name or node.output[0]).replace("/", "_")
+        relu = sparse_ops.has_relu(node.op_type)
+        used.update((d_name, i_name, p_name))
+        if conv:
+            w4 = numpy_helper.from_array(np.ascontiguousarray(w[:, :, None, None]), f"{base}_dense_w")
+            g.initializer.append(w4)
+            conv_out = f"{base}_dense_pre" if relu else node.output[0]
+            new_nodes.append(helper.make_node("Conv", [x, w4.name] + ([b_name] if b_name else []), [conv_out],
+                                              name=f"{base}_dense_conv"))
+            if relu:
+                new_nodes.append(helper.make_node("Relu", [conv_out], [node.output[0]], name=f"{base}_dense_relu"))
+            continue
         wt = numpy_helper.from_array(np.ascontiguousarray(w.T), f"{base}_dense_wT")
         g.initializer.append(wt)
-        used.update((d_name, i_name, p_name))
-        relu = node.op_type.endswith("Relu")
         mm_out = f"{base}_dense_mm"
         new_nodes.append(helper.make_node("MatMul", [x, wt.name], [mm_out], name=f"{base}_dense_matmul"))
         out = node.output[0]
@@ -138,7 +151,7 @@ def densify_sparse_ops(model):
     keep = [t for t in g.initializer if t.name not in used or t.name in still]
     del g.initializer[:]
     g.initializer.extend(keep)
-    funcs = [f for f in model.functions if f.domain != "compressor"]
+    funcs = [f for f in model.functions if f.domain != sparse_ops.DOMAIN]
     del model.functions[:]
     model.functions.extend(funcs)
     ops = [o for o in model.opset_import if o.domain != "compressor"]
@@ -153,6 +166,7 @@ def build_dense_twin(bundle: Path, manifest: dict, out_dir: Path) -> Path:
     import onnx
 
     import targets
+    from targets.base import CompileOptions
     from compressor.pass_base import PassContext
     from compressor.pass_manager import PassManager
     from passes import PASSES
@@ -168,7 +182,7 @@ def build_dense_twin(bundle: Path, manifest: dict, out_dir: Path) -> Path:
     src = Path(out_dir) / "dense_source.onnx"
     onnx.save(model, str(src))
     shapes = {i["name"]: list(i["shape"]) for i in manifest["inputs"]}
-    art = tgt.compile(src, spec, twin, shapes, {"rnn_modes": ("dense", "dense")})
+    art = tgt.compile(src, spec, twin, shapes, CompileOptions(rnn_modes=("dense", "dense")))
     name = manifest["artifact"]["path"]
     if str(art.path) != name:
         shutil.move(str(twin / art.path), str(twin / name))

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from compressor import ir
 from compressor.errors import CompressorError, PassError, PluginError
 from compressor.pass_base import Pass, PassContext, PassResult, config_dict
+from compressor.registry import Provider
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,9 @@ def subgraph_weights(graph: gs.Graph) -> list[str]:
 
 
 class PassManager:
-    def __init__(self, passes: list[tuple[Pass, str]], instruments: list[Instrument] | None = None):
+    def __init__(self, passes: list[tuple[Pass, Provider | str]], instruments: list[Instrument] | None = None):
         """``passes``: (pass instance, provider) in order."""
-        self.passes = passes
+        self.passes = [(p, Provider.of(prov)) for p, prov in passes]
         self.instruments = instruments or []
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, list[PassRecord]]:
@@ -131,8 +132,8 @@ class PassManager:
         records: list[PassRecord] = []
         in_bodies = subgraph_weights(graph)
         for p, provider in self.passes:
-            rec = PassRecord(p.name, provider, config_dict(p.config))
-            is_plugin = not provider.startswith("builtin:")
+            rec = PassRecord(p.name, str(provider), config_dict(p.config))
+            is_plugin = not provider.builtin
             try:
                 for inst in self.instruments:
                     inst.before(p, graph, ctx)

@@ -7,7 +7,6 @@ runs it and returns the report dict plus the exit status.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -22,6 +21,7 @@ import compressor
 from compressor import bundle as bundle_mod
 from compressor import data as data_mod
 from compressor import ir, report as report_mod, runtime, stats, verify
+from compressor.digest import sha256_file
 from compressor.errors import InputError, TargetError, UsageError
 from compressor.pass_base import Pass, PassContext, make_config
 from compressor.pass_manager import (DumpIRInstrument, PassManager, ProgressInstrument, ValidityInstrument)
@@ -161,29 +161,18 @@ def describe(p: Plan) -> list[str]:
     return lines
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+
 
 
 def _compile_artifact(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say, warnings: list[str],
                       session: Any = None):
-    """``Target.compile`` with the build options (tuning) when the target takes them."""
-    import inspect
+    """``Target.compile`` with the build options (every target takes them; what it cannot use it reports
+    in ``Artifact.warnings``)."""
+    from targets.base import CompileOptions
 
-    opts = {"tune_trials": p.opts.tune_trials, "tuning_db": p.opts.tuning_db, "progress": say, "executor_session": session}
-    try:
-        takes_options = "options" in inspect.signature(p.target.compile).parameters
-    except (TypeError, ValueError):
-        takes_options = False
-    if takes_options:
-        return p.target.compile(src, p.spec, bdir, shapes, options=opts)
-    if p.opts.tune_trials or p.opts.tuning_db:
-        warnings.append(f"target {p.spec.tag} does not support tuning options: --tune-trials/--tuning-db ignored, artifact untuned")
-    return p.target.compile(src, p.spec, bdir, shapes)
+    opts = CompileOptions(tune_trials=p.opts.tune_trials or 0, tuning_db=p.opts.tuning_db, progress=say,
+                          executor_session=session)
+    return p.target.compile(src, p.spec, bdir, shapes, options=opts)
 
 
 class _ChildPlan:
@@ -597,7 +586,7 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
 
         import_ray()
     t_start = time.perf_counter()
-    src_hash = _sha256(model_path) if model_path.is_file() else None
+    src_hash = sha256_file(model_path) if model_path.is_file() else None
     r = _load(p, say)
     from compressor.executor import RunExecutor
 
@@ -656,7 +645,7 @@ def _execute_rest(p: Plan, say: Say, r: _Run, model_path: Path, src_hash: str | 
             "source_model": {"path": str(model_path), "sha256": src_hash},
             "target": p.spec.to_dict(),
             "required_isa_features": list(p.spec.isa_features),
-            "files": {name: {"sha256": _sha256(bdir / name), "bytes": (bdir / name).stat().st_size} for name in files},
+            "files": {name: {"sha256": sha256_file(bdir / name), "bytes": (bdir / name).stat().st_size} for name in files},
             "artifact": rep["artifact"],
             "runtime": b.runtime_choice,
             "inputs": rep["model"]["inputs"],

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from compressor.errors import PluginError, UsageError
 from compressor.pass_base import Pass
+from compressor.registry import Provider
 
 
 def load_plugin_file(path: Path) -> list[str]:
@@ -46,10 +47,10 @@ def load_plugin_file(path: Path) -> list[str]:
         if obj.__module__ != mod_name or not getattr(obj, "name", ""):
             continue
         if issubclass(obj, Pass):
-            PASSES.register(obj.name, obj, f"file:{path}")
+            PASSES.register(obj.name, obj, Provider("file", str(path)))
             names.append(obj.name)
         elif issubclass(obj, Target):
-            TARGETS.register(obj.name, obj(), f"file:{path}")
+            TARGETS.register(obj.name, obj(), Provider("file", str(path)))
             names.append(obj.name)
     if not names:
         raise PluginError(f"plugin {path} defines no Pass or Target subclass with a name")

@@ -34,6 +34,7 @@ import onnx
 from onnx import helper
 
 from compressor import ir
+from compressor.metrics import rel_error
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,6 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
     return m
 
 
-def _rel_error(outs: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> float:
-    num = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)) for o, r in zip(outs, ref) for a, b in zip(o, r))
-    den = sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for r in ref for b in r)
-    return num / max(den, 1e-30)
-
-
 def _accuracy(outs: list[list[np.ndarray]], labels: np.ndarray) -> float:
     pred = np.array([int(np.argmax(o[0])) for o in outs])
     return float(np.mean(pred == labels[: len(pred)]))
@@ -106,7 +101,7 @@ def _probe(sweep: str, model_bytes: np.ndarray, feeds: list[dict[str, np.ndarray
     sess = _sweep_session(sweep, model_bytes)
     feed_w = {**dense, wname: weight}
     outs = [sess.run(None, {**f, **feed_w}) for f in feeds]
-    return _rel_error(outs, ref), (_accuracy(outs, labels) if labels is not None else None)
+    return rel_error(outs, ref), (_accuracy(outs, labels) if labels is not None else None)
 
 
 def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], weights: dict[str, tuple[str, str, np.ndarray]],
@@ -321,7 +316,7 @@ def run_analyze(model_path: Path, calib_path: Path, out_dir: Path | None, say: C
         ev = data_mod.load_npz(Path(eval_path), inputs, "--eval", need_labels=True)
         feeds, labels = ev.feeds[:samples], ev.labels[:samples]
         say(f"measuring on {len(feeds)} labelled --eval samples (output error and accuracy)")
-    model, _ = PassManager([(PASSES.get(n)(), "builtin") for n in CLEANUP_PIPELINE], []).run(model, PassContext(template=model))
+    model, _ = PassManager([(PASSES.get(n)(), PASSES.entry(n).provider) for n in CLEANUP_PIPELINE], []).run(model, PassContext(template=model))
     from compressor.executor import LocalExecutor, progress_printer
 
     ex = executor or LocalExecutor()

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from compressor.metrics import cosine
+
 
 @dataclass(frozen=True)
 class Tolerances:
@@ -107,13 +109,7 @@ def output_metrics(name: str, cand: list[np.ndarray], ref: list[np.ndarray]) -> 
     ref_max = float(np.max(np.abs(r))) if r.size else 0.0
     denom = np.maximum(np.abs(r), max(1e-3 * ref_max, 1e-12))
     rel = err / denom
-    na, nr = np.linalg.norm(a), np.linalg.norm(r)
-    if na == 0 and nr == 0:
-        cos = 1.0
-    elif na == 0 or nr == 0:
-        cos = 0.0
-    else:
-        cos = float(np.dot(a, r) / (na * nr))
+    cos = cosine(a, r)
     top1 = None
     first = np.asarray(ref[0])
     if is_classifier_like(first.shape, first.dtype, name):

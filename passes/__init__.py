@@ -6,7 +6,7 @@ entry-point group ``compressor.passes`` or ``--plugin file.py``.
 from __future__ import annotations
 
 from compressor.pass_base import Pass
-from compressor.registry import Registry
+from compressor.registry import Registry, builtin
 
 PASSES: Registry[type[Pass]] = Registry("pass", "compressor.passes")
 
@@ -14,7 +14,7 @@ PASSES: Registry[type[Pass]] = Registry("pass", "compressor.passes")
 def _register_builtins() -> None:
     from passes.finetune_distill import FinetuneDistill
 
-    PASSES.register(FinetuneDistill.name, FinetuneDistill, f"builtin:{FinetuneDistill.__module__}")
+    PASSES.register(FinetuneDistill.name, FinetuneDistill, builtin(FinetuneDistill.__module__))
 
     from passes.cleanup_dead_code import DeadCodeElimination
     from passes.cleanup_fold_batchnorm import FoldBatchNorm
@@ -26,23 +26,23 @@ def _register_builtins() -> None:
     from passes.sparsify_wanda import WandaSparsify
 
     for cls in (FoldConstants, RemoveIdentity, FoldBatchNorm, DeadCodeElimination, LowerRNN, MagnitudeSparsify):
-        PASSES.register(cls.name, cls, f"builtin:{cls.__module__}")
+        PASSES.register(cls.name, cls, builtin(cls.__module__))
     from passes.lower_sparse import LowerSparse
 
-    PASSES.register(LowerSparse.name, LowerSparse, f"builtin:{LowerSparse.__module__}")
+    PASSES.register(LowerSparse.name, LowerSparse, builtin(LowerSparse.__module__))
     from passes.sparsify_auto import AutoSparsify
 
     for cls in (WandaSparsify, OBSSparsify, AutoSparsify):
-        PASSES.register(cls.name, cls, f"builtin:{cls.__module__}")
+        PASSES.register(cls.name, cls, builtin(cls.__module__))
     from passes.prune_channels import PruneChannels
 
-    PASSES.register(PruneChannels.name, PruneChannels, f"builtin:{PruneChannels.__module__}")
+    PASSES.register(PruneChannels.name, PruneChannels, builtin(PruneChannels.__module__))
     from passes.quantize_fp16 import QuantizeFp16
     from passes.quantize_int4 import QuantizeInt4
     from passes.quantize_int8 import QuantizeInt8
 
     for cls in (QuantizeInt8, QuantizeFp16, QuantizeInt4):
-        PASSES.register(cls.name, cls, f"builtin:{cls.__module__}")
+        PASSES.register(cls.name, cls, builtin(cls.__module__))
 
 
 _register_builtins()

@@ -102,11 +102,8 @@ from compressor.pass_base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 
-DOMAIN = "compressor"
-OP = "SparseMatMul"
-OP_RELU = "SparseMatMulRelu"
-OP_CONV = "SparseConv1x1"
-OP_CONV_RELU = "SparseConv1x1Relu"
+from compressor.sparse_ops import CONV1X1 as OP_CONV, CONV1X1_RELU as OP_CONV_RELU, DOMAIN, MATMUL as OP  # noqa: E402
+from compressor.sparse_ops import MATMUL_RELU as OP_RELU  # noqa: E402
 MIN_OPSET = 16
 
 # --- CPU cost model (see module docstring; constants fitted by bench/cost_model.py) --------

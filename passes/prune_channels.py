@@ -483,7 +483,8 @@ def _sensitivity_fractions(graph: gs.Graph, model: onnx.ModelProto, ctx: PassCon
     (``compressor.sensitivity.allocate``: cheapest marginal error per parameter first). Measured without the
     refit, so an overestimate of what ``reconstruct`` leaves, but a ranking of where channels are cheap."""
     from compressor import runtime
-    from compressor.sensitivity import Curve, _rel_error, allocate
+    from compressor.metrics import rel_error as _rel_error
+    from compressor.sensitivity import Curve, allocate
 
     feeds = list(ctx.calib.feeds[:SENS_SAMPLES])
     ref = runtime.run_all(runtime.session(model), feeds)

@@ -46,6 +46,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from compressor.errors import PassError
+from compressor.metrics import cosine  # noqa: F401  (re-exported: quantizers compare with it)
 
 log = logging.getLogger(__name__)
 
@@ -166,17 +167,6 @@ def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], optimi
     from compressor import runtime
 
     return runtime.run_all(runtime.session(model, optimized=optimized), feeds)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, np.float64).ravel()
-    b = np.asarray(b, np.float64).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(a @ b / (na * nb))
 
 
 def fidelity(cand: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> float:

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from compressor import runtime
 from compressor.errors import UsageError
+from compressor.metrics import rel_error
 from compressor.pass_base import Pass, PassContext, PassResult, make_config
 from passes.quant_common import replace_graph
 from passes.sparsity_patterns import SparsifyConfig, calib_feeds
@@ -47,13 +48,6 @@ class AutoSparsifyConfig(SparsifyConfig):
             raise UsageError(f"sparsify.auto candidates must be among {', '.join(CANDIDATES)}, got {list(self.candidates)}")
         if self.holdout < 2:
             raise UsageError(f"sparsify.auto holdout must be >= 2, got {self.holdout}")
-
-
-def rel_error(runs: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> float:
-    num = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)) for ra, rb in zip(runs, ref)
-              for a, b in zip(ra, rb) if np.asarray(b).dtype.kind == "f")
-    den = sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for rb in ref for b in rb if np.asarray(b).dtype.kind == "f")
-    return num / max(den, 1e-30)
 
 
 class AutoSparsify(Pass):

@@ -7,10 +7,10 @@ targets through the entry-point group ``compressor.targets``.
 from __future__ import annotations
 
 from compressor.errors import UsageError
-from compressor.registry import Registry
-from targets.base import Artifact, NotRunnableHere, Target, TargetSpec
+from compressor.registry import Registry, builtin
+from targets.base import Artifact, CompileOptions, NotRunnableHere, Target, TargetSpec, check_target
 
-TARGETS: Registry[Target] = Registry("target", "compressor.targets")
+TARGETS: Registry[Target] = Registry("target", "compressor.targets", check=check_target)
 
 
 def _register_builtins() -> None:
@@ -19,7 +19,7 @@ def _register_builtins() -> None:
     from targets.x86 import X86Target
 
     for cls in (X86Target, ArmTarget, CudaTarget):
-        TARGETS.register(cls.name, cls(), f"builtin:{cls.__module__}")
+        TARGETS.register(cls.name, cls(), builtin(cls.__module__))
 
 
 _register_builtins()
@@ -35,4 +35,4 @@ def resolve(tag: str) -> tuple[Target, TargetSpec]:
     raise UsageError(f"unknown target {tag!r}", hint=f"known targets: {known}")
 
 
-__all__ = ["TARGETS", "Target", "TargetSpec", "Artifact", "NotRunnableHere", "resolve"]
+__all__ = ["TARGETS", "Target", "TargetSpec", "Artifact", "CompileOptions", "NotRunnableHere", "resolve"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import DependencyError, UsageError
-from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, library_artifact
+from targets.base import TVM_FRONTEND_PASSES, Artifact, CompileOptions, NotRunnableHere, Target, TargetSpec, library_artifact
 from targets.host import detect_host
 
 TRIPLE = "aarch64-linux-gnu"
@@ -74,7 +74,7 @@ class ArmTarget(Target):
 
     def compile(
         self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]],
-        options: dict | None = None,
+        options: CompileOptions | None = None,
     ) -> Artifact:
         """``options`` as for x86: tuning needs measurements on the device, so here an existing
         tuning database (``--tuning-db``, or the per-target default) is only applied."""
@@ -90,19 +90,19 @@ class ArmTarget(Target):
         name = spec.extra.get("artifact_name", ARTIFACT)
         out = Path(out_dir) / name
         t0 = time.perf_counter()
+        opts = CompileOptions.of(options)
         mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target,
-                                     rnn_modes=(options or {}).get("rnn_modes"))
+                                     rnn_modes=opts.rnn_modes)
         kernels, kernel_warnings = tvm_backend.kernel_report(mod)
-        opts = options or {}
         from targets import cpu_schedules
 
         stats: dict = {}  # filled by the pipeline: which fused functions got which schedule
         pipeline, info = cpu_schedules.pipeline(tvm_backend.make_target(spec.tvm_target), None, stats), None
-        if opts.get("tune_trials") or opts.get("tuning_db"):
+        if opts.tuning_requested:
             from targets import tuning
 
-            pipeline, info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), int(opts.get("tune_trials") or 0),
-                                            opts.get("tuning_db"), opts.get("progress"), measure_here=False,
+            pipeline, info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), int(opts.tune_trials or 0),
+                                            opts.tuning_db, opts.progress, measure_here=False,
                                             stats=stats)
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, cc=linker, relax_pipeline=pipeline)
         kernels["schedules"] = stats

@@ -6,19 +6,19 @@ A target is a class registered in ``targets.TARGETS`` (entry-point group
 
 * ``name`` (tag, e.g. ``x86``) and ``aliases`` (e.g. ``x86-avx2``),
 * ``expand(tag) -> TargetSpec``: the fully expanded, JSON-serialisable spec,
-* ``compile(model_path, spec, out_dir, input_shapes, options=None) -> Artifact``
-  (``options``: optional build knobs such as ``tune_trials``, ``tuning_db``, ``progress``;
-  a target that does not take the keyword is called without it and the run warns),
+* ``compile(model_path, spec, out_dir, input_shapes, options: CompileOptions | None = None) -> Artifact``
+  (every target takes ``options``; one that does not is refused when it is registered),
 * ``run(artifact, spec, inputs) -> list[np.ndarray]`` or raise ``NotRunnableHere``.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from compressor.digest import sha256_file  # noqa: F401  (targets record artifact digests with it)
 
 
 # The TVM Relax ONNX importer lacks LSTM/GRU: every TVM-backed target needs them unrolled first.
@@ -59,12 +59,46 @@ class Artifact:
     warnings: tuple[str, ...] = ()  # things the backend did not do (go into the report)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class CompileOptions:
+    """The build knobs every target's ``compile`` accepts (a target ignores what it cannot use and says so
+    in ``Artifact.warnings``)."""
+    tune_trials: int = 0  # meta_schedule trials (0 = untuned)
+    tuning_db: Path | None = None  # tuning database root; with 0 trials an explicit one is still applied
+    progress: Callable[[str], None] | None = None  # where progress lines go
+    executor_session: Any = None  # the run's RunExecutor: with ray, tuning candidates are built/measured on it
+    rnn_modes: tuple[str, str] | None = None  # force the fused RNN kernels' weight modes, e.g. ("dense", "dense")
+
+    @classmethod
+    def of(cls, value: "CompileOptions | dict[str, Any] | None") -> "CompileOptions":
+        """``value`` as CompileOptions (a dict with the field names is accepted; an unknown key is an error)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown compile option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**value)
+
+    @property
+    def tuning_requested(self) -> bool:
+        return bool(self.tune_trials) or bool(self.tuning_db)
+
+
+def check_target(target: Any) -> None:
+    """The target contract checked at registration: ``compile`` takes ``options``."""
+    import inspect
+
+    from compressor.errors import PluginError
+
+    try:
+        params = inspect.signature(target.compile).parameters
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise PluginError(f"target {getattr(target, 'name', target)!r} has no inspectable compile method") from exc
+    if "options" not in params:
+        raise PluginError(f"target {getattr(target, 'name', target)!r}: compile(model_path, spec, out_dir, input_shapes, "
+                          f"options=None) must take options (targets.base.CompileOptions)")
 
 
 class Target:
@@ -82,7 +116,7 @@ class Target:
 
     def compile(
         self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]],
-        options: dict[str, Any] | None = None,
+        options: CompileOptions | None = None,
     ) -> Artifact:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from compressor import sparse_ops
 from targets.frontend_util import const_array, frontend_converter, model_opset
 
 from targets.sparse_kernels import CPU_STACK, target_family, vector_floats
@@ -797,7 +798,7 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
     convs: dict[str, type] = {"Conv": conv_cls}
 
     # compressor::SparseConv1x1 (lower.sparse) followed by Relu / Clip(0, 6): fused into the BSR kernel
-    sparse_plan = plan_fusion(model, ("SparseConv1x1",), "compressor") if model is not None else {}
+    sparse_plan = plan_fusion(model, (sparse_ops.CONV1X1,), sparse_ops.DOMAIN) if model is not None else {}
     sparse_plan = {k: v for k, v in sparse_plan.items() if v[1] in (RELU, RELU6)}
     if sparse_plan:
         from targets import sparse_kernels
@@ -869,7 +870,7 @@ def residual_adds(model) -> set[str]:
             continue
         srcs = [producers.get(i) for i in n.input]
         if any(p is not None and (p.op_type == "Conv" and p.domain in ("", "ai.onnx")
-                                  or p.domain == "compressor" and p.op_type.startswith("SparseConv1x1"))
+                                  or p.domain == sparse_ops.DOMAIN and p.op_type in sparse_ops.CONV_OPS)
                for p in srcs):
             out.add(n.name)
     return out

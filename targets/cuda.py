@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from compressor.errors import DependencyError, TargetError, UsageError
-from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, sha256_file
+from targets.base import TVM_FRONTEND_PASSES, Artifact, CompileOptions, NotRunnableHere, Target, TargetSpec, sha256_file
 from targets.elf import EM_CUDA, parse_elf_header, read_elf_header
 from targets.host import detect_host, host_triple
 
@@ -483,9 +483,15 @@ class CudaTarget(Target):
         )
 
     def compile(
-        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]]
+        self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]],
+        options: CompileOptions | None = None,
     ) -> Artifact:
+        """``options``: tuning is not done for CUDA (dlight schedules only): a tuning request is a warning."""
         from targets import tvm_backend
+
+        opts = CompileOptions.of(options)
+        option_warnings = (("--tune-trials/--tuning-db ignored: the cuda target has no tuning (dlight schedules); "
+                            "artifact untuned",) if opts.tuning_requested else ())
 
         arch = spec.extra.get("cuda_arch") or parse_arch(spec.tag)
         nvcc = find_nvcc()
@@ -560,7 +566,7 @@ class CudaTarget(Target):
                 "schedules": schedules,
                 "tvm_target": spec.tvm_target,
             },
-            warnings=fallback_warnings(schedules),
+            warnings=option_warnings + tuple(fallback_warnings(schedules)),
         )
 
     @staticmethod

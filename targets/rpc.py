@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import DependencyError, InputError, TargetError, UsageError
+from compressor.metrics import cosine
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,6 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"--rpc wants HOST:PORT, got {text!r}", hint="e.g. --rpc 192.168.1.20:9091")
     return host.strip("[]"), int(port)
-
-
-def cosine(a: np.ndarray, r: np.ndarray) -> float:
-    a64, r64 = np.ravel(a).astype(np.float64), np.ravel(r).astype(np.float64)
-    if a64.shape != r64.shape:
-        return 0.0
-    denom = float(np.linalg.norm(a64) * np.linalg.norm(r64))
-    if denom == 0.0:
-        return 1.0 if np.allclose(a64, r64) else 0.0
-    return float(a64 @ r64 / denom)
 
 
 def load_bundle(bundle: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:

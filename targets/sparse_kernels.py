@@ -799,8 +799,7 @@ def build(m: int, b: BSR, activation: str, tvm_target: Any, params: KernelParams
 
 # ------------------------------------------------------------------ Relax ONNX frontend hook
 
-SPARSE_OPS = ("SparseMatMul", "SparseMatMulRelu")  # domain "compressor", see passes/lower_sparse.py
-CONV_OPS = ("SparseConv1x1", "SparseConv1x1Relu")
+from compressor.sparse_ops import CONV_OPS, MATMUL_OPS as SPARSE_OPS  # noqa: E402  (domain "compressor")
 
 
 def relax_converters(tvm_target: Any, fused: dict[str, str] | None = None) -> dict[str, type]:

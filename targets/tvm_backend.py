@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from compressor import sparse_ops as sparse_op_names
 from compressor.errors import DependencyError, InputError, TargetError
 
 
@@ -131,13 +132,13 @@ def import_onnx(
     from tvm.relax.frontend.onnx import from_onnx
 
     model = _load_onnx(model_path)
-    sparse_ops = [n.op_type for n in model.graph.node if n.domain == "compressor"]
+    sparse_ops = [n.op_type for n in model.graph.node if n.domain == sparse_op_names.DOMAIN]
     extra_converters: dict[str, Any] = {}
     if sparse_ops and target is not None:
         from targets import sparse_kernels
 
         extra_converters = sparse_kernels.relax_converters(target)
-    if target is not None and any(n.op_type in ("Conv", "SparseConv1x1") for n in model.graph.node):
+    if target is not None and any(n.op_type == "Conv" or n.op_type in sparse_op_names.CONV_OPS for n in model.graph.node):
         from targets import conv_kernels  # hand-scheduled CPU conv kernels (+ fused Relu/Clip); none for CUDA
 
         conv_converters, conv_state = conv_kernels.relax_converters(target, model)

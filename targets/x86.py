@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from compressor.errors import UsageError
-from targets.base import TVM_FRONTEND_PASSES, Artifact, NotRunnableHere, Target, TargetSpec, library_artifact
+from targets.base import TVM_FRONTEND_PASSES, Artifact, CompileOptions, NotRunnableHere, Target, TargetSpec, library_artifact
 from targets.host import (CPU_PROFILES, X86_FLAG_TO_LLVM, HostInfo, detect_host, host_isa_features, llvm_host_cpu,
                           llvm_mcpu_and_mattr, profile_host)
 
@@ -125,32 +125,29 @@ class X86Target(Target):
 
     def compile(
         self, model_path: Path, spec: TargetSpec, out_dir: Path, input_shapes: dict[str, list[int]],
-        options: dict[str, Any] | None = None,
+        options: CompileOptions | None = None,
     ) -> Artifact:
-        """``options``: ``tune_trials`` (meta_schedule trials, 0 = none), ``tuning_db`` (database
-        root; with 0 trials an explicit one is still applied), ``progress`` (callable for lines),
-        ``executor_session`` (the run's ``RunExecutor``: with ray, candidates are built/measured on it),
-        ``rnn_modes`` (force the fused RNN kernels' weight modes, e.g. ``("dense", "dense")``)."""
+        """``options``: see ``CompileOptions`` (tuning, progress, the run's executor, forced RNN modes)."""
         from targets import tvm_backend
 
         name = spec.extra.get("artifact_name", "model_x86_64.so")
         out = Path(out_dir) / name
         t0 = time.perf_counter()
+        opts = CompileOptions.of(options)
         mod = tvm_backend.import_onnx(model_path, input_shapes, target=spec.tvm_target,
-                                     rnn_modes=(options or {}).get("rnn_modes"))
+                                     rnn_modes=opts.rnn_modes)
         kernels, kernel_warnings = tvm_backend.kernel_report(mod)
-        opts = options or {}
-        trials = int(opts.get("tune_trials") or 0)
+        trials = int(opts.tune_trials or 0)
         from targets import cpu_schedules
 
         stats: dict = {}  # filled by the pipeline: which fused functions got which schedule
         pipeline, tuning_info = cpu_schedules.pipeline(tvm_backend.make_target(spec.tvm_target), None, stats), None
-        if trials > 0 or opts.get("tuning_db"):
+        if trials > 0 or opts.tuning_db:
             from targets import tuning
 
-            pipeline, tuning_info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), trials, opts.get("tuning_db"),
-                                                   opts.get("progress"), measure_here=spec.runs_here,
-                                                   executor=opts.get("executor_session"), stats=stats)
+            pipeline, tuning_info = tuning.prepare(mod, spec.tvm_target, Path(out_dir), trials, opts.tuning_db,
+                                                   opts.progress, measure_here=spec.runs_here,
+                                                   executor=opts.executor_session, stats=stats)
         timing = tvm_backend.compile_library(mod, spec.tvm_target, out, relax_pipeline=pipeline)
         kernels["schedules"] = stats
         kernel_warnings += tuple(w for w in [cpu_schedules.coverage_warning(stats)] if w)

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.channel_deps.graph import Barrier, Coupling, GraphView, Param, Space, Visit, identity
+from compressor.registry import builtin
 from passes.channel_deps.registry import HANDLERS
 
 NewShape = Callable[[str], tuple[int, ...]]
@@ -744,7 +745,7 @@ BUILTINS = (ConvHandler, ConvTransposeHandler, GemmHandler, MatMulHandler, Gathe
 
 def _register_builtins() -> None:
     for cls in BUILTINS:
-        HANDLERS.register(cls.name, cls(), f"builtin:{cls.__module__}")
+        HANDLERS.register(cls.name, cls(), builtin(cls.__module__))
 
 
 _register_builtins()

@@ -75,3 +75,32 @@ def test_example_plugin_package_installs_and_runs(tmp_path):
     w = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "o" / "model.onnx").graph.initializer}
     assert (abs(w["w1"]) >= 0.5).sum() == (w["w1"] != 0).sum()  # everything below 0.5 zeroed
     assert (w["w1"] == 0).any()
+
+
+def test_provider_knows_builtin_from_plugin():
+    from compressor.registry import Provider, builtin
+    from passes import PASSES
+
+    assert PASSES.entry("cleanup.dead_code").provider == builtin("passes.cleanup_dead_code")
+    assert PASSES.entry("cleanup.dead_code").provider.builtin
+    assert str(builtin("passes.x")) == "builtin:passes.x"
+    assert not Provider.of("file:/p.py").builtin and str(Provider.of("file:/p.py")) == "file:/p.py"
+    assert not Provider.of("builtin").builtin  # a label without the module is not a built-in
+
+
+def test_failing_builtin_pass_in_analyze_is_a_pass_error_not_a_plugin_error(cli, tmp_path, monkeypatch):
+    """compress analyze runs the cleanup passes with their registered (built-in) providers: a failure there
+    is an internal pass error (exit 1), not blamed on a plugin (exit 2)."""
+    import numpy as np
+    from passes.cleanup_fold_constants import FoldConstants
+
+    def boom(self, graph, ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FoldConstants, "run", boom)
+    onnx.save(mlp_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
+    r = cli("analyze", tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "an")
+    assert r.code == 1, r
+    assert "pass cleanup.fold_constants (builtin:passes.cleanup_fold_constants) raised RuntimeError" in r.err
+    assert "plugin" not in r.err

@@ -140,3 +140,18 @@ def test_cli_lowers_big_sparse_conv1x1_for_x86(cli, tmp_path):
     assert comps[("lowered.onnx", "compressed.onnx")]["passed"]
     assert comps[("artifact(x86)", "compressed.onnx")]["passed"]
     assert all(n.domain in ("", "ai.onnx") for n in onnx.load(out / "model.onnx").graph.node)
+
+
+@pytest.mark.parametrize("block,bias,relu,b", CASES, ids=lambda v: str(v))
+def test_dense_twin_rebuilds_sparse_conv1x1_exactly(block, bias, relu, b):
+    """device_bench's dense twin turns compressor::SparseConv1x1[Relu] back into Conv (+Relu): same outputs,
+    no compressor-domain node or function left."""
+    from compressor.device_bench import densify_sparse_ops
+
+    model = _conv_model(block, bias, relu, b=b)
+    _, out = lower(model, min_speedup=0.01)
+    dense = densify_sparse_ops(out)
+    assert not any(n.domain == DOMAIN for n in dense.graph.node) and not list(dense.functions)
+    assert [n.op_type for n in dense.graph.node if n.op_type in ("Conv", "Relu")] == (["Conv", "Relu"] if relu else ["Conv"])
+    x = np.random.default_rng(1).standard_normal((b, 32, 6, 5)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(dense, x), run_ort(model, x), rtol=1e-5, atol=1e-5)

@@ -139,7 +139,7 @@ def test_auto_keeps_the_candidate_with_the_smaller_held_out_error():
     """sparsify.auto: every candidate runs on the calibration samples minus every 4th; the one whose
     output is closer to the dense model's on those held-out samples is kept, bit for bit what that
     candidate alone produces on the same fitting samples."""
-    from passes.sparsify_auto import rel_error
+    from compressor.metrics import rel_error
     from compressor import runtime
 
     m = mlp_model()

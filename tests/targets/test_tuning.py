@@ -137,26 +137,27 @@ def test_db_dir_is_keyed_by_target(tmp_path, monkeypatch):
         tuning.tune(None, a, -1)
 
 
-def test_target_without_options_warns(tmp_path):
-    """A (plugin) target whose compile predates the ``options`` keyword still compiles, and
-    the run says that tuning was not applied."""
-    from types import SimpleNamespace
-
-    from compressor import pipeline
-    from compressor.recipe import Options
-
-    calls = []
+def test_target_without_options_is_refused_at_registration_and_cuda_warns_on_tuning(tmp_path):
+    """Every target takes ``options`` (targets.base.CompileOptions): a (plugin) target whose compile lacks
+    it is refused when registered, with a one-line plugin error; the pipeline passes typed options."""
+    from compressor.errors import PluginError
+    from compressor.registry import Registry
+    from targets.base import CompileOptions, check_target
 
     class OldTarget:
+        name = "old"
+
         def compile(self, model_path, spec, out_dir, input_shapes):
-            calls.append(input_shapes)
             return "artifact"
 
-    p = SimpleNamespace(opts=Options(tune_trials=8), target=OldTarget(), spec=SimpleNamespace(tag="old"))
-    warnings: list[str] = []
-    assert pipeline._compile_artifact(p, tmp_path / "m.onnx", tmp_path, {"x": [1]}, print, warnings) == "artifact"
-    assert calls == [{"x": [1]}]
-    assert len(warnings) == 1 and "--tune-trials" in warnings[0] and "old" in warnings[0]
+    reg = Registry("target", "compressor.test_nothing", check=check_target)
+    with pytest.raises(PluginError, match="must take options"):
+        reg.register("old", OldTarget(), "file:/old.py")
+    assert "old" not in reg
+    assert CompileOptions.of({"tune_trials": 3}).tuning_requested
+    assert not CompileOptions.of(None).tuning_requested
+    with pytest.raises(TypeError, match="unknown compile option"):
+        CompileOptions.of({"trials": 3})
 
 
 def test_end_to_end_bench_smoke(tmp_path, capsys):

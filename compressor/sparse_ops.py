@@ -1,0 +1,24 @@
+"""The sparse operators ``lower.sparse`` writes and the backends implement: one definition of their names.
+
+All live in the ONNX domain ``compressor`` with inputs ``(X, data, indices, indptr, bias)``: BSR weights of
+shape ``[N, K]``. ``SparseMatMul[Relu]``: ``Y = X @ W^T + bias`` over X's last dim. ``SparseConv1x1[Relu]``:
+``Y = Conv(X, W[:, :, None, None], bias)`` over X's dim 1 (NCHW).
+"""
+from __future__ import annotations
+
+DOMAIN = "compressor"
+MATMUL = "SparseMatMul"
+MATMUL_RELU = "SparseMatMulRelu"
+CONV1X1 = "SparseConv1x1"
+CONV1X1_RELU = "SparseConv1x1Relu"
+MATMUL_OPS: tuple[str, ...] = (MATMUL, MATMUL_RELU)
+CONV_OPS: tuple[str, ...] = (CONV1X1, CONV1X1_RELU)
+ALL_OPS: tuple[str, ...] = MATMUL_OPS + CONV_OPS
+
+
+def is_sparse_op(domain: str, op_type: str) -> bool:
+    return domain == DOMAIN and op_type in ALL_OPS
+
+
+def has_relu(op_type: str) -> bool:
+    return op_type in (MATMUL_RELU, CONV1X1_RELU)
