@@ -113,25 +113,55 @@ def _exact_k(sparsity: float, n: int) -> int:
     return int(round(sparsity * n))
 
 
+def _prune_lowest(s: np.ndarray, per: np.ndarray) -> np.ndarray:
+    """Prune-mask of a 2-D score matrix: in row r the ``per[r]`` lowest scores, ties broken by column (the first
+    ones go), NaN above everything -- exactly the first ``per[r]`` entries of a stable argsort of each row, found
+    with one O(n) ``np.partition`` (a threshold per row) instead of an O(n log n) sort."""
+    rows, cols = s.shape
+    prune = np.zeros(s.shape, dtype=bool)
+    live = np.flatnonzero(per > 0)
+    if live.size == 0:
+        return prune
+    if live.size < rows:  # rows that prune nothing take no part
+        sub = _prune_lowest(s[live], per[live])
+        prune[live] = sub
+        return prune
+    kth = np.unique(per - 1)  # per-row counts differ by at most one: one or two partition points
+    t = np.partition(s, kth, axis=1)[np.arange(rows), per - 1][:, None]  # the per[r]-th smallest of each row
+    nan_t = np.isnan(t)
+    if nan_t.any():  # NaN sorts last: below a NaN threshold every number lies, NaNs tie with it
+        isnan = np.isnan(s)
+        less = np.where(nan_t, ~isnan, s < t)
+        eq = np.where(nan_t, isnan, s == t)
+    else:
+        less, eq = s < t, s == t
+    need = per - np.count_nonzero(less, axis=1)  # >= 1: the threshold itself is pruned
+    tied = np.count_nonzero(eq, axis=1)
+    prune |= less
+    full = need >= tied  # every tie goes
+    prune[full] |= eq[full]
+    part = np.flatnonzero(~full)
+    if part.size:  # the first ``need`` ties (by column) go, as in a stable sort
+        e = eq[part]
+        prune[part] |= e & (np.cumsum(e, axis=1) <= need[part, None])
+    return prune
+
+
 def unstructured_mask(scores: np.ndarray, sparsity: float, per_row: bool = False, k: int | None = None) -> np.ndarray:
-    """Keep-mask with exactly round(s * numel) (or ``k``) False entries (lowest scores).
+    """Keep-mask with exactly round(s * numel) (or ``k``) False entries (lowest scores; among equal scores the
+    first in row-major order go, as in a stable sort; found by partition, O(n)).
     ``per_row``: each row prunes its own share (row counts differ by at most one)."""
     s = np.asarray(scores, dtype=np.float64)
     k = _exact_k(sparsity, s.size) if k is None else k
-    keep = np.ones(s.shape, dtype=bool)
     if k <= 0:
-        return keep
+        return np.ones(s.shape, dtype=bool)
     if not per_row or s.ndim != 2:
-        order = np.argsort(s.ravel(), kind="stable")
-        keep.ravel()[order[:k]] = False
-        return keep
+        flat = s.reshape(1, -1)
+        return ~_prune_lowest(flat, np.array([min(k, flat.shape[1])])).reshape(s.shape)
     rows, cols = s.shape
     per = np.full(rows, k // rows)
     per[: k - per.sum()] += 1
-    order = np.argsort(s, axis=1, kind="stable")
-    for r in range(rows):
-        keep[r, order[r, : per[r]]] = False
-    return keep
+    return ~_prune_lowest(s, np.minimum(per, cols))
 
 
 def nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -418,17 +448,52 @@ def select_layers(graph: gs.Graph, cfg: SparsifyConfig, data_aware: bool = False
 # ----------------------------------------------------------------------------- allocation
 
 
+class _Below:
+    """The pruned count (elements, or block elements) of one layer's scores below a threshold, for the bisection of
+    ``global_allocation``: the thresholds it asks about only narrow, so each query compares just the scores still
+    between the bounds (no sort: O(n) over the whole bisection for spread scores instead of O(n log n))."""
+
+    def __init__(self, values: np.ndarray, sizes: np.ndarray | None):
+        self.vals, self.sizes = values, sizes
+        self.base = 0.0  # pruned count of the scores below the lower bound
+        self.nan_count = float(np.count_nonzero(np.isnan(values)) if sizes is None else sizes[np.isnan(values)].sum())
+
+    def _count(self, sel: np.ndarray | None) -> float:
+        if sel is None:
+            return float(self.vals.size) if self.sizes is None else float(self.sizes.sum())
+        return float(np.count_nonzero(sel)) if self.sizes is None else float(self.sizes[sel].sum())
+
+    def count(self, t: float) -> tuple[float, np.ndarray | None]:
+        """Pruned count for threshold ``t`` (scores < t; NaN scores sort last), and the selection it used."""
+        if np.isnan(t):  # what a search over a sorted array finds for NaN: every number is below it
+            return self.base + self._count(None) - self.nan_count, None
+        sel = self.vals < t
+        return self.base + self._count(sel), sel
+
+    def narrow(self, t: float, sel: np.ndarray | None, raised_lower: bool) -> None:
+        """Keep the scores in [t, hi) (lower bound raised to t) or [lo, t) (upper bound lowered to t)."""
+        if sel is None:  # NaN threshold: the bounds stay NaN, nothing to narrow
+            return
+        if raised_lower:
+            self.base += self._count(sel)
+            keep = ~sel
+        else:
+            keep = sel
+        self.vals = self.vals[keep]
+        if self.sizes is not None:
+            self.sizes = self.sizes[keep]
+
+
 def global_allocation(scores: dict[str, np.ndarray], pattern: Pattern, target: float, floor: float, ceiling: float
                       ) -> tuple[dict[str, float], list[str]]:
     """Per-layer sparsity from one threshold over all layers' (block) scores, clipped to [floor, ceiling]."""
-    units: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    units: dict[str, _Below] = {}
     for name, s in scores.items():
         if pattern.kind == "block":
             bs, size = block_scores(s, pattern.r, pattern.c)
-            order = np.argsort(bs.ravel(), kind="stable")
-            units[name] = (bs.ravel()[order], np.cumsum(size.ravel()[order]))
+            units[name] = _Below(bs.ravel(), size.ravel().astype(np.float64))
         else:
-            units[name] = (np.sort(np.asarray(s, np.float64).ravel()), np.arange(1, s.size + 1, dtype=np.float64))
+            units[name] = _Below(np.asarray(s, np.float64).ravel(), None)
     n = {k: float(s.size) for k, s in scores.items()}
     total = sum(n.values())
     warnings = []
@@ -438,23 +503,29 @@ def global_allocation(scores: dict[str, np.ndarray], pattern: Pattern, target: f
         warnings.append(f"global allocation: target {target:g} outside what the per-layer floor {floor:g} / ceiling {ceiling:g} allow; clamped")
         want = min(max(want, lo_cap), hi_cap)
 
-    def pruned(t: float) -> dict[str, float]:
-        out = {}
-        for k, (sv, cum) in units.items():
-            j = int(np.searchsorted(sv, t, side="left"))
-            cnt = cum[j - 1] if j > 0 else 0.0
+    def pruned(t: float) -> tuple[dict[str, float], dict[str, np.ndarray | None]]:
+        out, sels = {}, {}
+        for k, u in units.items():
+            cnt, sels[k] = u.count(t)
             out[k] = min(max(cnt, floor * n[k]), ceiling * n[k])
-        return out
+        return out, sels
 
-    allv = np.concatenate([u[0] for u in units.values()]) if units else np.zeros(1)
+    allv = np.concatenate([u.vals for u in units.values()]) if units else np.zeros(1)
     lo, hi = float(allv.min()) - 1.0, float(allv.max()) + 1.0
+    del allv
+    # bisection on the threshold; every unit keeps only the scores in [lo, hi): those below lo are counted in its
+    # base, those at or above hi are never below a later threshold, so the counts equal a sorted search's
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        if sum(pruned(mid).values()) < want:
+        counts, sels = pruned(mid)
+        below = sum(counts.values()) < want
+        if below:
             lo = mid
         else:
             hi = mid
-    counts = pruned(hi)
+        for k, u in units.items():
+            u.narrow(mid, sels[k], below)
+    counts, _ = pruned(hi)
     # distribute the residual (ties at the threshold, rounding) over layers with room, largest first
     resid = want - sum(counts.values())
     for k in sorted(counts, key=lambda k: -n[k]):
