@@ -88,7 +88,8 @@ def _say(msg: str) -> None:
 
 
 def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
-    p.add_argument("-o", "--output", help="bundle directory (default: MODEL.TARGET.bundle)")
+    p.add_argument("-o", "--output", help="bundle directory (default: MODEL.TARGET[.VARIANT].bundle, "
+                   "e.g. mine.x86.s90.bundle; see README)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--dry-run", action="store_true", help="print the resolved pipeline and target, run nothing")
     p.add_argument("--save-recipe", metavar="FILE", help="write the resolved recipe to FILE")
