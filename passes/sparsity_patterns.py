@@ -50,7 +50,7 @@ import fnmatch
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -448,52 +448,116 @@ def select_layers(graph: gs.Graph, cfg: SparsifyConfig, data_aware: bool = False
 # ----------------------------------------------------------------------------- allocation
 
 
-class _Below:
-    """The pruned count (elements, or block elements) of one layer's scores below a threshold, for the bisection of
-    ``global_allocation``: the thresholds it asks about only narrow, so each query compares just the scores still
-    between the bounds (no sort: O(n) over the whole bisection for spread scores instead of O(n log n))."""
+def _count_below(x: np.ndarray, sizes: np.ndarray | None, t: float, inclusive: bool = False) -> float:
+    """Pruned count (elements, or block elements with ``sizes``) of the scores ``x`` below ``t`` (or at most ``t``);
+    a NaN ``t`` counts every number (NaN sorts last), as a search in sorted scores would."""
+    if np.isnan(t):
+        sel = ~np.isnan(x)
+    else:
+        sel = x <= t if inclusive else x < t
+    return float(np.count_nonzero(sel)) if sizes is None else float(np.sum(sizes, where=sel))
 
-    def __init__(self, values: np.ndarray, sizes: np.ndarray | None):
-        self.vals, self.sizes = values, sizes
-        self.base = 0.0  # pruned count of the scores below the lower bound
-        self.nan_count = float(np.count_nonzero(np.isnan(values)) if sizes is None else sizes[np.isnan(values)].sum())
 
-    def _count(self, sel: np.ndarray | None) -> float:
-        if sel is None:
-            return float(self.vals.size) if self.sizes is None else float(self.sizes.sum())
-        return float(np.count_nonzero(sel)) if self.sizes is None else float(self.sizes[sel].sum())
+def _sorted_counts(x: np.ndarray, sizes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted scores, pruned count up to and including each) for counting by ``searchsorted``."""
+    order = np.argsort(x, kind="stable")
+    return x[order], (np.arange(1, x.size + 1, dtype=np.float64) if sizes is None else np.cumsum(sizes[order]))
 
-    def count(self, t: float) -> tuple[float, np.ndarray | None]:
-        """Pruned count for threshold ``t`` (scores < t; NaN scores sort last), and the selection it used."""
-        if np.isnan(t):  # what a search over a sorted array finds for NaN: every number is below it
-            return self.base + self._count(None) - self.nan_count, None
-        sel = self.vals < t
-        return self.base + self._count(sel), sel
 
-    def narrow(self, t: float, sel: np.ndarray | None, raised_lower: bool) -> None:
-        """Keep the scores in [t, hi) (lower bound raised to t) or [lo, t) (upper bound lowered to t)."""
-        if sel is None:  # NaN threshold: the bounds stay NaN, nothing to narrow
-            return
-        if raised_lower:
-            self.base += self._count(sel)
-            keep = ~sel
+def _first_reaching(units: dict[str, tuple[np.ndarray, np.ndarray | None]], clipped: Callable[[dict[str, float]], float],
+                    want: float) -> float:
+    """The smallest score v with ``clipped(pruned counts of the scores <= v) >= want`` (the caller checked that one
+    exists and that pruning nothing stays below ``want``), in O(n) and exactly: a strided sample of the scores
+    brackets it (two exact checks, widened until they hold), and only the scores inside the bracket are sorted."""
+    def reaches(v: float) -> bool:
+        return clipped({k: _count_below(x, sz, v, inclusive=True) for k, (x, sz) in units.items()}) >= want
+
+    step = max(1, sum(x.size for x, _ in units.values()) // 65536)
+    sample = {}
+    for k, (x, sz) in units.items():  # each layer's sample stands for the layer: its counts scaled up
+        xs, cum = _sorted_counts(x[::step], None if sz is None else sz[::step])
+        full = float(x.size) if sz is None else float(sz.sum())
+        sample[k] = (xs, cum * (full / cum[-1]) if cum.size else cum)
+
+    def estimate(v: float) -> bool:
+        counts = {}
+        for k, (xs, cum) in sample.items():
+            j = int(np.searchsorted(xs, v, side="right"))
+            counts[k] = cum[j - 1] if j > 0 else 0.0
+        return clipped(counts) >= want
+
+    values = np.unique(np.concatenate([xs for xs, _ in sample.values()]))
+    i = int(np.searchsorted([estimate(float(v)) for v in values[:: max(1, values.size // 64)]], True))  # coarse
+    lo_i, hi_i = max(0, (i - 1) * max(1, values.size // 64)), min(values.size - 1, (i + 1) * max(1, values.size // 64))
+    while lo_i < hi_i:  # the first sample value the estimate says reaches
+        mid_i = (lo_i + hi_i) // 2
+        if estimate(float(values[mid_i])):
+            hi_i = mid_i
         else:
-            keep = sel
-        self.vals = self.vals[keep]
-        if self.sizes is not None:
-            self.sizes = self.sizes[keep]
+            lo_i = mid_i + 1
+    margin = int(np.sqrt(values.size)) + 1  # about 2 standard deviations of a sample quantile, in sample ranks
+    a_i, b_i = lo_i - margin, lo_i + margin
+    a = b = None  # v_star in (a, b]; None: unbounded
+    for _ in range(6):
+        a = float(values[a_i]) if a_i >= 0 else None
+        b = float(values[b_i]) if b_i < values.size else None
+        if a is not None and reaches(a):
+            b, b_i, a_i = a, a_i, a_i - 4 * margin
+        elif b is not None and not reaches(b):
+            a, a_i, b_i = b, b_i, b_i + 4 * margin
+        else:
+            break
+        margin *= 4
+    else:
+        a = b = None  # the estimate was far off: search everything
+    c = float(values[lo_i])  # the estimate itself: an end of the bracket, so its ties (e.g. zeros) are never sorted
+    if (a is None or a < c) and (b is None or c < b):
+        if reaches(c):
+            b = c
+        else:
+            a = c
+    # exact: v_star is b or one of the scores strictly between a and b; count those below a, sort those between
+    base, cand = {}, {}
+    for k, (x, sz) in units.items():
+        inside = np.ones(x.shape, bool) if a is None else x > a
+        if b is not None:
+            inside &= x < b
+        base[k] = 0.0 if a is None else _count_below(x, sz, a, inclusive=True)
+        cand[k] = _sorted_counts(x[inside], None if sz is None else sz[inside])
+    between = np.unique(np.concatenate([xs for xs, _ in cand.values()]))
+
+    def reaches_between(v: float) -> bool:
+        counts = {}
+        for k, (xs, cum) in cand.items():
+            j = int(np.searchsorted(xs, v, side="right"))
+            counts[k] = base[k] + (cum[j - 1] if j > 0 else 0.0)
+        return clipped(counts) >= want
+
+    lo_i, hi_i = 0, between.size  # between.size: none of them reaches, so b does
+    while lo_i < hi_i:
+        mid_i = (lo_i + hi_i) // 2
+        if reaches_between(float(between[mid_i])):
+            hi_i = mid_i
+        else:
+            lo_i = mid_i + 1
+    return float(between[lo_i]) if lo_i < between.size else b
 
 
 def global_allocation(scores: dict[str, np.ndarray], pattern: Pattern, target: float, floor: float, ceiling: float
                       ) -> tuple[dict[str, float], list[str]]:
-    """Per-layer sparsity from one threshold over all layers' (block) scores, clipped to [floor, ceiling]."""
-    units: dict[str, _Below] = {}
+    """Per-layer sparsity from one threshold over all layers' (block) scores, clipped to [floor, ceiling].
+
+    The threshold is the bisection (100 halvings between the smallest score - 1 and the largest + 1) for the
+    smallest one whose clipped pruned count reaches the target. Each step only compares the middle with the first
+    score that reaches the target (``_first_reaching``: O(n), a sample bracket and a sort of just the scores inside
+    it), so no layer's scores are sorted; the result is the same as a search in fully sorted scores."""
+    units: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for name, s in scores.items():
         if pattern.kind == "block":
             bs, size = block_scores(s, pattern.r, pattern.c)
-            units[name] = _Below(bs.ravel(), size.ravel().astype(np.float64))
+            units[name] = (bs.ravel(), size.ravel().astype(np.float64))
         else:
-            units[name] = _Below(np.asarray(s, np.float64).ravel(), None)
+            units[name] = (np.asarray(s, np.float64).ravel(), None)
     n = {k: float(s.size) for k, s in scores.items()}
     total = sum(n.values())
     warnings = []
@@ -503,29 +567,34 @@ def global_allocation(scores: dict[str, np.ndarray], pattern: Pattern, target: f
         warnings.append(f"global allocation: target {target:g} outside what the per-layer floor {floor:g} / ceiling {ceiling:g} allow; clamped")
         want = min(max(want, lo_cap), hi_cap)
 
-    def pruned(t: float) -> tuple[dict[str, float], dict[str, np.ndarray | None]]:
-        out, sels = {}, {}
-        for k, u in units.items():
-            cnt, sels[k] = u.count(t)
-            out[k] = min(max(cnt, floor * n[k]), ceiling * n[k])
-        return out, sels
+    def clipped(cnt: dict[str, float]) -> float:  # the total pruned count, each layer clipped to [floor, ceiling]
+        return sum(min(max(cnt[k], floor * n[k]), ceiling * n[k]) for k in units)
 
-    allv = np.concatenate([u.vals for u in units.values()]) if units else np.zeros(1)
-    lo, hi = float(allv.min()) - 1.0, float(allv.max()) + 1.0
-    del allv
-    # bisection on the threshold; every unit keeps only the scores in [lo, hi): those below lo are counted in its
-    # base, those at or above hi are never below a later threshold, so the counts equal a sorted search's
+    def pruned(t: float) -> dict[str, float]:
+        return {k: min(max(_count_below(x, sz, t), floor * n[k]), ceiling * n[k]) for k, (x, sz) in units.items()}
+
+    ends = [(float(x.min()), float(x.max())) for x, _ in units.values() if x.size] or [(0.0, 0.0)]
+    if any(np.isnan(e[0]) for e in ends):  # NaN propagates through min/max: every threshold is NaN
+        lo = hi = np.nan
+    else:
+        lo, hi = min(e[0] for e in ends) - 1.0, max(e[1] for e in ends) + 1.0
+    # a threshold t prunes the scores below it; the clipped total of t stays under the target exactly while no score
+    # that reaches the target lies below t, i.e. t <= v_star: the bisection needs only v_star
+    if np.isnan(lo) or not units:
+        everything = {k: _count_below(x, sz, np.nan) for k, (x, sz) in units.items()}  # NaN scores sort last
+        never, always, v_star = False, clipped(everything) < want, np.nan
+    else:
+        everything = {k: float(x.size) if sz is None else float(sz.sum()) for k, (x, sz) in units.items()}
+        never = not clipped({k: 0.0 for k in units}) < want  # nothing pruned already reaches it
+        always = not never and clipped(everything) < want  # everything pruned still stays under
+        v_star = np.nan if never or always else _first_reaching(units, clipped, want)
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        counts, sels = pruned(mid)
-        below = sum(counts.values()) < want
-        if below:
+        if always or (not never and not np.isnan(mid) and mid <= v_star):
             lo = mid
         else:
             hi = mid
-        for k, u in units.items():
-            u.narrow(mid, sels[k], below)
-    counts, _ = pruned(hi)
+    counts = pruned(hi)
     # distribute the residual (ties at the threshold, rounding) over layers with room, largest first
     resid = want - sum(counts.values())
     for k in sorted(counts, key=lambda k: -n[k]):

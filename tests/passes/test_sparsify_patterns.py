@@ -278,3 +278,46 @@ def test_global_allocation_equals_full_sort(seed, pattern, target, floor, ceilin
     p = parse_pattern(pattern)
     alloc, _ = global_allocation(scores, p, target, floor, ceiling)
     assert alloc == _sorted_global_allocation(scores, p, target, floor, ceiling)
+
+
+@pytest.mark.parametrize("kind", ["spread", "zeros", "levels", "strided"])
+@pytest.mark.parametrize("pattern", ["unstructured", "4x1"])
+@pytest.mark.parametrize("target,floor,ceiling", [(0.5, 0.0, 0.99), (0.9, 0.0, 0.99), (0.6, 0.3, 0.8), (0.95, 0.0, 0.95)])
+def test_global_allocation_equals_full_sort_on_sampled_sizes(kind, pattern, target, floor, ceiling):
+    """Big enough (> 65536 scores) that the threshold is bracketed from a sample: exact all the same, also with many
+    ties, floors/ceilings that bind, and a sample that misrepresents the scores (every 4th score large)."""
+    rng = np.random.default_rng(1)
+    shapes = {"a": (256, 512), "b": (128, 256), "c": (512, 192)}
+    scores = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        x = np.abs(rng.standard_normal(shape)).astype(np.float32) * np.float32(10.0 ** (i - 1))
+        if kind == "zeros":
+            x[rng.random(shape) < 0.6] = 0
+        elif kind == "levels":
+            x = np.round(x * 4) / 4
+        elif kind == "strided":
+            flat = x.reshape(-1)
+            flat[::4] += np.float32(100)  # the sample (a stride) sees only these
+        scores[name] = x
+    p = parse_pattern(pattern)
+    alloc, _ = global_allocation(scores, p, target, floor, ceiling)
+    assert alloc == _sorted_global_allocation(scores, p, target, floor, ceiling)
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.9])
+def test_global_allocation_equals_full_sort_with_nan_and_inf(special, target):
+    rng = np.random.default_rng(3)
+    scores = {"a": rng.random((6, 7)), "b": rng.random((5, 9)) * 3}
+    scores["a"][1, 2] = scores["b"][4, 0] = special
+    p = parse_pattern("unstructured")
+    assert global_allocation(scores, p, target, 0.0, 0.99)[0] == _sorted_global_allocation(scores, p, target, 0.0, 0.99)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.9])
+def test_global_allocation_equals_full_sort_with_both_infinities(target):
+    rng = np.random.default_rng(4)
+    scores = {"a": rng.random((6, 7)), "b": rng.random((5, 9))}
+    scores["a"][0, 0], scores["b"][1, 1] = -np.inf, np.inf  # the first middle is NaN
+    p = parse_pattern("unstructured")
+    assert global_allocation(scores, p, target, 0.0, 0.99)[0] == _sorted_global_allocation(scores, p, target, 0.0, 0.99)
