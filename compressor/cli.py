@@ -9,6 +9,7 @@
     compress batch MODEL... --target T[,T2] -o OUTDIR [--executor local|ray]  # models x targets, summary
     compress compare A.onnx B.onnx [--eval DATA]
     compress bench BUNDLE [--device host|qemu-aarch64] [--rpc HOST:PORT [--rpc-key KEY]]
+    compress --version
 
 Exit codes: 0 ok, 1 internal error, 2 usage, 3 accuracy gate failed (bundle
 written, marked failed), 4 bad input/config, 5 missing dependency.
@@ -17,6 +18,7 @@ Errors are one line on stderr; ``--debug`` shows tracebacks.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from compressor.errors import EXIT_INTERNAL, CompressorError, UsageError
+from compressor.errors import EXIT_INTERNAL, CompressorError, InputError, UsageError
 from compressor.recipe import Options, dump_recipe, load_recipe
 
 SUBCOMMANDS = ("run", "list", "explain-target", "demo", "compare", "analyze", "batch", "bench")
@@ -33,9 +35,52 @@ DEMO_MODEL = REPO_ROOT / "models" / "digits_cnn.onnx"
 DEMO_EVAL = REPO_ROOT / "models" / "digits_eval.npz"
 
 
+def _did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'X'?)`` for the closest of ``choices`` to ``word``, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):  # argparse's own check, plus "did you mean" for mistyped flags
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            longs = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = []
+            for tok in extra:
+                if tok.startswith("--") and len(tok) > 2:
+                    hint = _did_you_mean(tok.split("=", 1)[0], longs)
+                    if hint and hint not in hints:
+                        hints.append(hint)
+            self.error(f"unrecognized arguments: {' '.join(extra)}{''.join(hints)}")
+        return ns
+
+
+def version() -> str:
+    """The installed distribution's version (compressor.__version__ when it is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("compressor")
+    except metadata.PackageNotFoundError:
+        from compressor import __version__
+
+        return __version__
+
+
+def check_args(opts: Options) -> None:
+    """The checks of plain values that need no model, data or backend: run before anything heavy
+    (onnx, onnxruntime, TVM, torch) is imported, so a bad value fails at once."""
+    opts.validate()
+    if opts.model and not opts.dry_run:  # a dry run never reads the model
+        path = Path(opts.model)
+        if not path.exists():
+            raise InputError(f"model file not found: {path}")
+        if not path.is_file():
+            raise InputError(f"model path is not a file: {path}")
 
 
 def _say(msg: str) -> None:
@@ -43,7 +88,8 @@ def _say(msg: str) -> None:
 
 
 def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
-    p.add_argument("-o", "--output", help="bundle directory (default: MODEL.TARGET.bundle)")
+    p.add_argument("-o", "--output", help="bundle directory (default: MODEL.TARGET[.VARIANT].bundle, "
+                   "e.g. mine.x86.s90.bundle; see README)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--dry-run", action="store_true", help="print the resolved pipeline and target, run nothing")
     p.add_argument("--save-recipe", metavar="FILE", help="write the resolved recipe to FILE")
@@ -137,6 +183,7 @@ def _options_from_args(a: argparse.Namespace) -> Options:
 
 
 def _run(opts: Options, save_recipe: str | None) -> int:
+    check_args(opts)
     from compressor import pipeline, report
 
     plan = pipeline.plan(opts)
@@ -346,15 +393,29 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _looks_like_command(word: str) -> bool:
+    """A first argument that is no existing path, has no path separator or suffix, and is close to a
+    subcommand: a mistyped subcommand, not a model path."""
+    if os.sep in word or "/" in word or "." in word or os.path.exists(word):
+        return False
+    return bool(difflib.get_close_matches(word, SUBCOMMANDS, n=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
+        if argv and argv[0] not in SUBCOMMANDS and "--version" in argv:  # before anything heavy is imported
+            _say(f"compress {version()}")
+            return 0
         if argv and argv[0] in SUBCOMMANDS:
             cmd, rest = argv[0], argv[1:]
             return {"run": _cmd_run, "list": _cmd_list, "explain-target": _cmd_explain, "demo": _cmd_demo,
                     "compare": _cmd_compare, "analyze": _cmd_analyze, "batch": _cmd_batch, "bench": _cmd_bench}[cmd](rest)
+        if argv and not argv[0].startswith("-") and _looks_like_command(argv[0]):
+            raise UsageError(f"unknown command {argv[0]!r}{_did_you_mean(argv[0], SUBCOMMANDS)}")
         p = _Parser(prog="compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--version", action="store_true", help="print the version and exit")
         p.add_argument("model", help="ONNX model file")
         _add_run_flags(p, with_model_flags=True)
         a = p.parse_args(argv)

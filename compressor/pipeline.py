@@ -8,6 +8,7 @@ runs it and returns the report dict plus the exit status.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -145,8 +146,37 @@ def plan(opts: Options) -> Plan:
         cls = PASSES.get(item["name"])
         passes.append((cls(make_config(cls, item["config"])), PASSES.entry(item["name"]).provider))
     model_path = Path(opts.model)
-    output = Path(opts.output) if opts.output else Path(f"{model_path.stem}.{spec.tag}.bundle")
+    output = Path(opts.output) if opts.output else Path(default_output_name(opts, model_path, spec.tag))
     return Plan(opts, target, spec, passes, output)
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:g}".replace(".", "p")  # 0.9 -> 90, 0.875 -> 87p5
+
+
+def default_output_name(opts: Options, model_path: Path, tag: str) -> str:
+    """``<model-stem>.<target>[.s90][.2of4|.8x1][.st20][.int8|.fp16|.int4][.ft].bundle``: the variant a run
+    builds is in its default bundle name, so runs of other variants of one model do not collide.
+    s: --sparsity (percent; with its --pattern, N:M written NofM), st: --structured, then --quantize
+    and ft for --finetune. In the target tag and the variant, characters other than letters, digits and ``._+-``
+    become ``_``; the model's stem is kept as it is."""
+    from passes.sparsity_patterns import parse_pattern
+
+    parts = [tag]
+    if opts.sparsity > 0:
+        parts.append(f"s{_pct(opts.sparsity)}")
+        pat = parse_pattern(opts.pattern)
+        if pat.kind == "nm":
+            parts.append(f"{pat.n}of{pat.m}")
+        elif pat.kind == "block":
+            parts.append(f"{pat.r}x{pat.c}")
+    if opts.structured > 0:
+        parts.append(f"st{_pct(opts.structured)}")
+    if opts.quantize != "none":
+        parts.append(opts.quantize)
+    if opts.finetune:
+        parts.append("ft")
+    return f"{model_path.stem}.{re.sub(r'[^A-Za-z0-9._+-]', '_', '.'.join(parts))}.bundle"
 
 
 def describe(p: Plan) -> list[str]:

@@ -50,7 +50,7 @@ import fnmatch
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -113,25 +113,55 @@ def _exact_k(sparsity: float, n: int) -> int:
     return int(round(sparsity * n))
 
 
+def _prune_lowest(s: np.ndarray, per: np.ndarray) -> np.ndarray:
+    """Prune-mask of a 2-D score matrix: in row r the ``per[r]`` lowest scores, ties broken by column (the first
+    ones go), NaN above everything -- exactly the first ``per[r]`` entries of a stable argsort of each row, found
+    with one O(n) ``np.partition`` (a threshold per row) instead of an O(n log n) sort."""
+    rows, cols = s.shape
+    prune = np.zeros(s.shape, dtype=bool)
+    live = np.flatnonzero(per > 0)
+    if live.size == 0:
+        return prune
+    if live.size < rows:  # rows that prune nothing take no part
+        sub = _prune_lowest(s[live], per[live])
+        prune[live] = sub
+        return prune
+    kth = np.unique(per - 1)  # per-row counts differ by at most one: one or two partition points
+    t = np.partition(s, kth, axis=1)[np.arange(rows), per - 1][:, None]  # the per[r]-th smallest of each row
+    nan_t = np.isnan(t)
+    if nan_t.any():  # NaN sorts last: below a NaN threshold every number lies, NaNs tie with it
+        isnan = np.isnan(s)
+        less = np.where(nan_t, ~isnan, s < t)
+        eq = np.where(nan_t, isnan, s == t)
+    else:
+        less, eq = s < t, s == t
+    need = per - np.count_nonzero(less, axis=1)  # >= 1: the threshold itself is pruned
+    tied = np.count_nonzero(eq, axis=1)
+    prune |= less
+    full = need >= tied  # every tie goes
+    prune[full] |= eq[full]
+    part = np.flatnonzero(~full)
+    if part.size:  # the first ``need`` ties (by column) go, as in a stable sort
+        e = eq[part]
+        prune[part] |= e & (np.cumsum(e, axis=1) <= need[part, None])
+    return prune
+
+
 def unstructured_mask(scores: np.ndarray, sparsity: float, per_row: bool = False, k: int | None = None) -> np.ndarray:
-    """Keep-mask with exactly round(s * numel) (or ``k``) False entries (lowest scores).
+    """Keep-mask with exactly round(s * numel) (or ``k``) False entries (lowest scores; among equal scores the
+    first in row-major order go, as in a stable sort; found by partition, O(n)).
     ``per_row``: each row prunes its own share (row counts differ by at most one)."""
     s = np.asarray(scores, dtype=np.float64)
     k = _exact_k(sparsity, s.size) if k is None else k
-    keep = np.ones(s.shape, dtype=bool)
     if k <= 0:
-        return keep
+        return np.ones(s.shape, dtype=bool)
     if not per_row or s.ndim != 2:
-        order = np.argsort(s.ravel(), kind="stable")
-        keep.ravel()[order[:k]] = False
-        return keep
+        flat = s.reshape(1, -1)
+        return ~_prune_lowest(flat, np.array([min(k, flat.shape[1])])).reshape(s.shape)
     rows, cols = s.shape
     per = np.full(rows, k // rows)
     per[: k - per.sum()] += 1
-    order = np.argsort(s, axis=1, kind="stable")
-    for r in range(rows):
-        keep[r, order[r, : per[r]]] = False
-    return keep
+    return ~_prune_lowest(s, np.minimum(per, cols))
 
 
 def nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -418,17 +448,116 @@ def select_layers(graph: gs.Graph, cfg: SparsifyConfig, data_aware: bool = False
 # ----------------------------------------------------------------------------- allocation
 
 
+def _count_below(x: np.ndarray, sizes: np.ndarray | None, t: float, inclusive: bool = False) -> float:
+    """Pruned count (elements, or block elements with ``sizes``) of the scores ``x`` below ``t`` (or at most ``t``);
+    a NaN ``t`` counts every number (NaN sorts last), as a search in sorted scores would."""
+    if np.isnan(t):
+        sel = ~np.isnan(x)
+    else:
+        sel = x <= t if inclusive else x < t
+    return float(np.count_nonzero(sel)) if sizes is None else float(np.sum(sizes, where=sel))
+
+
+def _sorted_counts(x: np.ndarray, sizes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted scores, pruned count up to and including each) for counting by ``searchsorted``."""
+    order = np.argsort(x, kind="stable")
+    return x[order], (np.arange(1, x.size + 1, dtype=np.float64) if sizes is None else np.cumsum(sizes[order]))
+
+
+def _first_reaching(units: dict[str, tuple[np.ndarray, np.ndarray | None]], clipped: Callable[[dict[str, float]], float],
+                    want: float) -> float:
+    """The smallest score v with ``clipped(pruned counts of the scores <= v) >= want`` (the caller checked that one
+    exists and that pruning nothing stays below ``want``), in O(n) and exactly: a strided sample of the scores
+    brackets it (two exact checks, widened until they hold), and only the scores inside the bracket are sorted."""
+    def reaches(v: float) -> bool:
+        return clipped({k: _count_below(x, sz, v, inclusive=True) for k, (x, sz) in units.items()}) >= want
+
+    step = max(1, sum(x.size for x, _ in units.values()) // 65536)
+    sample = {}
+    for k, (x, sz) in units.items():  # each layer's sample stands for the layer: its counts scaled up
+        xs, cum = _sorted_counts(x[::step], None if sz is None else sz[::step])
+        full = float(x.size) if sz is None else float(sz.sum())
+        sample[k] = (xs, cum * (full / cum[-1]) if cum.size else cum)
+
+    def estimate(v: float) -> bool:
+        counts = {}
+        for k, (xs, cum) in sample.items():
+            j = int(np.searchsorted(xs, v, side="right"))
+            counts[k] = cum[j - 1] if j > 0 else 0.0
+        return clipped(counts) >= want
+
+    values = np.unique(np.concatenate([xs for xs, _ in sample.values()]))
+    i = int(np.searchsorted([estimate(float(v)) for v in values[:: max(1, values.size // 64)]], True))  # coarse
+    lo_i, hi_i = max(0, (i - 1) * max(1, values.size // 64)), min(values.size - 1, (i + 1) * max(1, values.size // 64))
+    while lo_i < hi_i:  # the first sample value the estimate says reaches
+        mid_i = (lo_i + hi_i) // 2
+        if estimate(float(values[mid_i])):
+            hi_i = mid_i
+        else:
+            lo_i = mid_i + 1
+    margin = int(np.sqrt(values.size)) + 1  # about 2 standard deviations of a sample quantile, in sample ranks
+    a_i, b_i = lo_i - margin, lo_i + margin
+    a = b = None  # v_star in (a, b]; None: unbounded
+    for _ in range(6):
+        a = float(values[a_i]) if a_i >= 0 else None
+        b = float(values[b_i]) if b_i < values.size else None
+        if a is not None and reaches(a):
+            b, b_i, a_i = a, a_i, a_i - 4 * margin
+        elif b is not None and not reaches(b):
+            a, a_i, b_i = b, b_i, b_i + 4 * margin
+        else:
+            break
+        margin *= 4
+    else:
+        a = b = None  # the estimate was far off: search everything
+    c = float(values[lo_i])  # the estimate itself: an end of the bracket, so its ties (e.g. zeros) are never sorted
+    if (a is None or a < c) and (b is None or c < b):
+        if reaches(c):
+            b = c
+        else:
+            a = c
+    # exact: v_star is b or one of the scores strictly between a and b; count those below a, sort those between
+    base, cand = {}, {}
+    for k, (x, sz) in units.items():
+        inside = np.ones(x.shape, bool) if a is None else x > a
+        if b is not None:
+            inside &= x < b
+        base[k] = 0.0 if a is None else _count_below(x, sz, a, inclusive=True)
+        cand[k] = _sorted_counts(x[inside], None if sz is None else sz[inside])
+    between = np.unique(np.concatenate([xs for xs, _ in cand.values()]))
+
+    def reaches_between(v: float) -> bool:
+        counts = {}
+        for k, (xs, cum) in cand.items():
+            j = int(np.searchsorted(xs, v, side="right"))
+            counts[k] = base[k] + (cum[j - 1] if j > 0 else 0.0)
+        return clipped(counts) >= want
+
+    lo_i, hi_i = 0, between.size  # between.size: none of them reaches, so b does
+    while lo_i < hi_i:
+        mid_i = (lo_i + hi_i) // 2
+        if reaches_between(float(between[mid_i])):
+            hi_i = mid_i
+        else:
+            lo_i = mid_i + 1
+    return float(between[lo_i]) if lo_i < between.size else b
+
+
 def global_allocation(scores: dict[str, np.ndarray], pattern: Pattern, target: float, floor: float, ceiling: float
                       ) -> tuple[dict[str, float], list[str]]:
-    """Per-layer sparsity from one threshold over all layers' (block) scores, clipped to [floor, ceiling]."""
-    units: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    """Per-layer sparsity from one threshold over all layers' (block) scores, clipped to [floor, ceiling].
+
+    The threshold is the bisection (100 halvings between the smallest score - 1 and the largest + 1) for the
+    smallest one whose clipped pruned count reaches the target. Each step only compares the middle with the first
+    score that reaches the target (``_first_reaching``: O(n), a sample bracket and a sort of just the scores inside
+    it), so no layer's scores are sorted; the result is the same as a search in fully sorted scores."""
+    units: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for name, s in scores.items():
         if pattern.kind == "block":
             bs, size = block_scores(s, pattern.r, pattern.c)
-            order = np.argsort(bs.ravel(), kind="stable")
-            units[name] = (bs.ravel()[order], np.cumsum(size.ravel()[order]))
+            units[name] = (bs.ravel(), size.ravel().astype(np.float64))
         else:
-            units[name] = (np.sort(np.asarray(s, np.float64).ravel()), np.arange(1, s.size + 1, dtype=np.float64))
+            units[name] = (np.asarray(s, np.float64).ravel(), None)
     n = {k: float(s.size) for k, s in scores.items()}
     total = sum(n.values())
     warnings = []
@@ -438,19 +567,30 @@ def global_allocation(scores: dict[str, np.ndarray], pattern: Pattern, target: f
         warnings.append(f"global allocation: target {target:g} outside what the per-layer floor {floor:g} / ceiling {ceiling:g} allow; clamped")
         want = min(max(want, lo_cap), hi_cap)
 
-    def pruned(t: float) -> dict[str, float]:
-        out = {}
-        for k, (sv, cum) in units.items():
-            j = int(np.searchsorted(sv, t, side="left"))
-            cnt = cum[j - 1] if j > 0 else 0.0
-            out[k] = min(max(cnt, floor * n[k]), ceiling * n[k])
-        return out
+    def clipped(cnt: dict[str, float]) -> float:  # the total pruned count, each layer clipped to [floor, ceiling]
+        return sum(min(max(cnt[k], floor * n[k]), ceiling * n[k]) for k in units)
 
-    allv = np.concatenate([u[0] for u in units.values()]) if units else np.zeros(1)
-    lo, hi = float(allv.min()) - 1.0, float(allv.max()) + 1.0
+    def pruned(t: float) -> dict[str, float]:
+        return {k: min(max(_count_below(x, sz, t), floor * n[k]), ceiling * n[k]) for k, (x, sz) in units.items()}
+
+    ends = [(float(x.min()), float(x.max())) for x, _ in units.values() if x.size] or [(0.0, 0.0)]
+    if any(np.isnan(e[0]) for e in ends):  # NaN propagates through min/max: every threshold is NaN
+        lo = hi = np.nan
+    else:
+        lo, hi = min(e[0] for e in ends) - 1.0, max(e[1] for e in ends) + 1.0
+    # a threshold t prunes the scores below it; the clipped total of t stays under the target exactly while no score
+    # that reaches the target lies below t, i.e. t <= v_star: the bisection needs only v_star
+    if np.isnan(lo) or not units:
+        everything = {k: _count_below(x, sz, np.nan) for k, (x, sz) in units.items()}  # NaN scores sort last
+        never, always, v_star = False, clipped(everything) < want, np.nan
+    else:
+        everything = {k: float(x.size) if sz is None else float(sz.sum()) for k, (x, sz) in units.items()}
+        never = not clipped({k: 0.0 for k in units}) < want  # nothing pruned already reaches it
+        always = not never and clipped(everything) < want  # everything pruned still stays under
+        v_star = np.nan if never or always else _first_reaching(units, clipped, want)
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        if sum(pruned(mid).values()) < want:
+        if always or (not never and not np.isnan(mid) and mid <= v_star):
             lo = mid
         else:
             hi = mid

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper
 
 from compressor.errors import UsageError
 from passes.sparsity_patterns import (Layer, from_matrix, global_allocation, layer_features, parse_pattern,
-                                      pattern_violations, select_mask, to_matrix)
+                                      pattern_violations, select_mask, to_matrix, unstructured_mask)
+from passes.sparsify_magnitude import magnitude_mask
 from tests.conftest import make_model, ort_run
 
 RNG = np.random.default_rng(0)
@@ -161,3 +162,162 @@ def test_stem_is_the_first_weighted_conv_not_a_squeeze_excite_conv():
     assert any("stem: stem conv" in x for x in warn) and not any("se_expand" in x for x in warn)
     layers, warn = select_layers(g, SparsifyConfig(sparsity=0.5, min_elements=0, allocation="sensitivity"))
     assert {l.name for l in layers} == {"stem", "se_reduce", "se_expand"} and not warn
+
+
+# ----------------------------------------------------------------------------- partial-sort selection: exact oracles
+
+
+def _sorted_mask(scores, k, per_row=False):
+    """The full-sort reference: the first k entries of a stable argsort (per row: each row's share)."""
+    s = np.asarray(scores, np.float64)
+    keep = np.ones(s.shape, bool)
+    if not per_row:
+        keep.ravel()[np.argsort(s.ravel(), kind="stable")[:k]] = False
+        return keep
+    per = np.full(s.shape[0], k // s.shape[0])
+    per[: k - per.sum()] += 1
+    order = np.argsort(s, axis=1, kind="stable")
+    for r in range(s.shape[0]):
+        keep[r, order[r, : per[r]]] = False
+    return keep
+
+
+def _sorted_global_allocation(scores, pattern, target, floor, ceiling):
+    """global_allocation as it was with sorted scores (np.sort + searchsorted): the reference."""
+    from passes.sparsity_patterns import block_scores
+
+    units = {}
+    for name, s in scores.items():
+        if pattern.kind == "block":
+            bs, size = block_scores(s, pattern.r, pattern.c)
+            order = np.argsort(bs.ravel(), kind="stable")
+            units[name] = (bs.ravel()[order], np.cumsum(size.ravel()[order]))
+        else:
+            units[name] = (np.sort(np.asarray(s, np.float64).ravel()), np.arange(1, s.size + 1, dtype=np.float64))
+    n = {k: float(s.size) for k, s in scores.items()}
+    total = sum(n.values())
+    want = target * total
+    lo_cap, hi_cap = sum(floor * v for v in n.values()), sum(ceiling * v for v in n.values())
+    want = min(max(want, lo_cap), hi_cap)
+
+    def pruned(t):
+        out = {}
+        for k, (sv, cum) in units.items():
+            j = int(np.searchsorted(sv, t, side="left"))
+            out[k] = min(max(cum[j - 1] if j > 0 else 0.0, floor * n[k]), ceiling * n[k])
+        return out
+
+    allv = np.concatenate([u[0] for u in units.values()])
+    lo, hi = float(allv.min()) - 1.0, float(allv.max()) + 1.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if sum(pruned(mid).values()) < want:
+            lo = mid
+        else:
+            hi = mid
+    counts = pruned(hi)
+    resid = want - sum(counts.values())
+    for k in sorted(counts, key=lambda k: -n[k]):
+        if abs(resid) < 0.5:
+            break
+        room = (ceiling * n[k] - counts[k]) if resid > 0 else (counts[k] - floor * n[k])
+        step = min(abs(resid), max(room, 0.0)) * np.sign(resid)
+        counts[k] += step
+        resid -= step
+    return {k: counts[k] / n[k] for k in counts}
+
+
+def _tied_scores(rng, shape, levels):
+    """|w|-like scores drawn from few distinct values (many ties), some exact zeros."""
+    return np.abs(rng.integers(-levels, levels + 1, size=shape)).astype(np.float32) * np.float32(0.125)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (16, 33), (64, 64), (5, 1000)])
+@pytest.mark.parametrize("s", [0.0, 0.01, 0.3, 0.5, 0.9, 0.999])
+def test_unstructured_mask_equals_full_sort(seed, shape, s):
+    rng = np.random.default_rng(seed)
+    for sc in (_tied_scores(rng, shape, 1 + seed), rng.standard_normal(shape).astype(np.float32)):
+        k = round(s * sc.size)
+        keep = unstructured_mask(sc, s)
+        assert (~keep).sum() == k
+        np.testing.assert_array_equal(keep, _sorted_mask(sc, k))
+        rows = unstructured_mask(sc, s, per_row=True)
+        assert (~rows).sum() == k
+        np.testing.assert_array_equal(rows, _sorted_mask(sc, k, per_row=True))
+        for kk in (1, sc.size // 3, sc.size):  # an explicit count (OBS's use)
+            np.testing.assert_array_equal(unstructured_mask(sc, 0.0, k=kk), _sorted_mask(sc, kk))
+            np.testing.assert_array_equal(unstructured_mask(sc, 0.0, per_row=True, k=kk), _sorted_mask(sc, kk, per_row=True))
+
+
+def test_unstructured_mask_nan_inf_and_signed_zero_like_a_stable_sort():
+    sc = np.array([[np.nan, 0.0, -0.0, np.inf, 1.0, np.nan, -np.inf, 0.0],
+                   [2.0, np.nan, np.nan, np.nan, 0.0, -0.0, 2.0, 2.0]])
+    for k in range(sc.size + 1):
+        np.testing.assert_array_equal(unstructured_mask(sc, 0.0, k=k), _sorted_mask(sc, k))
+        np.testing.assert_array_equal(unstructured_mask(sc, 0.0, per_row=True, k=k), _sorted_mask(sc, k, per_row=True))
+
+
+def test_magnitude_mask_equals_full_sort_with_ties():
+    rng = np.random.default_rng(7)
+    w = (rng.integers(-3, 4, size=(8, 4, 3, 3)) * 0.5).astype(np.float32)  # a conv weight full of ties
+    for s in (0.2, 0.5, 0.77):
+        keep = magnitude_mask(w, s)
+        assert (~keep).sum() == round(s * w.size)
+        np.testing.assert_array_equal(keep, _sorted_mask(np.abs(w).reshape(1, -1), round(s * w.size)).reshape(w.shape))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("pattern", ["unstructured", "1x4", "4x1", "3x5"])
+@pytest.mark.parametrize("target,floor,ceiling", [(0.6, 0.1, 0.95), (0.9, 0.0, 0.99), (0.3, 0.0, 1.0), (0.97, 0.0, 0.95),
+                                                  (0.05, 0.2, 0.9)])
+def test_global_allocation_equals_full_sort(seed, pattern, target, floor, ceiling):
+    rng = np.random.default_rng(seed)
+    scores = {"a": _tied_scores(rng, (10, 12), 3), "b": rng.random((20, 21)).astype(np.float32),
+              "c": _tied_scores(rng, (5, 40), 2) * 10, "d": np.zeros((4, 8), np.float32)}
+    p = parse_pattern(pattern)
+    alloc, _ = global_allocation(scores, p, target, floor, ceiling)
+    assert alloc == _sorted_global_allocation(scores, p, target, floor, ceiling)
+
+
+@pytest.mark.parametrize("kind", ["spread", "zeros", "levels", "strided"])
+@pytest.mark.parametrize("pattern", ["unstructured", "4x1"])
+@pytest.mark.parametrize("target,floor,ceiling", [(0.5, 0.0, 0.99), (0.9, 0.0, 0.99), (0.6, 0.3, 0.8), (0.95, 0.0, 0.95)])
+def test_global_allocation_equals_full_sort_on_sampled_sizes(kind, pattern, target, floor, ceiling):
+    """Big enough (> 65536 scores) that the threshold is bracketed from a sample: exact all the same, also with many
+    ties, floors/ceilings that bind, and a sample that misrepresents the scores (every 4th score large)."""
+    rng = np.random.default_rng(1)
+    shapes = {"a": (256, 512), "b": (128, 256), "c": (512, 192)}
+    scores = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        x = np.abs(rng.standard_normal(shape)).astype(np.float32) * np.float32(10.0 ** (i - 1))
+        if kind == "zeros":
+            x[rng.random(shape) < 0.6] = 0
+        elif kind == "levels":
+            x = np.round(x * 4) / 4
+        elif kind == "strided":
+            flat = x.reshape(-1)
+            flat[::4] += np.float32(100)  # the sample (a stride) sees only these
+        scores[name] = x
+    p = parse_pattern(pattern)
+    alloc, _ = global_allocation(scores, p, target, floor, ceiling)
+    assert alloc == _sorted_global_allocation(scores, p, target, floor, ceiling)
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.9])
+def test_global_allocation_equals_full_sort_with_nan_and_inf(special, target):
+    rng = np.random.default_rng(3)
+    scores = {"a": rng.random((6, 7)), "b": rng.random((5, 9)) * 3}
+    scores["a"][1, 2] = scores["b"][4, 0] = special
+    p = parse_pattern("unstructured")
+    assert global_allocation(scores, p, target, 0.0, 0.99)[0] == _sorted_global_allocation(scores, p, target, 0.0, 0.99)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.9])
+def test_global_allocation_equals_full_sort_with_both_infinities(target):
+    rng = np.random.default_rng(4)
+    scores = {"a": rng.random((6, 7)), "b": rng.random((5, 9))}
+    scores["a"][0, 0], scores["b"][1, 1] = -np.inf, np.inf  # the first middle is NaN
+    p = parse_pattern("unstructured")
+    assert global_allocation(scores, p, target, 0.0, 0.99)[0] == _sorted_global_allocation(scores, p, target, 0.0, 0.99)

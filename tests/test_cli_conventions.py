@@ -1,0 +1,120 @@
+"""Output conventions of the CLI: --version, "did you mean" for mistyped subcommands and flags, plain-value
+checks before the heavy imports."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+
+import onnx
+
+from compressor.errors import EXIT_INPUT, EXIT_USAGE
+from tests.conftest import REPO, mlp_model, run_cli_subprocess
+from tests.test_cli_bad_input import _assert_one_line_error
+
+FAST = ["--no-compile", "--no-latency", "--no-gate"]
+HEAVY = ("tvm", "onnxruntime", "torch", "onnx_graphsurgeon", "onnx")
+
+
+def _model_file(tmp_path, name="m.onnx"):
+    p = tmp_path / name
+    onnx.save(mlp_model(), p)
+    return p
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (nothing imported yet); it prints a JSON line last."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+# ----------------------------------------------------------------------------- --version
+
+
+def test_version(cli):
+    r = cli("--version")
+    assert r.code == 0 and r.err == "", r
+    assert r.out == f"compress {metadata.version('compressor')}\n"
+
+
+def test_version_process_imports_nothing_heavy():
+    r = run_cli_subprocess("--version")
+    assert r.code == 0 and r.out.strip() == f"compress {metadata.version('compressor')}", r
+    p = _fresh_python("import json, sys\n"
+                      "from compressor.cli import main\n"
+                      "code = main(['--version'])\n"
+                      f"print(json.dumps([code, sorted(m for m in {HEAVY!r} if m in sys.modules)]))\n")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1]) == [0, []]
+
+
+# ----------------------------------------------------------------------------- did you mean
+
+
+def test_mistyped_subcommand_is_not_a_model_path(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = cli("anlyze", "m.onnx")
+    _assert_one_line_error(r, EXIT_USAGE, "unknown command")
+    assert r.err.strip() == "compress: error: unknown command 'anlyze' (did you mean 'analyze'?)"
+    _assert_one_line_error(cli("bnech", "b"), EXIT_USAGE, "unknown command 'bnech' (did you mean 'bench'?)")
+
+
+def test_first_argument_that_exists_or_is_not_close_stays_a_model_path(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "anlyze").write_text("not a model\n")  # an existing file is a model, whatever its name
+    _assert_one_line_error(cli("anlyze", "-o", tmp_path / "o"), EXIT_INPUT, "not an ONNX model")
+    _assert_one_line_error(cli("bench.onnx"), EXIT_INPUT, "model file not found: bench.onnx")  # a path, not a command
+    _assert_one_line_error(cli("zzqqx"), EXIT_INPUT, "model file not found: zzqqx")  # close to nothing
+
+
+def test_mistyped_flag_gets_a_suggestion(cli, tmp_path):
+    m = _model_file(tmp_path)
+    _assert_one_line_error(cli(m, "--sparsty", "0.5"), EXIT_USAGE,
+                           "unrecognized arguments: --sparsty 0.5 (did you mean '--sparsity'?)")
+    _assert_one_line_error(cli(m, "--sparsty=0.5"), EXIT_USAGE, "(did you mean '--sparsity'?)")
+    _assert_one_line_error(cli(m, "--no-compiel", "--quantise", "int8"), EXIT_USAGE,
+                           "(did you mean '--no-compile'?) (did you mean '--quantize'?)")
+    r = cli(m, "--zzzzzz")
+    _assert_one_line_error(r, EXIT_USAGE, "unrecognized arguments: --zzzzzz")
+    assert "did you mean" not in r.err
+    # subcommands too
+    _assert_one_line_error(cli("analyze", m, "--calib", "c.npz", "--sampels", "3"), EXIT_USAGE, "(did you mean '--samples'?)")
+    _assert_one_line_error(cli("compare", m, m, "--evl", "e.npz"), EXIT_USAGE, "(did you mean '--eval'?)")
+
+
+# ----------------------------------------------------------------------------- cheap checks first
+
+
+def test_plain_value_checks_fail_before_heavy_imports(tmp_path):
+    """check_args (and main's path to it) rejects bad values and missing or non-file models with nothing of
+    onnx / onnxruntime / TVM / torch imported."""
+    m = _model_file(tmp_path)
+    code = ("import json, sys\n"
+            "from compressor.cli import check_args, main\n"
+            "from compressor.errors import CompressorError\n"
+            "from compressor.recipe import Options\n"
+            "codes = []\n"
+            f"for kw in [dict(model={str(m)!r}, sparsity=1.5), dict(model={str(tmp_path / 'nope.onnx')!r}), "
+            f"dict(model={str(tmp_path)!r}), dict(model={str(m)!r}, quantize='int3')]:\n"
+            "    try:\n"
+            "        check_args(Options(**kw))\n"
+            "        codes.append(0)\n"
+            "    except CompressorError as e:\n"
+            "        codes.append(e.exit_code)\n"
+            f"codes.append(main([{str(m)!r}, '--sparsity', '1.5']))\n"
+            f"codes.append(main([{str(tmp_path / 'nope.onnx')!r}, '--target', 'arm']))\n"
+            f"codes.append(main([{str(tmp_path)!r}]))\n"
+            f"print(json.dumps([codes, sorted(x for x in {HEAVY!r} if x in sys.modules)]))\n")
+    p = _fresh_python(code)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1]) == [[EXIT_USAGE, EXIT_INPUT, EXIT_INPUT, EXIT_USAGE,
+                                                       EXIT_USAGE, EXIT_INPUT, EXIT_INPUT], []], p.stderr
+    assert "--sparsity must be in [0, 1), got 1.5" in p.stderr and "model path is not a file" in p.stderr
+
+
+def test_cheap_checks_through_the_cli(cli, tmp_path):
+    _assert_one_line_error(cli(_model_file(tmp_path), "--sparsity", "1.5"), EXIT_USAGE, "--sparsity must be in [0, 1)")
+    _assert_one_line_error(cli(tmp_path, "-o", tmp_path / "o"), EXIT_INPUT, "model path is not a file")
+    _assert_one_line_error(cli(tmp_path / "nope.onnx"), EXIT_INPUT, "model file not found")
+    r = run_cli_subprocess(tmp_path / "nope.onnx", "--sparsity", "0.5")
+    _assert_one_line_error(r, EXIT_INPUT, "model file not found")
