@@ -171,13 +171,15 @@ def distill(student: nn.Module, input_names: list[str], feeds: list[dict[str, np
         for p, m in masks.values():
             p.mul_(m.to(p.dtype))
 
+    val_state = ((_Runner(student, input_names, val_feeds),  # built once: its batching check runs the model
+                  [torch.from_numpy(np.concatenate([np.asarray(r[k]) for r in val_teacher])) for k in range(len(teacher))],
+                  torch.from_numpy(val_labels.astype(np.int64)) if val_labels is not None else None) if n_val else None)
+
     @torch.no_grad()
     def val_loss() -> float:
         if not n_val:
             return 0.0
-        vr = _Runner(student, input_names, val_feeds)
-        vt = [torch.from_numpy(np.concatenate([np.asarray(r[k]) for r in val_teacher])) for k in range(len(teacher))]
-        vy = torch.from_numpy(val_labels.astype(np.int64)) if val_labels is not None else None
+        vr, vt, vy = val_state
         tot = 0.0
         for i in range(0, n_val, max(batch_size, 64)):
             idx = torch.arange(i, min(n_val, i + max(batch_size, 64)))

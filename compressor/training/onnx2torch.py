@@ -161,7 +161,48 @@ def _reshape(i: list[Any], a: dict) -> list[Tensor]:
     x, shape = i[0], _ints(i[1])
     if not a.get("allowzero", 0):
         shape = [x.shape[j] if s == 0 else s for j, s in enumerate(shape)]
+    mode = a.get(_BATCH_DIM0)
+    if mode == "count":  # a constant [1, ...] target: dim 0 from the element count (exactly 1 at batch 1)
+        shape = [-1, *shape[1:]]
+    elif mode == "copy" and x.dim():  # [1, ..., -1, ...] on an input whose dim 0 is 1: dim 0 follows the input's
+        shape = [x.shape[0], *shape[1:]]
     return [x.reshape(shape)]
+
+
+_BATCH_DIM0 = "_compressor_batch_dim0"  # internal attribute (not ONNX): see batch_1_reshapes
+
+
+def batch_1_reshapes(model: onnx.ModelProto) -> dict[str, str]:
+    """The Reshapes (by output) whose constant target starts with 1: the exporter baked batch 1 in. With
+    samples stacked on dim 0, dim 0 of the target becomes -1 when the target has no other -1 (``count``:
+    inferred from the element count, exactly 1 at batch 1), else the input's dim 0 when that is 1 in the
+    static shapes (``copy``). Both equal the original at batch 1; the batched run is checked against single
+    samples before it is used."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - no static shapes: only the count rule applies
+        inferred = model
+    dim0 = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims:
+            dim0[vi.name] = dims[0].dim_value if dims[0].HasField("dim_value") else None
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    out: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type != "Reshape" or len(n.input) < 2 or n.input[1] not in consts:
+            continue
+        target = np.asarray(consts[n.input[1]]).ravel()
+        if target.size < 2 or int(target[0]) != 1:
+            continue
+        if -1 not in target.tolist():
+            out[n.output[0]] = "count"
+        elif dim0.get(n.input[0]) == 1:
+            out[n.output[0]] = "copy"
+    return out
 
 
 def _layernorm(i: list[Any], a: dict) -> list[Tensor]:
@@ -451,6 +492,7 @@ HANDLERS: dict[str, Handler] = {
     "GRU": _gru, "LSTM": _lstm,
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum),
     "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
+    "GreaterOrEqual": _binary(torch.ge), "LessOrEqual": _binary(torch.le),
     "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or), "Not": _unary(torch.logical_not),
     "Where": lambda i, a: [torch.where(i[0].bool(), i[1], i[2])], "ReduceL2": _reduce_l2, "Pad": _pad,
 }
@@ -517,7 +559,11 @@ class OnnxModule(nn.Module):
             else:
                 self.register_buffer(f"c_{key}", ten, persistent=False)
             self.key_of[t.name] = key
-        self.nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n), n.name) for n in g.node]
+        follow = batch_1_reshapes(model)
+        self.nodes = [(n.op_type, list(n.input), list(n.output),
+                       {**_attrs(n), _BATCH_DIM0: follow[n.output[0]]} if n.op_type == "Reshape" and n.output[0] in follow
+                       else _attrs(n),
+                       n.name) for n in g.node]
 
     def tensor(self, onnx_name: str) -> Tensor:
         key = self.key_of[onnx_name]

@@ -111,3 +111,37 @@ def test_pad_masks_and_reductions_equal_onnxruntime(mode):
     got = _torch_run(mod, feed)
     for r, g in zip(ref, got):
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_1_reshapes_run_batched_and_equal_single_samples():
+    """Reshape targets with a baked-in batch 1 ([1, 24] and [1, -1, 4] on a batch-1 input, [1, 2, 4, 3] on a
+    batch-folded [8, 3] input) are marked; stacked samples then run in one batch with the outputs of one
+    sample at a time, and a single sample still equals onnxruntime."""
+    from compressor.training.distill import _Runner
+    from compressor.training.onnx2torch import batch_1_reshapes
+
+    rng = np.random.default_rng(0)
+    inits = {"s1": np.array([1, 24], np.int64), "w": rng.standard_normal((24, 8)).astype(np.float32),
+             "s2": np.array([1, -1, 4], np.int64), "s3": np.array([-1, 3], np.int64), "s4": np.array([1, 2, 4, 3], np.int64)}
+    nodes = [helper.make_node("Reshape", ["x", "s1"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "w"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "s2"], ["h3"], name="split"),
+             helper.make_node("Reshape", ["x", "s3"], ["x2"], name="fold"),
+             helper.make_node("Softmax", ["x2"], ["p"], axis=-1),
+             helper.make_node("Reshape", ["p", "s4"], ["y2"], name="unfold")]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
+                   [helper.make_tensor_value_info("h3", TensorProto.FLOAT, [1, 2, 4]),
+                    helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 2, 4, 3])], inits)
+    assert batch_1_reshapes(m) == {"f": "count", "h3": "copy", "y2": "count"}
+    mod = OnnxModule(m)
+    feeds = [{"x": rng.standard_normal((1, 4, 6)).astype(np.float32)} for _ in range(5)]
+    r = _Runner(mod, ["x"], feeds)
+    assert r.batched
+    with torch.no_grad():
+        both = r(torch.arange(5))
+        for i in range(5):
+            one = mod(torch.from_numpy(feeds[i]["x"]))
+            ref = ort_run(m, feeds[i])
+            for k in range(2):
+                np.testing.assert_allclose(both[k][i:i + 1].numpy(), one[k].numpy(), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(one[k].numpy(), ref[k], rtol=1e-5, atol=1e-6)
