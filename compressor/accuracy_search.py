@@ -78,7 +78,8 @@ class SearchResult:
 
     def top3_hint(self) -> str:
         """The three layers that contribute most error and the flag that keeps them."""
-        worst = [x for x in self.ranking if x not in self.reverted and x.gain > 0][:3]
+        helpful = [x for x in self.ranking if x.gain > 0]
+        worst = [x for x in helpful if x not in self.reverted][:3] or helpful[:3]
         if not worst:
             if not self.ranking:
                 return ""
