@@ -86,6 +86,18 @@ class DumpIRInstrument(Instrument):
         ir.save_model(ir.to_model(graph.copy(), self.template), self.dir / f"{self.count:02d}_{p.name}.onnx")
 
 
+class SnapshotInstrument(Instrument):
+    """Keeps the model as it is right before the pass ``name`` runs (``model``; None when it did not run)."""
+
+    def __init__(self, name: str, like: onnx.ModelProto):
+        self.name, self.like = name, like
+        self.model: onnx.ModelProto | None = None
+
+    def before(self, p, graph, ctx):
+        if p.name == self.name:
+            self.model = ir.to_model(graph.copy(), self.like)
+
+
 class ProgressInstrument(Instrument):
     def __init__(self, callback: Callable[[str], None]):
         self.cb = callback

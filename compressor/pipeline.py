@@ -25,7 +25,8 @@ from compressor import ir, report as report_mod, runtime, stats, verify
 from compressor.digest import sha256_file
 from compressor.errors import InputError, TargetError, UsageError
 from compressor.pass_base import Pass, PassContext, make_config
-from compressor.pass_manager import (DumpIRInstrument, PassManager, ProgressInstrument, ValidityInstrument)
+from compressor.pass_manager import (DumpIRInstrument, PassManager, ProgressInstrument, SnapshotInstrument,
+                                     ValidityInstrument)
 from compressor.plugins import load_plugin_file
 from compressor.recipe import Options, dump_recipe, normalize_passes, to_recipe
 
@@ -294,6 +295,8 @@ class _Run:
     accuracy: dict[str, Any] | None = None
     session: Any = None  # the run's RunExecutor (passes and tuning fan out on it; see execute)
     search: dict[str, Any] | None = None  # the accuracy search's result, when it ran
+    before_finetune: onnx.ModelProto | None = None  # the one-shot model, when finetune.distill ran after it
+    finetune: tuple[Any, Any, Any] | None = None  # (pass, provider, context) of that finetune.distill run
 
     @property
     def out_names(self) -> list[str]:
@@ -365,7 +368,11 @@ def _compress(r: _Run) -> list[Any]:
                                "finetune": opts.finetune, "executor": opts.executor, "ray_address": opts.ray_address,
                                "executor_session": session},
                       template=r.model)
-    r.compressed, records = PassManager(r.p.passes, instruments).run(r.model, ctx)
+    ft = next(((ps, prov) for ps, prov in r.p.passes if ps.name == FINETUNE), None)
+    snap = SnapshotInstrument(FINETUNE, r.model) if ft else None
+    r.compressed, records = PassManager(r.p.passes, instruments + ([snap] if snap else [])).run(r.model, ctx)
+    if snap is not None and snap.model is not None:
+        r.before_finetune, r.finetune = snap.model, (*ft, ctx)
     if opts.executor != "local" and not session.uses and not opts.tune_trials:
         r.warnings.append(f"--executor {opts.executor}: no stage of this run fans out (only --allocation sensitivity, "
                           "sparsify.obs and --tune-trials do); "
@@ -383,6 +390,9 @@ def _compress(r: _Run) -> list[Any]:
     return records
 
 
+FINETUNE = "finetune.distill"
+
+
 def _search(r: _Run) -> None:
     """Accuracy-aware search (``compressor.accuracy_search``) when the one-shot result misses the gate:
     revert the weights that cause most of the error until it passes or ``--search-budget`` runs out."""
@@ -396,8 +406,9 @@ def _search(r: _Run) -> None:
     budget = max(opts.search_budget, 0)
     attrib = r.calib.head(32).feeds if r.calib is not None else r.verif.feeds
     quantized = any(n.op_type in ("QuantizeLinear", *accuracy_search.DYNAMIC_INT8) for n in r.compressed.graph.node)
-    say(f"      gate fails on the one-shot result: accuracy search (budget {budget} rounds)" if budget else
-        "      gate fails on the one-shot result: ranking the layers by error (search off: --search-budget 0)")
+    what = "the fine-tuned result" if r.before_finetune is not None else "the one-shot result"
+    say(f"      gate fails on {what}: accuracy search (budget {budget} rounds)" if budget else
+        f"      gate fails on {what}: ranking the layers by error (search off: --search-budget 0)")
     # the weights to go back to: the model after the leading value-preserving cleanup passes (BN folding
     # renames conv weights; the original's names would find nothing to revert)
     lead = []
@@ -409,12 +420,33 @@ def _search(r: _Run) -> None:
     if lead:
         ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17, template=r.model)
         base, _ = PassManager(lead, []).run(r.model, ctx)
+    refit = None  # the searched configuration fine-tuned again (when fine-tuning ran and still missed the gate)
     if quantized:
         res = accuracy_search.search_quantized(base, r.compressed, attrib, r.verif.feeds, r.ref_runs, gate, budget, say)
     else:  # the ranking probes fan out on the run's executor (--executor ray)
         ex = r.session.get("accuracy search") if opts.executor != "local" and r.session is not None else None
-        res = accuracy_search.search(base, r.compressed, attrib, r.verif.feeds, r.ref_runs, gate, budget, say, executor=ex)
+        after_ft = r.before_finetune is not None and budget > 0
+        if after_ft:
+            # fine-tuned weights are fitted to each other: giving one layer back alone undoes that (measured:
+            # every revert made the error worse, and the search gave back all of the compression). Search
+            # the one-shot model instead, then fine-tune the configuration it finds.
+            say("      fine-tuning did not reach the gate: searching the one-shot model, then fine-tuning the result")
+        res = accuracy_search.search(base, r.before_finetune if after_ft else r.compressed, attrib, r.verif.feeds,
+                                     r.ref_runs, gate, budget, say, executor=ex)
+        if after_ft and res.passed and res.model is not None:
+            ps, prov, ctx = r.finetune
+            tuned, recs = PassManager([(ps, prov)], [ProgressInstrument(say)]).run(res.model, ctx)
+            runs = runtime.run_all(runtime.session(tuned), r.verif.feeds)
+            refit = (tuned, runs, recs[0].stats) if not gate(runs) else None
+            r.warnings.append("accuracy search ran on the one-shot model (fine-tuning alone missed the gate); the searched "
+                              "configuration was fine-tuned again: "
+                              + ("kept" if refit else "it missed the gate, so the searched one-shot weights were kept"))
     r.search = res.to_dict()
+    if r.before_finetune is not None and budget > 0 and not quantized:
+        r.search["searched"] = "one-shot model (before fine-tuning)"
+        r.search["refinetuned"] = refit is not None
+        if refit:
+            r.search["refinetune"] = refit[2]
     r.search["hint"] = res.top3_hint()
     for note in res.unsearchable:
         r.warnings.append(f"accuracy search: {note}")
@@ -446,8 +478,8 @@ def _search(r: _Run) -> None:
                           f"{res.zeros_after:.1%} zeros) to meet the gate: lower the target, relax the bound "
                           f"(--min-cosine/--min-top1/--max-accuracy-drop), or recover with --finetune; --search-budget 0 "
                           "keeps the one-shot result")
-    r.compressed = res.model
-    r.comp_runs = runtime.run_all(runtime.session(r.compressed), r.verif.feeds)
+    r.compressed = refit[0] if refit else res.model
+    r.comp_runs = refit[1] if refit else runtime.run_all(runtime.session(r.compressed), r.verif.feeds)
     r.comparisons = []
     r.compare("compressed.onnx", "original.onnx", "lossy", r.comp_runs, r.ref_runs)
     if r.labelled:

@@ -267,3 +267,23 @@ def test_hint_names_only_layers_whose_revert_lowers_the_error():
     assert "--ignore" not in hint and "no single layer" in hint and "--finetune" in hint
     res.ranking = []
     assert res.top3_hint() == ""
+
+
+def test_finetune_that_misses_the_gate_searches_the_one_shot_model_then_finetunes_again(cli, tmp_path):
+    """With --finetune, when the fine-tuned model still misses the gate the search runs on the one-shot model
+    (before fine-tuning: per-layer reverts of co-adapted fine-tuned weights only add error) and the
+    configuration it finds is fine-tuned again; the result passes and keeps zeros."""
+    calib = REPO / "models" / "digits_calib.npz"
+    out = tmp_path / "b"
+    r = cli(DIGITS, "--calib", calib, "--eval", REPO / "models" / "digits_eval.npz", "--no-compile", "-o", out,
+            "--sparsity", "0.95", "--method", "magnitude", "--allocation", "uniform", "--finetune", calib, "--epochs", "1",
+            "--max-accuracy-drop", "0.002", "--min-top1", "0.99")
+    assert r.code == 0, r.err[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    s = rep["search"]
+    assert s["passed"] and s["searched"] == "one-shot model (before fine-tuning)" and s["refinetuned"] is True
+    assert s["refinetune"]["steps"] >= 1 and s["zeros_after"] > 0.2
+    assert any("fine-tuned again: kept" in w for w in rep["warnings"])
+    m = onnx.load(str(out / "model.onnx"))
+    ws = [numpy_helper.to_array(t) for t in m.graph.initializer if t.data_type == TensorProto.FLOAT and t.dims and len(t.dims) > 1]
+    assert sum(int(np.sum(w == 0)) for w in ws) > 0.2 * sum(w.size for w in ws)
