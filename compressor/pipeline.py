@@ -192,11 +192,7 @@ def describe(p: Plan) -> list[str]:
     return lines
 
 
-
-
-
-def _compile_artifact(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say, warnings: list[str],
-                      session: Any = None):
+def _compile_artifact(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say, session: Any = None):
     """``Target.compile`` with the build options (every target takes them; what it cannot use it reports
     in ``Artifact.warnings``)."""
     from targets.base import CompileOptions
@@ -221,7 +217,7 @@ def _compile_and_run(p: Plan | _ChildPlan, src: Path, bdir: Path, shapes: dict[s
     Returns (artifact, runs or None, why it was not run)."""
     from targets.base import NotRunnableHere
 
-    art = _compile_artifact(p, src, bdir, shapes, say, warnings, session)  # type: ignore[arg-type]
+    art = _compile_artifact(p, src, bdir, shapes, say, session)  # type: ignore[arg-type]
     try:
         return art, [p.target.run(bdir / art.path, p.spec, f) for f in feeds], None
     except NotRunnableHere as exc:

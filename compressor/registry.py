@@ -25,7 +25,7 @@ ProviderKind = Literal["builtin", "entry-point", "file", "runtime"]
 @dataclass(frozen=True)
 class Provider:
     """Where a registered pass/target/handler came from. ``builtin``: shipped with compressor (a failure in
-    it is a pass error, exit 5); anything else is a plugin (a failure is a plugin error, exit 2)."""
+    it is a pass error, exit 1); anything else is a plugin (a failure is a plugin error, exit 2)."""
     kind: ProviderKind
     where: str = ""  # the module (builtin), "module:attr (dist)" (entry-point), the path (file)
 
