@@ -110,8 +110,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--allocation", default="auto", help="per-layer budget: auto (sensitivity with --calib -- for --structured: "
                    "each channel group's removal measured --, else uniform) | uniform | global | sensitivity")
     p.add_argument("--structured", type=float, default=0.0, help="fraction of prunable channels removed (prune.channels), in [0, 1)")
-    p.add_argument("--criterion", default="auto", help="channel score for --structured: auto (mean_act with --calib, else l1) | "
-                                                        "l1 | l2 | fpgm | bn_gamma | apoz | mean_act | taylor")
+    p.add_argument("--criterion", default="auto", help="channel score for --structured: auto (obs with --calib, else l1) | "
+                                                        "l1 | l2 | fpgm | bn_gamma | apoz | mean_act | taylor | obs")
     p.add_argument("--min-channels", type=int, default=1, help="--structured: channels kept per group at least")
     p.add_argument("--round-to", type=int, default=0, help="--structured: keep channel counts a multiple of this (0: the target's default)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,

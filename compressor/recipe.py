@@ -40,7 +40,7 @@ class Options:
     method: str = "auto"  # sparsify.<method>: auto (with --calib: obs vs wanda on held-out data, else magnitude) | magnitude | wanda | obs | sparsegpt
     allocation: str = "auto"  # auto (sensitivity with --calib for --sparsity, else uniform) | uniform | global | sensitivity
     structured: float = 0.0  # prune.channels ratio
-    criterion: str = "auto"  # prune.channels criterion (auto: mean_act with calibration data, else l1)
+    criterion: str = "auto"  # prune.channels criterion (auto: obs with calibration data, else l1)
     min_channels: int = 1
     round_to: int = 0  # 0 = the target's default channel multiple
     reconstruct: bool | None = None  # None: on when calibration data is given

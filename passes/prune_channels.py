@@ -60,13 +60,15 @@ from compressor.errors import UsageError
 from compressor.pass_base import Pass, PassContext, PassResult
 from passes.channel_deps import DepGraph, Group, build, lookup
 from passes.channel_deps.graph import Space
+from passes.prune_obs import consumer_fits, greedy_order, supported, write_compensated
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "fpgm", "bn_gamma", "mean_act", "apoz", "taylor")
-DATA_CRITERIA = ("mean_act", "apoz", "taylor")
+CRITERIA = ("l1", "l2", "fpgm", "bn_gamma", "mean_act", "apoz", "taylor", "obs")
+DATA_CRITERIA = ("mean_act", "apoz", "taylor", "obs")
 MAX_CALIB = 32  # samples for activation criteria
 MAX_RECONSTRUCT = 512  # samples for the least-squares refit (rows >> unknowns)
+MAX_OBS_CALIB = 128  # samples for the consumers' Gram matrices (criterion obs)
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ def unit_scores(graph: gs.Graph, grp: Group, criterion: str, gammas: dict[str, n
             if not a:
                 continue
             mean_abs = _axis_mean(a, p.space[1], np.abs)
-            if criterion == "mean_act":
+            if criterion in ("mean_act", "obs"):  # obs: groups prune_obs cannot score (plan) fall back to mean_act
                 sc = mean_abs
             elif criterion == "apoz":
                 sc = _axis_mean(a, p.space[1], lambda x: (x > 0).astype(np.float64))
@@ -314,6 +316,33 @@ def _internal_first(eligible, kinds: dict[int, str], cfg: PruneChannelsConfig, g
     return {grp.gid: fr[kinds[grp.gid]] for grp, *_ in eligible}
 
 
+def _obs_fits(graph: gs.Graph, model: onnx.ModelProto, ctx: PassContext, candidates: list,
+              kinds: dict[int, str]) -> dict[int, list[tuple[Any, Any]]]:
+    """Consumer fits (``prune_obs``) for the groups whose channels end in refittable weights only: internal
+    and attention groups (a residual group's channels also reach the stream's Adds and norms) whose every
+    consumer parameter is a MatMul / Gemm / non-grouped Conv weight."""
+    nodes = {n.name: n for n in graph.nodes}
+    want: dict[int, list[Any]] = {}
+    for grp, _ in candidates:
+        if kinds[grp.gid] == "residual":
+            continue
+        cons = [p for p in grp.params if p.role == "consumer"]
+        if cons and all(not p.blocks and p.node in nodes and supported(nodes[p.node]) for p in cons):
+            want[grp.gid] = cons
+    fits = consumer_fits(graph, model, sorted({p.node for cons in want.values() for p in cons}), ctx.calib, MAX_OBS_CALIB)
+    return {gid: [(p, fits[p.node]) for p in cons] for gid, cons in want.items() if all(p.node in fits for p in cons)}
+
+
+def _obs_scores(grp: Group, fits: list[tuple[Any, Any]], cap: float, floor: int) -> np.ndarray:
+    unit_cols = []
+    for unit in grp.units:
+        unit_cols.append([(fit, fit.cols(p.indices(unit[p.space]))) for p, fit in fits if p.space in unit])
+    removable = ~grp.locked & np.array([bool(c) for c in unit_cols])
+    n = len(grp.units)
+    max_remove = max(0, min(int(removable.sum()), n - floor, int(np.ceil(cap * n))))
+    return greedy_order(unit_cols, removable, max_remove)
+
+
 def _params_per_unit(grp: Group, nodes: dict[str, gs.Node]) -> float:
     """Parameter elements a removed unit takes on average (every slice of every parameter of the group)."""
     total = 0.0
@@ -390,10 +419,21 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
     if criterion in DATA_CRITERIA and candidates:
         need = sorted({p.space[0] for grp, _ in candidates for p in grp.params if p.role == "consumer"})
         acts = _activation_stats(model, need, ctx.calib)
+    kinds = {grp.gid: group_kind(grp, dep.view) for grp, _ in candidates}
+    obs_fits: dict[int, list[tuple[Any, Any]]] = {}  # gid -> [(consumer param, ConsumerFit)]
+    if criterion == "obs" and candidates:
+        obs_fits = _obs_fits(graph, model, ctx, candidates, kinds)
     for grp, st in candidates:
-        sc, used = unit_scores(graph, grp, criterion, gammas, acts)
+        if grp.gid in obs_fits:
+            cap = max(cfg.internal_cap, cfg.ratio) if kinds[grp.gid] != "residual" else 0.95
+            sc = _obs_scores(grp, obs_fits[grp.gid], cap, max(cfg.min_channels, int(grp.locked.sum()), 1))
+            used = "obs"
+        else:
+            sc, used = unit_scores(graph, grp, criterion, gammas, acts)
+            if criterion == "obs" and used == "mean_act":
+                used = "mean_act (obs: a consumer is not refittable)"
         st["criterion"] = used
-        if used != criterion:
+        if used != criterion and not used.startswith("mean_act (obs"):
             warnings.append(f"group {grp.gid}: criterion {criterion} has no data for this group ({', '.join(grp.nodes[:3])}); used {used}")
         if grp.inexact:
             warnings.append(f"group {grp.gid} pruned although inexact (allow_inexact): {'; '.join(grp.inexact[:3])}")
@@ -401,7 +441,6 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
 
     removed_units: dict[int, list[int]] = {}
     floors = {grp.gid: max(cfg.min_channels, int(grp.locked.sum()), 1) for grp, *_ in eligible}
-    kinds = {grp.gid: group_kind(grp, dep.view) for grp, *_ in eligible}
     for st in stats:
         if st["group"] in kinds:
             st["kind"] = kinds[st["group"]]
@@ -412,7 +451,7 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
         fracs = _internal_first(eligible, kinds, cfg, graph, floors) if cfg.order == "internal_first" else {
             grp.gid: cfg.ratio for grp, *_ in eligible}
     elif cfg.allocation == "sensitivity":
-        fracs, w, sens_extra = _sensitivity_fractions(graph, model, ctx, cfg, dep, eligible, floors, kinds)
+        fracs, w, sens_extra = _sensitivity_fractions(graph, model, ctx, cfg, dep, eligible, floors, kinds, obs_fits)
         warnings += w
     if cfg.allocation in ("uniform", "sensitivity"):
         for grp, sc, rem, _ in eligible:
@@ -474,7 +513,8 @@ SENS_SAMPLES = 16
 
 
 def _sensitivity_fractions(graph: gs.Graph, model: onnx.ModelProto, ctx: PassContext, cfg: PruneChannelsConfig, dep: DepGraph,
-                           eligible: list, floors: dict[int, int], kinds: dict[int, str]
+                           eligible: list, floors: dict[int, int], kinds: dict[int, str],
+                           obs_fits: dict[int, list[tuple[Any, Any]]] | None = None
                            ) -> tuple[dict[int, float], list[str], dict[str, Any]]:
     """Per-group fractions with the least summed output error for the parameter target: every group's
     lowest-scored units are zeroed at a few fractions (``SENS_LEVELS``, the removal the pass would make,
@@ -508,7 +548,12 @@ def _sensitivity_fractions(graph: gs.Graph, model: onnx.ModelProto, ctx: PassCon
                 for sp, idx in grp.units[k].items():
                     removed[sp].append(idx)
             g2 = gs.import_onnx(model)
-            apply_plan(g2, Plan(dep, {sp: np.unique(np.concatenate(v)) for sp, v in removed.items()}), "zero")
+            rem_sp = {sp: np.unique(np.concatenate(v)) for sp, v in removed.items()}
+            apply_plan(g2, Plan(dep, rem_sp), "zero")
+            for prm, fit in (obs_fits or {}).get(grp.gid, []):
+                if prm.space in rem_sp:
+                    write_compensated(g2, prm.node, fit, prm.indices(rem_sp[prm.space]))
+            g2.cleanup().toposort()
             m2 = ctx.export(g2)
             levels.append(len(ks) / n)
             errs.append(_rel_error(runtime.run_all(runtime.session(m2), feeds), ref))
@@ -886,25 +931,30 @@ def _fit_rows(n: gs.Node, x: np.ndarray, y: np.ndarray, removed_out: np.ndarray 
     return A, T
 
 
-RIDGES = (1e-7, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+RIDGES = (1e-7, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def _ridge_fit(parts: list[tuple[np.ndarray, np.ndarray]], ridge: float | None) -> np.ndarray | None:
-    """[W; b] of min ||[A 1] [W; b] - T||^2 + lambda ||W||^2, lambda relative to the mean diagonal of A'A.
-    ``ridge=None``: lambda chosen on held-out calibration samples (every 5th): a well-determined layer gets
-    a near-exact fit, one with few rows per unknown (a classifier after global pooling: one row per
-    sample) the shrinkage that generalises."""
+def _ridge_fit(parts: list[tuple[np.ndarray, np.ndarray]], ridge: float | None,
+               prior: np.ndarray | None = None) -> np.ndarray | None:
+    """[W; b] of min ||[A 1] [W; b] - T||^2 + lambda ||W - P||^2, lambda relative to the mean diagonal of
+    A'A, ``P`` the ``prior`` (the layer's original weights on its kept inputs; zeros when None): a large
+    lambda keeps the original weights, a small one the exact least-squares fit. ``ridge=None``: lambda
+    chosen on held-out calibration samples (every 5th): a well-determined layer gets a near-exact fit, one
+    with few rows per unknown (a classifier after global pooling: one row per sample; an FFN projection
+    with 1536 inputs on a few thousand tokens) stays near its original weights."""
     def gram(ps):
         A = np.concatenate([a for a, _ in ps])
         T = np.concatenate([t for _, t in ps])
         A1 = np.concatenate([A, np.ones((A.shape[0], 1))], axis=1)
         return A1.T @ A1, A1.T @ T, A1, T
 
+    P = None if prior is None else np.concatenate([prior.astype(np.float64), np.zeros((1, prior.shape[1]))], axis=0)
+
     def solve(G, B, lam_rel):
         reg = lam_rel * max(float(np.trace(G)) / G.shape[0], 1e-30) * np.eye(G.shape[0])
         reg[-1, -1] = 0.0
         try:
-            return np.linalg.solve(G + reg, B)
+            return np.linalg.solve(G + reg, B if P is None else B + reg @ P)
         except np.linalg.LinAlgError:
             return None
 
@@ -949,7 +999,7 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
         except ValueError as exc:
             warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: {exc}")
             continue
-        sol = _ridge_fit(parts, ridge)
+        sol = _ridge_fit(parts, ridge, _design_prior(n))
         if sol is None:
             warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: singular system")
             continue
@@ -977,15 +1027,27 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
     return done, warnings
 
 
+def _design_prior(n: gs.Node) -> np.ndarray:
+    """The node's (already pruned) weight in the refit's design layout [inputs (x kernel), outputs]."""
+    w = np.asarray(n.inputs[1].values, dtype=np.float64)
+    if n.op == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    if n.op == "Gemm":
+        return (w.T if int(n.attrs.get("transB", 0)) else w) * float(n.attrs.get("alpha", 1.0))
+    return w
+
+
 def _fold_matmul_bias(graph: gs.Graph, n: gs.Node, b: np.ndarray) -> None:
-    """MatMul has no bias input: the fitted bias replaces the constant of a following Add, or a new Add."""
+    """MatMul has no bias input: the fitted bias ``b`` (fitted against the MatMul's own output, which excludes
+    the following Add's bias) is added to the constant of a following Add, or goes into a new Add."""
     y = n.outputs[0]
     readers = list(y.outputs)
     if len(readers) == 1 and readers[0].op == "Add" and y not in graph.outputs:
         add = readers[0]
         j = 1 if add.inputs[0] is y else 0
         if isinstance(add.inputs[j], gs.Constant) and np.asarray(add.inputs[j].values).shape == b.shape:
-            add.inputs[j] = gs.Constant(f"{n.name}_bias_refit", b)
+            old = np.asarray(add.inputs[j].values)
+            add.inputs[j] = gs.Constant(f"{n.name}_bias_refit", (old.astype(np.float64) + b).astype(old.dtype))
             return
     mid = gs.Variable(f"{y.name}__nobias", dtype=y.dtype)
     n.outputs[0] = mid

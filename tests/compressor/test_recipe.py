@@ -68,7 +68,7 @@ def test_data_aware_defaults_follow_calibration_data(cli, tmp_path):
             "--dry-run", "-o", tmp_path / "o")
     assert r.code == 0, r.err
     lines = {ln.split()[1]: ln for ln in r.out.splitlines() if ln.strip()[:2].rstrip(".").isdigit()}
-    assert "'criterion': 'mean_act'" in lines["prune.channels"] and "'reconstruct': True" in lines["prune.channels"]
+    assert "'criterion': 'obs'" in lines["prune.channels"] and "'reconstruct': True" in lines["prune.channels"]
     assert "'allocation': 'sensitivity'" in lines["prune.channels"]
     assert "'allocation': 'sensitivity'" in lines["sparsify.auto"] and "'candidates': ['obs', 'wanda']" in lines["sparsify.auto"]
     assert "'ignore': ['fc*']" in lines["quantize.int8"]

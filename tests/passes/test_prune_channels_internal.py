@@ -143,6 +143,10 @@ def _dependent_linear_model(op: str) -> onnx.ModelProto:
     if op == "MatMul":
         nodes = [n("MatMul", ["x", "w1"], ["h"], name="lin1"), n("MatMul", ["h", "w2"], ["y"], name="lin2")]
         return _model(nodes, [1, 7, 5], [1, 7, 3], {"w1": w1, "w2": w2})
+    if op == "MatMulAdd":  # a torch Linear export: the bias is a following Add, which the refit must keep
+        nodes = [n("MatMul", ["x", "w1"], ["h"], name="lin1"), n("MatMul", ["h", "w2"], ["hy"], name="lin2"),
+                 n("Add", ["hy", "b2"], ["y"], name="lin2_bias")]
+        return _model(nodes, [1, 7, 5], [1, 7, 3], {"w1": w1, "w2": w2, "b2": 3.0 + rng.standard_normal(3)})
     nodes = [n("Gemm", ["x", "w1"], ["h"], name="lin1"), n("Gemm", ["h", "w2t", "b2"], ["y"], name="lin2", transB=1)]
     return _model(nodes, [1, 5], [1, 3], {"w1": w1, "w2t": w2.T, "b2": rng.standard_normal(3)})
 
@@ -178,6 +182,7 @@ def test_reconstruct_exact_conv1d():
 
 def test_reconstruct_exact_matmul_and_gemm():
     _exact_refit(_dependent_linear_model("MatMul"), 16)
+    _exact_refit(_dependent_linear_model("MatMulAdd"), 16)
     _exact_refit(_dependent_linear_model("Gemm"), 64)
 
 
@@ -227,3 +232,63 @@ def test_sensitivity_allocation_takes_the_channels_that_cost_nothing():
     wu = {t.name: numpy_helper.to_array(t) for t in uni.graph.initializer}
     assert {nd.name: wu[nd.input[1]].shape for nd in uni.graph.node if nd.op_type == "Conv"}["conv1"][0] < 16
     assert by_producer  # the stats name the groups' members
+
+
+def _duplicate_unit_model() -> onnx.ModelProto:
+    """x -> lin1 -> h (3 units) -> lin2 -> y. h0 is small but carries the only copy of its signal; h1 and
+    h2 are large and identical (x w1[:, 1] twice). Removing h2 (or h1) loses nothing a refit cannot restore;
+    removing h0 loses its signal for good. mean |activation| removes h0; obs removes a duplicate."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal(6), rng.standard_normal(6)
+    w1 = np.stack([0.05 * a, b, b], axis=1)  # [6, 3]
+    w2 = rng.standard_normal((3, 4))
+    w2[0] *= 20.0  # h0 matters at the output
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "w1"], ["h"], name="lin1"), n("MatMul", ["h", "w2"], ["hy"], name="lin2"),
+             n("Add", ["hy", "b2"], ["y"], name="lin2_bias")]
+    return _model(nodes, [1, 5, 6], [1, 5, 4], {"w1": w1, "w2": w2, "b2": rng.standard_normal(4)})
+
+
+def test_obs_criterion_removes_what_the_refit_can_restore():
+    model = _duplicate_unit_model()
+    calib = _feeds(model, 16)
+    s0 = runtime.session(model)
+    err = {}
+    for crit in ("obs", "mean_act"):
+        res, pruned = _run_pass(model, calib, ratio=0.34, criterion=crit, reconstruct=True, min_channels=1)
+        assert res.stats["channels_after"] == res.stats["channels_before"] - 1, res.stats
+        st = [g for g in res.stats["group_stats"] if g["status"] == "pruned"]
+        assert [g["criterion"] for g in st] == [crit], st
+        s1 = runtime.session(pruned)
+        err[crit] = max(float(np.abs(s1.run(None, f)[0] - s0.run(None, f)[0]).max()) for f in _feeds(model, 4, seed=9))
+    assert err["obs"] < 1e-3, err  # a duplicate went: the refit restores the output exactly
+    assert err["mean_act"] > 1e-1, err  # the small unique unit went
+
+
+def test_obs_compensation_is_the_least_squares_refit():
+    """prune_obs.compensated (the OBS update) equals refitting the kept columns on the same damped Gram
+    matrix, and greedy_order's first pick is the unit of least dE by brute force."""
+    from passes.prune_obs import ConsumerFit, compensated, greedy_order
+
+    rng = np.random.default_rng(11)
+    A = rng.standard_normal((200, 7)) @ rng.standard_normal((7, 7))
+    A1 = np.concatenate([A, np.ones((200, 1))], axis=1)
+    H = A1.T @ A1 / 200 + 0.01 * np.eye(8)
+    W = np.concatenate([rng.standard_normal((7, 3)), np.zeros((1, 3))])
+    fit = ConsumerFit("n", "MatMul", 1, W, np.linalg.inv(H))
+    S = np.array([1, 4])
+    R = np.setdiff1d(np.arange(8), S)
+    Wd, db = compensated(fit, S)
+    want = np.linalg.solve(H[np.ix_(R, R)], H[R] @ W)  # min over W_R of (W_R - W)^T H (W_R - W), S rows zero
+    got = np.concatenate([Wd, db[None]])[R]
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+    assert not Wd[S].any()
+    # dE of removing unit u alone: the increase of tr((W' - W)^T H (W' - W)) at the optimum
+    def de(u):
+        Rk = np.setdiff1d(np.arange(8), [u])
+        Wr = np.zeros_like(W)
+        Wr[Rk] = np.linalg.solve(H[np.ix_(Rk, Rk)], H[Rk] @ W)
+        return float(np.trace((Wr - W).T @ H @ (Wr - W)))
+    brute = int(np.argmin([de(u) for u in range(7)]))
+    score = greedy_order([[(fit, np.array([u]))] for u in range(7)], np.ones(7, bool), max_remove=3, steps=3)
+    assert int(np.argmin(score)) == brute and sorted(score)[:3] == [0, 1, 2], score
