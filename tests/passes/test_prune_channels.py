@@ -221,7 +221,7 @@ def test_bn_gamma_reads_gamma_folded_away():
     assert sorted(removed.tolist()) == sorted(np.argsort(np.abs(gamma))[:8].tolist())
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "mean_act", "apoz", "taylor"])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "mean_act", "apoz", "taylor", "obs"])
 def test_criteria_run_and_differ_from_random(criterion):
     from compressor.data import Samples
     from tests.passes.prune_channels_util import feeds_for
@@ -231,7 +231,7 @@ def test_criteria_run_and_differ_from_random(criterion):
     ctx.calib = Samples([feeds_for(m, s) for s in range(4)], None, "test")
     pl = plan(g, ctx, PruneChannelsConfig(ratio=0.5, criterion=criterion))
     st = [s for s in pl.group_stats if s["status"] == "pruned"]
-    assert st and all(s["criterion"] == criterion for s in st)
+    assert st and all(s["criterion"] == criterion for s in st), st
     if criterion == "l1":  # lowest-L1 filters of the conv (with the consumer's slices) go
         w = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w"))
         assert len(pl.removed[("c", 1)]) == 4
