@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 
 from compressor.errors import EXIT_INTERNAL, CompressorError, InputError, UsageError
-from compressor.recipe import Options, dump_recipe, load_recipe
+from compressor.recipe import Options, load_recipe
 
 SUBCOMMANDS = ("run", "list", "explain-target", "demo", "compare", "analyze", "batch", "bench")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -184,20 +184,14 @@ def _options_from_args(a: argparse.Namespace) -> Options:
 
 def _run(opts: Options, save_recipe: str | None) -> int:
     check_args(opts)
-    from compressor import pipeline, report
+    from compressor import api, report
 
-    plan = pipeline.plan(opts)
-    if save_recipe:
-        path = Path(save_recipe)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(dump_recipe(plan.recipe(path.resolve().parent)))
-        os.replace(tmp, path)
-        _say(f"recipe written to {path}")
+    res = api.run(opts, _say, save_recipe)
     if opts.dry_run:
-        for line in pipeline.describe(plan):
+        for line in res.pipeline:
             _say(line)
         return 0
-    rep, code = pipeline.execute(plan, _say)
+    rep, code = res.report, res.exit_code
     _say("")
     for line in report.before_after(rep):
         _say(line)
