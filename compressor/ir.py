@@ -301,11 +301,24 @@ def _check_io_types(model: onnx.ModelProto) -> None:
                                  "crossing a control-flow body are not supported")
 
 
-def _fix_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> None:
+BATCH_NAMES = ("batch", "batch_size", "batchsize", "n", "b", "bs", "num_samples")
+
+
+def _dim_hint(name: str) -> str:
+    return "1" if name.lower() in BATCH_NAMES or "batch" in name.lower() else f"<{name or '?'}>"
+
+
+def _fix_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]],
+                data_shapes: dict[str, tuple[int, ...]] | None = None, notes: list[str] | None = None) -> None:
+    """Static input shapes. Dynamic dims are fixed, in this order, by ``--input-shape``; by another input's
+    dim with the same name (``input_ids:1x128`` fixes ``attention_mask[batch, sequence]`` too); by the
+    per-sample shape of the ``--calib`` / ``--eval`` data (``data_shapes``: array shapes, samples on axis
+    0). What is left is one error naming every dynamic input, with a complete ``--input-shape`` hint."""
     names = [i.name for i in graph_inputs(model)]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise UsageError(f"--input-shape names unknown inputs: {', '.join(unknown)}", hint=f"model inputs: {', '.join(names)}")
+    named: dict[str, int] = {}  # dim_param -> value, from the overrides
     for vi in graph_inputs(model):
         dims = vi.type.tensor_type.shape.dim
         if vi.name in overrides:
@@ -315,22 +328,96 @@ def _fix_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]]) -> None
             for i, d in enumerate(dims):
                 if d.HasField("dim_value") and d.dim_value != want[i]:
                     raise UsageError(f"--input-shape {vi.name}: dim {i} is fixed to {d.dim_value} in the model, got {want[i]}")
-            del vi.type.tensor_type.shape.dim[:]
-            for w in want:
-                vi.type.tensor_type.shape.dim.add().dim_value = w
+                if not d.HasField("dim_value") and d.dim_param:
+                    named.setdefault(d.dim_param, want[i])
+    changed = bool(overrides)
+    missing: list[tuple[str, list[str]]] = []
+    for vi in graph_inputs(model):
+        tt = vi.type.tensor_type
+        dims = tt.shape.dim
+        if vi.name in overrides:
+            del tt.shape.dim[:]
+            for w in overrides[vi.name]:
+                tt.shape.dim.add().dim_value = w
             continue
         dyn = [i for i, d in enumerate(dims) if not d.HasField("dim_value") or d.dim_value <= 0]
-        if dyn or not vi.type.tensor_type.HasField("shape"):
-            shown = "x".join(d.dim_param or "?" if not d.HasField("dim_value") else str(d.dim_value) for d in dims)
-            raise InputError(
-                f"input {vi.name!r} has dynamic dimensions ({shown})",
-                hint=f"fix them with --input-shape {vi.name}:" + "x".join("1" if i in dyn else str(d.dim_value) for i, d in enumerate(dims)),
-            )
-    if overrides:
+        if not tt.HasField("shape"):
+            missing.append((vi.name, ["<rank unknown>"]))
+            continue
+        if not dyn:
+            continue
+        vals: list[int | None] = [d.dim_value if i not in dyn else named.get(d.dim_param) if d.dim_param else None
+                                  for i, d in enumerate(dims)]
+        how = "dims of the same name in another input"
+        ds = (data_shapes or {}).get(vi.name)
+        if any(v is None for v in vals) and ds is not None:
+            sample = tuple(ds[1:])
+            if len(sample) == len(dims) - 1:  # batch-1 layout: the samples stack along the batch axis
+                sample = (1, *sample)
+            if len(sample) == len(dims) and all(v is None or v == sample[i] for i, v in enumerate(vals)):
+                vals = list(sample)
+                how = "the --calib/--eval data's shape"
+        if any(v is None for v in vals):
+            missing.append((vi.name, [str(v) if v is not None else _dim_hint(dims[i].dim_param) for i, v in enumerate(vals)],
+                            {d.dim_param for i, d in enumerate(dims) if vals[i] is None and d.dim_param}
+                            if all(d.dim_param for i, d in enumerate(dims) if vals[i] is None) else None))
+            continue
+        shown = "x".join(d.dim_param or "?" if not d.HasField("dim_value") else str(d.dim_value) for d in dims)
+        for i, d in enumerate(dims):
+            if d.dim_param:
+                named.setdefault(d.dim_param, int(vals[i]))
+        del tt.shape.dim[:]
+        for v in vals:
+            tt.shape.dim.add().dim_value = int(v)
+        changed = True
+        if notes is not None:
+            notes.append(f"input {vi.name!r}: dynamic dims ({shown}) fixed to {'x'.join(map(str, vals))} from {how}")
+    if missing:
+        covered: set[str] = set()
+        flags, follow = [], []
+        for n, d, params in missing:  # an input whose open dims are all named in an earlier one follows it
+            if params is not None and params and params <= covered:
+                follow.append(n)
+                continue
+            flags.append(f"--input-shape {n}:{'x'.join(d)}")
+            covered |= params or set()
+        hint = " ".join(flags) + (f" ({', '.join(follow)}: same dim names, fixed with them)" if follow else "")
+        placeholders = any("<" in x for _, d, _ in missing for x in d)
+        raise InputError(
+            f"input{'s' if len(missing) > 1 else ''} {', '.join(repr(n) for n, _, _ in missing)} "
+            f"{'have' if len(missing) > 1 else 'has'} dynamic dimensions",
+            hint=f"fix them with {hint}" + (" (replace each <name> with its size)" if placeholders else "")
+                 + "; or pass --calib/--eval data: their shapes fix them",
+        )
+    if changed:
         # drop stale intermediate shapes so inference recomputes them from the fixed inputs
         del model.graph.value_info[:]
         for out in model.graph.output:
             out.type.tensor_type.ClearField("shape")
+
+
+def npz_shapes(*paths: str | Path | None) -> dict[str, tuple[int, ...]]:
+    """Array shapes of ``.npz`` files, read from the array headers (no data is loaded); the first file
+    that holds a name wins. Unreadable files are skipped here (the data loader reports them)."""
+    import zipfile
+
+    out: dict[str, tuple[int, ...]] = {}
+    for p in paths:
+        if not p or not Path(p).is_file():
+            continue
+        try:
+            with zipfile.ZipFile(p) as zf:
+                for member in zf.namelist():
+                    name = member[:-4] if member.endswith(".npy") else member
+                    if name in out:
+                        continue
+                    with zf.open(member) as f:
+                        major, _ = np.lib.format.read_magic(f)
+                        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                        out[name] = tuple(read(f)[0])
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+            continue
+    return out
 
 
 def _has_shape_ops(model: onnx.ModelProto) -> bool:
@@ -649,14 +736,17 @@ def name_nodes(model: onnx.ModelProto) -> int:
     return named
 
 
-def load(path: Path, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
-    """Full load stage: read, check, convert opset, fix shapes, check resources, normalise, infer shapes."""
+def load(path: Path, input_shapes: dict[str, list[int]] | None = None, data_shapes: dict[str, tuple[int, ...]] | None = None,
+         notes: list[str] | None = None) -> onnx.ModelProto:
+    """Full load stage: read, check, convert opset, fix shapes, check resources, normalise, infer shapes.
+    ``data_shapes``: array shapes of the run's data files (``npz_shapes``), which fix dynamic dims left
+    open by ``input_shapes``; ``notes`` receives a line per input fixed that way."""
     model = read_model(path)
     model = _convert_opset(model)
     _normalize_ir(model)
     name_nodes(model)
     _check_io_types(model)
-    _fix_shapes(model, input_shapes or {})
+    _fix_shapes(model, input_shapes or {}, data_shapes, notes)
     check_resources(model)  # declared shapes and node attributes, before anything is computed
     model = infer_shapes(model, data_prop=False)
     check_resources(model)  # inferred intermediates, before data propagation, folding or running anything

@@ -314,14 +314,18 @@ def _load(p: Plan, say: Say) -> _Run:
     opts = p.opts
     model_path = Path(opts.model)
     say(f"[1/6] load {model_path}")
-    model = ir.load(model_path, ir.parse_input_shapes(opts.input_shape))
+    shape_notes: list[str] = []
+    model = ir.load(model_path, ir.parse_input_shapes(opts.input_shape), ir.npz_shapes(opts.calib, opts.eval, opts.finetune),
+                    shape_notes)
+    for line in shape_notes:
+        say(f"      {line}")
     inputs, outputs = ir.input_specs(model), ir.output_specs(model)
     say(f"      inputs {', '.join(f'{s.name}{list(s.shape)}' for s in inputs)}; outputs {', '.join(o.name for o in outputs)}")
     eval_samples = data_mod.load_npz(Path(opts.eval), inputs, "--eval") if opts.eval else None
     calib = data_mod.load_npz(Path(opts.calib), inputs, "--calib") if opts.calib else None
     if opts.finetune:  # checked before any work; finetune.distill reads it
         data_mod.load_npz(Path(opts.finetune), inputs, "--finetune")
-    warnings: list[str] = []
+    warnings: list[str] = list(shape_notes)  # dynamic dims fixed from the data: the bundle is built for that shape
     if eval_samples is not None:
         verif = eval_samples  # all of it: accuracy and agreement come from the same runs
     elif calib is not None:

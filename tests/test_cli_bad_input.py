@@ -2,6 +2,8 @@
 no output written, and the input model file untouched."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -83,6 +85,37 @@ def test_dynamic_dims_need_input_shape(cli, tmp_path):
     assert "--input-shape x:1x16" in r.err
     r = cli(p, "-o", tmp_path / "out", "--input-shape", "x:2x16", *FAST)
     assert r.code == 0, r
+
+
+def _bert_like(tmp_path):
+    """ids, mask: [batch, sequence] (a transformers export's dynamic axes) -> embedding * mask -> MatMul."""
+    rng = np.random.default_rng(0)
+    inits = {"emb": rng.standard_normal((100, 16)).astype(np.float32), "w": rng.standard_normal((16, 4)).astype(np.float32),
+             "ax": np.array([2], np.int64)}
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]), helper.make_node("Cast", ["mask"], ["mf"], to=1),
+             helper.make_node("Unsqueeze", ["mf", "ax"], ["m3"]), helper.make_node("Mul", ["e", "m3"], ["em"]),
+             helper.make_node("MatMul", ["em", "w"], ["y"])]
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in ("ids", "mask")]
+    m = make_model(nodes, ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 4])], inits, opset=17)
+    np.savez(tmp_path / "calib.npz", ids=rng.integers(0, 100, (8, 24)), mask=np.ones((8, 24), np.int64))
+    return _model_file(tmp_path, m)
+
+
+def test_dynamic_axes_one_error_shared_names_and_data(cli, tmp_path):
+    p = _bert_like(tmp_path)
+    r = cli(p, "-o", tmp_path / "o1", *FAST)
+    _assert_one_line_error(r, EXIT_INPUT, "inputs 'ids', 'mask' have dynamic dimensions")
+    assert "--input-shape ids:1x<sequence>" in r.err and "mask: same dim names" in r.err and "--calib" in r.err, r.err
+    r = cli(p, "-o", tmp_path / "o2", "--input-shape", "ids:1x24", *FAST)  # mask follows ids' batch/sequence
+    assert r.code == 0, r
+    rep = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert any("'mask'" in w and "1x24" in w for w in rep["warnings"]), rep["warnings"]
+    r = cli(p, "-o", tmp_path / "o3", "--calib", tmp_path / "calib.npz", *FAST)  # the data's shape fixes them
+    assert r.code == 0, r
+    rep = json.loads((tmp_path / "o3" / "report.json").read_text())
+    assert any("'ids'" in w and "1x24" in w and "data" in w for w in rep["warnings"]), rep["warnings"]
+    m = onnx.load(tmp_path / "o3" / "model.onnx")
+    assert [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input] == [[1, 24], [1, 24]]
 
 
 @pytest.mark.parametrize("spec,needle", [("x:abc", "bad --input-shape"), ("nosuch:1x16", "unknown inputs"), ("x:1x16x3", "rank")])
