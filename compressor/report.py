@@ -96,6 +96,22 @@ def comparison_lines(comp: dict[str, Any]) -> list[str]:
     return lines
 
 
+def requested_vs_achieved(report: dict[str, Any]) -> tuple[float, float, int] | None:
+    """(requested, achieved, prunable weights) of the run's sparsify pass, over the layers it prunes: the
+    whole-model ``sparsity`` also counts the layers left dense (stem, classifier, --ignore, embeddings).
+    After an accuracy search that gave weights back, ``achieved`` is the search's final figure."""
+    sp = [p for p in report.get("passes", []) if p.get("name", "").startswith("sparsify.")
+          and "requested_sparsity" in (p.get("stats") or {})]
+    if not sp:
+        return None
+    st = sp[-1]["stats"]
+    achieved = st.get("achieved_sparsity", st["requested_sparsity"])
+    search = report.get("search") or {}
+    if search.get("kind") == "values" and search.get("rounds") and search.get("zeros_after") is not None:
+        achieved = search["zeros_after"]
+    return float(st["requested_sparsity"]), float(achieved), int(st.get("prunable_params") or 0)
+
+
 def result_line(report: dict[str, Any]) -> str:
     a, b = report["stats"]["compressed"], report["stats"]["original"]
     acc = report.get("accuracy") or {}
@@ -105,6 +121,9 @@ def result_line(report: dict[str, Any]) -> str:
         f"sparsity={a['sparsity']:.3f}",
         f"params={a['nonzero_params']}/{b['nonzero_params']}",
     ]
+    req = requested_vs_achieved(report)
+    if req:
+        parts.append(f"layers_sparsity={req[1]:.3f}/{req[0]:.3f}")
     if acc:
         parts.append(f"accuracy={acc['original']:.4f}->{acc['compressed']:.4f}")
     worst = [c for c in report["verification"] if c["kind"] == "lossy"]
@@ -113,6 +132,47 @@ def result_line(report: dict[str, Any]) -> str:
     parts.append(f"warnings={len(report['warnings'])}")
     parts.append(f"bundle={report['bundle']}")
     return " ".join(parts)
+
+
+def why_not_faster(report: dict[str, Any]) -> list[str]:
+    """The report section that says where the zeros bring no speed: every layer a target lowering kept
+    dense (with its reason: the cost model's predicted ratio, an op without a sparse kernel), the runtime
+    the bundle chose and why, and the measured latencies side by side."""
+    req = requested_vs_achieved(report)
+    kept = [(p["name"], lay) for p in report.get("target_passes") or [] for lay in (p["stats"].get("layers") or [])
+            if isinstance(lay, dict) and not lay.get("lowered", True)]
+    lowered = [lay for p in report.get("target_passes") or [] for lay in (p["stats"].get("layers") or [])
+               if isinstance(lay, dict) and lay.get("lowered")]
+    in_table = {lay.get("node") for _, lay in kept}
+    dense_why = [w for p in report.get("target_passes") or [] for w in p.get("warnings", [])
+                 if ("kept dense" in w or "not lowered" in w) and w.split(":", 1)[0] not in in_table]
+    if not (req or kept or dense_why):
+        return []
+    out = ["", "## Why not faster", ""]
+    if req:
+        out.append(f"- sparsity over the pruned layers: {req[1]:.3f} (requested {req[0]:.3f}, {req[2]} prunable weights); "
+                   f"whole model {report['stats']['compressed']['sparsity']:.3f} (layers left dense count too)")
+    out.append(f"- sparse kernels: {len(lowered)} layer(s) lowered, {len(kept) + len(dense_why)} kept dense")
+    rows = [[lay.get("node", "?"), lay.get("op", ""), "x".join(map(str, lay.get("shape", []))),
+             f"{lay['sparsity']:.0%}" if isinstance(lay.get("sparsity"), (int, float)) else "",
+             f"{lay['predicted_ratio']:.2f}x" if isinstance(lay.get("predicted_ratio"), (int, float)) else "",
+             str(lay.get("reason") or lay.get("cost_model") or "")] for _, lay in kept]
+    out += [f"  - {w}" for w in dense_why]  # no sparse kernel for the op / shape
+    if rows:
+        out += ["", "Kept dense by the cost model (its predicted speedup below the lowering's minimum):", ""]
+        out += table(rows, ["layer", "op", "shape", "zeros", "predicted speedup", "cost model"]) + [""]
+    rt = report.get("runtime")
+    if rt:
+        out.append(f"- runtime: {rt['name']} ({rt['reason']})")
+    lat = report.get("latency") or {}
+    if lat.get("ort_original_s"):
+        vals = [f"onnxruntime original {lat['ort_original_s'] * 1e3:.3f} ms"]
+        if lat.get("ort_compressed_s"):
+            vals.append(f"onnxruntime compressed {lat['ort_compressed_s'] * 1e3:.3f} ms")
+        if lat.get("artifact_s"):
+            vals.append(f"artifact {lat['artifact_s'] * 1e3:.3f} ms")
+        out.append(f"- measured: {', '.join(vals)} ({lat.get('measured_on', '?')})")
+    return out
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -134,6 +194,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines += table([[p["name"], "yes" if p["modified"] else "no", f"{p['seconds'] * 1000:.1f} ms",
                      ", ".join(f"{k}={v}" for k, v in p["stats"].items() if isinstance(v, (int, float, str)))]
                     for p in report["passes"]], ["pass", "changed", "time", "stats"])
+    tps = report.get("target_passes") or []
+    if tps:
+        lines += ["", f"## Target passes ({report['target']['tag']})", ""]
+        lines += table([[p["name"], "yes" if p["modified"] else "no", f"{p['seconds'] * 1000:.1f} ms",
+                         ", ".join(f"{k}={v}" for k, v in p["stats"].items() if isinstance(v, (int, float, str)))]
+                        for p in tps], ["pass", "changed", "time", "stats"])
+    lines += why_not_faster(report)
     art = report.get("artifact")
     lines += ["", "## Artifact", ""]
     lines.append(f"`{art['path']}` ({art['kind']}), sha256 `{art['sha256']}`" if art else "no artifact produced (see warnings)")

@@ -118,3 +118,21 @@ def test_cheap_checks_through_the_cli(cli, tmp_path):
     _assert_one_line_error(cli(tmp_path / "nope.onnx"), EXIT_INPUT, "model file not found")
     r = run_cli_subprocess(tmp_path / "nope.onnx", "--sparsity", "0.5")
     _assert_one_line_error(r, EXIT_INPUT, "model file not found")
+
+
+def test_report_explains_why_not_faster(cli, tmp_path):
+    """report.md lists the target's passes and every layer they kept dense with the reason, and the RESULT
+    line gives the sparsity over the pruned layers beside the requested one (issue 19)."""
+    model, calib = REPO / "models" / "digits_cnn.onnx", REPO / "models" / "digits_calib.npz"
+    r = cli(model, "--sparsity", "0.5", "--calib", calib, "--no-latency", "-o", tmp_path / "o")
+    assert r.code == 0, r
+    last = r.out.strip().splitlines()[-1]
+    assert "layers_sparsity=0.500/0.500" in last, last
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "## Target passes" in md and "| lower.sparse" in md, md
+    assert "## Why not faster" in md and "requested 0.500" in md
+    kept = [lay["node"] for p in rep["target_passes"] for lay in p["stats"].get("layers", []) if not lay.get("lowered", True)]
+    other = [w.split(":", 1)[0] for p in rep["target_passes"] for w in p["warnings"] if "kept dense" in w or "not lowered" in w]
+    assert kept or other
+    assert all(name in md for name in kept + other), (kept, other)
