@@ -1,6 +1,6 @@
 """Calibration of ``lower.sparse``'s CPU cost model against the kernels a compiled model runs.
 
-``passes/lower_sparse.py`` turns a layer sparse when the BSR kernel beats the *dense TIR
+``targets/lower_sparse.py`` turns a layer sparse when the BSR kernel beats the *dense TIR
 kernel* the TVM build would otherwise run for it (``targets/dense_kernels.py`` packed
 MatMul/Gemm, ``targets/conv_kernels.py`` dense 1x1 conv). This script measures both kernels
 side by side over a grid of layers and prints, per point: shape, batch (GEMM rows, or
@@ -8,7 +8,7 @@ pixels for a 1x1 conv), sparsity, block, dense-kernel ms, sparse-kernel ms, meas
 (dense / sparse), the ratio the pass's model predicts now and the one the previous model
 (ratios against onnxruntime, kept below as ``OLD_*``) predicted. Then the confusion of
 both models' decisions against the measurements and, with ``--fit``, a least-squares fit
-of the per-kernel time models' constants (what ``passes/lower_sparse.py`` carries).
+of the per-kernel time models' constants (what ``targets/lower_sparse.py`` carries).
 
     .venv/bin/python bench/cost_model.py --quick                     # smoke (~1 min)
     .venv/bin/python bench/cost_model.py --save /tmp/cm.json         # full grid (~15 min, 2 cores)
@@ -169,8 +169,8 @@ def bench_conv_shape(ch: int, h: int, w_: int, tgt, rng, sparsities, blocks, rou
 
 
 def predictions(rows: list[dict]) -> None:
-    """Add ``measured``, ``pred_new`` (passes.lower_sparse.predict) and ``pred_old`` to rows."""
-    from passes.lower_sparse import predict
+    """Add ``measured``, ``pred_new`` (targets.lower_sparse.predict) and ``pred_old`` to rows."""
+    from targets.lower_sparse import predict
     from targets.sparse_kernels import parse_block
 
     for r in rows:
@@ -209,9 +209,9 @@ def _label(r: dict) -> str:
 
 def features(op: str, kind: str, n: int, k: int, m: int, density: float, block: tuple[int, int],
              perm: bool = False) -> np.ndarray:
-    """Regressors of the time models (passes.lower_sparse.kernel_time): the same function
+    """Regressors of the time models (targets.lower_sparse.kernel_time): the same function
     the pass evaluates, so the fit and the pass cannot disagree."""
-    from passes.lower_sparse import time_features
+    from targets.lower_sparse import time_features
 
     return np.asarray(time_features(op, kind, n, k, m, density, block, perm), np.float64)
 
@@ -219,10 +219,10 @@ def features(op: str, kind: str, n: int, k: int, m: int, density: float, block: 
 def fit(rows: list[dict]) -> dict[str, list[float]]:
     """Non-negative least squares of every kernel's time model on relative error (each row
     of the system divided by the measured time), per model key of
-    ``passes.lower_sparse.model_key``."""
+    ``targets.lower_sparse.model_key``."""
     from scipy.optimize import nnls
 
-    from passes.lower_sparse import model_key
+    from targets.lower_sparse import model_key
     from targets.sparse_kernels import parse_block
 
     systems: dict[str, tuple[list, list]] = {}
@@ -275,8 +275,8 @@ def merge_runs(runs: list[list[dict]]) -> list[dict]:
 
 
 def predict_with(rows: list[dict], coef: dict[str, list[float]], key: str) -> None:
-    """Store under ``key`` the ratios ``passes.lower_sparse.predict`` gives with constants ``coef``."""
-    from passes import lower_sparse as ls
+    """Store under ``key`` the ratios ``targets.lower_sparse.predict`` gives with constants ``coef``."""
+    from targets import lower_sparse as ls
     from targets.sparse_kernels import parse_block
 
     saved = dict(ls.CPU_TIME_MODELS)
@@ -343,10 +343,10 @@ What is compared: for every grid point the dense TIR kernel the TVM build runs f
 the BSR kernel `lower.sparse` would put there (`targets/sparse_kernels.py` `make_primfunc` /
 `make_conv1x1_primfunc`), both checked against numpy, timed interleaved on the same host.
 `measured` = dense ms / sparse ms; `predicted` = the ratio of the two kernels' modelled times
-with the constants now in `passes/lower_sparse.py` (`CPU_TIME_MODELS`); `predicted (old)` =
+with the constants now in `targets/lower_sparse.py` (`CPU_TIME_MODELS`); `predicted (old)` =
 the previous model (measured ratios against onnxruntime dense, scaled by stored density).
 
-Model (one per kernel; docstring of `passes/lower_sparse.py`): time = per-call overhead
+Model (one per kernel; docstring of `targets/lower_sparse.py`): time = per-call overhead
 (serial or parallel, by the kernel's own threshold) + weight bytes from L2 / L3 / DRAM
 (2 MiB / 32 MiB tiers) + MACs + activation bytes, each with a non-negative constant; fitted by
 non-negative least squares on relative error (`--fit`). "2-fold by shape": every layer shape
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
         cross_validate(rows)
     parts = [fmt_table(rows), fmt_confusion(rows, a.min_speedup)]
     if coef:
-        parts.append("Fitted time-model constants (passes/lower_sparse.py CPU_TIME_MODELS):\n\n```\n"
+        parts.append("Fitted time-model constants (targets/lower_sparse.py CPU_TIME_MODELS):\n\n```\n"
                      + "\n".join(f"{k!r}: {v}," for k, v in coef.items()) + "\n```")
     text = "\n\n".join(parts)
     print(text)

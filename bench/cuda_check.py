@@ -17,7 +17,7 @@ Engines, each timed with TVM's ``time_evaluator`` / CUDA events (device time, me
 * ``torch``: ``torch.nn.functional.linear`` / ``conv2d`` on CUDA (cuBLAS / cuDNN), when the
   installed torch has CUDA.
 
-The ratios ``dense/sparse`` are what ``passes/lower_sparse.py``'s CUDA prior
+The ratios ``dense/sparse`` are what ``targets/lower_sparse.py``'s CUDA prior
 (``CUDA_PRIOR_EFFICIENCY``) should be replaced with.
 """
 from __future__ import annotations

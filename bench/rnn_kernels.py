@@ -63,6 +63,7 @@ def lowered(model, spec, fuse: str):
     from compressor import ir
     from compressor.pass_base import PassContext, make_config
     from compressor.pass_manager import PassManager
+    import targets  # noqa: F401  (registers lower.rnn / lower.sparse)
     from passes import PASSES
 
     rnn = PASSES.get("lower.rnn")
@@ -78,7 +79,7 @@ def run(rounds: int, sizes, md: str | None) -> None:
     import onnxruntime as ort
 
     from compressor.runtime import compare_latency
-    from passes.lower_rnn import LowerRNNConfig
+    from targets.lower_rnn import LowerRNNConfig
     from targets import resolve, tvm_backend
     from targets import rnn_kernels as rk
 

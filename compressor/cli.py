@@ -225,6 +225,7 @@ def _cmd_list(args: list[str]) -> int:
     for f in a.plugin:
         load_plugin_file(Path(f))
     if a.what == "passes":
+        import targets  # noqa: F401  (registers the target lowerings, lower.rnn / lower.sparse)
         from passes import PASSES
 
         for e in PASSES:

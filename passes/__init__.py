@@ -1,7 +1,9 @@
 """Graph passes. ``PASSES`` maps a stable dotted name to a Pass class.
 
 One pass per file. Built-ins are registered here; plugins register through the
-entry-point group ``compressor.passes`` or ``--plugin file.py``.
+entry-point group ``compressor.passes`` or ``--plugin file.py``. The target lowerings ``lower.rnn`` and
+``lower.sparse`` (kernel choice by ISA, cost model) live in ``targets/`` and are registered when
+``targets`` is imported: a pass does not know a target.
 """
 from __future__ import annotations
 
@@ -20,16 +22,13 @@ def _register_builtins() -> None:
     from passes.cleanup_fold_batchnorm import FoldBatchNorm
     from passes.cleanup_fold_constants import FoldConstants
     from passes.cleanup_remove_identity import RemoveIdentity
-    from passes.lower_rnn import LowerRNN
     from passes.sparsify_magnitude import MagnitudeSparsify
     from passes.sparsify_obs import OBSSparsify
     from passes.sparsify_wanda import WandaSparsify
 
-    for cls in (FoldConstants, RemoveIdentity, FoldBatchNorm, DeadCodeElimination, LowerRNN, MagnitudeSparsify):
+    for cls in (FoldConstants, RemoveIdentity, FoldBatchNorm, DeadCodeElimination, MagnitudeSparsify):
         PASSES.register(cls.name, cls, builtin(cls.__module__))
-    from passes.lower_sparse import LowerSparse
-
-    PASSES.register(LowerSparse.name, LowerSparse, builtin(LowerSparse.__module__))
+    # the target lowerings (lower.rnn, lower.sparse) live in targets/ and are registered by it
     from passes.sparsify_auto import AutoSparsify
 
     for cls in (WandaSparsify, OBSSparsify, AutoSparsify):

@@ -14,12 +14,18 @@ TARGETS: Registry[Target] = Registry("target", "compressor.targets", check=check
 
 
 def _register_builtins() -> None:
+    from passes import PASSES
     from targets.arm import ArmTarget
     from targets.cuda import CudaTarget
+    from targets.lower_rnn import LowerRNN
+    from targets.lower_sparse import LowerSparse
     from targets.x86 import X86Target
 
     for cls in (X86Target, ArmTarget, CudaTarget):
         TARGETS.register(cls.name, cls(), builtin(cls.__module__))
+    # the lowerings targets declare in ``required_passes``: passes by contract, owned by targets
+    for lcls in (LowerRNN, LowerSparse):
+        PASSES.register(lcls.name, lcls, builtin(lcls.__module__))
 
 
 _register_builtins()

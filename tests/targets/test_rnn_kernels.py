@@ -8,7 +8,7 @@ import pytest
 
 from compressor.pass_base import PassContext, make_config
 from compressor.pass_manager import PassManager
-from passes.lower_rnn import LowerRNN
+from targets.lower_rnn import LowerRNN
 from targets import resolve
 from targets import rnn_kernels as rk
 from targets.host import detect_host

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.pass_base import PassContext
-from passes.lower_sparse import DOMAIN, LowerSparse, LowerSparseConfig
+from targets.lower_sparse import DOMAIN, LowerSparse, LowerSparseConfig
 from targets import resolve
 from targets import sparse_kernels as sk
 from targets.cuda import find_nvcc
@@ -95,7 +95,7 @@ def test_cuda_artifact_embeds_bsr_kernels(tmp_path):
 
 
 def test_cuda_prior_refuses_too_many_partial_sums():
-    from passes.lower_sparse import CUDA_MAX_RM, predict
+    from targets.lower_sparse import CUDA_MAX_RM, predict
 
     ok, basis = predict("MatMul", 4096, 4096, 16, 1, 0.1, (8, 1), "cuda")
     assert ok > 1.2 and basis == "cuda prior"

@@ -149,7 +149,7 @@ def test_lowered_model_runs_the_perm_kernel(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from tests.passes.lower_sparse_util import lower, run_ort
+    from tests.targets.lower_sparse_util import lower, run_ort
     from targets import tvm_backend
 
     class Spec512:

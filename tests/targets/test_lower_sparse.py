@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.errors import UsageError
-from tests.passes.lower_sparse_util import Spec, check_tvm_build, lower, run_ort
-from passes.lower_sparse import DOMAIN, LowerSparseConfig, predicted_ratio
+from tests.targets.lower_sparse_util import Spec, check_tvm_build, lower, run_ort
+from targets.lower_sparse import DOMAIN, LowerSparseConfig, predicted_ratio
 
 def _model(m=2, k=256, n=128, n2=64):
     rng = np.random.default_rng(0)

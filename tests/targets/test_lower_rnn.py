@@ -13,7 +13,7 @@ from compressor import ir
 from compressor.pass_base import PassContext, make_config
 from compressor.pass_manager import PassManager
 from compressor.errors import UsageError
-from passes.lower_rnn import LowerRNN
+from targets.lower_rnn import LowerRNN
 from tests.conftest import make_model, ort_run
 
 ATOL = 1e-5

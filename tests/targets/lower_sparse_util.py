@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from compressor.pass_base import PassContext
-from passes.lower_sparse import LowerSparse, LowerSparseConfig
+from targets.lower_sparse import LowerSparse, LowerSparseConfig
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 

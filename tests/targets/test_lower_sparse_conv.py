@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.passes.lower_sparse_util import check_tvm_build, lower, run_ort
-from passes.lower_sparse import DOMAIN, predict
+from tests.targets.lower_sparse_util import check_tvm_build, lower, run_ort
+from targets.lower_sparse import DOMAIN, predict
 
 def _sparse(rng, o, i, block, density):
     keep = rng.random((o // block[0], i // block[1])) < density

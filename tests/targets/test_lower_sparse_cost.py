@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from passes import lower_sparse as ls
-from tests.passes.lower_sparse_util import lower
+from targets import lower_sparse as ls
+from tests.targets.lower_sparse_util import lower
 
 
 def test_dense_features_by_hand():
