@@ -380,6 +380,8 @@ def main(argv=None) -> int:
                          "the minimum of each kernel's times over the runs)")
     ap.add_argument("--fit", action="store_true", help="print the fitted time-model constants")
     ap.add_argument("--md", type=Path, help="also write the table, confusion and fit to this markdown file")
+    ap.add_argument("--write", type=Path, help="with --fit: write the constants as the cost-model data file that "
+                    "lower.sparse reads (targets/cost_models/<isa>.json: version, ISA, host, command)")
     ap.add_argument("--note", default="", help="a line for the markdown file (how the loaded runs were measured)")
     a = ap.parse_args(argv)
     conv_shapes = [tuple(int(v) for v in s.split(":")) for s in a.conv] if a.conv else list(CONV_SHAPES)
@@ -415,8 +417,10 @@ def main(argv=None) -> int:
         predict_with(rows, coef, "pred_fit")
         cross_validate(rows)
     parts = [fmt_table(rows), fmt_confusion(rows, a.min_speedup)]
+    if coef and a.write:
+        write_cost_model(a.write, coef, list(argv if argv is not None else sys.argv[1:]))
     if coef:
-        parts.append("Fitted time-model constants (targets/lower_sparse.py CPU_TIME_MODELS):\n\n```\n"
+        parts.append("Fitted time-model constants (targets/cost_models/<isa>.json, written with --write):\n\n```\n"
                      + "\n".join(f"{k!r}: {v}," for k, v in coef.items()) + "\n```")
     text = "\n\n".join(parts)
     print(text)
@@ -433,6 +437,28 @@ def main(argv=None) -> int:
         a.md.write_text(f"# lower.sparse cost model calibration\n\nhost: {host}\n\ncommand: `{cmd}`\n\n"
                         f"{a.note + chr(10) + chr(10) if a.note else ''}{MD_NOTES}\n\n{text}\n")
     return 0
+
+
+def write_cost_model(path: Path, coef: dict[str, list[float]], args: list[str]) -> None:
+    """The fitted constants as lower.sparse's data file; the ISA is the host's (the kernels were measured
+    here). Atomic: a half-written file would be read as a broken cost model."""
+    import datetime
+
+    from targets import lower_sparse as ls
+    from targets.host import detect_host
+
+    h = detect_host()
+    isa = "x86-avx512" if "avx512f" in h.features else ("x86-avx2" if "avx2" in h.features else h.arch)
+    d = {"version": ls.COST_MODEL_VERSION, "kind": "cpu-kernel-time-model", "isa": isa,
+         "fitted": datetime.date.today().isoformat(),
+         "host": f"{h.model_name}, {len(os.sched_getaffinity(0))} logical CPUs ({h.arch})",
+         "command": " ".join([".venv/bin/python bench/cost_model.py", *args]),
+         "features": list(ls.TIME_FEATURES), "cache_bytes": ls.CACHE_BYTES, "llc_bytes": ls.LLC_BYTES,
+         "models": {k: [float(f"{x:.4g}") for x in v] for k, v in coef.items()}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(d, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"cost model for {isa} written to {path}")
 
 
 if __name__ == "__main__":

@@ -66,14 +66,15 @@ conv, sparse GEMM perm/lanes/xt for R = 1 and the rows kernel per R in 4/8/16, s
 per R), fitted by ``bench/cost_model.py --fit`` (non-negative least squares on relative
 error over a grid of N = K in 64..4096, batch 1/2/4/8/16, sparsity 0.5-0.95, blocks
 1x1/4x1/8x1/16x1, and 1x1 convs of 64..1024 channels on 16..3136 pixels; table, confusion and fit in ``bench/cost_model.md``) on the dev host
-(AMD EPYC Zen 4, AVX-512, 2 shared cores). What the previous, onnxruntime-relative model
+(AMD EPYC Zen 4, AVX-512, 2 shared cores); the constants are data, ``targets/cost_models/<isa>.json``
+(version, host, command), read by ``load_cost_model``. What the previous, onnxruntime-relative model
 got wrong: small cache-resident layers (a 256x256 GEMV's dense kernel runs serially from L2
 in ~3 us while the BSR GEMM kernel then always forked the pool -- small sparse kernels now
 run on one thread too, ``targets.sparse_kernels.PARALLEL_MIN_STORED``; 512x512 unstructured
 90% at batch 1 was predicted 1.3x and measured 0.8x), and 1x1 convs, where the BSR kernel
 beat the dense conv kernel from 50% sparsity on for most shapes (the old model kept 62 such
 grid points dense). Layers smaller than every calibrated one (``CALIBRATED_MIN_MACS``) get a
-ratio capped at 1. aarch64 runs the same TIR and uses the x86 fit (basis "x86 kernel fit");
+ratio capped at 1. aarch64 runs the same TIR and uses the x86 fit (basis "x86-avx512 kernel fit");
 CUDA keeps a bandwidth prior (below). Wrong decisions at ``min_speedup`` 1.2 on the grid:
 bench/cost_model.md (confusion table and the list).
 
@@ -89,8 +90,10 @@ unrolled S-step GRU stores its recurrent weight once, not S - 1 times. Stats cou
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -111,28 +114,36 @@ MIN_OPSET = 16
 # constants (seconds per unit), one constant vector per kernel (CPU_TIME_MODELS key).
 TIME_FEATURES = ("serial call", "parallel call", "weight bytes in L2", "weight bytes in L3", "weight bytes in DRAM",
                  "MACs", "activation bytes")
-CACHE_BYTES = 2 << 20  # weight bytes streamed from L2: the dev host's 2 cores have 1 MiB each
-LLC_BYTES = 32 << 20  # ... from L3 (32 MiB); beyond that from DRAM
+COST_MODEL_DIR = Path(__file__).resolve().parent / "cost_models"
+COST_MODEL_VERSION = 1
+
+
+def load_cost_model(isa: str) -> dict:
+    """The fitted CPU time model for ``isa`` (``targets/cost_models/<isa>.json``, written by
+    ``bench/cost_model.py --fit --write``): constants per kernel, the cache sizes of the host it was fitted
+    on, where and when. A file of another version or with other features is refused (a fit of another
+    model must not be read as this one)."""
+    path = COST_MODEL_DIR / f"{isa}.json"
+    d = json.loads(path.read_text())
+    if d.get("version") != COST_MODEL_VERSION or tuple(d.get("features", ())) != TIME_FEATURES:
+        raise ValueError(f"{path}: cost model version {d.get('version')} / features {d.get('features')} "
+                         f"do not match this lower.sparse (version {COST_MODEL_VERSION}, {TIME_FEATURES})")
+    return d
+
+
+def fitted_isas() -> list[str]:
+    return sorted(p.stem for p in COST_MODEL_DIR.glob("*.json"))
+
+
+DEFAULT_FIT = "x86-avx512"  # the only ISA measured so far; other CPU targets use it and say so in the basis
+_FIT = load_cost_model(DEFAULT_FIT)
+CACHE_BYTES = int(_FIT["cache_bytes"])  # weight bytes streamed from L2 (the fit host: 2 cores, 1 MiB each)
+LLC_BYTES = int(_FIT["llc_bytes"])  # ... from L3; beyond that from DRAM
 # smallest dense MACs of a calibrated layer (64x64 GEMV; 64 -> 64 channels on 16 pixels): below
 # them the fit extrapolates per-call overheads (a 48x32 conv on 4 pixels predicted 1.4x), so the
 # predicted ratio is capped at 1 there -- no measurement says such a layer pays
 CALIBRATED_MIN_MACS = {"gemm": 64 * 64, "conv": 64 * 64 * 16}
-CPU_TIME_MODELS: dict[str, list[float]] = {  # bench/cost_model.py --fit, dev host (bench/cost_model.md)
-    # 2026-11-26: GEMM grid at batches 1/2/4/8/16 twice (small sparse kernels serial), the lanes
-    # kernel once (perm disabled: what AVX2/NEON targets and odd shapes run), the conv grid once
-    "dense_gemm": [3.611e-07, 0.0, 3.145e-12, 4.964e-12, 2.967e-11, 6.336e-12, 1.383e-10],
-    "dense_conv": [9.803e-07, 0.0, 2.21e-11, 0.0, 0.0, 7.805e-12, 2.285e-11],
-    "sparse_gemm_1x1_lanes": [5.839e-07, 3.942e-07, 0.0, 3.23e-13, 4.26e-11, 1.401e-10, 2.978e-10],
-    "sparse_gemm_1x1_perm": [3.713e-07, 8.844e-07, 4.42e-12, 7.752e-12, 3.872e-11, 1.25e-11, 5e-11],
-    "sparse_gemm_1x1_xt": [3.383e-07, 1.629e-07, 0.0, 1.782e-11, 1.927e-11, 3.025e-11, 1.025e-10],
-    "sparse_gemm_4x1": [4.187e-07, 0.0, 6.858e-12, 1.056e-11, 1.086e-10, 2.371e-11, 3.674e-11],
-    "sparse_gemm_8x1": [4.033e-07, 2.756e-07, 5.076e-12, 9.079e-12, 1.914e-10, 1.285e-11, 2.631e-11],
-    "sparse_gemm_16x1": [3.614e-07, 6.082e-07, 4.51e-12, 8.83e-12, 2.799e-10, 8.316e-12, 2.288e-11],
-    "sparse_conv_1x1": [9.597e-07, 0.0, 1.043e-11, 0.0, 0.0, 1.889e-11, 9.675e-12],
-    "sparse_conv_4x1": [8.398e-07, 0.0, 5.181e-12, 0.0, 0.0, 1.061e-11, 6.827e-12],
-    "sparse_conv_8x1": [8.56e-07, 0.0, 5.251e-12, 0.0, 0.0, 9.782e-12, 6.52e-12],
-    "sparse_conv_16x1": [8.159e-07, 0.0, 9.694e-12, 0.0, 0.0, 1.135e-11, 8.498e-12],
-}
+CPU_TIME_MODELS: dict[str, list[float]] = {k: [float(x) for x in v] for k, v in _FIT["models"].items()}
 # CUDA: no GPU on the dev host, so no measured ratios yet. Prior: a bandwidth-bound kernel
 # reaching CUDA_PRIOR_EFFICIENCY of the ideal 1/stored_density speed-up; both sides pay a launch.
 # Every CUDA layer record says cost_model="cuda prior"; bench/cuda_check.py measures it.
@@ -236,7 +247,7 @@ def predict(op: str, n: int, k: int, m: int, bsz: int, stored_density: float, bl
     rows = m * bsz
     ratio = kernel_time(op, "dense", n, k, rows, 1.0, block) / kernel_time(op, "sparse", n, k, rows, d, block, perm)
     basis = ("conv1x1 " if op == "Conv" else "") + ("perm " if perm else "") + (
-        "x86 kernels measured" if family == "x86" else "x86 kernel fit")
+        f"{DEFAULT_FIT} kernels measured" if family == "x86" else f"{DEFAULT_FIT} kernel fit")
     if n * k * rows < CALIBRATED_MIN_MACS["conv" if op == "Conv" else "gemm"]:
         ratio = min(ratio, 1.0)
         basis += ", below the calibrated sizes: capped at 1"

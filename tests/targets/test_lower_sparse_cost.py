@@ -64,11 +64,11 @@ def test_predict_is_the_ratio_of_the_two_kernel_times():
     coef_d, coef_s = ls.CPU_TIME_MODELS["dense_gemm"], ls.CPU_TIME_MODELS["sparse_gemm_4x1"]
     t_d = float(np.dot(coef_d, ls.time_features("Gemm", "dense", n, k, m, 1.0, block)))
     t_s = float(np.dot(coef_s, ls.time_features("Gemm", "sparse", n, k, m, d, block)))
-    assert ratio == pytest.approx(t_d / t_s, rel=1e-12) and basis == "x86 kernels measured"
+    assert ratio == pytest.approx(t_d / t_s, rel=1e-12) and basis == "x86-avx512 kernels measured"
     # Conv: bsz images multiply the pixels; aarch64 uses the same fit
     t_d = ls.kernel_time("Conv", "dense", 256, 256, 392, 1.0, block)
     t_s = ls.kernel_time("Conv", "sparse", 256, 256, 392, d, block)
-    assert ls.predict("Conv", 256, 256, 196, 2, d, block, "arm") == (pytest.approx(t_d / t_s), "conv1x1 x86 kernel fit")
+    assert ls.predict("Conv", 256, 256, 196, 2, d, block, "arm") == (pytest.approx(t_d / t_s), "conv1x1 x86-avx512 kernel fit")
     assert ls.predicted_ratio(n, k, m, d, block) == ratio
 
 
@@ -150,7 +150,7 @@ def test_pass_keeps_the_small_gemv_dense_and_says_why():
     res, out = lower(_one_matmul(512, 512, 1, 0.9, np.random.default_rng(0)))
     assert not res.modified and res.stats["kept_dense"] == 1
     rec = res.stats["layers"][0]
-    assert rec["predicted_ratio"] < 1.2 and rec["cost_model"] == "x86 kernels measured"
+    assert rec["predicted_ratio"] < 1.2 and rec["cost_model"] == "x86-avx512 kernels measured"
     assert len(res.warnings) == 1
     assert "kept dense (predicted" in res.warnings[0] and "512x512, batch 1" in res.warnings[0]
 
@@ -174,3 +174,22 @@ def test_bench_smoke(capsys):
                  "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| MatMul | 64x64 | 1 | 0.90 | 8x1 | rows |" in out and "after (pass constants)" in out
+
+
+def test_cost_model_is_versioned_data(tmp_path, monkeypatch):
+    """The constants live in targets/cost_models/<isa>.json (written by bench/cost_model.py --fit --write),
+    not in code; a file of another version or feature set is refused."""
+    import json
+
+    from targets import lower_sparse as ls
+
+    d = ls.load_cost_model(ls.DEFAULT_FIT)
+    assert d["isa"] == ls.DEFAULT_FIT and d["host"] and d["command"].startswith(".venv/bin/python bench/cost_model.py")
+    assert {k: [float(x) for x in v] for k, v in d["models"].items()} == ls.CPU_TIME_MODELS
+    assert ls.DEFAULT_FIT in ls.fitted_isas()
+    monkeypatch.setattr(ls, "COST_MODEL_DIR", tmp_path)
+    (tmp_path / "bad-version.json").write_text(json.dumps(dict(d, version=d["version"] + 1)))
+    (tmp_path / "bad-features.json").write_text(json.dumps(dict(d, features=d["features"][:-1])))
+    for name in ("bad-version", "bad-features"):
+        with pytest.raises(ValueError, match="do not match"):
+            ls.load_cost_model(name)
