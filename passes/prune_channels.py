@@ -60,6 +60,7 @@ from compressor.errors import UsageError
 from compressor.pass_base import Pass, PassContext, PassResult
 from passes.channel_deps import DepGraph, Group, build, lookup
 from passes.channel_deps.graph import Space
+from passes.sparsity_patterns import im2col
 from passes.prune_obs import consumer_fits, greedy_order, supported, write_compensated
 
 log = logging.getLogger(__name__)
@@ -850,25 +851,11 @@ def _reinfer_shapes(graph: gs.Graph) -> None:
 # ------------------------------------------------------------------------------------------ reconstruction
 
 def _conv_rows(x: np.ndarray, node: gs.Node, kshape: tuple[int, ...]) -> np.ndarray:
-    """x [N, C, *spatial] -> im2col rows [N * prod(out spatial), C * prod(kernel)] for a 1-D or 2-D Conv with
-    explicit pads (rows ordered as the output's N, spatial; columns as the weight's C, kernel)."""
-    d = len(kshape)
-    pads = list(node.attrs.get("pads", [0] * (2 * d)))
-    st = list(node.attrs.get("strides", [1] * d))
-    dl = list(node.attrs.get("dilations", [1] * d))
-    xp = np.pad(x, ((0, 0), (0, 0), *[(pads[i], pads[i + d]) for i in range(d)]))
-    ext = tuple((kshape[i] - 1) * dl[i] + 1 for i in range(d))
-    win = np.lib.stride_tricks.sliding_window_view(xp, ext, axis=tuple(range(2, 2 + d)))
-    sl = (slice(None), slice(None)) + tuple(slice(None, None, st[i]) for i in range(d)) + tuple(slice(None, None, dl[i]) for i in range(d))
-    win = win[sl]
-    n, c = win.shape[:2]
-    out_sp = win.shape[2:2 + d]
-    perm = (0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
-    return win.transpose(perm).reshape(n * int(np.prod(out_sp)), c * int(np.prod(kshape)))
-
-
-def _im2col(x: np.ndarray, node: gs.Node, kshape: tuple[int, ...]) -> np.ndarray:
-    return _conv_rows(x, node, kshape)
+    """x [N, C, *spatial] -> im2col rows [N * prod(out spatial), C * prod(kernel)] of a 1-D or 2-D Conv (rows
+    ordered as the output's N, spatial; columns as the weight's C, kernel): ``sparsity_patterns.im2col``,
+    the one im2col of the passes (pads, auto_pad, strides, dilations)."""
+    p = im2col(node, x, tuple(kshape))  # [N, OH, OW, C, kH, kW] (1-D: OH = kH = 1)
+    return p.reshape(p.shape[0] * p.shape[1] * p.shape[2], -1)
 
 
 def refit_targets(graph: gs.Graph, p: Plan) -> tuple[list[gs.Node], list[str]]:
