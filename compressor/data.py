@@ -114,6 +114,27 @@ def _is_mask_name(name: str) -> bool:
     return "mask" in name.lower()
 
 
+def padding_keep(feed: dict[str, np.ndarray], act_shape: tuple[int, ...]) -> np.ndarray | None:
+    """Rows of an activation ``[B, S, ...D]`` (flattened to ``[B * S, D]``) at positions that are not padding:
+    the positions an attention-mask input marks 0. A padded token's activations never reach the output of an
+    encoder that masks its keys and pools over the mask, so the statistics that choose weights (OBS
+    Hessians, least-squares refits) are taken over the real tokens only. The mask is an integer or bool
+    input whose name says ``mask``, holding only 0 and 1, of shape ``[B, S]`` equal to the activation's
+    first two dims. None when there is no such input, it masks nothing, or it masks everything."""
+    if len(act_shape) < 3:
+        return None
+    for name, v in feed.items():
+        if not _is_mask_name(name) or v.ndim != 2 or v.dtype.kind not in "biu" or tuple(v.shape) != tuple(act_shape[:2]):
+            continue
+        if not np.isin(v, (0, 1)).all():
+            continue
+        keep = v.reshape(-1) != 0
+        if keep.all() or not keep.any():
+            return None
+        return keep
+    return None
+
+
 class _ModelIndex:
     """Consumers, constant shapes and inferred shapes by tensor name, over the main graph and every
     subgraph (a subgraph reads outer values by name)."""

@@ -60,6 +60,7 @@ from compressor.errors import UsageError
 from compressor.pass_base import Pass, PassContext, PassResult
 from passes.channel_deps import DepGraph, Group, build, lookup
 from passes.channel_deps.graph import Space
+from compressor.data import padding_keep
 from passes.sparsity_patterns import im2col
 from passes.prune_obs import consumer_fits, greedy_order, supported, write_compensated
 
@@ -982,7 +983,12 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
         r = p.removed.get((yname, ax_out))
         take = max(1, max_rows // max(len(xs), 1))
         try:
-            parts = [_fit_rows(n, x, y, r, take, rng) for x, y in zip(xs, ys[yname])]
+            parts = []
+            for x, y, feed in zip(xs, ys[yname], ctx.calib.feeds[:MAX_RECONSTRUCT]):
+                keep = padding_keep(feed, x.shape) if n.op != "Conv" and x.shape[:-1] == y.shape[:-1] else None
+                if keep is not None:  # padded positions never reach the output: fit the real tokens
+                    x, y = x.reshape(-1, x.shape[-1])[keep], y.reshape(-1, y.shape[-1])[keep]
+                parts.append(_fit_rows(n, x, y, r, take, rng))
         except ValueError as exc:
             warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: {exc}")
             continue

@@ -87,6 +87,7 @@ def consumer_fits(graph: gs.Graph, model: onnx.ModelProto, node_names: list[str]
     """One damped inverse Gram matrix per consumer node, from up to ``limit`` calibration samples of the
     unpruned model (streamed: one sample's activations in memory at a time)."""
     from compressor import runtime
+    from compressor.data import padding_keep
 
     nodes = {n.name: n for n in graph.nodes}
     todo = []
@@ -117,7 +118,11 @@ def consumer_fits(graph: gs.Graph, model: onnx.ModelProto, node_names: list[str]
     for feed in calib.feeds[:limit]:
         vals = dict(zip(names, sess.run(names, feed)))
         for n, _, _ in todo:
-            a = _rows(n, vals[n.inputs[0].name], rng)
+            xv = vals[n.inputs[0].name]
+            keep = padding_keep(feed, xv.shape) if n.op != "Conv" else None
+            if keep is not None:  # padded positions never reach the output: H over the real tokens
+                xv = xv.reshape(-1, xv.shape[-1])[keep]
+            a = _rows(n, xv, rng)
             a1 = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
             G[n.name] += a1.T @ a1
             rows[n.name] += a.shape[0]

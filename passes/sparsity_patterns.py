@@ -729,6 +729,7 @@ def feature_stats(model: Any, samples: list[dict], layers: list[Layer], full: bo
     the full Gram matrix H = sum X^T X (``full``) or its diagonal (squared feature norms), in float64.
     Returns ``{layer name: [H_g or diag_g]}`` divided by the token count."""
     from compressor.activations import iter_capture
+    from compressor.data import padding_keep
 
     names = sorted({input_tensor(l) for l in layers})
     acc: dict[str, list[np.ndarray]] = {}
@@ -743,9 +744,14 @@ def feature_stats(model: Any, samples: list[dict], layers: list[Layer], full: bo
                 acc[name][i] += f.T @ f if full else np.einsum("ij,ij->j", f, f)
                 chunks.clear()
 
-    for acts in iter_capture(model, samples, names):
+    feeds = list(samples.feeds) if hasattr(samples, "feeds") else list(samples)
+    for feed, acts in zip(feeds, iter_capture(model, feeds, names)):
         for l in layers:
-            feats = layer_features(l, np.asarray(acts[input_tensor(l)], dtype=np.float64))
+            x = np.asarray(acts[input_tensor(l)], dtype=np.float64)
+            keep = padding_keep(feed, x.shape) if l.node.op == "MatMul" and l.index == 1 else None
+            if keep is not None:  # padded positions never reach the output: statistics of the real tokens
+                x = x.reshape(-1, x.shape[-1])[keep]
+            feats = layer_features(l, x)
             if l.name not in acc:
                 acc[l.name] = [np.zeros((f.shape[1], f.shape[1]) if full else f.shape[1]) for f in feats]
                 buf[l.name] = [[] for _ in feats]

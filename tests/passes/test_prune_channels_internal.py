@@ -292,3 +292,55 @@ def test_obs_compensation_is_the_least_squares_refit():
     brute = int(np.argmin([de(u) for u in range(7)]))
     score = greedy_order([[(fit, np.array([u]))] for u in range(7)], np.ones(7, bool), max_remove=3, steps=3)
     assert int(np.argmin(score)) == brute and sorted(score)[:3] == [0, 1, 2], score
+
+
+def test_padding_keep_finds_attention_masks():
+    from compressor.data import padding_keep
+
+    m = np.array([[1, 1, 1, 0, 0]], np.int64)
+    assert padding_keep({"attention_mask": m, "ids": m}, (1, 5, 8)).tolist() == [True, True, True, False, False]
+    assert padding_keep({"attention_mask": m}, (1, 5)) is None  # not [B, S, D]
+    assert padding_keep({"attention_mask": m}, (1, 4, 8)) is None  # other positions
+    assert padding_keep({"attention_mask": np.ones_like(m)}, (1, 5, 8)) is None  # masks nothing
+    assert padding_keep({"attention_mask": m * 2}, (1, 5, 8)) is None  # not 0/1
+    assert padding_keep({"segment": m}, (1, 5, 8)) is None  # not named a mask
+    assert padding_keep({"attention_mask": m.astype(np.float32)}, (1, 5, 8)) is None  # not an integer input
+
+
+def _masked_ffn(mask_name: str) -> onnx.ModelProto:
+    """x [1, 8, 6] -> MatMul -> Relu -> MatMul -> * mask: the padded positions never reach the output."""
+    rng = np.random.default_rng(8)
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "w1"], ["h"], name="up"), n("Relu", ["h"], ["hr"], name="act"),
+             n("MatMul", ["hr", "w2"], ["o"], name="down"), n("Cast", [mask_name], ["mf"], to=TensorProto.FLOAT),
+             n("Unsqueeze", ["mf", "ax"], ["m3"]), n("Mul", ["o", "m3"], ["y"], name="apply_mask")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6]),
+                                       helper.make_tensor_value_info(mask_name, TensorProto.INT64, [1, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4])],
+                          [numpy_helper.from_array(rng.standard_normal((6, 16)).astype(np.float32), "w1"),
+                           numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2"),
+                           numpy_helper.from_array(np.array([2], np.int64), "ax")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = 8
+    return m
+
+
+def test_refit_ignores_padded_positions():
+    """Padded positions (attention mask 0) hold activations from another distribution (here 30x larger):
+    fitted on every row, the refit trades the real tokens' error for theirs; on the real tokens only it
+    does not. The same model with the mask input named otherwise is the control."""
+    rng = np.random.default_rng(2)
+    err = {}
+    for name in ("attention_mask", "segment"):
+        model = _masked_ffn(name)
+        feeds = []
+        for _ in range(24):
+            x = rng.standard_normal((1, 8, 6)).astype(np.float32)
+            x[:, 5:] *= 30.0
+            feeds.append({"x": x, name: np.array([[1] * 5 + [0] * 3], np.int64)})
+        rng = np.random.default_rng(2)  # the same data for both models
+        res, pruned = _run_pass(model, feeds, ratio=0.4, criterion="l1", reconstruct=True)
+        assert res.stats["reconstructed"] == 1, res.stats
+        s0, s1 = runtime.session(model), runtime.session(pruned)
+        err[name] = float(np.mean([np.square(s1.run(None, f)[0] - s0.run(None, f)[0]).mean() for f in feeds]))
+    assert err["attention_mask"] < 0.5 * err["segment"], err
