@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class DistillResult:
     epochs: int
     seconds: float
-    batched: bool
+    batched: bool | str  # True: one batch, "vmap": vectorized over samples, False: one sample at a time
     loss_before: float
     loss_after: float
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch
@@ -58,29 +58,42 @@ def _outs(y: Any) -> tuple[torch.Tensor, ...]:
 
 
 class _Runner:
-    """Feeds stacked samples to the student, batched if the graph allows."""
+    """Feeds stacked samples to the student: as one batch when the graph allows it, else vectorized over
+    samples with ``torch.func.vmap`` (each sample sees the batch-1 graph, so constants that bake batch 1 in
+    -- a Reshape target, the gather indices of a transformers 5 attention-mask export -- stay right), else
+    one sample at a time. Each mode is checked numerically against single-sample runs on two samples."""
 
     def __init__(self, student: nn.Module, input_names: list[str], feeds: list[dict[str, np.ndarray]]):
         self.student = student
         self.names = input_names
         self.x = {n: torch.from_numpy(np.stack([f[n] for f in feeds])) for n in input_names}  # [N, *model shape]
-        self.batched = all(self.x[n].dim() >= 2 and self.x[n].shape[1] == 1 for n in input_names) and len(feeds) >= 2
-        if self.batched:
-            self.batched = self._batch_ok()
+        self.mode = "single"
+        if len(feeds) >= 2:
+            if all(self.x[n].dim() >= 2 and self.x[n].shape[1] == 1 for n in input_names) and self._ok(self._forward_batched, "batched"):
+                self.mode = "batched"
+            elif self._ok(self._forward_vmap, "vmap"):
+                self.mode = "vmap"
+        if self.mode == "single":
+            log.info("student runs one sample at a time")
 
-    def _batch_ok(self) -> bool:
+    @property
+    def batched(self) -> str | bool:
+        """False (one sample at a time), True (one batch) or "vmap"."""
+        return {"single": False, "batched": True}.get(self.mode, self.mode)
+
+    def _ok(self, fwd, what: str) -> bool:
         idx = torch.arange(2)
         try:
             with torch.no_grad():
-                both = self._forward_batched(idx)
+                both = fwd(idx)
                 single = [self._forward_single(idx[i:i + 1]) for i in range(2)]
-        except Exception as exc:  # the graph bakes in batch 1 (e.g. a Reshape to [1, ...])
-            log.info("student runs one sample at a time (batched run failed: %s)", str(exc)[:120])
+        except Exception as exc:  # the graph bakes in batch 1 (e.g. a Reshape to [1, ...]); an op vmap cannot take
+            log.info("student: %s run failed: %s", what, str(exc)[:120])
             return False
         for k, b in enumerate(both):
             ref = torch.cat([s[k] for s in single])
             if b.shape != ref.shape or not torch.allclose(b, ref, rtol=1e-4, atol=1e-5):
-                log.info("student runs one sample at a time (batched outputs differ)")
+                log.info("student: %s outputs differ from single-sample runs", what)
                 return False
         return True
 
@@ -88,13 +101,21 @@ class _Runner:
         args = [self.x[n][idx].flatten(0, 1) for n in self.names]
         return _outs(self.student(*args))
 
+    def _forward_vmap(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = _outs(torch.func.vmap(lambda *a: self.student(*a))(*[self.x[n][idx] for n in self.names]))
+        return tuple(o.flatten(0, 1) if o.dim() >= 2 else o for o in outs)
+
     def _forward_single(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = [_outs(self.student(*[self.x[n][int(i)] for n in self.names])) for i in idx]
         return tuple(torch.cat([o[k] for o in outs]) for k in range(len(outs[0])))
 
     def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Outputs for samples ``idx``, each concatenated along axis 0."""
-        return self._forward_batched(idx) if self.batched else self._forward_single(idx)
+        if self.mode == "batched":
+            return self._forward_batched(idx)
+        if self.mode == "vmap":
+            return self._forward_vmap(idx)
+        return self._forward_single(idx)
 
 
 def distill_loss(student_out: tuple[torch.Tensor, ...], teacher_out: list[torch.Tensor], classifier: list[bool],

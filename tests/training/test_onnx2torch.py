@@ -136,7 +136,7 @@ def test_batch_1_reshapes_run_batched_and_equal_single_samples():
     mod = OnnxModule(m)
     feeds = [{"x": rng.standard_normal((1, 4, 6)).astype(np.float32)} for _ in range(5)]
     r = _Runner(mod, ["x"], feeds)
-    assert r.batched
+    assert r.mode == "batched" and r.batched is True
     with torch.no_grad():
         both = r(torch.arange(5))
         for i in range(5):
@@ -145,3 +145,26 @@ def test_batch_1_reshapes_run_batched_and_equal_single_samples():
             for k in range(2):
                 np.testing.assert_allclose(both[k][i:i + 1].numpy(), one[k].numpy(), rtol=1e-5, atol=1e-6)
                 np.testing.assert_allclose(one[k].numpy(), ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_runner_vmaps_a_graph_that_bakes_batch_1_into_gather_indices():
+    """transformers 5 exports build the attention mask with a Gather whose constant indices assume batch 1
+    (Flatten [B*S, 1] then indices arange(S)): stacked samples give wrong outputs, so the runner vectorizes
+    the batch-1 graph over samples with torch.func.vmap instead, checked against single-sample runs."""
+    from compressor.training.distill import _Runner
+
+    rng = np.random.default_rng(3)
+    inits = {"idx": np.arange(4, dtype=np.int64).reshape(1, 4), "w": rng.standard_normal((1, 3)).astype(np.float32)}
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=2), helper.make_node("Gather", ["f", "idx"], ["g"], axis=0),
+             helper.make_node("MatMul", ["g", "w"], ["y"])]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])], inits)
+    mod = OnnxModule(m)
+    feeds = [{"x": rng.standard_normal((1, 4)).astype(np.float32)} for _ in range(6)]
+    r = _Runner(mod, ["x"], feeds)
+    assert r.mode == "vmap" and r.batched == "vmap"
+    out = r(torch.arange(6))[0]
+    for i in range(6):
+        np.testing.assert_allclose(out[i:i + 1].detach().numpy(), ort_run(m, feeds[i])[0], rtol=1e-5, atol=1e-6)
+    out.pow(2).mean().backward()  # gradients flow through vmap to the trainable weight
+    assert mod.named_onnx_parameters()["w"].grad is not None
