@@ -95,6 +95,9 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
     p.add_argument("--save-recipe", metavar="FILE", help="write the resolved recipe to FILE")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only warnings, gate failures and the RESULT line")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout when done (status, exit code, bundle, "
+                   "sparsity, min cosine, accuracy, warnings, gate failures); progress goes to stderr (none with --quiet)")
     p.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="where fanned-out stages (the --allocation sensitivity sweep) run: local (default) | ray; identical results")
     p.add_argument("--ray-address", metavar="HOST:PORT", help="--executor ray: join this cluster (default: a private local instance for the run)")
@@ -182,36 +185,53 @@ def _options_from_args(a: argparse.Namespace) -> Options:
     )
 
 
-def _run(opts: Options, save_recipe: str | None) -> int:
+def _run(opts: Options, save_recipe: str | None, quiet: bool = False, as_json: bool = False) -> int:
     check_args(opts)
     from compressor import api, report
 
-    res = api.run(opts, _say, save_recipe)
+    def err(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    out = err if as_json else _say  # stdout is the JSON object's
+    say = (lambda msg: None) if quiet else out
+    res = api.run(opts, say, save_recipe)
     if opts.dry_run:
         for line in res.pipeline:
-            _say(line)
+            out(line)
+        if as_json:
+            _say(json.dumps({"status": "DRY-RUN", "exit_code": 0, "pipeline": res.pipeline}))
         return 0
     rep, code = res.report, res.exit_code
-    _say("")
-    for line in report.before_after(rep):
-        _say(line)
-    if rep.get("accuracy"):
-        acc = rep["accuracy"]
-        extra = f", artifact {acc['artifact']:.4f}" if acc.get("artifact") is not None else ""
-        _say(f"task accuracy: original {acc['original']:.4f} -> compressed {acc['compressed']:.4f}{extra} ({acc['n']} samples)")
-    _say("")
-    for comp in rep["verification"]:
-        for line in report.comparison_lines(comp):
-            _say(line)
-    if opts.print_pass_times:
-        _say("")
-        for line in report.table([[r["name"], f"{r['seconds'] * 1000:.1f} ms"] for r in rep["passes"]], ["pass", "time"]):
-            _say(line)
+    if not quiet:
+        say("")
+        for line in report.before_after(rep):
+            say(line)
+        if rep.get("accuracy"):
+            acc = rep["accuracy"]
+            extra = f", artifact {acc['artifact']:.4f}" if acc.get("artifact") is not None else ""
+            say(f"task accuracy: original {acc['original']:.4f} -> compressed {acc['compressed']:.4f}{extra} ({acc['n']} samples)")
+        say("")
+        for comp in rep["verification"]:
+            for line in report.comparison_lines(comp):
+                say(line)
+        if opts.print_pass_times:
+            say("")
+            for line in report.table([[r["name"], f"{r['seconds'] * 1000:.1f} ms"] for r in rep["passes"]], ["pass", "time"]):
+                say(line)
     for w in rep["warnings"]:
-        _say(f"warning: {w}")
+        out(f"warning: {w}")
     for f in rep["gate"]["failures"]:
-        _say(f"gate: {f}")
-    _say(report.result_line(rep))
+        out(f"gate: {f}")
+    out(report.result_line(rep))
+    if as_json:
+        req = report.requested_vs_achieved(rep)
+        _say(json.dumps({"status": res.status, "exit_code": code, "bundle": str(res.bundle) if res.bundle else None,
+                         "target": rep["target"]["tag"], "sparsity": res.sparsity,
+                         "layers_sparsity": None if req is None else {"requested": req[0], "achieved": req[1], "prunable": req[2]},
+                         "params": {"original": rep["stats"]["original"]["nonzero_params"],
+                                    "compressed": rep["stats"]["compressed"]["nonzero_params"]},
+                         "min_cosine": res.min_cosine, "accuracy": res.accuracy, "warnings": res.warnings,
+                         "gate_failures": rep["gate"]["failures"], "report": str(Path(str(res.bundle)) / "report.json")}))
     return code
 
 
@@ -265,7 +285,7 @@ def _cmd_run(args: list[str]) -> int:
         opts.output = a.output
     opts.force, opts.dry_run = a.force, a.dry_run
     opts.executor, opts.ray_address = a.executor, a.ray_address  # where it runs: not part of a recipe
-    return _run(opts, a.save_recipe)
+    return _run(opts, a.save_recipe, a.quiet, a.json)
 
 
 def _cmd_compare(args: list[str]) -> int:
@@ -415,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         _add_run_flags(p, with_model_flags=True)
         a = p.parse_args(argv)
         _setup_logging(a.verbose)
-        return _run(_options_from_args(a), a.save_recipe)
+        return _run(_options_from_args(a), a.save_recipe, a.quiet, a.json)
     except CompressorError as exc:
         if debug:
             traceback.print_exc()

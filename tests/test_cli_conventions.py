@@ -136,3 +136,19 @@ def test_report_explains_why_not_faster(cli, tmp_path):
     other = [w.split(":", 1)[0] for p in rep["target_passes"] for w in p["warnings"] if "kept dense" in w or "not lowered" in w]
     assert kept or other
     assert all(name in md for name in kept + other), (kept, other)
+
+
+def test_quiet_and_json_output(cli, tmp_path):
+    model = REPO / "models" / "digits_cnn.onnx"
+    r = cli(model, "--sparsity", "0.5", "--no-compile", "--quiet", "-o", tmp_path / "q")
+    assert r.code == 0, r
+    lines = r.out.strip().splitlines()
+    assert lines[-1].startswith("RESULT PASSED") and all(ln.startswith(("warning: ", "gate: ", "RESULT ")) for ln in lines), lines
+    r = cli(model, "--sparsity", "0.5", "--no-compile", "--json", "-o", tmp_path / "j")
+    assert r.code == 0, r
+    doc = json.loads(r.out)  # stdout is exactly one JSON object; progress went to stderr
+    assert doc["status"] == "PASSED" and doc["exit_code"] == 0 and doc["bundle"] == str(tmp_path / "j")
+    assert doc["layers_sparsity"]["requested"] == 0.5 and 0 < doc["layers_sparsity"]["achieved"] <= 0.5
+    assert doc["min_cosine"] > 0.99 and isinstance(doc["warnings"], list) and "[1/6] load" in r.err
+    rep = json.loads((tmp_path / "j" / "report.json").read_text())
+    assert doc["warnings"] == rep["warnings"] and doc["sparsity"] == rep["stats"]["compressed"]["sparsity"]
