@@ -396,7 +396,7 @@ def obs_part(width: int, samples: int, out_lines: list[str]) -> bool:
     def run(session):
         t0 = time.perf_counter()
         out, recs = PassManager([(cls(cfg), "builtin:bench")]).run(model, PassContext(
-            calib=calib, template=model, options={"executor_session": session} if session else {}))
+            calib=calib, template=model, executor_session=session))
         return out, recs[0].stats, time.perf_counter() - t0
 
     sparsify_obs.OBSSparsify._prune_layer = timed

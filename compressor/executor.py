@@ -381,7 +381,7 @@ def make_executor(kind: str = "local", address: str | None = None, num_cpus: int
 
 
 class RunExecutor:
-    """The executor of one ``compress`` run, shared by its passes (``PassContext.options["executor_session"]``).
+    """The executor of one ``compress`` run, shared by its passes (``PassContext.executor_session``).
 
     Started on first use (a run whose passes fan out nothing never starts Ray) and closed once, at the end
     of the run, by the pipeline: every fanned-out stage of the run uses the same instance / connection.
@@ -421,7 +421,7 @@ class RunExecutor:
 
 def for_stage(ctx: Any, stage: str) -> Executor:
     """The run's executor for a fanned-out stage of a pass; in-process when the pass runs outside a pipeline run."""
-    session = (getattr(ctx, "options", None) or {}).get("executor_session")
+    session = getattr(ctx, "executor_session", None)
     return session.get(stage) if isinstance(session, RunExecutor) else LocalExecutor()
 
 

@@ -19,6 +19,11 @@ import onnx_graphsurgeon as gs
 
 from compressor.errors import UsageError
 
+if typing.TYPE_CHECKING:
+    import onnx
+
+    from compressor.data import Samples
+
 
 @dataclass(frozen=True)
 class EmptyConfig:
@@ -36,12 +41,15 @@ class PassResult:
 class PassContext:
     """What a pass may read besides the graph. Passes must not write files."""
 
-    target: Any = None  # targets.TargetSpec or None
-    calib: Any = None  # compressor.data.Samples or None
+    target: Any = None  # targets.TargetSpec (family, tag, tvm_target, isa_features, round_to, ...) or None
+    calib: Samples | None = None  # the --calib samples
     opset: int = 17
     history: list[str] = field(default_factory=list)  # names of passes already run
-    options: dict[str, Any] = field(default_factory=dict)  # resolved global options (sparsity, pattern, ...)
-    template: Any = None  # the loaded (pre-pass) onnx.ModelProto: ir.to_model(graph.copy(), ctx.template) exports
+    options: dict[str, Any] = field(default_factory=dict)  # the run's resolved flags, informational (sparsity, pattern, ...):
+    # a built-in pass reads its inputs from its Config and the typed fields below, never from here
+    template: onnx.ModelProto | None = None  # the loaded (pre-pass) model: ir.to_model(graph.copy(), ctx.template) exports
+    finetune_data: str | None = None  # --finetune DATA.npz: finetune.distill's data when its config names none
+    executor_session: Any = None  # compressor.executor.RunExecutor of this run: where fanned-out stages run
 
     def export(self, graph: gs.Graph):
         """The current graph as an onnx.ModelProto (a copy; the graph is not changed)."""

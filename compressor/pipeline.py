@@ -367,9 +367,8 @@ def _compress(r: _Run) -> list[Any]:
     session = r.session
     ctx = PassContext(target=r.p.spec, calib=r.calib, opset=ir.default_opset(r.model) or 17,
                       options={"sparsity": opts.sparsity, "structured": opts.structured, "pattern": opts.pattern,
-                               "finetune": opts.finetune, "executor": opts.executor, "ray_address": opts.ray_address,
-                               "executor_session": session},
-                      template=r.model)
+                               "finetune": opts.finetune, "executor": opts.executor, "ray_address": opts.ray_address},
+                      template=r.model, finetune_data=opts.finetune, executor_session=session)
     ft = next(((ps, prov) for ps, prov in r.p.passes if ps.name == FINETUNE), None)
     snap = SnapshotInstrument(FINETUNE, r.model) if ft else None
     r.compressed, records = PassManager(r.p.passes, instruments + ([snap] if snap else [])).run(r.model, ctx)

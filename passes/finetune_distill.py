@@ -90,7 +90,7 @@ class FinetuneDistill(Pass):
         from passes.sparsify_magnitude import prunable_weights
 
         cfg: DistillConfig = self.config
-        path = cfg.data or (ctx.options or {}).get("finetune") or ""
+        path = cfg.data or ctx.finetune_data or ""
         if not path:
             raise UsageError("finetune.distill needs data: pass --finetune DATA.npz (or config data=PATH)")
         if ctx.template is None:

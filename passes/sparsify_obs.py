@@ -262,7 +262,7 @@ def _run_executor(ctx: PassContext):
     """The run's Ray executor, or None (local: the in-process loop; never starts anything)."""
     from compressor.executor import RunExecutor
 
-    session = (getattr(ctx, "options", None) or {}).get("executor_session")
+    session = getattr(ctx, "executor_session", None)
     if isinstance(session, RunExecutor) and session.kind != "local":
         return session.get("sparsify.obs")
     return None

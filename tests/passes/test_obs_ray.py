@@ -95,7 +95,7 @@ def test_fanned_out_wide_solves_equal_local_with_one_blas_thread_per_task():
     cfg = make_config(cls, dict(sparsity=0.5, keep_classifier=False, calib_samples=0))
     local, rec_l = PassManager([(cls(cfg), "builtin:test")]).run(m, PassContext(calib=calib, template=m))
     fanned, rec_f = PassManager([(cls(cfg), "builtin:test")]).run(
-        m, PassContext(calib=calib, template=m, options={"executor_session": _Session()}))
+        m, PassContext(calib=calib, template=m, executor_session=_Session()))
     wl = {i.name: numpy_helper.to_array(i) for i in local.graph.initializer}
     wf = {i.name: numpy_helper.to_array(i) for i in fanned.graph.initializer}
     assert all(np.array_equal(wl[k], wf[k]) for k in wl) and np.count_nonzero(wl["wa"] == 0) == wl["wa"].size // 2
@@ -111,7 +111,7 @@ def test_fanned_out_solves_equal_local(pattern, s):
     local, rec_l = PassManager([(cls(cfg), "builtin:test")]).run(m, PassContext(calib=calib, template=m))
     session = _Session()
     fanned, rec_f = PassManager([(cls(cfg), "builtin:test")]).run(
-        m, PassContext(calib=calib, template=m, options={"executor_session": session}))
+        m, PassContext(calib=calib, template=m, executor_session=session))
     assert session.uses == ["sparsify.obs"]
     wl = {i.name: numpy_helper.to_array(i) for i in local.graph.initializer}
     wf = {i.name: numpy_helper.to_array(i) for i in fanned.graph.initializer}
