@@ -42,15 +42,25 @@ class DistillResult:
     val_before: float | None = None  # held-out loss before training
     val_losses: list[float] = field(default_factory=list)  # held-out loss after each epoch
     best_epoch: int | None = None  # the epoch whose weights were kept (0 = before training)
+    lr: float | None = None  # the learning rate of the run whose epochs are reported
+    lr_backoffs: list[float] = field(default_factory=list)  # rates abandoned after a first epoch that hurt the held-out loss
 
     def to_dict(self) -> dict[str, Any]:
         out = {"epochs": self.epochs, "steps": self.steps, "seconds": round(self.seconds, 3), "batched": self.batched,
                "loss_before": round(self.loss_before, 6), "loss_after": round(self.loss_after, 6),
                "loss_per_epoch": [round(v, 6) for v in self.losses]}
+        if self.lr is not None:
+            out["lr"] = self.lr
+        if self.lr_backoffs:
+            out["lr_backoffs"] = self.lr_backoffs
         if self.held_out:
             out.update(held_out=self.held_out, held_out_loss_before=round(self.val_before or 0.0, 6),
                        held_out_loss_per_epoch=[round(v, 6) for v in self.val_losses], best_epoch=self.best_epoch)
         return out
+
+
+LR_BACKOFFS = 2  # at most two restarts at lr / 10
+LR_FLOOR = 1e-6
 
 
 def _outs(y: Any) -> tuple[torch.Tensor, ...]:
@@ -218,31 +228,46 @@ def distill(student: nn.Module, input_names: list[str], feeds: list[dict[str, np
     best = (val_before, 0, {k: v.detach().clone() for k, v in student.state_dict().items()}) if n_val else None
     val_losses: list[float] = []
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for ep in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        tot = 0.0
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            opt.zero_grad()
-            loss = batch_loss(idx)
-            loss.backward()
-            opt.step()
-            sched.step()
-            apply()
-            tot += float(loss.detach()) * len(idx)
-        losses.append(tot / n)
-        if n_val:
-            val_losses.append(val_loss())
-            if val_losses[-1] < best[0]:
-                best = (val_losses[-1], ep + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
-        log.info("fine-tune epoch %d/%d: loss %.5f%s", ep + 1, epochs, losses[-1],
-                 f", held-out {val_losses[-1]:.5f}" if n_val else "")
+    initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    backoffs: list[float] = []  # learning rates given up because the first epoch made the held-out loss worse
+    while True:
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+        gen = torch.Generator().manual_seed(seed)
+        losses, val_losses = [], []
+        restart = False
+        for ep in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            tot = 0.0
+            for i in range(0, n, batch_size):
+                idx = perm[i:i + batch_size]
+                opt.zero_grad()
+                loss = batch_loss(idx)
+                loss.backward()
+                opt.step()
+                sched.step()
+                apply()
+                tot += float(loss.detach()) * len(idx)
+            losses.append(tot / n)
+            if n_val:
+                val_losses.append(val_loss())
+                if val_losses[-1] < best[0]:
+                    best = (val_losses[-1], ep + 1, {k: v.detach().clone() for k, v in student.state_dict().items()})
+            log.info("fine-tune epoch %d/%d (lr %g): loss %.5f%s", ep + 1, epochs, lr, losses[-1],
+                     f", held-out {val_losses[-1]:.5f}" if n_val else "")
+            # a step size too large for these weights (a pretrained transformer at Adam 1e-3: the held-out loss
+            # 10x the untrained one after the first epoch): start again from the untrained weights at lr / 10
+            if ep == 0 and n_val and val_losses[-1] > val_before and len(backoffs) < LR_BACKOFFS and lr / 10 >= LR_FLOOR:
+                backoffs.append(lr)
+                lr /= 10
+                student.load_state_dict(initial)
+                restart = True
+                break
+        if not restart:
+            break
     if best is not None:
         student.load_state_dict(best[2])
     after = full_loss()
     return DistillResult(epochs, time.perf_counter() - t0, runner.batched, before, after, losses, epochs * steps_per_epoch,
-                         n_val, val_before if n_val else None, val_losses, best[1] if best is not None else None)
+                         n_val, val_before if n_val else None, val_losses, best[1] if best is not None else None,
+                         lr, backoffs)

@@ -168,3 +168,23 @@ def test_runner_vmaps_a_graph_that_bakes_batch_1_into_gather_indices():
         np.testing.assert_allclose(out[i:i + 1].detach().numpy(), ort_run(m, feeds[i])[0], rtol=1e-5, atol=1e-6)
     out.pow(2).mean().backward()  # gradients flow through vmap to the trainable weight
     assert mod.named_onnx_parameters()["w"].grad is not None
+
+
+def test_distill_backs_off_a_learning_rate_that_hurts_the_held_out_loss():
+    """A first epoch that leaves the held-out loss above the untrained one restarts from the untrained weights
+    at lr / 10 (at most twice): a pretrained transformer at Adam 1e-3 lost 10x of its held-out loss."""
+    from compressor.training.distill import distill
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], {"w": w})
+    feeds = [{"x": rng.standard_normal((1, 6)).astype(np.float32)} for _ in range(32)]
+    teacher = [[f["x"] @ w] for f in feeds]
+    student = OnnxModule(m)
+    with torch.no_grad():
+        student.named_onnx_parameters()["w"].add_(torch.from_numpy(0.01 * rng.standard_normal((6, 4)).astype(np.float32)))
+    res = distill(student, ["x"], feeds, teacher, epochs=2, lr=30.0, batch_size=8, holdout=0.25, classifier=[False])
+    assert res.lr_backoffs == [30.0, 3.0] and res.lr == pytest.approx(0.3), (res.lr_backoffs, res.lr)
+    assert res.to_dict()["lr_backoffs"] == [30.0, 3.0]
+    assert res.best_epoch == 0 or min(res.val_losses) < res.val_before  # never worse than untrained on held-out
