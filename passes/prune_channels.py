@@ -62,7 +62,7 @@ from passes.channel_deps import DepGraph, Group, build, lookup
 from passes.channel_deps.graph import Space
 from compressor.data import padding_keep
 from passes.sparsity_patterns import im2col
-from passes.prune_obs import consumer_fits, greedy_order, supported, write_compensated
+from passes.prune_obs import add_matmul_bias, consumer_fits, design_weight, greedy_order, supported, write_compensated
 
 log = logging.getLogger(__name__)
 
@@ -992,7 +992,7 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
         except ValueError as exc:
             warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: {exc}")
             continue
-        sol = _ridge_fit(parts, ridge, _design_prior(n))
+        sol = _ridge_fit(parts, ridge, design_weight(n))
         if sol is None:
             warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: singular system")
             continue
@@ -1009,7 +1009,7 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
         else:
             n.inputs[1] = gs.Constant(n.inputs[1].name + "_refit", W.astype(dt))
         if n.op == "MatMul":
-            _fold_matmul_bias(graph, n, b.astype(dt))
+            add_matmul_bias(graph, n, b.astype(dt), "refit")  # fitted against the MatMul's own output
         else:
             bias = gs.Constant(f"{n.name}_bias_refit", b.astype(dt))
             if len(n.inputs) > 2:
@@ -1018,33 +1018,6 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
                 n.inputs.append(bias)
         done += 1
     return done, warnings
-
-
-def _design_prior(n: gs.Node) -> np.ndarray:
-    """The node's (already pruned) weight in the refit's design layout [inputs (x kernel), outputs]."""
-    w = np.asarray(n.inputs[1].values, dtype=np.float64)
-    if n.op == "Conv":
-        return w.reshape(w.shape[0], -1).T
-    if n.op == "Gemm":
-        return (w.T if int(n.attrs.get("transB", 0)) else w) * float(n.attrs.get("alpha", 1.0))
-    return w
-
-
-def _fold_matmul_bias(graph: gs.Graph, n: gs.Node, b: np.ndarray) -> None:
-    """MatMul has no bias input: the fitted bias ``b`` (fitted against the MatMul's own output, which excludes
-    the following Add's bias) is added to the constant of a following Add, or goes into a new Add."""
-    y = n.outputs[0]
-    readers = list(y.outputs)
-    if len(readers) == 1 and readers[0].op == "Add" and y not in graph.outputs:
-        add = readers[0]
-        j = 1 if add.inputs[0] is y else 0
-        if isinstance(add.inputs[j], gs.Constant) and np.asarray(add.inputs[j].values).shape == b.shape:
-            old = np.asarray(add.inputs[j].values)
-            add.inputs[j] = gs.Constant(f"{n.name}_bias_refit", (old.astype(np.float64) + b).astype(old.dtype))
-            return
-    mid = gs.Variable(f"{y.name}__nobias", dtype=y.dtype)
-    n.outputs[0] = mid
-    graph.nodes.append(gs.Node("Add", f"{n.name}_bias_refit_add", inputs=[mid, gs.Constant(f"{n.name}_bias_refit", b)], outputs=[y]))
 
 
 # ------------------------------------------------------------------------------------------ the pass

@@ -59,7 +59,7 @@ def supported(n: gs.Node) -> bool:
     return False
 
 
-def _design_weight(n: gs.Node) -> np.ndarray:
+def design_weight(n: gs.Node) -> np.ndarray:
     """The weight as [design columns, outputs] (float64)."""
     w = np.asarray(n.inputs[1].values, dtype=np.float64)
     if n.op == "MatMul":
@@ -71,11 +71,12 @@ def _design_weight(n: gs.Node) -> np.ndarray:
 
 
 def _rows(n: gs.Node, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    from passes.prune_channels import _conv_rows
+    from passes.sparsity_patterns import im2col
 
     x = x.astype(np.float64)
     if n.op == "Conv":
-        a = _conv_rows(x, n, np.asarray(n.inputs[1].values).shape[2:])
+        p = im2col(n, x, tuple(np.asarray(n.inputs[1].values).shape[2:]))
+        a = p.reshape(p.shape[0] * p.shape[1] * p.shape[2], -1)
     else:
         a = x.reshape(-1, x.shape[-1])
     if a.shape[0] > ROWS_PER_SAMPLE:
@@ -97,7 +98,7 @@ def consumer_fits(graph: gs.Graph, model: onnx.ModelProto, node_names: list[str]
             continue
         w = np.asarray(n.inputs[1].values)
         k = int(np.prod(w.shape[2:])) if n.op == "Conv" else 1
-        d = _design_weight(n).shape[0]
+        d = design_weight(n).shape[0]
         if d > MAX_DESIGN:
             continue
         todo.append((n, k, d))
@@ -137,7 +138,7 @@ def consumer_fits(graph: gs.Graph, model: onnx.ModelProto, node_names: list[str]
             Hinv = np.linalg.inv(H)
         except np.linalg.LinAlgError:
             continue
-        W = np.concatenate([_design_weight(n), np.zeros((1, _design_weight(n).shape[1]))], axis=0)
+        W = np.concatenate([design_weight(n), np.zeros((1, design_weight(n).shape[1]))], axis=0)
         out[n.name] = ConsumerFit(n.name, n.op, k, W, Hinv)
     return out
 
@@ -267,14 +268,21 @@ def write_compensated(graph: gs.Graph, node_name: str, fit: ConsumerFit, channel
         else:
             n.inputs.append(bias)
         return
+    add_matmul_bias(graph, n, db.astype(dt), "obs")
+
+
+def add_matmul_bias(graph: gs.Graph, n: gs.Node, b: np.ndarray, tag: str) -> None:
+    """MatMul has no bias input: ``b`` is added to the constant of a following bias ``Add`` (a torch Linear
+    export), else a new ``Add`` is inserted after the MatMul."""
     y = n.outputs[0]
     readers = list(y.outputs)
     if len(readers) == 1 and readers[0].op == "Add" and y not in graph.outputs:
         add = readers[0]
         j = 1 if add.inputs[0] is y else 0
-        if isinstance(add.inputs[j], gs.Constant) and np.asarray(add.inputs[j].values).shape == db.shape:
-            add.inputs[j] = gs.Constant(f"{n.name}_bias_obs", (np.asarray(add.inputs[j].values, dtype=np.float64) + db).astype(dt))
+        if isinstance(add.inputs[j], gs.Constant) and np.asarray(add.inputs[j].values).shape == b.shape:
+            old = np.asarray(add.inputs[j].values)
+            add.inputs[j] = gs.Constant(f"{n.name}_bias_{tag}", (old.astype(np.float64) + b).astype(old.dtype))
             return
-    mid = gs.Variable(f"{y.name}__obs_nobias", dtype=y.dtype)
+    mid = gs.Variable(f"{y.name}__{tag}_nobias", dtype=y.dtype)
     n.outputs[0] = mid
-    graph.nodes.append(gs.Node("Add", f"{n.name}_bias_obs_add", inputs=[mid, gs.Constant(f"{n.name}_bias_obs", db.astype(dt))], outputs=[y]))
+    graph.nodes.append(gs.Node("Add", f"{n.name}_bias_{tag}_add", inputs=[mid, gs.Constant(f"{n.name}_bias_{tag}", b)], outputs=[y]))
