@@ -41,6 +41,23 @@ def test_list_passes_and_targets(cli):
     assert r.code == 0 and all(t in r.out for t in ("x86", "arm", "cuda"))
 
 
+def test_plugin_target_example_compiles_verifies_and_times(tmp_path):
+    """examples/plugin_target_example.py: a target outside the code base goes through the whole pipeline --
+    compile with CompileOptions, the artifact verified against the compressed model, latency measured."""
+    import json
+
+    plug = REPO / "examples" / "plugin_target_example.py"
+    r = run_cli_subprocess(REPO / "models" / "digits_cnn.onnx", "--plugin", plug, "--target", "ort-cpu",
+                           "--sparsity", "0.5", "-o", tmp_path / "o", cwd=tmp_path)
+    assert r.code == 0, r
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["target"]["tag"] == "ort-cpu" and rep["artifact"]["kind"] == "onnxruntime-optimized-onnx"
+    assert (tmp_path / "o" / rep["artifact"]["path"]).is_file()
+    comp = next(c for c in rep["verification"] if c["candidate"].startswith("artifact") and c["reference"] == "compressed.onnx")
+    assert comp["passed"] and min(o["cosine"] for o in comp["outputs"]) > 0.9999
+    assert rep["latency"]["artifact_s"] > 0
+
+
 def test_single_file_plugin_runs_through_cli(cli, tmp_path):
     onnx.save(mlp_model(), tmp_path / "m.onnx")
     plug = REPO / "examples" / "plugin_file_example.py"
