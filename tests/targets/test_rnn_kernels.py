@@ -12,7 +12,7 @@ from targets.lower_rnn import LowerRNN
 from targets import resolve
 from targets import rnn_kernels as rk
 from targets.host import detect_host
-from tests.passes.test_lower_rnn import as_layout0, helper_rnn
+from tests.targets.test_lower_rnn import as_layout0, helper_rnn
 
 tvm = pytest.importorskip("tvm")
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mattr": ["+avx2", "+fma"]}  # every x86-64 host CI runs on
