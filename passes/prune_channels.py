@@ -41,7 +41,7 @@
    weight) is re-fit, in topological order, by ridge least squares  min ||X' W' + b' - Y||^2 +
    lambda ||W'||^2  where X' is its input in the pruned model (after the refits above it) and Y its output
    in the original model (He et al. 2017, ThiNet); lambda is chosen on held-out calibration samples. A
-   consumer that cannot be refit (grouped conv, auto_pad, batched weight) is a warning naming it.
+   consumer that cannot be refit (grouped conv, batched weight) is a warning naming it.
 """
 from __future__ import annotations
 
@@ -885,8 +885,6 @@ def _refit_blocker(n: gs.Node, p: Plan) -> str | None:
             return "grouped conv reads the pruned channels"
         if w.ndim not in (3, 4):
             return f"{w.ndim - 2}-D conv"
-        if n.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return "auto_pad"
         return None
     if n.op == "Gemm":
         return "transA Gemm" if n.attrs.get("transA", 0) else None

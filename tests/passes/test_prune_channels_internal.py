@@ -117,7 +117,7 @@ def _run_pass(model, calib_feeds, **cfg):
     return res, ctx.export(g)
 
 
-def _dependent_conv_model(k: int, ndim: int) -> onnx.ModelProto:
+def _dependent_conv_model(k: int, ndim: int, auto_pad: str | None = None) -> onnx.ModelProto:
     """conv1 (no bias) makes 8 channels, 4..7 = 0.1 x 0..3; conv2 (kernel k) reads all 8: pruning 4..7 loses
     nothing a refit cannot restore exactly (W'[:, c] = W[:, c] + 0.1 W[:, c + 4])."""
     rng = np.random.default_rng(3)
@@ -128,7 +128,7 @@ def _dependent_conv_model(k: int, ndim: int) -> onnx.ModelProto:
     w2[:, 4:] *= 0.1
     n = helper.make_node
     nodes = [n("Conv", ["x", "w1"], ["c1"], name="conv1"),
-             n("Conv", ["c1", "w2", "b2"], ["y"], name="conv2", pads=[k // 2] * (2 * ndim))]
+             n("Conv", ["c1", "w2", "b2"], ["y"], name="conv2", **({"auto_pad": auto_pad} if auto_pad else {"pads": [k // 2] * (2 * ndim)}))]
     shape = [1, 4] + [6] * ndim
     return _model(nodes, shape, [1, 6] + [6] * ndim, {"w1": w1, "w2": w2, "b2": rng.standard_normal(6)})
 
@@ -174,6 +174,11 @@ def _exact_refit(model, n_calib):
 
 def test_reconstruct_exact_conv3x3():
     _exact_refit(_dependent_conv_model(3, 2), 8)
+
+
+def test_reconstruct_exact_conv_auto_pad():  # TF-style exports: SAME padding, odd and even kernels
+    _exact_refit(_dependent_conv_model(3, 2, "SAME_UPPER"), 8)
+    _exact_refit(_dependent_conv_model(2, 2, "SAME_LOWER"), 8)
 
 
 def test_reconstruct_exact_conv1d():
