@@ -61,8 +61,9 @@ from compressor.pass_base import Pass, PassContext, PassResult
 from passes.channel_deps import DepGraph, Group, build, lookup
 from passes.channel_deps.graph import Space
 from compressor.data import padding_keep
-from passes.sparsity_patterns import im2col
-from passes.prune_obs import add_matmul_bias, consumer_fits, design_weight, greedy_order, supported, write_compensated
+from passes.sparsity_patterns import im2col_rows
+from passes.prune_obs import (add_matmul_bias, consumer_fits, design_weight, greedy_order, refit_blocker,
+                              set_design_weight, supported, write_compensated)
 
 log = logging.getLogger(__name__)
 
@@ -432,8 +433,8 @@ def plan(graph: gs.Graph, ctx: PassContext, cfg: PruneChannelsConfig) -> Plan:
             used = "obs"
         else:
             sc, used = unit_scores(graph, grp, criterion, gammas, acts)
-            if criterion == "obs" and used == "mean_act":
-                used = "mean_act (obs: a consumer is not refittable)"
+            if criterion == "obs" and used == "obs":  # unit_scores scored it by mean |activation|: say so
+                used = "mean_act (obs: a residual-stream group or a consumer that cannot be refit)"
         st["criterion"] = used
         if used != criterion and not used.startswith("mean_act (obs"):
             warnings.append(f"group {grp.gid}: criterion {criterion} has no data for this group ({', '.join(grp.nodes[:3])}); used {used}")
@@ -552,10 +553,12 @@ def _sensitivity_fractions(graph: gs.Graph, model: onnx.ModelProto, ctx: PassCon
             g2 = gs.import_onnx(model)
             rem_sp = {sp: np.unique(np.concatenate(v)) for sp, v in removed.items()}
             apply_plan(g2, Plan(dep, rem_sp), "zero")
+            inserted = False
             for prm, fit in (obs_fits or {}).get(grp.gid, []):
                 if prm.space in rem_sp:
-                    write_compensated(g2, prm.node, fit, prm.indices(rem_sp[prm.space]))
-            g2.cleanup().toposort()
+                    inserted |= write_compensated(g2, prm.node, fit, prm.indices(rem_sp[prm.space]))
+            if inserted:
+                g2.toposort()
             m2 = ctx.export(g2)
             levels.append(len(ks) / n)
             errs.append(_rel_error(runtime.run_all(runtime.session(m2), feeds), ref))
@@ -851,14 +854,6 @@ def _reinfer_shapes(graph: gs.Graph) -> None:
 
 # ------------------------------------------------------------------------------------------ reconstruction
 
-def _conv_rows(x: np.ndarray, node: gs.Node, kshape: tuple[int, ...]) -> np.ndarray:
-    """x [N, C, *spatial] -> im2col rows [N * prod(out spatial), C * prod(kernel)] of a 1-D or 2-D Conv (rows
-    ordered as the output's N, spatial; columns as the weight's C, kernel): ``sparsity_patterns.im2col``,
-    the one im2col of the passes (pads, auto_pad, strides, dilations)."""
-    p = im2col(node, x, tuple(kshape))  # [N, OH, OW, C, kH, kW] (1-D: OH = kH = 1)
-    return p.reshape(p.shape[0] * p.shape[1] * p.shape[2], -1)
-
-
 def refit_targets(graph: gs.Graph, p: Plan) -> tuple[list[gs.Node], list[str]]:
     """Every node whose weight reads pruned channels (the groups' consumer parameters), in topological
     order; those that cannot be refit are listed with the reason."""
@@ -868,29 +863,12 @@ def refit_targets(graph: gs.Graph, p: Plan) -> tuple[list[gs.Node], list[str]]:
     for n in graph.nodes:
         if n.name not in consumers:
             continue
-        why = _refit_blocker(n, p)
+        why = refit_blocker(n)
         if why:
             warnings.append(f"reconstruct: {n.name} ({n.op}) not refit: {why}")
         else:
             targets.append(n)
     return targets, warnings
-
-
-def _refit_blocker(n: gs.Node, p: Plan) -> str | None:
-    if len(n.inputs) < 2 or not isinstance(n.inputs[1], gs.Constant):
-        return "no constant weight"
-    w = np.asarray(n.inputs[1].values)
-    if n.op == "Conv":
-        if int(n.attrs.get("group", 1)) != 1:
-            return "grouped conv reads the pruned channels"
-        if w.ndim not in (3, 4):
-            return f"{w.ndim - 2}-D conv"
-        return None
-    if n.op == "Gemm":
-        return "transA Gemm" if n.attrs.get("transA", 0) else None
-    if n.op == "MatMul":
-        return None if w.ndim == 2 else "batched weight"
-    return f"no least-squares refit for {n.op}"
 
 
 def _fit_rows(n: gs.Node, x: np.ndarray, y: np.ndarray, removed_out: np.ndarray | None, take: int,
@@ -903,7 +881,7 @@ def _fit_rows(n: gs.Node, x: np.ndarray, y: np.ndarray, removed_out: np.ndarray 
     if n.op == "Conv":
         if removed_out is not None:
             y = np.delete(y, removed_out, axis=1)
-        A = _conv_rows(x, n, w.shape[2:])
+        A = im2col_rows(n, x, w.shape[2:])
         T = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     else:
         if removed_out is not None:
@@ -996,16 +974,9 @@ def reconstruct(graph: gs.Graph, original: onnx.ModelProto, p: Plan, ctx: PassCo
             continue
         W, b = sol[:-1], sol[-1]
         dt = w.dtype
-        if n.op == "Conv":
-            shape = (W.shape[1], *w.shape[1:])
-            n.inputs[1] = gs.Constant(n.inputs[1].name + "_refit", W.T.reshape(shape).astype(dt))
-        elif n.op == "Gemm":
-            tb = int(n.attrs.get("transB", 0))
-            alpha = float(n.attrs.get("alpha", 1.0))
-            n.inputs[1] = gs.Constant(n.inputs[1].name + "_refit", ((W.T if tb else W) / alpha).astype(dt))
-            n.attrs["beta"] = 1.0
-        else:
-            n.inputs[1] = gs.Constant(n.inputs[1].name + "_refit", W.astype(dt))
+        set_design_weight(n, W, "refit")
+        if n.op == "Gemm":
+            n.attrs["beta"] = 1.0  # the fitted bias replaces beta * C
         if n.op == "MatMul":
             add_matmul_bias(graph, n, b.astype(dt), "refit")  # fitted against the MatMul's own output
         else:

@@ -45,17 +45,26 @@ class ConsumerFit:
         return (ch[:, None] * self.k + np.arange(self.k)[None, :]).reshape(-1)
 
 
-def supported(n: gs.Node) -> bool:
+def refit_blocker(n: gs.Node) -> str | None:
+    """Why a least-squares refit (and OBS scoring) cannot handle the weight of ``n``; None when it can: a
+    MatMul with a 2-D constant weight, a Gemm without transA, a non-grouped 1-D/2-D Conv (any pads or
+    auto_pad: ``sparsity_patterns.im2col`` handles them)."""
     if len(n.inputs) < 2 or not isinstance(n.inputs[1], gs.Constant):
-        return False
+        return "no constant weight"
     w = np.asarray(n.inputs[1].values)
-    if n.op == "MatMul":
-        return w.ndim == 2
-    if n.op == "Gemm":
-        return not int(n.attrs.get("transA", 0))
     if n.op == "Conv":
-        return int(n.attrs.get("group", 1)) == 1 and w.ndim in (3, 4)  # any pads / auto_pad: im2col handles them
-    return False
+        if int(n.attrs.get("group", 1)) != 1:
+            return "grouped conv reads the pruned channels"
+        return None if w.ndim in (3, 4) else f"{w.ndim - 2}-D conv"
+    if n.op == "Gemm":
+        return "transA Gemm" if n.attrs.get("transA", 0) else None
+    if n.op == "MatMul":
+        return None if w.ndim == 2 else "batched weight"
+    return f"no least-squares refit for {n.op}"
+
+
+def supported(n: gs.Node) -> bool:
+    return refit_blocker(n) is None
 
 
 def design_weight(n: gs.Node) -> np.ndarray:
@@ -69,13 +78,25 @@ def design_weight(n: gs.Node) -> np.ndarray:
     return w.reshape(w.shape[0], -1).T  # Conv [Cout, Cin, *k] -> [Cin * prod(k), Cout]
 
 
+def set_design_weight(n: gs.Node, wd: np.ndarray, tag: str) -> None:
+    """Write ``wd`` ([design columns, outputs], ``design_weight``'s layout) back as the node's weight, in its
+    dtype and layout (Gemm: transB and alpha; Conv: [Cout, Cin, *k])."""
+    old = np.asarray(n.inputs[1].values)
+    if n.op == "MatMul":
+        w = wd
+    elif n.op == "Gemm":
+        w = (wd.T if int(n.attrs.get("transB", 0)) else wd) / float(n.attrs.get("alpha", 1.0))
+    else:
+        w = wd.T.reshape((wd.shape[1], *old.shape[1:]))
+    n.inputs[1] = gs.Constant(f"{n.inputs[1].name}_{tag}", np.ascontiguousarray(w).astype(old.dtype))
+
+
 def _rows(n: gs.Node, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    from passes.sparsity_patterns import im2col
+    from passes.sparsity_patterns import im2col_rows
 
     x = x.astype(np.float64)
     if n.op == "Conv":
-        p = im2col(n, x, tuple(np.asarray(n.inputs[1].values).shape[2:]))
-        a = p.reshape(p.shape[0] * p.shape[1] * p.shape[2], -1)
+        a = im2col_rows(n, x, np.asarray(n.inputs[1].values).shape[2:])
     else:
         a = x.reshape(-1, x.shape[-1])
     if a.shape[0] > ROWS_PER_SAMPLE:
@@ -86,37 +107,27 @@ def _rows(n: gs.Node, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def consumer_fits(graph: gs.Graph, model: onnx.ModelProto, node_names: list[str], calib, limit: int) -> dict[str, ConsumerFit]:
     """One damped inverse Gram matrix per consumer node, from up to ``limit`` calibration samples of the
     unpruned model (streamed: one sample's activations in memory at a time)."""
-    from compressor import runtime
+    from compressor.activations import iter_capture
     from compressor.data import padding_keep
 
     nodes = {n.name: n for n in graph.nodes}
-    todo = []
+    todo = []  # (node, design columns per channel, its design weight)
     for name in dict.fromkeys(node_names):
         n = nodes.get(name)
         if n is None or not supported(n):
             continue
-        w = np.asarray(n.inputs[1].values)
-        k = int(np.prod(w.shape[2:])) if n.op == "Conv" else 1
-        d = design_weight(n).shape[0]
-        if d > MAX_DESIGN:
+        wd = design_weight(n)
+        if wd.shape[0] > MAX_DESIGN:
             continue
-        todo.append((n, k, d))
+        todo.append((n, int(np.prod(np.asarray(n.inputs[1].values).shape[2:])) if n.op == "Conv" else 1, wd))
     if not todo:
         return {}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
     names = list(dict.fromkeys(n.inputs[0].name for n, _, _ in todo))
-    for t in names:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    del m.graph.value_info[:]
-    sess = runtime.session(m)
-    G = {n.name: np.zeros((d + 1, d + 1)) for n, _, d in todo}
+    G = {n.name: np.zeros((wd.shape[0] + 1, wd.shape[0] + 1)) for n, _, wd in todo}
     rows = dict.fromkeys(G, 0)
     rng = np.random.default_rng(0)
-    for feed in calib.feeds[:limit]:
-        vals = dict(zip(names, sess.run(names, feed)))
+    feeds = list(calib.feeds[:limit])
+    for feed, vals in zip(feeds, iter_capture(model, feeds, names)):
         for n, _, _ in todo:
             xv = vals[n.inputs[0].name]
             keep = padding_keep(feed, xv.shape) if n.op != "Conv" else None
@@ -127,7 +138,8 @@ def consumer_fits(graph: gs.Graph, model: onnx.ModelProto, node_names: list[str]
             G[n.name] += a1.T @ a1
             rows[n.name] += a.shape[0]
     out = {}
-    for n, k, d in todo:
+    for n, k, wd in todo:
+        d = wd.shape[0]
         H = G[n.name] / max(rows[n.name], 1)
         diag = np.diag(H)[:-1]
         H[np.arange(d), np.arange(d)] += DAMP * max(float(diag.mean()), 1e-12)
@@ -137,7 +149,7 @@ def consumer_fits(graph: gs.Graph, model: onnx.ModelProto, node_names: list[str]
             Hinv = np.linalg.inv(H)
         except np.linalg.LinAlgError:
             continue
-        W = np.concatenate([design_weight(n), np.zeros((1, design_weight(n).shape[1]))], axis=0)
+        W = np.concatenate([wd, np.zeros((1, wd.shape[1]))], axis=0)
         out[n.name] = ConsumerFit(n.name, n.op, k, W, Hinv)
     return out
 
@@ -234,22 +246,15 @@ def compensated(fit: ConsumerFit, channels: np.ndarray) -> tuple[np.ndarray, np.
     return W[:-1], W[-1]
 
 
-def write_compensated(graph: gs.Graph, node_name: str, fit: ConsumerFit, channels: np.ndarray) -> None:
-    """Replace the node's weight (and bias) in ``graph`` by the compensated refit (the probe's model)."""
+def write_compensated(graph: gs.Graph, node_name: str, fit: ConsumerFit, channels: np.ndarray) -> bool:
+    """Replace the node's weight (and bias) in ``graph`` by the compensated refit (the probe's model); True
+    when a bias ``Add`` node was inserted (the graph then needs a toposort before export)."""
     n = next(x for x in graph.nodes if x.name == node_name)
     Wd, db = compensated(fit, channels)
-    old = np.asarray(n.inputs[1].values)
-    dt = old.dtype
-    if n.op == "MatMul":
-        n.inputs[1] = gs.Constant(n.inputs[1].name + "_obs", Wd.astype(dt))
-    elif n.op == "Gemm":
-        alpha = float(n.attrs.get("alpha", 1.0))
-        w = (Wd.T if int(n.attrs.get("transB", 0)) else Wd) / alpha
-        n.inputs[1] = gs.Constant(n.inputs[1].name + "_obs", w.astype(dt))
-    else:
-        n.inputs[1] = gs.Constant(n.inputs[1].name + "_obs", Wd.T.reshape(old.shape).astype(dt))
+    dt = np.asarray(n.inputs[1].values).dtype
+    set_design_weight(n, Wd, "obs")
     if not np.any(db):
-        return
+        return False
     if n.op == "Gemm":
         beta = float(n.attrs.get("beta", 1.0))
         if len(n.inputs) > 2 and isinstance(n.inputs[2], gs.Constant):
@@ -258,7 +263,7 @@ def write_compensated(graph: gs.Graph, node_name: str, fit: ConsumerFit, channel
         else:
             n.inputs.append(gs.Constant(f"{n.name}_bias_obs", db.astype(dt)))
         n.attrs["beta"] = 1.0
-        return
+        return False
     if n.op == "Conv":
         b = np.asarray(n.inputs[2].values, dtype=np.float64) if len(n.inputs) > 2 and isinstance(n.inputs[2], gs.Constant) else 0.0
         bias = gs.Constant(f"{n.name}_bias_obs", (b + db).astype(dt))
@@ -266,13 +271,13 @@ def write_compensated(graph: gs.Graph, node_name: str, fit: ConsumerFit, channel
             n.inputs[2] = bias
         else:
             n.inputs.append(bias)
-        return
-    add_matmul_bias(graph, n, db.astype(dt), "obs")
+        return False
+    return add_matmul_bias(graph, n, db.astype(dt), "obs")
 
 
-def add_matmul_bias(graph: gs.Graph, n: gs.Node, b: np.ndarray, tag: str) -> None:
+def add_matmul_bias(graph: gs.Graph, n: gs.Node, b: np.ndarray, tag: str) -> bool:
     """MatMul has no bias input: ``b`` is added to the constant of a following bias ``Add`` (a torch Linear
-    export), else a new ``Add`` is inserted after the MatMul."""
+    export), else a new ``Add`` is inserted after the MatMul (returns True: appended, not yet in order)."""
     y = n.outputs[0]
     readers = list(y.outputs)
     if len(readers) == 1 and readers[0].op == "Add" and y not in graph.outputs:
@@ -281,7 +286,8 @@ def add_matmul_bias(graph: gs.Graph, n: gs.Node, b: np.ndarray, tag: str) -> Non
         if isinstance(add.inputs[j], gs.Constant) and np.asarray(add.inputs[j].values).shape == b.shape:
             old = np.asarray(add.inputs[j].values)
             add.inputs[j] = gs.Constant(f"{n.name}_bias_{tag}", (old.astype(np.float64) + b).astype(old.dtype))
-            return
+            return False
     mid = gs.Variable(f"{y.name}__{tag}_nobias", dtype=y.dtype)
     n.outputs[0] = mid
     graph.nodes.append(gs.Node("Add", f"{n.name}_bias_{tag}_add", inputs=[mid, gs.Constant(f"{n.name}_bias_{tag}", b)], outputs=[y]))
+    return True

@@ -687,6 +687,13 @@ def im2col(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
     return win.transpose(0, 2, 3, 1, 4, 5)
 
 
+def im2col_rows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    """``im2col`` as a design matrix: rows [N * OH * OW] in the output's order, columns [C * prod(kernel)] in
+    the weight's (C, kernel) order, so ``rows @ w.reshape(Cout, -1).T`` is the (non-grouped) conv."""
+    p = im2col(node, x, tuple(kernel))
+    return p.reshape(p.shape[0] * p.shape[1] * p.shape[2], -1)
+
+
 def layer_features(layer: Layer, x: np.ndarray) -> list[np.ndarray]:
     """Input rows ``X_g[tokens, cols]`` per group g such that the layer computes ``X_g @ W2_g.T``
     (``W2_g`` = the rows of the canonical matrix belonging to group g)."""

@@ -349,3 +349,18 @@ def test_refit_ignores_padded_positions():
         s0, s1 = runtime.session(model), runtime.session(pruned)
         err[name] = float(np.mean([np.square(s1.run(None, f)[0] - s0.run(None, f)[0]).mean() for f in feeds]))
     assert err["attention_mask"] < 0.5 * err["segment"], err
+
+
+def test_obs_names_the_groups_it_leaves_to_mean_act():
+    """criterion obs scores internal groups whose consumers can be refit; a residual-stream group falls back
+    to mean |activation|, and its group stats say so (no group is reported as obs-scored that was not)."""
+    model = inverted_residual(blocks=2)
+    calib = _feeds(model, 8)
+    g, ctx = cleaned(model)
+    ctx.calib = Samples(calib, None, "test")
+    from passes.prune_channels import plan
+
+    pl = plan(g, ctx, PruneChannelsConfig(ratio=0.5, criterion="obs"))
+    crit = {s.get("kind"): s["criterion"] for s in pl.group_stats if s.get("criterion")}
+    assert crit.get("internal") == "obs", pl.group_stats
+    assert crit.get("residual", "").startswith("mean_act (obs:"), pl.group_stats
