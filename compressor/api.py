@@ -85,12 +85,10 @@ def _options(model: Any, kwargs: dict[str, Any], tmp: Path) -> Options:
         k = bad[0]
         raise UsageError(f"compress() got an unexpected option {k!r}{_did_you_mean(k, sorted(_FIELDS - {'model'}))}")
     kw = dict(kwargs)
-    for key in ("ignore", "include", "input_shape", "plugin"):
-        if isinstance(kw.get(key), (str, os.PathLike)):
-            kw[key] = [kw[key]]
-    for key in ("ignore", "include", "input_shape", "plugin"):
+    for key in ("ignore", "include", "input_shape", "plugin"):  # one value or a list of them, as strings
         if key in kw:
-            kw[key] = [str(v) for v in kw[key]]
+            vals = [kw[key]] if isinstance(kw[key], (str, os.PathLike)) else kw[key]
+            kw[key] = [str(v) for v in vals]
     if not isinstance(model, (str, os.PathLike)):
         import onnx
 
@@ -134,10 +132,11 @@ def _default_progress(line: str) -> None:
 def run(opts: Options, progress: Callable[[str], None] | None = None, save_recipe: str | os.PathLike | None = None) -> Result:
     """Run resolved ``Options`` (what the CLI and ``compress run RECIPE`` build); see ``compress``."""
     from compressor.cli import check_args
-    from compressor import pipeline
 
     say = progress or _default_progress
-    check_args(opts)
+    check_args(opts)  # plain values first: a bad one fails before onnx / onnxruntime / TVM are imported
+    from compressor import pipeline
+
     plan = pipeline.plan(opts)
     lines = pipeline.describe(plan)
     if save_recipe:

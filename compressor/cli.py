@@ -186,8 +186,7 @@ def _options_from_args(a: argparse.Namespace) -> Options:
 
 
 def _run(opts: Options, save_recipe: str | None, quiet: bool = False, as_json: bool = False) -> int:
-    check_args(opts)
-    from compressor import api, report
+    from compressor import api  # light: api.run checks the plain values (check_args) before anything heavy is imported
 
     def err(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -195,6 +194,7 @@ def _run(opts: Options, save_recipe: str | None, quiet: bool = False, as_json: b
     out = err if as_json else _say  # stdout is the JSON object's
     say = (lambda msg: None) if quiet else out
     res = api.run(opts, say, save_recipe)
+    from compressor import report
     if opts.dry_run:
         for line in res.pipeline:
             out(line)
