@@ -226,9 +226,7 @@ def distill(student: nn.Module, input_names: list[str], feeds: list[dict[str, np
     epochs = max(epochs, -(-min_steps // steps_per_epoch)) if min_steps else epochs
     val_before = val_loss()
     best = (val_before, 0, {k: v.detach().clone() for k, v in student.state_dict().items()}) if n_val else None
-    val_losses: list[float] = []
     params = [p for p in student.parameters() if p.requires_grad]
-    initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     backoffs: list[float] = []  # learning rates given up because the first epoch made the held-out loss worse
     while True:
         opt = torch.optim.Adam(params, lr=lr)
@@ -257,10 +255,11 @@ def distill(student: nn.Module, input_names: list[str], feeds: list[dict[str, np
                      f", held-out {val_losses[-1]:.5f}" if n_val else "")
             # a step size too large for these weights (a pretrained transformer at Adam 1e-3: the held-out loss
             # 10x the untrained one after the first epoch): start again from the untrained weights at lr / 10
+            # (``best`` still holds them: nothing beat the untrained held-out loss)
             if ep == 0 and n_val and val_losses[-1] > val_before and len(backoffs) < LR_BACKOFFS and lr / 10 >= LR_FLOOR:
                 backoffs.append(lr)
                 lr /= 10
-                student.load_state_dict(initial)
+                student.load_state_dict(best[2])
                 restart = True
                 break
         if not restart:
