@@ -331,7 +331,7 @@ def _fix_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]],
                 if not d.HasField("dim_value") and d.dim_param:
                     named.setdefault(d.dim_param, want[i])
     changed = bool(overrides)
-    missing: list[tuple[str, list[str]]] = []
+    missing: list[tuple[str, list[str], set[str] | None]] = []  # input, hint dims, its open dim names (None: unnamed)
     for vi in graph_inputs(model):
         tt = vi.type.tensor_type
         dims = tt.shape.dim
@@ -342,7 +342,7 @@ def _fix_shapes(model: onnx.ModelProto, overrides: dict[str, list[int]],
             continue
         dyn = [i for i, d in enumerate(dims) if not d.HasField("dim_value") or d.dim_value <= 0]
         if not tt.HasField("shape"):
-            missing.append((vi.name, ["<rank unknown>"]))
+            missing.append((vi.name, ["<rank unknown>"], None))
             continue
         if not dyn:
             continue

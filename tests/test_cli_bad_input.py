@@ -249,3 +249,14 @@ def test_output_dir_containing_input_refused_even_with_force(cli, tmp_path):
 def test_unknown_method(cli, tmp_path):
     _assert_one_line_error(cli(_model_file(tmp_path), "--sparsity", "0.5", "--method", "nope", "-o", tmp_path / "o"), EXIT_USAGE,
                            "--method must be auto, magnitude, wanda, obs or sparsegpt")
+
+
+def test_input_without_a_shape_is_one_error(cli, tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])  # no checker: the shape is missing on purpose
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    r = cli(p, "-o", tmp_path / "out", *FAST)
+    assert r.code == EXIT_INPUT and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, r
