@@ -32,6 +32,12 @@ CASES = {
     "direct-1x1-s2": ck.ConvShape(1, 8, 9, 9, 12, 1, 1, 2, 2, (0, 0, 0, 0), 1),
     "direct-wide": ck.ConvShape(2, 2, 5, 70, 9, 3, 3, 1, 1, (1, 1, 1, 1), 1),
     "direct-s3": ck.ConvShape(1, 3, 10, 11, 5, 3, 3, 3, 3, (0, 1, 2, 2), 1),
+    # ResNet-style: 7x7 plane (wide rows 9, 63 positions < one two-vector tile), 14 channels (two
+    # overlapping 12-channel tiles); 1x1 stride 2 (one used phase of four); 7x7/2 stem on an odd plane
+    "direct-7x7-plane": ck.ConvShape(1, 20, 7, 7, 14, 3, 3, 1, 1, (1, 1, 1, 1), 1),
+    "direct-1x1-s2-wide": ck.ConvShape(2, 24, 14, 14, 30, 1, 1, 2, 2, (0, 0, 0, 0), 1),
+    "direct-stem7-s2": ck.ConvShape(1, 3, 23, 21, 16, 7, 7, 2, 2, (3, 3, 3, 3), 1),
+    "direct-tiny": ck.ConvShape(1, 4, 2, 2, 3, 3, 3, 1, 1, (1, 1, 1, 1), 1),  # 8 wide positions < one vector
 }
 
 
@@ -98,9 +104,9 @@ def test_stack_tiles_stay_below_workspace_threshold():
         for m, o in ((1024, 64), (7, 5), (3136, 1280)):
             r, mt = ck.conv1x1_tiles(m, o, tgt)
             assert r * mt < ck.STACK_FLOATS and r <= o and mt <= m
-        for o, ow in ((16, 16), (32, 56), (3, 300)):
-            r, owt = ck.direct_tiles(o, ow, tgt)
-            assert r * owt < ck.STACK_FLOATS and owt <= ow
+        for o, q in ((16, 16), (32, 56 * 58), (3, 300), (512, 7 * 9), (8, 5)):
+            r, qt = ck.direct_tiles(o, q, tgt)  # two stack sets of r x qt/2 (one of r x qt when narrow)
+            assert r * (qt // 2 if qt >= 2 * 8 else qt) < ck.STACK_FLOATS and qt <= q and r <= o
 
 
 # ------------------------------------------------------------------ ONNX graph level
