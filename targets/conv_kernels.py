@@ -235,9 +235,11 @@ def direct_tiles(o: int, q: int, target: Any) -> tuple[int, int]:
 # ------------------------------------------------------------------ TIR kernels
 
 
-def make_conv1x1(s: ConvShape, act: Act = NONE, target: Any = "x86"):
+def make_conv1x1(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bool = False):
     """``f(x[B, I, H, W], wp[ceil(O/R), I, R], bias[O], y[B, O, H, W])`` (viewed as
-    ``[B, C, M = H*W]``); ``wp`` = the weight packed per output-channel tile
+    ``[B, C, M = H*W]``); ``residual``: ``f(x, wp, bias, z[B, O, H, W], y)`` computing
+    ``y = act(conv(x) + bias + z)`` (a residual Add fused: ``z`` starts the accumulators).
+    ``wp`` = the weight packed per output-channel tile
     (:func:`kernel_weights`), so every task streams one contiguous ``I x R`` block.
     Task order: pixel tiles outer when the input is the larger operand (neighbouring tasks
     share the ``x`` slice), channel tiles outer when the weight is (late, small-image layers:
@@ -252,17 +254,22 @@ def make_conv1x1(s: ConvShape, act: Act = NONE, target: Any = "x86"):
     f = _act_fn(act)
     par = _task_loop(bsz * m * n * k)
 
-    @T.prim_func
-    def conv1x1(x4: T.Buffer((bsz, k, s.h, s.w), "float32"), wp: T.Buffer((nrt, k, r), "float32"),
-                bias: T.Buffer((n,), "float32"), y4: T.Buffer((bsz, n, s.h, s.w), "float32")):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+    @T.macro
+    def body(x4, wp, bias, z4, y4):
         x = T.decl_buffer((bsz, k, m), "float32", data=x4.data)  # NCHW viewed as [B, C, H*W]
         y = T.decl_buffer((bsz, n, m), "float32", data=y4.data)
         for t in par(bsz * nmt * nrt):
             acc = T.decl_buffer((r, mt), "float32", scope=CPU_STACK)
-            for rr in T.unroll(r):
-                for mi in T.vectorized(mt):
-                    acc[rr, mi] = bias[T.min(t // d_o % nrt * r, n - r) + rr]
+            if residual:  # (static) the residual input starts the accumulators
+                z = T.decl_buffer((bsz, n, m), "float32", data=z4.data)
+                for rr in T.unroll(r):
+                    for mi in T.vectorized(mt):
+                        acc[rr, mi] = bias[T.min(t // d_o % nrt * r, n - r) + rr] + z[
+                            t // (nmt * nrt), T.min(t // d_o % nrt * r, n - r) + rr, T.min(t // d_p % nmt * mt, m - mt) + mi]
+            else:
+                for rr in T.unroll(r):
+                    for mi in T.vectorized(mt):
+                        acc[rr, mi] = bias[T.min(t // d_o % nrt * r, n - r) + rr]
             for kk in T.serial(k):
                 for rr in T.unroll(r):
                     for mi in T.vectorized(mt):
@@ -272,6 +279,22 @@ def make_conv1x1(s: ConvShape, act: Act = NONE, target: Any = "x86"):
                 for mi in T.vectorized(mt):
                     y[t // (nmt * nrt), T.min(t // d_o % nrt * r, n - r) + rr,
                       T.min(t // d_p % nmt * mt, m - mt) + mi] = f(acc[rr, mi])
+
+    if residual:
+        @T.prim_func
+        def conv1x1_residual(x4: T.Buffer((bsz, k, s.h, s.w), "float32"), wp: T.Buffer((nrt, k, r), "float32"),
+                             bias: T.Buffer((n,), "float32"), z4: T.Buffer((bsz, n, s.h, s.w), "float32"),
+                             y4: T.Buffer((bsz, n, s.h, s.w), "float32")):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            body(x4, wp, bias, z4, y4)
+
+        return conv1x1_residual
+
+    @T.prim_func
+    def conv1x1(x4: T.Buffer((bsz, k, s.h, s.w), "float32"), wp: T.Buffer((nrt, k, r), "float32"),
+                bias: T.Buffer((n,), "float32"), y4: T.Buffer((bsz, n, s.h, s.w), "float32")):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        body(x4, wp, bias, None, y4)
 
     return conv1x1
 
@@ -450,8 +473,9 @@ def _plane_cols(s: ConvShape, pitch: int, qw: int) -> tuple[int, int]:
 ZERO_CHUNK = 64  # floats per vector store of the direct kernel's plane zeroing
 
 
-def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86"):
-    """``f(x[B, I, H, W], wp[ceil(O/R), I*KH*KW, R], bias[O], y[B, O, OH, OW])`` (group 1): the
+def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bool = False):
+    """``f(x[B, I, H, W], wp[ceil(O/R), I*KH*KW, R], bias[O], y[B, O, OH, OW])`` (group 1;
+    ``residual``: ``f(x, wp, bias, z, y)``, ``y = act(conv + bias + z)``, ``z`` added at the store): the
     conv as a *shifted matrix product*. Each input channel is copied once into ``sh * sw``
     zero-padded polyphase planes (:func:`direct_geometry`), flat; an output row is computed
     ``pitch`` wide (the ``pitch - OW`` extra columns are discarded), so output position ``q``
@@ -487,10 +511,8 @@ def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86"):
     (jlo0, jn0) = cols[0]
     (jlo1, jn1) = cols[min(1, sw - 1)]
 
-    @T.prim_func
-    def direct(x: T.Buffer((bsz, ci, h, w), "float32"), wt: T.Buffer((nrt, ci * kh * kw, r), "float32"),
-               bias: T.Buffer((co,), "float32"), y: T.Buffer((bsz, co, oh, ow), "float32")):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+    @T.macro
+    def body(x, wt, bias, z, y):
         xf = T.decl_buffer((nx,), "float32")
         for b in T.serial(bsz):
             # phase 1: zero-padded polyphase planes of every input channel, flat
@@ -544,12 +566,29 @@ def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86"):
                     for j in T.serial(hw):
                         if (T.min(t % nqt * qt, q - qt) + j) % wq < ow:
                             y[b, T.min(t // nqt * r, co - r) + rr, (T.min(t % nqt * qt, q - qt) + j) // wq,
-                              (T.min(t % nqt * qt, q - qt) + j) % wq] = f(acc0[rr, j])
+                              (T.min(t % nqt * qt, q - qt) + j) % wq] = f(acc0[rr, j] + (z[b, T.min(t // nqt * r, co - r) + rr, (T.min(t % nqt * qt, q - qt) + j) // wq, (T.min(t % nqt * qt, q - qt) + j) % wq] if residual else zero))
                     if two:
                         for j in T.serial(hw):
                             if (T.min(t % nqt * qt, q - qt) + hw + j) % wq < ow:
                                 y[b, T.min(t // nqt * r, co - r) + rr, (T.min(t % nqt * qt, q - qt) + hw + j) // wq,
-                                  (T.min(t % nqt * qt, q - qt) + hw + j) % wq] = f(acc1[rr, j])
+                                  (T.min(t % nqt * qt, q - qt) + hw + j) % wq] = f(acc1[rr, j] + (z[b, T.min(t // nqt * r, co - r) + rr, (T.min(t % nqt * qt, q - qt) + hw + j) // wq, (T.min(t % nqt * qt, q - qt) + hw + j) % wq] if residual else zero))
+
+
+    if residual:
+        @T.prim_func
+        def direct_residual(x: T.Buffer((bsz, ci, h, w), "float32"), wt: T.Buffer((nrt, ci * kh * kw, r), "float32"),
+                            bias: T.Buffer((co,), "float32"), z: T.Buffer((bsz, co, oh, ow), "float32"),
+                            y: T.Buffer((bsz, co, oh, ow), "float32")):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            body(x, wt, bias, z, y)
+
+        return direct_residual
+
+    @T.prim_func
+    def direct(x: T.Buffer((bsz, ci, h, w), "float32"), wt: T.Buffer((nrt, ci * kh * kw, r), "float32"),
+               bias: T.Buffer((co,), "float32"), y: T.Buffer((bsz, co, oh, ow), "float32")):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        body(x, wt, bias, None, y)
 
     return direct
 
@@ -648,24 +687,26 @@ def kernel_weights(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None,
     return np.ascontiguousarray(wk), b
 
 
-def make_primfunc(s: ConvShape, act: Act = NONE, target: Any = "x86"):
+def make_primfunc(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bool = False):
     kind = s.kind()
+    if residual and kind not in ("conv1x1", "direct"):
+        raise ValueError(f"no residual form of the {kind} kernel")
     if kind == "conv1x1":
-        return make_conv1x1(s, act, target)
+        return make_conv1x1(s, act, target, residual)
     if kind == "depthwise":
         return make_depthwise(s, act, target)
     if kind == "direct":
-        return make_direct(s, act, target)
+        return make_direct(s, act, target, residual)
     raise ValueError(f"no kernel for {s}")
 
 
-def build(s: ConvShape, act: Act, tvm_target: Any):
-    """Compile one standalone kernel: ``f(x[B, I, H, W], w_kernel_layout, bias, y[B, O, OH, OW])``
+def build(s: ConvShape, act: Act, tvm_target: Any, residual: bool = False):
+    """Compile one standalone kernel: ``f(x[B, I, H, W], w_kernel_layout, bias, [z,] y[B, O, OH, OW])``
     (weights from :func:`kernel_weights` for the same target)."""
     import tvm
 
     tgt = tvm_target if isinstance(tvm_target, tvm.target.Target) else tvm.target.Target(tvm_target)
-    f = make_primfunc(s, act, tgt).with_attr("global_symbol", "conv_kernel")
+    f = make_primfunc(s, act, tgt, residual).with_attr("global_symbol", "conv_kernel")
     mod = tvm.IRModule({"conv_kernel": f})
     with tgt:
         return tvm.compile(mod, target=tgt)
@@ -774,6 +815,8 @@ class ConverterState:
     absorbed: set[str] = field(default_factory=set)
     kernels: dict[str, int] = field(default_factory=dict)  # kind -> count
     fallbacks: list[str] = field(default_factory=list)  # "node: reason"
+    # Conv node name -> (shape, x, packed weight, bias) of its kernel call, for residual fusion
+    calls: dict[str, tuple] = field(default_factory=dict)
 
 
 def conv_shape_from(x_shape, w_shape, attr: dict) -> tuple[ConvShape | None, str]:
@@ -853,9 +896,12 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
         gv = bb.add_func(prim, f"conv_{kind}_{act.name}")
         state.kernels[kind] = state.kernels.get(kind, 0) + 1
         out_ty = relax.TensorType(s.out_shape, "float32")
-        y = relax.call_tir(gv, [x, relax.const(wk), relax.const(bk)], out_ty)
+        wc, bc = relax.const(wk), relax.const(bk)
+        y = relax.call_tir(gv, [x, wc, bc], out_ty)
         if fused:
             state.absorbed.add(fused[0])
+        elif kind in ("conv1x1", "direct") and name:
+            state.calls[name] = (s, x, wc, bc)
         return y
 
     def act_impl(op: str):
@@ -892,10 +938,11 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
 
     # residual Adds reading a conv output: scheduled add kernel (+ a following Relu/Clip)
     add_nodes = residual_adds(model) if model is not None else set()
-    add_plan = {k: v for k, v in plan_fusion(model, ("Add",)).items() if k in add_nodes} if add_nodes else {}
+    add_convs = residual_conv_inputs(model, add_nodes) if add_nodes else {}
+    add_plan = {k: v for k, v in plan_fusion(model, ("Add", "Sum")).items() if k in add_nodes} if add_nodes else {}
     if add_nodes:
 
-        def add_impl(cls, bb, inputs, attr, params):
+        def add_impl(cls, bb, inputs, attr, params, op="Add"):
             name = str(attr.get("tvm_custom", {}).get("name", ""))
             a, b = (inputs[0], inputs[1]) if len(inputs) == 2 else (None, None)
             try:
@@ -905,9 +952,24 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
                 sa = sb = None
             if (name not in add_nodes or sa is None or sa != sb or getattr(a.ty, "dtype", "") != "float32"
                     or getattr(b.ty, "dtype", "") != "float32"):
-                return original("Add", bb, inputs, attr, params)
+                return original(op, bb, inputs, attr, params)
             fused = add_plan.get(name)
             act = fused[1] if fused else NONE
+            for k, conv_name in enumerate(add_convs.get(name, ())):
+                # the conv's call is still un-emitted (the frontend only normalizes a converter's
+                # result; its single consumer is this Add): replace it by the conv kernel with the
+                # residual input, so the sum never makes a separate pass over memory
+                call = state.calls.get(conv_name)
+                if call is None or not _is_call_tir(inputs[k]):
+                    continue
+                cs, cx, cw, cb = call
+                z = inputs[1 - k]
+                prim = make_primfunc(cs, act, tvm_target, residual=True).without_attr("global_symbol")
+                gv = bb.add_func(prim, f"conv_{cs.kind()}_residual_{act.name}")
+                state.kernels["residual_fused"] = state.kernels.get("residual_fused", 0) + 1
+                if fused:
+                    state.absorbed.add(fused[0])
+                return relax.call_tir(gv, [cx, cw, cb, z], relax.TensorType(tuple(sa), "float32"))
             gv = bb.add_func(make_add(tuple(sa), act, tvm_target).without_attr("global_symbol"), f"add_{act.name}")
             state.kernels["add"] = state.kernels.get("add", 0) + 1
             if fused:
@@ -915,6 +977,11 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
             return relax.call_tir(gv, [a, b], relax.TensorType(tuple(sa), "float32"))
 
         convs["Add"] = type("ResidualAddConverter", (base,), {"_impl_v1": classmethod(add_impl)})
+
+        def sum_impl(cls, bb, inputs, attr, params):
+            return add_impl(cls, bb, inputs, attr, params, op="Sum")
+
+        convs["Sum"] = type("ResidualSumConverter", (base,), {"_impl_v1": classmethod(sum_impl)})
     def gap_impl(cls, bb, inputs, attr, params):
         x = inputs[0]
         try:
@@ -934,14 +1001,45 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
     return convs, state
 
 
+def _is_call_tir(expr) -> bool:
+    from tvm import relax
+
+    return isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir"
+
+
+def residual_conv_inputs(model, add_nodes: set[str]) -> dict[str, tuple[str | None, ...]]:
+    """``{Add name: (Conv name or None per input)}``: the standard-domain ``Conv`` producing an
+    input of a residual Add whose only consumer is that Add (and that is not a graph output nor
+    fused with an activation): the Add can run as that conv kernel's epilogue."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    names = [n.name for n in model.graph.node]
+    out: dict[str, tuple[str | None, ...]] = {}
+    for n in model.graph.node:
+        if n.name not in add_nodes:
+            continue
+        convs: list[str | None] = []
+        for i in n.input:
+            p = producers.get(i)
+            ok = (p is not None and p.op_type == "Conv" and p.domain in ("", "ai.onnx") and p.name
+                  and names.count(p.name) == 1 and uses.get(i, 0) == 1 and i not in outputs and n.input[0] != n.input[1])
+            convs.append(p.name if ok else None)
+        out[n.name] = tuple(convs)
+    return out
+
+
 def residual_adds(model) -> set[str]:
-    """Names of the (uniquely named) two-input ``Add`` nodes that read a ``Conv`` /
+    """Names of the (uniquely named) two-input ``Add`` (or ``Sum``: Caffe2-converted ResNets) nodes that read a ``Conv`` /
     ``compressor::SparseConv1x1[Relu]`` output (the residual joins of ResNet/MobileNet)."""
     producers = {o: n for n in model.graph.node for o in n.output}
     names = [n.name for n in model.graph.node]
     out: set[str] = set()
     for n in model.graph.node:
-        if n.op_type != "Add" or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or names.count(n.name) != 1:
+        if n.op_type not in ("Add", "Sum") or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or names.count(n.name) != 1:
             continue
         srcs = [producers.get(i) for i in n.input]
         if any(p is not None and (p.op_type == "Conv" and p.domain in ("", "ai.onnx")

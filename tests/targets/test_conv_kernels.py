@@ -70,6 +70,27 @@ def test_kernel_matches_numpy_x86(name):
     assert (y == 0).any() and (y == 6).any() and ((y > 0) & (y < 6)).any()  # both clip bounds hit
 
 
+@pytest.mark.parametrize("name", ["1x1", "1x1-odd", "1x1-batch2", "direct-odd", "direct-7x7-plane",
+                                  "direct-1x1-s2-wide", "stem3x3-s2"])
+def test_residual_kernel_matches_numpy_x86(name):
+    """``y = act(conv(x) + bias + z)``: the residual Add fused into the conv1x1 / direct kernels."""
+    import tvm
+
+    s = CASES[name]
+    x, w, b = _data(s, len(name) + 1)
+    z = (np.random.default_rng(7).standard_normal(s.out_shape) * 3).astype(np.float32)
+    lib = ck.build(s, ck.RELU6, X86, residual=True)
+    wk, bk = ck.kernel_weights(s, w, b, X86)
+    y = tvm.runtime.tensor(np.full(s.out_shape, np.nan, np.float32))
+    lib["conv_kernel"](*[tvm.runtime.tensor(a) for a in (x, wk, bk, z)], y)
+    pre = ck.reference(x, w, b, s).astype(np.float64) + z
+    ref = ck.RELU6.apply_np(pre)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert ((pre > 0) & (pre < 6)).any() and (pre < 0).any()
+    with pytest.raises(ValueError, match="residual"):
+        ck.make_primfunc(CASES["dw3x3-s1"], ck.NONE, X86, residual=True)
+
+
 def test_kind_and_oracle():
     assert CASES["1x1"].kind() == "conv1x1"
     assert CASES["dw3x3-s1"].kind() == "depthwise"
