@@ -111,9 +111,11 @@ def densify_sparse_ops(model):
             continue
         x, d_name, i_name, p_name, b_name = (list(node.input) + [""] * 5)[:5]
         arr = {k: numpy_helper.to_array(inits[k]) for k in (d_name, i_name, p_name) if k in inits}
-        conv = node.op_type in sparse_ops.CONV_OPS
+        conv = node.op_type in sparse_ops.CONV_OPS + sparse_ops.KXK_OPS
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ksz = int(np.prod(attrs.get("kernel_shape", [1, 1])))
         xd = dims.get(x) or []
-        kdim = (xd[1] if conv else xd[-1]) if len(xd) >= (2 if conv else 1) else None
+        kdim = ((xd[1] * ksz if xd[1] else None) if conv else xd[-1]) if len(xd) >= (2 if conv else 1) else None
         if len(arr) != 3 or kdim is None:
             raise TargetError(f"cannot rebuild the dense weight of {node.name or node.op_type} (non-constant BSR "
                               "arrays or unknown input width)")
@@ -124,11 +126,13 @@ def densify_sparse_ops(model):
         relu = sparse_ops.has_relu(node.op_type)
         used.update((d_name, i_name, p_name))
         if conv:
-            w4 = numpy_helper.from_array(np.ascontiguousarray(w[:, :, None, None]), f"{base}_dense_w")
+            kh, kw = attrs.get("kernel_shape", [1, 1])
+            w4 = numpy_helper.from_array(np.ascontiguousarray(w.reshape(n, -1, kh, kw)), f"{base}_dense_w")
             g.initializer.append(w4)
             conv_out = f"{base}_dense_pre" if relu else node.output[0]
+            geo = {k: attrs[k] for k in ("strides", "pads") if k in attrs}
             new_nodes.append(helper.make_node("Conv", [x, w4.name] + ([b_name] if b_name else []), [conv_out],
-                                              name=f"{base}_dense_conv"))
+                                              name=f"{base}_dense_conv", **geo))
             if relu:
                 new_nodes.append(helper.make_node("Relu", [conv_out], [node.output[0]], name=f"{base}_dense_relu"))
             continue

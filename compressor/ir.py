@@ -509,8 +509,13 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
     for imp in graph.import_domains or []:
-        if imp.domain not in {o.domain for o in model.opset_import}:
+        have = [o for o in model.opset_import if o.domain == imp.domain]
+        if not have:
             model.opset_import.append(imp)
+        elif imp.domain in ("", "ai.onnx") and imp.version > have[0].version:
+            have[0].version = imp.version  # a pass relabelled the default domain (lower.sparse: 13..15 -> 16)
+            model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(
+                list(model.opset_import), ignore_unknown=True))
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
     return model

@@ -2,7 +2,9 @@
 
 All live in the ONNX domain ``compressor`` with inputs ``(X, data, indices, indptr, bias)``: BSR weights of
 shape ``[N, K]``. ``SparseMatMul[Relu]``: ``Y = X @ W^T + bias`` over X's last dim. ``SparseConv1x1[Relu]``:
-``Y = Conv(X, W[:, :, None, None], bias)`` over X's dim 1 (NCHW).
+``Y = Conv(X, W[:, :, None, None], bias)`` over X's dim 1 (NCHW). ``SparseConv[Relu]`` (attributes
+``kernel_shape``, ``strides``, ``pads`` as ONNX Conv's; group 1, dilation 1): ``W`` is ``[O, I*KH*KW]`` and
+``Y = Conv(X, W.reshape(O, I, KH, KW), bias, strides, pads)``.
 """
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ MATMUL_RELU = "SparseMatMulRelu"
 CONV1X1 = "SparseConv1x1"
 CONV1X1_RELU = "SparseConv1x1Relu"
 MATMUL_OPS: tuple[str, ...] = (MATMUL, MATMUL_RELU)
+KXK = "SparseConv"
+KXK_RELU = "SparseConvRelu"
 CONV_OPS: tuple[str, ...] = (CONV1X1, CONV1X1_RELU)
-ALL_OPS: tuple[str, ...] = MATMUL_OPS + CONV_OPS
+KXK_OPS: tuple[str, ...] = (KXK, KXK_RELU)
+ALL_OPS: tuple[str, ...] = MATMUL_OPS + CONV_OPS + KXK_OPS
 
 
 def is_sparse_op(domain: str, op_type: str) -> bool:
@@ -21,4 +26,4 @@ def is_sparse_op(domain: str, op_type: str) -> bool:
 
 
 def has_relu(op_type: str) -> bool:
-    return op_type in (MATMUL_RELU, CONV1X1_RELU)
+    return op_type in (MATMUL_RELU, CONV1X1_RELU, KXK_RELU)

@@ -473,6 +473,49 @@ def _plane_cols(s: ConvShape, pitch: int, qw: int) -> tuple[int, int]:
 ZERO_CHUNK = 64  # floats per vector store of the direct kernel's plane zeroing
 
 
+def _planes_macro(s: ConvShape, nx: int, par):
+    """``planes(x, xf, b)``: image ``b`` of ``x`` copied into the flat zero-padded polyphase
+    planes ``xf[nx]`` (:func:`direct_geometry`; the tail past the last channel zeroed too)."""
+    from tvm.script import tirx as T
+
+    ci, h, w, sh, sw = s.i, s.h, s.w, s.sh, s.sw
+    pt, pl = s.pads[0], s.pads[1]
+    hq, wq = direct_geometry(s)
+    plane = hq * wq
+    ps = sh * sw * plane
+    zero = T.float32(0)
+    cols = [_plane_cols(s, wq, qw) for qw in range(sw)]
+    (jlo0, jn0) = cols[0]
+    (jlo1, jn1) = cols[min(1, sw - 1)]
+
+    @T.macro
+    def planes(x, xf, b):
+        for i in par(ci):
+            for jc in T.serial(ps // ZERO_CHUNK):  # (a vectorized loop over a whole 115x115 plane: LLVM error)
+                for j in T.vectorized(ZERO_CHUNK):
+                    xf[i * ps + jc * ZERO_CHUNK + j] = zero
+            for j in T.serial(ps % ZERO_CHUNK):
+                xf[i * ps + ps // ZERO_CHUNK * ZERO_CHUNK + j] = zero
+            if sw <= 2:  # (static) constant-extent vector copies, one per column phase
+                for rr in T.serial(h):
+                    for j in T.vectorized(jn0):
+                        xf[i * ps + (rr + pt) % sh * sw * plane + (rr + pt) // sh * wq + jlo0 + j] = x[
+                            b, i, rr, (jlo0 + j) * sw - pl]
+                    if sw == 2 and jn1 > 0:
+                        for j in T.vectorized(jn1):
+                            xf[i * ps + ((rr + pt) % sh * sw + 1) * plane + (rr + pt) // sh * wq + jlo1 + j] = x[
+                                b, i, rr, (jlo1 + j) * sw + 1 - pl]
+            else:
+                for rr in T.serial(h):
+                    for c in T.serial(w):
+                        xf[i * ps + ((rr + pt) % sh * sw + (c + pl) % sw) * plane + (rr + pt) // sh * wq
+                           + (c + pl) // sw] = x[b, i, rr, c]
+        for j in T.serial(nx - ci * ps):
+            xf[ci * ps + j] = zero
+
+    return planes
+
+
 def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bool = False):
     """``f(x[B, I, H, W], wp[ceil(O/R), I*KH*KW, R], bias[O], y[B, O, OH, OW])`` (group 1;
     ``residual``: ``f(x, wp, bias, z, y)``, ``y = act(conv + bias + z)``, ``z`` added at the store): the
@@ -507,37 +550,13 @@ def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bo
     par = _task_loop(bsz * co * oh * ow * ci * kh * kw)
     zero = T.float32(0)
     f = _act_fn(act)
-    cols = [_plane_cols(s, wq, qw) for qw in range(sw)]
-    (jlo0, jn0) = cols[0]
-    (jlo1, jn1) = cols[min(1, sw - 1)]
+    planes = _planes_macro(s, nx, par)
 
     @T.macro
     def body(x, wt, bias, z, y):
         xf = T.decl_buffer((nx,), "float32")
         for b in T.serial(bsz):
-            # phase 1: zero-padded polyphase planes of every input channel, flat
-            for i in par(ci):
-                for jc in T.serial(ps // ZERO_CHUNK):  # (a vectorized loop over a whole 115x115 plane: LLVM error)
-                    for j in T.vectorized(ZERO_CHUNK):
-                        xf[i * ps + jc * ZERO_CHUNK + j] = zero
-                for j in T.serial(ps % ZERO_CHUNK):
-                    xf[i * ps + ps // ZERO_CHUNK * ZERO_CHUNK + j] = zero
-                if sw <= 2:  # (static) constant-extent vector copies, one per column phase
-                    for rr in T.serial(h):
-                        for j in T.vectorized(jn0):
-                            xf[i * ps + (rr + pt) % sh * sw * plane + (rr + pt) // sh * wq + jlo0 + j] = x[
-                                b, i, rr, (jlo0 + j) * sw - pl]
-                        if sw == 2 and jn1 > 0:
-                            for j in T.vectorized(jn1):
-                                xf[i * ps + ((rr + pt) % sh * sw + 1) * plane + (rr + pt) // sh * wq + jlo1 + j] = x[
-                                    b, i, rr, (jlo1 + j) * sw + 1 - pl]
-                else:
-                    for rr in T.serial(h):
-                        for c in T.serial(w):
-                            xf[i * ps + ((rr + pt) % sh * sw + (c + pl) % sw) * plane + (rr + pt) // sh * wq
-                               + (c + pl) // sw] = x[b, i, rr, c]
-            for j in T.serial(nx - ci * ps):
-                xf[ci * ps + j] = zero
+            planes(x, xf, b)
             # phase 2: R output channels x QT wide positions per task
             for t in par(nrt * nqt):
                 acc0 = T.decl_buffer((r, hw), "float32", scope=CPU_STACK)
@@ -591,6 +610,113 @@ def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bo
         body(x, wt, bias, None, y)
 
     return direct
+
+
+def sparse_direct_tile(r: int, q: int, target: Any) -> int:
+    """Wide output positions per task of the sparse direct kernel with ``r``-row blocks: about
+    16 (AVX-512) / 12 (AVX2) / 24 (NEON) accumulator registers (``r = 1``: 8 vectors, enough
+    independent FMA chains to hide their latency), a multiple of the SIMD width, at most ``q``."""
+    v = vector_floats(target)
+    fam = target_family(target)
+    regs = 24 if fam == "arm" else (16 if v >= 16 else 12)
+    qt = max(v, min(8 * v, (regs // max(r, 1)) * v))
+    if q < qt:  # an even number of vectors (two sets of power-of-two vectors: <48 x float> ran 5x slower)
+        qt = (q // (2 * v)) * 2 * v if q >= 2 * v else (v if q >= v else q)
+    if qt >= 2 * v and (qt // v) % 2:
+        qt -= v
+    return qt
+
+
+def sparse_direct_offsets(s: ConvShape, cols: np.ndarray) -> np.ndarray:
+    """Flat input offset (into :func:`make_direct`'s polyphase planes) of each weight column
+    ``(i * KH + kh) * KW + kw`` of the ``[O, I*KH*KW]`` matrix."""
+    hq, wq = direct_geometry(s)
+    plane = hq * wq
+    cols = np.asarray(cols, np.int64)
+    i, rest = np.divmod(cols, s.kh * s.kw)
+    dh, dw = np.divmod(rest, s.kw)
+    off = i * (s.sh * s.sw * plane) + ((dh % s.sh) * s.sw + dw % s.sw) * plane + (dh // s.sh) * wq + dw // s.sw
+    return off.astype(np.int32)
+
+
+def make_sparse_direct(s: ConvShape, r: int, nnzb: int, act: Act = NONE, target: Any = "x86"):
+    """``f(x[B, I, H, W], data[nnzb, R], offs[nnzb], indptr[O/R + 1], bias[O], y[B, O, OH, OW])``:
+    the direct kernel's shifted matrix product over a block-sparse weight (``R x 1`` blocks:
+    ``R`` consecutive output channels sharing one tap; ``R = 1`` unstructured). ``offs`` = each
+    stored block's flat tap offset (:func:`sparse_direct_offsets`), so a stored block costs
+    ``R`` broadcasts and ``R * QT / lanes`` FMAs over contiguous positions, whatever the kernel
+    size, stride and padding (the direct sparse convolution of Park et al. 2017, "Faster CNNs
+    with Direct Sparse Convolutions and Guided Pruning"). One task per (block row, position tile)."""
+    from tvm.script import tirx as T
+
+    assert s.kind() == "direct" and s.o % r == 0, (s, r)
+    bsz, ci, h, w, co, kh, kw, sh, sw = s.b, s.i, s.h, s.w, s.o, s.kh, s.kw, s.sh, s.sw
+    oh, ow = s.oh, s.ow
+    hq, wq = direct_geometry(s)
+    ps = sh * sw * hq * wq
+    q = oh * wq
+    qt = sparse_direct_tile(r, q, target)
+    v = vector_floats(target)
+    two = qt >= 2 * v
+    hw = qt // 2 if two else qt
+    nqt = -(-q // qt)
+    nbr = co // r
+    nnzb_ = max(nnzb, 1)
+    nx = ci * ps + ((kh - 1) // sh) * wq + (kw - 1) // sw + qt
+    par = _task_loop(bsz * max(nnzb, 1) * r * oh * ow)
+    f = _act_fn(act)
+    planes = _planes_macro(s, nx, par)
+
+    @T.prim_func
+    def sparse_direct(x: T.Buffer((bsz, ci, h, w), "float32"), data: T.Buffer((nnzb_, r), "float32"),
+                      offs: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                      bias: T.Buffer((co,), "float32"), y: T.Buffer((bsz, co, oh, ow), "float32")):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        xf = T.decl_buffer((nx,), "float32")
+        for b in T.serial(bsz):
+            planes(x, xf, b)
+            for t in par(nbr * nqt):
+                acc0 = T.decl_buffer((r, hw), "float32", scope=CPU_STACK)
+                acc1 = T.decl_buffer((r, hw), "float32", scope=CPU_STACK)
+                for rr in T.unroll(r):
+                    for j in T.vectorized(hw):
+                        acc0[rr, j] = bias[t // nqt * r + rr]
+                    if two:
+                        for j in T.vectorized(hw):
+                            acc1[rr, j] = bias[t // nqt * r + rr]
+                for e in T.serial(indptr[t // nqt], indptr[t // nqt + 1]):
+                    for rr in T.unroll(r):
+                        for j in T.vectorized(hw):
+                            acc0[rr, j] = acc0[rr, j] + data[e, rr] * xf[offs[e] + T.min(t % nqt * qt, q - qt) + j]
+                        if two:
+                            for j in T.vectorized(hw):
+                                acc1[rr, j] = acc1[rr, j] + data[e, rr] * xf[
+                                    offs[e] + T.min(t % nqt * qt, q - qt) + hw + j]
+                for rr in T.unroll(r):
+                    for j in T.serial(hw):
+                        if (T.min(t % nqt * qt, q - qt) + j) % wq < ow:
+                            y[b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + j) // wq,
+                              (T.min(t % nqt * qt, q - qt) + j) % wq] = f(acc0[rr, j])
+                    if two:
+                        for j in T.serial(hw):
+                            if (T.min(t % nqt * qt, q - qt) + hw + j) % wq < ow:
+                                y[b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + hw + j) // wq,
+                                  (T.min(t % nqt * qt, q - qt) + hw + j) % wq] = f(acc1[rr, j])
+
+    return sparse_direct
+
+
+def sparse_direct_arrays(s: ConvShape, w_nk: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(data[nnzb, R], offs[nnzb], indptr)`` of the ``[O, I*KH*KW]`` weight in ``R x 1`` blocks
+    (a block is stored when any of its ``R`` values is non-zero)."""
+    n, k = w_nk.shape
+    blocks = w_nk.reshape(n // r, r, k)
+    keep = np.any(blocks != 0, axis=1)  # [n/r, k]
+    rows, cols = np.nonzero(keep)
+    data = np.ascontiguousarray(blocks[rows, :, cols], dtype=np.float32).reshape(-1, r)
+    indptr = np.zeros(n // r + 1, np.int32)
+    np.cumsum(np.bincount(rows, minlength=n // r), out=indptr[1:])
+    return data, sparse_direct_offsets(s, cols), indptr
 
 
 ADD_CHUNK = 256  # floats per task of the residual add kernel
@@ -936,6 +1062,49 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
 
         convs["SparseConv1x1"] = type("SparseConv1x1FusedConverter", (base,), {"_impl_v1": classmethod(sparse_impl)})
 
+    # compressor::SparseConv[Relu] (lower.sparse's KxK / strided / padded convs): the sparse direct kernel
+    def sparse_kxk_impl(cls, bb, inputs, attr, params, relu=False):
+        from tvm.ir import expr as tvm_ir_expr
+
+        from compressor.errors import TargetError
+        from targets.sparse_kernels import BSR, from_bsr
+
+        x = inputs[0]
+        consts_ = inputs[1:5]
+        if len(consts_) != 4 or not all(isinstance(c, tvm_ir_expr.Constant) for c in consts_):
+            raise TargetError("compressor::SparseConv: data/indices/indptr/bias must be initializers")
+        data, indices, indptr, bias = (c.value.numpy() for c in consts_)
+        bsz, ci, h, w = (int(d) for d in x.ty.shape)
+        kh, kw = (int(v) for v in attr.get("kernel_shape", (1, 1)))
+        sh, sw = (int(v) for v in attr.get("strides", (1, 1)))
+        pads = tuple(int(v) for v in attr.get("pads", (0, 0, 0, 0)))
+        r = int(data.shape[1])
+        n = (len(indptr) - 1) * r
+        cs = ConvShape(bsz, ci, h, w, n, kh, kw, sh, sw, pads)
+        w_nk = from_bsr(BSR(data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int32),
+                            (n, ci * kh * kw)))
+        rr = r if int(data.shape[2]) == 1 else 1
+        d_, offs, ip = sparse_direct_arrays(cs, w_nk, rr)
+        act = RELU if relu else NONE
+        fused = sparse_kxk_plan.get(str(attr.get("tvm_custom", {}).get("name", "")))
+        if fused and not relu:
+            act = fused[1]
+            state.absorbed.add(fused[0])
+        prim = make_sparse_direct(cs, rr, len(d_), act, tvm_target).without_attr("global_symbol")
+        gv = bb.add_func(prim, f"sparse_direct_{rr}x1_{act.name}")
+        state.kernels["sparse_direct"] = state.kernels.get("sparse_direct", 0) + 1
+        return relax.call_tir(gv, [x, relax.const(d_.reshape(max(len(d_), 1), rr) if len(d_) else np.zeros((1, rr), np.float32)),
+                                   relax.const(offs if len(offs) else np.zeros(1, np.int32)), relax.const(ip),
+                                   relax.const(np.asarray(bias, np.float32).reshape(n))],
+                              relax.TensorType(cs.out_shape, "float32"))
+
+    sparse_kxk_plan = plan_fusion(model, (sparse_ops.KXK,), sparse_ops.DOMAIN) if model is not None else {}
+    if model is not None and any(nd.domain == sparse_ops.DOMAIN and nd.op_type in sparse_ops.KXK_OPS
+                                 for nd in model.graph.node):
+        convs[sparse_ops.KXK] = type("SparseConvConverter", (base,), {"_impl_v1": classmethod(sparse_kxk_impl)})
+        convs[sparse_ops.KXK_RELU] = type("SparseConvReluConverter", (base,), {"_impl_v1": classmethod(
+            lambda cls, bb, inputs, attr, params: sparse_kxk_impl(cls, bb, inputs, attr, params, relu=True))})
+
     # residual Adds reading a conv output: scheduled add kernel (+ a following Relu/Clip)
     add_nodes = residual_adds(model) if model is not None else set()
     add_convs = residual_conv_inputs(model, add_nodes) if add_nodes else {}
@@ -995,7 +1164,7 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
         return relax.call_tir(gv, [x], relax.TensorType((shape[0], shape[1], 1, 1), "float32"))
 
     convs["GlobalAveragePool"] = type("GlobalAvgPoolConverter", (base,), {"_impl_v1": classmethod(gap_impl)})
-    if state.plan or sparse_plan or add_plan:
+    if state.plan or sparse_plan or add_plan or sparse_kxk_plan:
         for op in ("Relu", "Clip"):
             convs[op] = type(f"{op}FusedConverter", (base,), {"_impl_v1": classmethod(act_impl(op))})
     return convs, state

@@ -107,6 +107,7 @@ log = logging.getLogger(__name__)
 
 from compressor.sparse_ops import CONV1X1 as OP_CONV, CONV1X1_RELU as OP_CONV_RELU, DOMAIN, MATMUL as OP  # noqa: E402
 from compressor.sparse_ops import MATMUL_RELU as OP_RELU  # noqa: E402
+from compressor.sparse_ops import KXK as OP_KXK, KXK_RELU as OP_KXK_RELU  # noqa: E402
 MIN_OPSET = 16
 
 # --- CPU cost model (see module docstring; constants fitted by bench/cost_model.py) --------
@@ -283,7 +284,8 @@ def reference_function(op: str, opset: int) -> onnx.FunctionProto:
     """Dense reference body of ``compressor::<op>`` from standard ops (see module docstring).
     ``SparseConv1x1[Relu]``: ``K`` is X's dim 1 (NCHW) and the end is
     ``Conv(X, Unsqueeze(W, [2, 3]), bias)``."""
-    conv = op in (OP_CONV, OP_CONV_RELU)
+    conv = op in (OP_CONV, OP_CONV_RELU, OP_KXK, OP_KXK_RELU)
+    kxk = op in (OP_KXK, OP_KXK_RELU)
     i64 = lambda name, vals: helper.make_node(  # noqa: E731
         "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals))
     nodes = [
@@ -296,9 +298,15 @@ def reference_function(op: str, opset: int) -> onnx.FunctionProto:
         helper.make_node("Shape", ["indptr"], ["ipshape"]),
         helper.make_node("Sub", ["ipshape", "c1"], ["nbr"]),
         helper.make_node("Shape", ["X"], ["xshape"]),
-        (helper.make_node("Slice", ["xshape", "c1", "c2"], ["kdim"]) if conv  # channels of NCHW X
+        (helper.make_node("Slice", ["xshape", "c1", "c2"], ["kdim" if not kxk else "cin"]) if conv  # channels of NCHW X
          else helper.make_node("Slice", ["xshape", "cm1", "cbig"], ["kdim"])),  # last dim of X
     ]
+    if kxk:  # K = I * KH * KW: the kernel size from the node's kernel_shape attribute
+        ks = helper.make_node("Constant", [], ["kshape"])
+        ks.attribute.append(onnx.AttributeProto(name="value_ints", ref_attr_name="kernel_shape",
+                                                type=onnx.AttributeProto.INTS))
+        nodes += [ks, helper.make_node("ReduceProd", ["kshape"], ["ksize"], keepdims=1),
+                  helper.make_node("Mul", ["cin", "ksize"], ["kdim"])]
     nodes.insert(0, i64("cbig", [2**62]))
     nodes += [
         helper.make_node("Div", ["kdim", "c"], ["nbc"]),
@@ -327,6 +335,16 @@ def reference_function(op: str, opset: int) -> onnx.FunctionProto:
         helper.make_node("Concat", ["ndim", "kdim"], ["wshape"], axis=0),
         helper.make_node("Reshape", ["blocks_t", "wshape"], ["W"]),
     ]
+    if kxk:
+        conv_node = helper.make_node("Conv", ["X", "W4", "bias"], ["pre" if op == OP_KXK_RELU else "Y"])
+        for a in ("strides", "pads"):
+            conv_node.attribute.append(onnx.AttributeProto(name=a, ref_attr_name=a, type=onnx.AttributeProto.INTS))
+        nodes += [helper.make_node("Concat", ["ndim", "cm1", "kshape"], ["w4shape"], axis=0),
+                  helper.make_node("Reshape", ["W", "w4shape"], ["W4"]), conv_node]
+        if op == OP_KXK_RELU:
+            nodes.append(helper.make_node("Relu", ["pre"], ["Y"]))
+        return helper.make_function(DOMAIN, op, ["X", "data", "indices", "indptr", "bias"], ["Y"], nodes,
+                                    [helper.make_opsetid("", opset)], attributes=["kernel_shape", "strides", "pads"])
     if conv:
         nodes += [helper.make_node("Concat", ["c2", "c3"], ["hw_axes"], axis=0),
                   helper.make_node("Unsqueeze", ["W", "hw_axes"], ["W4"])]
@@ -362,6 +380,24 @@ def _ensure_function(graph: gs.Graph, op: str, opset: int) -> None:
 
 
 # ------------------------------------------------------------------ the pass
+
+# default-domain ops whose meaning (not just their type lists) changes between opset 13 and 16
+_SEMANTIC_CHANGES_13_16 = frozenset({"RoiAlign"})
+
+
+def _opset_bump_blocker(graph: gs.Graph) -> str | None:
+    """Why the graph cannot be relabelled from opset 13..15 to 16, or None. Between 13 and 16 the
+    standard ops only gained types or attributes whose defaults keep the old behaviour (Reshape's
+    allowzero, BatchNormalization's training_mode, GRU/LSTM's layout, the Scatter reductions),
+    except RoiAlign (a new default coordinate mode); model-local functions carry their own
+    opset imports, which would then disagree with the model's."""
+    if graph.opset is None or graph.opset < 13:
+        return f"opset {graph.opset}"
+    if graph.functions:
+        return "it has model-local functions"
+    ops = sorted({n.op for n in graph.nodes if n.domain in ("", "ai.onnx", None) and n.op in _SEMANTIC_CHANGES_13_16})
+    return f"{', '.join(ops)} changes meaning at opset 16" if ops else None
+
 
 
 def _consumers(t: gs.Tensor) -> list[gs.Node]:
@@ -416,6 +452,27 @@ def _conv1x1_weight(node: gs.Node, shapes: dict[str, list]) -> tuple[np.ndarray 
     return np.ascontiguousarray(wv[:, :, 0, 0]), None, [int(d) for d in shape]
 
 
+def _kxk_weight(node: gs.Node, shapes: dict[str, list]) -> tuple[np.ndarray | None, str | None, list[int] | None, dict]:
+    """(W[O, I*KH*KW], why-not, static NCHW input shape, SparseConv attributes) for a group-1 Conv
+    that is not a plain 1x1 (KxK, strided or padded): what ``compressor::SparseConv`` runs."""
+    w, x = node.inputs[1], node.inputs[0]
+    wv = np.asarray(w.values)
+    a = node.attrs
+    if int(a.get("group", 1)) != 1:
+        return None, f"grouped Conv (group={a.get('group')})", None, {}
+    if any(int(v) != 1 for v in a.get("dilations", [1, 1])):
+        return None, f"dilated Conv (dilations={list(a.get('dilations'))})", None, {}
+    if str(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID"):
+        return None, f"Conv auto_pad={a.get('auto_pad')}", None, {}
+    shape = getattr(x, "shape", None) or shapes.get(x.name)
+    if not shape or len(shape) != 4 or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in shape):
+        return None, f"input {x.name} has no static NCHW shape", None, {}
+    kh, kw = int(wv.shape[2]), int(wv.shape[3])
+    attrs = {"kernel_shape": [kh, kw], "strides": [int(v) for v in a.get("strides", [1, 1])],
+             "pads": [int(v) for v in a.get("pads", [0, 0, 0, 0])]}
+    return np.ascontiguousarray(wv.reshape(wv.shape[0], -1)), None, [int(d) for d in shape], attrs
+
+
 class LowerSparse(Pass):
     name = "lower.sparse"
     description = ("rewrite sparse constant-weight Gemm/MatMul and 1x1 Conv into compressor::SparseMatMul / "
@@ -428,9 +485,13 @@ class LowerSparse(Pass):
         cfg: LowerSparseConfig = self.config
         warnings: list[str] = []
         layers: list[dict] = []
-        if ctx.opset < MIN_OPSET:
-            warnings.append(f"lower.sparse: opset {ctx.opset} < {MIN_OPSET} (no onnxruntime reference for the BSR op): all layers kept dense")
-            return PassResult(False, {"lowered": 0, "layers": []}, warnings)
+        opset = ctx.opset
+        if opset < MIN_OPSET:
+            why = _opset_bump_blocker(graph)
+            if why:
+                warnings.append(f"lower.sparse: opset {opset} < {MIN_OPSET} (no onnxruntime reference for the BSR op) "
+                                f"and the model cannot be relabelled ({why}): all layers kept dense")
+                return PassResult(False, {"lowered": 0, "layers": []}, warnings)
         tvm_target = getattr(ctx.target, "tvm_target", None) or "x86"
         family = sk.target_family(tvm_target)
         outputs = {t.name for t in graph.outputs}
@@ -457,13 +518,26 @@ class LowerSparse(Pass):
                 continue
             bias = None
             conv = node.op == "Conv"
+            kxk_attrs: dict = {}
             if conv:
                 w_nk, why, xshape = _conv1x1_weight(node, shapes)
+                if w_nk is None and why and why != "non-candidate" and wv.ndim == 4 and not isinstance(x, gs.Constant):
+                    if family == "cuda":
+                        why = f"{why}; the CUDA target has no KxK sparse kernel"
+                    else:
+                        w_nk, why, xshape, kxk_attrs = _kxk_weight(node, shapes)
                 if w_nk is None:
                     if why:
                         warnings.append(f"{label}: kept dense ({why}; {zeros:.0%} zeros)")
                     continue
                 bsz, m = xshape[0], xshape[2] * xshape[3]
+                if kxk_attrs:  # output pixels, not input: what the kernel computes per image
+                    from targets.conv_kernels import ConvShape
+
+                    kh, kw = kxk_attrs["kernel_shape"]
+                    cs = ConvShape(1, xshape[1], xshape[2], xshape[3], int(wv.shape[0]), kh, kw,
+                                   *kxk_attrs["strides"], tuple(kxk_attrs["pads"]))
+                    m = cs.oh * cs.ow
                 if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
                     if not isinstance(node.inputs[2], gs.Constant):
                         warnings.append(f"{label}: Conv with a non-constant bias not lowered, kept dense")
@@ -505,6 +579,8 @@ class LowerSparse(Pass):
                 block = sk.parse_block(cfg.block)
                 if n % block[0] or k % block[1]:
                     block = (1, 1)
+            if kxk_attrs and block[1] != 1:  # the KxK kernel runs R x 1 blocks (one tap per block)
+                block = (1, 1)
             # the permute-SELL kernel repacks the weight itself: no lanes padding stored
             perm = not conv and family == "x86" and sk.perm_eligible(block, m * bsz, tvm_target, n, k)
             group = 1 if (conv or family == "cuda" or perm) else sk.lanes_group(block, tvm_target)
@@ -512,15 +588,20 @@ class LowerSparse(Pass):
             cached = bsr_cache.get(key)
             b = cached[0] if cached is not None else sk.to_bsr(w_nk, block, group)
             ratio, basis = predict(node.op, n, k, m, bsz, b.density(), block, family, perm)
+            if kxk_attrs:  # (decision) the conv1x1 kernel fit stands in for the shifted-GEMM KxK kernels
+                basis = basis.replace("conv1x1 ", f"conv {kxk_attrs['kernel_shape'][0]}x{kxk_attrs['kernel_shape'][1]} "
+                                      f"/{kxk_attrs['strides'][0]} (conv1x1 kernel fit) ")
             rec = {"node": label, "op": node.op, "shape": [n, k], "batch": m * bsz, "sparsity": round(float(zeros), 4),
                    "block": f"{block[0]}x{block[1]}", "stored_density": round(b.density(), 4),
                    "predicted_ratio": round(ratio, 2), "cost_model": basis,
-                   "kernel": "conv1x1" if conv else sk.kernel_params(block, m * bsz, tvm_target, n, k).variant}
+                   "kernel": ("sparse_direct" if kxk_attrs else "conv1x1") if conv
+                   else sk.kernel_params(block, m * bsz, tvm_target, n, k).variant}
             if ratio < cfg.min_speedup or b.nnzb == 0:
                 rec["lowered"] = False
                 layers.append(rec)
                 why = "all-zero weight" if b.nnzb == 0 else f"predicted {ratio:.2f}x < {cfg.min_speedup}x ({basis})"
-                what = f"1x1 conv {n}x{k}, {bsz}x{m} pixels" if conv else f"{n}x{k}, batch {m}"
+                what = (f"{'x'.join(map(str, kxk_attrs['kernel_shape'])) if kxk_attrs else '1x1'} conv {n}x{k}, "
+                        f"{bsz}x{m} pixels") if conv else f"{n}x{k}, batch {m}"
                 warnings.append(f"{label}: kept dense ({why}; {what}, {zeros:.0%} zeros, block {rec['block']})")
                 continue
             # fold a following bias Add (Gemm/MatMul) / Relu
@@ -537,14 +618,20 @@ class LowerSparse(Pass):
             if bias is None:
                 bias = np.zeros(n, np.float32)
             final = add_node.outputs[0] if add_node is not None else out
-            op = OP_CONV if conv else OP
+            op = (OP_KXK if kxk_attrs else OP_CONV) if conv else OP
             relu_node = None
             fcons = _consumers(final)
             if cfg.fuse_activation and len(fcons) == 1 and fcons[0].op == "Relu" and final.name not in outputs:
                 relu_node = fcons[0]
-                op = OP_CONV_RELU if conv else OP_RELU
+                op = (OP_KXK_RELU if kxk_attrs else OP_CONV_RELU) if conv else OP_RELU
             result = relu_node.outputs[0] if relu_node is not None else final
-            _ensure_function(graph, op, ctx.opset)
+            if opset < MIN_OPSET:  # first lowered layer: relabel the default domain (see _opset_bump_blocker)
+                warnings.append(f"lower.sparse: default-domain opset {opset} -> {MIN_OPSET} (the BSR reference "
+                                "functions need ScatterElements with reduction; no op of this graph changes meaning)")
+                graph.opset = opset = MIN_OPSET
+                doms = [d for d in (graph.import_domains or []) if d.domain not in ("", "ai.onnx")]
+                graph.import_domains = [helper.make_opsetid("", MIN_OPSET), *doms]
+            _ensure_function(graph, op, opset)
             pre = f"{label}_bsr"
             if cached is None:
                 arrays = [gs.Constant(f"{pre}_data", b.data), gs.Constant(f"{pre}_indices", b.indices),
@@ -554,7 +641,8 @@ class LowerSparse(Pass):
                 arrays = cached[1]
                 shared += 1
             consts = [*arrays, gs.Constant(f"{pre}_bias", bias)]
-            new = gs.Node(op=op, name=f"{label}_sparse", domain=DOMAIN, inputs=[x, *consts], outputs=[result])
+            new = gs.Node(op=op, name=f"{label}_sparse", domain=DOMAIN, inputs=[x, *consts], outputs=[result],
+                          attrs=dict(kxk_attrs))
             for dead in (node, add_node, relu_node):
                 if dead is not None:
                     dead.outputs.clear()

@@ -138,7 +138,8 @@ def import_onnx(
         from targets import sparse_kernels
 
         extra_converters = sparse_kernels.relax_converters(target)
-    if target is not None and any(n.op_type == "Conv" or n.op_type in sparse_op_names.CONV_OPS for n in model.graph.node):
+    if target is not None and any(n.op_type == "Conv" or n.op_type in sparse_op_names.CONV_OPS + sparse_op_names.KXK_OPS
+                                 for n in model.graph.node):
         from targets import conv_kernels  # hand-scheduled CPU conv kernels (+ fused Relu/Clip); none for CUDA
 
         conv_converters, conv_state = conv_kernels.relax_converters(target, model)
