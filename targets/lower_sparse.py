@@ -1,4 +1,4 @@
-"""``lower.sparse``: rewrite sparse constant-weight Gemm/MatMul and 1x1 Conv layers into BSR ops.
+"""``lower.sparse``: rewrite sparse constant-weight Gemm/MatMul and Conv layers into BSR ops.
 
 For every ``Gemm`` (transA = 0) and ``MatMul`` whose second input is a constant 2-D float
 weight, the weight is written as ``W[n, k]`` (output x input features; MatMul's ``B`` is
@@ -23,8 +23,25 @@ rather than ``SparseMatMul`` wrapped in Transpose/Reshape, because NCHW already 
 input channel contiguous over pixels -- the channel-major kernel
 (``targets.sparse_kernels.make_conv1x1_primfunc``) streams ``X``'s rows as they are, where a
 ``[B*H*W, I]`` view would cost two full transposes per layer. Its reference body ends in a
-standard ``Conv(X, Unsqueeze(W, [2, 3]), bias)``. Strided, padded, grouped and KxK convs
-stay dense with a warning when their weight is sparse enough to be a candidate.
+standard ``Conv(X, Unsqueeze(W, [2, 3]), bias)``.
+
+KxK, strided and padded convolutions (group 1, dilation 1, explicit pads) become
+``compressor::SparseConv[Relu](X, data, indices, indptr, bias)`` with Conv's ``kernel_shape``,
+``strides`` and ``pads`` as attributes and ``W[O, I*KH*KW]`` (im2col column order) in ``R x 1``
+blocks (block shapes with ``C > 1`` are stored as ``1x1``); the reference body reshapes ``W`` to
+``[O, I, KH, KW]`` and runs ``Conv`` with the same attributes (attribute references of the
+model-local function). CPU targets run it with the sparse direct kernel
+(``targets.conv_kernels.make_sparse_direct``: each stored block is a broadcast-FMA over
+contiguous positions of the zero-padded polyphase input planes, at the block's flat tap offset);
+its decision uses the conv1x1 kernel fit with ``K = I*KH*KW`` and the output pixels (basis
+"conv KxK /s (conv1x1 kernel fit)"; ResNet-50's layers: bench/cnn_zoo.md). CUDA has no KxK
+kernel (kept dense, warned); grouped and dilated convs stay dense with a warning.
+
+Opset: the reference bodies need opset 16 (``ScatterElements`` reduction). A model at opset
+13-15 (every older model is converted to 13 at load) is relabelled to 16 when its first layer
+is lowered: between 13 and 16 the standard ops only gained types or attributes whose defaults
+keep the old meaning, except ``RoiAlign``; a graph with RoiAlign or model-local functions keeps
+its opset and every layer stays dense (warned).
 
 Targets: x86 and aarch64 (CPU kernels) and CUDA (one thread block per block row for
 SparseMatMul, one thread per pixel for SparseConv1x1; ``tirx.is_scheduled`` so the cuda
@@ -439,7 +456,7 @@ def _conv1x1_weight(node: gs.Node, shapes: dict[str, list]) -> tuple[np.ndarray 
         return None, None, None
     a = node.attrs
     if tuple(wv.shape[2:]) != (1, 1):
-        return None, f"{wv.shape[2]}x{wv.shape[3]} Conv (only 1x1 convolutions have a BSR kernel)", None
+        return None, f"{wv.shape[2]}x{wv.shape[3]} Conv", None
     if int(a.get("group", 1)) != 1:
         return None, f"grouped Conv (group={a.get('group')})", None
     if any(int(v) != 1 for v in a.get("strides", [1, 1])):
@@ -475,8 +492,8 @@ def _kxk_weight(node: gs.Node, shapes: dict[str, list]) -> tuple[np.ndarray | No
 
 class LowerSparse(Pass):
     name = "lower.sparse"
-    description = ("rewrite sparse constant-weight Gemm/MatMul and 1x1 Conv into compressor::SparseMatMul / "
-                   "SparseConv1x1 (BSR) when a cost model predicts a speed-up")
+    description = ("rewrite sparse constant-weight Gemm/MatMul and Conv into compressor::SparseMatMul / "
+                   "SparseConv1x1 / SparseConv (BSR) when a cost model predicts a speed-up")
     Config = LowerSparseConfig
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
