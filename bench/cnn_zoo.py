@@ -84,12 +84,14 @@ def materialize(name: str, out: Path, seed: int = 0) -> Path:
     g.node.extend(keep)
     g.initializer.extend(new)
     used = {i for n in g.node for i in n.input}
-    g.node[:] = [n for n in g.node if n.op_type != "Constant" or n.output[0] in used]
+    live = [n for n in g.node if n.op_type != "Constant" or n.output[0] in used]
+    del g.node[:]
+    g.node.extend(live)
     kept = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(kept)
-    names = {i.name for i in g.initializer}
-    ins = [i for i in g.input if i.name not in names]
+    names = {i.name for i in g.initializer} | set(inits)  # (IR 3 lists initializers as inputs too)
+    ins = [i for i in g.input if i.name not in names and i.name in used]
     del g.input[:]
     g.input.extend(ins)
     model.ir_version = max(model.ir_version, 4)  # initializers no longer listed as inputs
@@ -117,7 +119,7 @@ def compile_cell(model: Path, target: str, sparsity: float, pattern: str, out: P
             kept = int((p.get("stats") or {}).get("kept_dense", 0))
     libs = sorted(out.glob("model_*.so"))
     return {"code": code, "wall_s": round(wall, 1), "lowered": lowered, "kept_dense": kept,
-            "so": str(libs[0]) if libs else None, "sparsity": (rep.get("stats") or {}).get("sparsity"),
+            "so": str(libs[0]) if libs else None, "sparsity": ((rep.get("stats") or {}).get("compressed") or {}).get("sparsity"),
             "tail": buf.getvalue().strip().splitlines()[-1:] if code not in (0, 3) else []}
 
 
