@@ -67,10 +67,20 @@ def old_predict(op: str, n: int, k: int, m: int, d: float, block: str) -> float:
     return t_dense / (t_dense * (d / 0.1) / r90 + 5e-6)
 
 
-def host_target() -> dict:
+def host_target(tag: str = "x86") -> dict:
     from targets import resolve
 
-    return resolve("x86")[1].tvm_target
+    return resolve(tag)[1].tvm_target
+
+
+def isa_of(tvm_target: dict) -> str:
+    """The cost-model ISA key of a CPU target: x86-avx512 / x86-avx2 by its vector width, else its family."""
+    from targets.sparse_kernels import target_family, vector_floats
+
+    fam = target_family(tvm_target)
+    if fam == "x86":
+        return "x86-avx512" if vector_floats(tvm_target) >= 16 else "x86-avx2"
+    return fam
 
 
 def _check(got: np.ndarray, ref: np.ndarray, what: str, tol: float = 1e-4) -> None:
@@ -371,6 +381,8 @@ def main(argv=None) -> int:
     ap.add_argument("--conv", nargs="*", default=None, help="conv shapes C:H:W (default: the built-in list)")
     ap.add_argument("--no-gemm", action="store_true")
     ap.add_argument("--no-conv", action="store_true")
+    ap.add_argument("--target", default="x86", help="CPU target whose kernels are measured (x86 = the host's ISA, "
+                    "x86-avx2: AVX2 code, which runs on AVX-512 hosts too); the fit is written for its ISA")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-speedup", type=float, default=1.2)
@@ -395,7 +407,7 @@ def main(argv=None) -> int:
         rows = merge_runs([json.loads(p.read_text()) for p in a.load])
     else:
         rng = np.random.default_rng(a.seed)
-        tgt = host_target()
+        tgt = host_target(a.target)
         rows = []
         jobs = [] if a.no_gemm else [("gemm", n, m) for n in a.sizes for m in a.batches]
         jobs += [] if a.no_conv else [("conv", *cs) for cs in conv_shapes]
@@ -418,7 +430,7 @@ def main(argv=None) -> int:
         cross_validate(rows)
     parts = [fmt_table(rows), fmt_confusion(rows, a.min_speedup)]
     if coef and a.write:
-        write_cost_model(a.write, coef, list(argv if argv is not None else sys.argv[1:]))
+        write_cost_model(a.write, coef, list(argv if argv is not None else sys.argv[1:]), isa_of(host_target(a.target)))
     if coef:
         parts.append("Fitted time-model constants (targets/cost_models/<isa>.json, written with --write):\n\n```\n"
                      + "\n".join(f"{k!r}: {v}," for k, v in coef.items()) + "\n```")
@@ -439,16 +451,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_cost_model(path: Path, coef: dict[str, list[float]], args: list[str]) -> None:
-    """The fitted constants as lower.sparse's data file; the ISA is the host's (the kernels were measured
-    here). Atomic: a half-written file would be read as a broken cost model."""
+def write_cost_model(path: Path, coef: dict[str, list[float]], args: list[str], isa: str | None = None) -> None:
+    """The fitted constants as lower.sparse's data file for ``isa`` (default: the host's; ``--target
+    x86-avx2`` measures AVX2 code on any AVX2-capable host). Atomic: a half-written file would be read as
+    a broken cost model."""
     import datetime
 
     from targets import lower_sparse as ls
     from targets.host import detect_host
 
     h = detect_host()
-    isa = "x86-avx512" if "avx512f" in h.features else ("x86-avx2" if "avx2" in h.features else h.arch)
+    isa = isa or ("x86-avx512" if "avx512f" in h.features else ("x86-avx2" if "avx2" in h.features else h.arch))
     d = {"version": ls.COST_MODEL_VERSION, "kind": "cpu-kernel-time-model", "isa": isa,
          "fitted": datetime.date.today().isoformat(),
          "host": f"{h.model_name}, {len(os.sched_getaffinity(0))} logical CPUs ({h.arch})",

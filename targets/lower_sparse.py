@@ -162,6 +162,33 @@ LLC_BYTES = int(_FIT["llc_bytes"])  # ... from L3; beyond that from DRAM
 # predicted ratio is capped at 1 there -- no measurement says such a layer pays
 CALIBRATED_MIN_MACS = {"gemm": 64 * 64, "conv": 64 * 64 * 16}
 CPU_TIME_MODELS: dict[str, list[float]] = {k: [float(x) for x in v] for k, v in _FIT["models"].items()}
+_MODELS_BY_ISA: dict[str, dict[str, list[float]] | None] = {DEFAULT_FIT: CPU_TIME_MODELS}
+
+
+def cost_isa(tvm_target) -> str:
+    """The cost-model key of a CPU target's code: ``x86-avx512`` / ``x86-avx2`` / ``x86-sse2`` by the
+    features LLVM resolves for it (``--target x86-avx2`` on an AVX-512 host is AVX2 code), ``arm``."""
+    from targets.sparse_kernels import llvm_features, target_family
+
+    fam = target_family(tvm_target)
+    if fam == "x86":
+        feats = llvm_features(tvm_target)
+        return "x86-avx512" if "avx512f" in feats else ("x86-avx2" if "avx2" in feats else "x86-sse2")
+    return fam
+
+
+def models_for(isa: str) -> tuple[dict[str, list[float]], str]:
+    """(time-model constants, ISA they were measured on) for ``isa``: its own fit where
+    ``targets/cost_models/<isa>.json`` exists (same cache-size features as the default fit), else the
+    default fit."""
+    if isa not in _MODELS_BY_ISA:
+        m = None
+        if (COST_MODEL_DIR / f"{isa}.json").is_file():
+            d = load_cost_model(isa)
+            m = {k: [float(x) for x in v] for k, v in d["models"].items()}
+        _MODELS_BY_ISA[isa] = m
+    got = _MODELS_BY_ISA[isa]
+    return (got, isa) if got is not None else (CPU_TIME_MODELS, DEFAULT_FIT)
 # CUDA: no GPU on the dev host, so no measured ratios yet. Prior: a bandwidth-bound kernel
 # reaching CUDA_PRIOR_EFFICIENCY of the ideal 1/stored_density speed-up; both sides pay a launch.
 # Every CUDA layer record says cost_model="cuda prior"; bench/cuda_check.py measures it.
@@ -236,9 +263,10 @@ def time_features(op: str, kind: str, n: int, k: int, m: int, stored_density: fl
 
 
 def kernel_time(op: str, kind: str, n: int, k: int, m: int, stored_density: float, block: tuple[int, int],
-                perm: bool = False) -> float:
-    """Modelled seconds of one call of the CPU kernel (``model_key``) for this layer."""
-    coef = CPU_TIME_MODELS[model_key(op, kind, m, block, perm)]
+                perm: bool = False, isa: str = DEFAULT_FIT) -> float:
+    """Modelled seconds of one call of the CPU kernel (``model_key``) for this layer, with the
+    constants fitted for ``isa`` (:func:`models_for`)."""
+    coef = models_for(isa)[0][model_key(op, kind, m, block, perm)]
     feats = time_features(op, kind, n, k, m, stored_density, block, perm)
     return max(sum(a * b for a, b in zip(coef, feats)), 1e-9)
 
@@ -249,7 +277,7 @@ def predicted_ratio(n: int, k: int, m: int, stored_density: float, block: tuple[
 
 
 def predict(op: str, n: int, k: int, m: int, bsz: int, stored_density: float, block: tuple[int, int],
-            family: str, perm: bool = False) -> tuple[float, str]:
+            family: str, perm: bool = False, isa: str | None = None) -> tuple[float, str]:
     """(predicted dense/sparse time ratio, basis) for one layer. ``m``: rows of the SpMM
     (batch for Gemm/MatMul, H*W pixels for a 1x1 Conv with ``bsz`` images). CPU: the ratio
     of the two kernels' modelled times (``kernel_time``); aarch64 uses the x86 fit (no ARM
@@ -263,9 +291,12 @@ def predict(op: str, n: int, k: int, m: int, bsz: int, stored_density: float, bl
         t_sparse = t_work * d / CUDA_PRIOR_EFFICIENCY + CUDA_T_LAUNCH
         return t_dense / t_sparse, "cuda prior"
     rows = m * bsz
-    ratio = kernel_time(op, "dense", n, k, rows, 1.0, block) / kernel_time(op, "sparse", n, k, rows, d, block, perm)
+    isa = isa or (DEFAULT_FIT if family == "x86" else family)
+    fit_isa = models_for(isa)[1]
+    ratio = (kernel_time(op, "dense", n, k, rows, 1.0, block, isa=isa)
+             / kernel_time(op, "sparse", n, k, rows, d, block, perm, isa=isa))
     basis = ("conv1x1 " if op == "Conv" else "") + ("perm " if perm else "") + (
-        f"{DEFAULT_FIT} kernels measured" if family == "x86" else f"{DEFAULT_FIT} kernel fit")
+        f"{fit_isa} kernels measured" if fit_isa == isa else f"{fit_isa} kernel fit (no {isa} fit)")
     if n * k * rows < CALIBRATED_MIN_MACS["conv" if op == "Conv" else "gemm"]:
         ratio = min(ratio, 1.0)
         basis += ", below the calibrated sizes: capped at 1"
@@ -604,7 +635,8 @@ class LowerSparse(Pass):
             key = (w.name, node.op, int(node.attrs.get("transB", 0)), float(node.attrs.get("alpha", 1.0)), block, group)
             cached = bsr_cache.get(key)
             b = cached[0] if cached is not None else sk.to_bsr(w_nk, block, group)
-            ratio, basis = predict(node.op, n, k, m, bsz, b.density(), block, family, perm)
+            ratio, basis = predict(node.op, n, k, m, bsz, b.density(), block, family, perm,
+                                   isa=cost_isa(tvm_target) if family != "cuda" else None)
             if kxk_attrs:  # (decision) the conv1x1 kernel fit stands in for the shifted-GEMM KxK kernels
                 basis = basis.replace("conv1x1 ", f"conv {kxk_attrs['kernel_shape'][0]}x{kxk_attrs['kernel_shape'][1]} "
                                       f"/{kxk_attrs['strides'][0]} (conv1x1 kernel fit) ")

@@ -68,7 +68,7 @@ def test_predict_is_the_ratio_of_the_two_kernel_times():
     # Conv: bsz images multiply the pixels; aarch64 uses the same fit
     t_d = ls.kernel_time("Conv", "dense", 256, 256, 392, 1.0, block)
     t_s = ls.kernel_time("Conv", "sparse", 256, 256, 392, d, block)
-    assert ls.predict("Conv", 256, 256, 196, 2, d, block, "arm") == (pytest.approx(t_d / t_s), "conv1x1 x86-avx512 kernel fit")
+    assert ls.predict("Conv", 256, 256, 196, 2, d, block, "arm") == (pytest.approx(t_d / t_s), "conv1x1 x86-avx512 kernel fit (no arm fit)")
     assert ls.predicted_ratio(n, k, m, d, block) == ratio
 
 
@@ -150,7 +150,7 @@ def test_pass_keeps_the_small_gemv_dense_and_says_why():
     res, out = lower(_one_matmul(512, 512, 1, 0.9, np.random.default_rng(0)))
     assert not res.modified and res.stats["kept_dense"] == 1
     rec = res.stats["layers"][0]
-    assert rec["predicted_ratio"] < 1.2 and rec["cost_model"] == "x86-avx512 kernels measured"
+    assert rec["predicted_ratio"] < 1.2 and rec["cost_model"] == "x86-avx512 kernel fit (no x86-sse2 fit)"
     assert len(res.warnings) == 1
     assert "kept dense (predicted" in res.warnings[0] and "512x512, batch 1" in res.warnings[0]
 
@@ -193,3 +193,25 @@ def test_cost_model_is_versioned_data(tmp_path, monkeypatch):
     for name in ("bad-version", "bad-features"):
         with pytest.raises(ValueError, match="do not match"):
             ls.load_cost_model(name)
+
+
+def test_cost_model_is_chosen_by_the_code_isa(tmp_path, monkeypatch):
+    """x86 targets use the fit of the ISA their code is built for (x86-avx2 code on any host uses the
+    AVX2 fit when targets/cost_models/x86-avx2.json exists), and say which fit decided."""
+    assert ls.cost_isa({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4"}) == "x86-avx512"
+    assert ls.cost_isa({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}) == "x86-avx2"
+    assert ls.cost_isa({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}) == "x86-sse2"
+    assert ls.cost_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}) == "arm"
+    # a fit for a made-up ISA with every sparse kernel 10x slower: its decisions follow it
+    d = ls.load_cost_model(ls.DEFAULT_FIT)
+    slow = {k: ([x * 10 for x in v] if k.startswith("sparse") else v) for k, v in d["models"].items()}
+    (tmp_path / "x86-test.json").write_text(__import__("json").dumps({**d, "isa": "x86-test", "models": slow}))
+    monkeypatch.setattr(ls, "COST_MODEL_DIR", tmp_path)
+    monkeypatch.setitem(ls._MODELS_BY_ISA, "x86-test", None)
+    ls._MODELS_BY_ISA.pop("x86-test")
+    base, b0 = ls.predict("MatMul", 2048, 2048, 1, 1, 0.1, (8, 1), "x86", isa=ls.DEFAULT_FIT)
+    r, b1 = ls.predict("MatMul", 2048, 2048, 1, 1, 0.1, (8, 1), "x86", isa="x86-test")
+    assert b0 == "x86-avx512 kernels measured" and b1 == "x86-test kernels measured"
+    assert r < base / 5
+    _, b2 = ls.predict("MatMul", 2048, 2048, 1, 1, 0.1, (8, 1), "x86", isa="x86-none")
+    assert b2 == "x86-avx512 kernel fit (no x86-none fit)"
