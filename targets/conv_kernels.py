@@ -639,17 +639,20 @@ def sparse_direct_offsets(s: ConvShape, cols: np.ndarray) -> np.ndarray:
     return off.astype(np.int32)
 
 
-def make_sparse_direct(s: ConvShape, r: int, nnzb: int, act: Act = NONE, target: Any = "x86"):
-    """``f(x[B, I, H, W], data[nnzb, R], offs[nnzb], indptr[O/R + 1], bias[O], y[B, O, OH, OW])``:
-    the direct kernel's shifted matrix product over a block-sparse weight (``R x 1`` blocks:
-    ``R`` consecutive output channels sharing one tap; ``R = 1`` unstructured). ``offs`` = each
-    stored block's flat tap offset (:func:`sparse_direct_offsets`), so a stored block costs
-    ``R`` broadcasts and ``R * QT / lanes`` FMAs over contiguous positions, whatever the kernel
-    size, stride and padding (the direct sparse convolution of Park et al. 2017, "Faster CNNs
-    with Direct Sparse Convolutions and Guided Pruning"). One task per (block row, position tile)."""
+def make_sparse_direct(s: ConvShape, r: int, nnzb: int, act: Act = NONE, target: Any = "x86",
+                       residual: bool = False):
+    """``f(x[B, I, H, W], data[nnzb, R], offs[nnzb], indptr[O/R + 1], bias[O], y[B, O, OH, OW])``
+    (``residual``: ``f(x, data, offs, indptr, bias, z, y)``, ``y = act(conv + bias + z)``): the
+    direct kernel's shifted matrix product over a block-sparse weight (``R x 1`` blocks: ``R``
+    consecutive output channels sharing one tap; ``R = 1`` unstructured). ``offs`` = each stored
+    block's flat tap offset (:func:`sparse_direct_offsets`), so a stored block costs ``R``
+    broadcasts and ``R * QT / lanes`` FMAs over contiguous positions, whatever the kernel size,
+    stride and padding (the direct sparse convolution of Park et al. 2017, "Faster CNNs with
+    Direct Sparse Convolutions and Guided Pruning"). One task per (block row, position tile). A
+    plain 1x1 conv (stride 1, no padding) reads ``x`` itself: its planes would be a copy."""
     from tvm.script import tirx as T
 
-    assert s.kind() == "direct" and s.o % r == 0, (s, r)
+    assert s.kind() in ("direct", "conv1x1") and s.group == 1 and s.o % r == 0, (s, r)
     bsz, ci, h, w, co, kh, kw, sh, sw = s.b, s.i, s.h, s.w, s.o, s.kh, s.kw, s.sh, s.sw
     oh, ow = s.oh, s.ow
     hq, wq = direct_geometry(s)
@@ -662,19 +665,21 @@ def make_sparse_direct(s: ConvShape, r: int, nnzb: int, act: Act = NONE, target:
     nqt = -(-q // qt)
     nbr = co // r
     nnzb_ = max(nnzb, 1)
-    nx = ci * ps + ((kh - 1) // sh) * wq + (kw - 1) // sw + qt
+    plain = s.kind() == "conv1x1"  # planes == x: no copy
+    xs = ci * h * w
+    nx = ci * ps + ((kh - 1) // sh) * wq + (kw - 1) // sw + (0 if plain else qt)
     par = _task_loop(bsz * max(nnzb, 1) * r * oh * ow)
     f = _act_fn(act)
     planes = _planes_macro(s, nx, par)
+    zero = T.float32(0)
 
-    @T.prim_func
-    def sparse_direct(x: T.Buffer((bsz, ci, h, w), "float32"), data: T.Buffer((nnzb_, r), "float32"),
-                      offs: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
-                      bias: T.Buffer((co,), "float32"), y: T.Buffer((bsz, co, oh, ow), "float32")):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        xf = T.decl_buffer((nx,), "float32")
+    @T.macro
+    def body(x, data, offs, indptr, bias, z, y):
+        xf = T.decl_buffer((1 if plain else nx,), "float32")
+        xv = T.decl_buffer((bsz * ci * h * w,), "float32", data=x.data)  # plain 1x1: x is its own plane
         for b in T.serial(bsz):
-            planes(x, xf, b)
+            if not plain:
+                planes(x, xf, b)
             for t in par(nbr * nqt):
                 acc0 = T.decl_buffer((r, hw), "float32", scope=CPU_STACK)
                 acc1 = T.decl_buffer((r, hw), "float32", scope=CPU_STACK)
@@ -687,21 +692,46 @@ def make_sparse_direct(s: ConvShape, r: int, nnzb: int, act: Act = NONE, target:
                 for e in T.serial(indptr[t // nqt], indptr[t // nqt + 1]):
                     for rr in T.unroll(r):
                         for j in T.vectorized(hw):
-                            acc0[rr, j] = acc0[rr, j] + data[e, rr] * xf[offs[e] + T.min(t % nqt * qt, q - qt) + j]
+                            acc0[rr, j] = acc0[rr, j] + data[e, rr] * (
+                                xv[b * xs + offs[e] + T.min(t % nqt * qt, q - qt) + j] if plain
+                                else xf[offs[e] + T.min(t % nqt * qt, q - qt) + j])
                         if two:
                             for j in T.vectorized(hw):
-                                acc1[rr, j] = acc1[rr, j] + data[e, rr] * xf[
-                                    offs[e] + T.min(t % nqt * qt, q - qt) + hw + j]
+                                acc1[rr, j] = acc1[rr, j] + data[e, rr] * (
+                                    xv[b * xs + offs[e] + T.min(t % nqt * qt, q - qt) + hw + j] if plain
+                                    else xf[offs[e] + T.min(t % nqt * qt, q - qt) + hw + j])
                 for rr in T.unroll(r):
                     for j in T.serial(hw):
                         if (T.min(t % nqt * qt, q - qt) + j) % wq < ow:
                             y[b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + j) // wq,
-                              (T.min(t % nqt * qt, q - qt) + j) % wq] = f(acc0[rr, j])
+                              (T.min(t % nqt * qt, q - qt) + j) % wq] = f(acc0[rr, j] + (z[
+                                  b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + j) // wq,
+                                  (T.min(t % nqt * qt, q - qt) + j) % wq] if residual else zero))
                     if two:
                         for j in T.serial(hw):
                             if (T.min(t % nqt * qt, q - qt) + hw + j) % wq < ow:
                                 y[b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + hw + j) // wq,
-                                  (T.min(t % nqt * qt, q - qt) + hw + j) % wq] = f(acc1[rr, j])
+                                  (T.min(t % nqt * qt, q - qt) + hw + j) % wq] = f(acc1[rr, j] + (z[
+                                      b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + hw + j) // wq,
+                                      (T.min(t % nqt * qt, q - qt) + hw + j) % wq] if residual else zero))
+
+    if residual:
+        @T.prim_func
+        def sparse_direct_residual(x: T.Buffer((bsz, ci, h, w), "float32"), data: T.Buffer((nnzb_, r), "float32"),
+                                   offs: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                                   bias: T.Buffer((co,), "float32"), z: T.Buffer((bsz, co, oh, ow), "float32"),
+                                   y: T.Buffer((bsz, co, oh, ow), "float32")):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            body(x, data, offs, indptr, bias, z, y)
+
+        return sparse_direct_residual
+
+    @T.prim_func
+    def sparse_direct(x: T.Buffer((bsz, ci, h, w), "float32"), data: T.Buffer((nnzb_, r), "float32"),
+                      offs: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                      bias: T.Buffer((co,), "float32"), y: T.Buffer((bsz, co, oh, ow), "float32")):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        body(x, data, offs, indptr, bias, None, y)
 
     return sparse_direct
 
@@ -1027,7 +1057,8 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
         if fused:
             state.absorbed.add(fused[0])
         elif kind in ("conv1x1", "direct") and name:
-            state.calls[name] = (s, x, wc, bc)
+            state.calls[name] = lambda a_, z_, s=s, x=x, wc=wc, bc=bc: (
+                make_primfunc(s, a_, tvm_target, residual=True), f"conv_{s.kind()}_residual_{a_.name}", [x, wc, bc, z_])
         return y
 
     def act_impl(op: str):
@@ -1093,10 +1124,15 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
         prim = make_sparse_direct(cs, rr, len(d_), act, tvm_target).without_attr("global_symbol")
         gv = bb.add_func(prim, f"sparse_direct_{rr}x1_{act.name}")
         state.kernels["sparse_direct"] = state.kernels.get("sparse_direct", 0) + 1
-        return relax.call_tir(gv, [x, relax.const(d_.reshape(max(len(d_), 1), rr) if len(d_) else np.zeros((1, rr), np.float32)),
-                                   relax.const(offs if len(offs) else np.zeros(1, np.int32)), relax.const(ip),
-                                   relax.const(np.asarray(bias, np.float32).reshape(n))],
-                              relax.TensorType(cs.out_shape, "float32"))
+        args = [x, relax.const(d_.reshape(max(len(d_), 1), rr) if len(d_) else np.zeros((1, rr), np.float32)),
+                relax.const(offs if len(offs) else np.zeros(1, np.int32)), relax.const(ip),
+                relax.const(np.asarray(bias, np.float32).reshape(n))]
+        name = str(attr.get("tvm_custom", {}).get("name", ""))
+        if name and not relu and not fused:
+            state.calls[name] = lambda a_, z_, cs=cs, rr=rr, nz=len(d_), args=args: (
+                make_sparse_direct(cs, rr, nz, a_, tvm_target, residual=True), f"sparse_direct_{rr}x1_residual_{a_.name}",
+                [*args, z_])
+        return relax.call_tir(gv, args, relax.TensorType(cs.out_shape, "float32"))
 
     sparse_kxk_plan = plan_fusion(model, (sparse_ops.KXK,), sparse_ops.DOMAIN) if model is not None else {}
     if model is not None and any(nd.domain == sparse_ops.DOMAIN and nd.op_type in sparse_ops.KXK_OPS
@@ -1128,17 +1164,15 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
                 # the conv's call is still un-emitted (the frontend only normalizes a converter's
                 # result; its single consumer is this Add): replace it by the conv kernel with the
                 # residual input, so the sum never makes a separate pass over memory
-                call = state.calls.get(conv_name)
-                if call is None or not _is_call_tir(inputs[k]):
+                builder = state.calls.get(conv_name)
+                if builder is None or not _is_call_tir(inputs[k]):
                     continue
-                cs, cx, cw, cb = call
-                z = inputs[1 - k]
-                prim = make_primfunc(cs, act, tvm_target, residual=True).without_attr("global_symbol")
-                gv = bb.add_func(prim, f"conv_{cs.kind()}_residual_{act.name}")
+                prim, fname, args = builder(act, inputs[1 - k])
+                gv = bb.add_func(prim.without_attr("global_symbol"), fname)
                 state.kernels["residual_fused"] = state.kernels.get("residual_fused", 0) + 1
                 if fused:
                     state.absorbed.add(fused[0])
-                return relax.call_tir(gv, [cx, cw, cb, z], relax.TensorType(tuple(sa), "float32"))
+                return relax.call_tir(gv, args, relax.TensorType(tuple(sa), "float32"))
             gv = bb.add_func(make_add(tuple(sa), act, tvm_target).without_attr("global_symbol"), f"add_{act.name}")
             state.kernels["add"] = state.kernels.get("add", 0) + 1
             if fused:
@@ -1194,7 +1228,8 @@ def residual_conv_inputs(model, add_nodes: set[str]) -> dict[str, tuple[str | No
         convs: list[str | None] = []
         for i in n.input:
             p = producers.get(i)
-            ok = (p is not None and p.op_type == "Conv" and p.domain in ("", "ai.onnx") and p.name
+            ok = (p is not None and (p.op_type == "Conv" and p.domain in ("", "ai.onnx")
+                                     or p.op_type == sparse_ops.KXK and p.domain == sparse_ops.DOMAIN) and p.name
                   and names.count(p.name) == 1 and uses.get(i, 0) == 1 and i not in outputs and n.input[0] != n.input[1])
             convs.append(p.name if ok else None)
         out[n.name] = tuple(convs)
@@ -1212,7 +1247,7 @@ def residual_adds(model) -> set[str]:
             continue
         srcs = [producers.get(i) for i in n.input]
         if any(p is not None and (p.op_type == "Conv" and p.domain in ("", "ai.onnx")
-                                  or p.domain == sparse_ops.DOMAIN and p.op_type in sparse_ops.CONV_OPS)
+                                  or p.domain == sparse_ops.DOMAIN and p.op_type in sparse_ops.CONV_OPS + sparse_ops.KXK_OPS)
                for p in srcs):
             out.add(n.name)
     return out

@@ -344,6 +344,7 @@ SPARSE_DIRECT = {  # (shape, R)
     "5x3-mixed": (ck.ConvShape(1, 5, 9, 7, 6, 5, 3, 2, 1, (2, 1, 1, 0)), 2),
     "7x7-plane-wide-o": (ck.ConvShape(1, 16, 7, 7, 32, 3, 3, 1, 1, (1, 1, 1, 1)), 8),
     "tiny": (ck.ConvShape(1, 4, 2, 2, 3, 3, 3, 1, 1, (1, 1, 1, 1)), 1),
+    "plain-1x1-batch2": (ck.ConvShape(2, 12, 6, 7, 16, 1, 1), 4),  # reads x itself (no plane copy)
 }
 AVX2 = {**X86, "mcpu": "x86-64-v3"}
 
@@ -373,14 +374,17 @@ def test_sparse_direct_kernel_matches_numpy(name, tgt):
     w2 = (w2 * np.repeat(keep, r, axis=0)).astype(np.float32)
     data, offs, indptr = ck.sparse_direct_arrays(s, w2, r)
     assert data.shape == (int(keep.sum()), r) and indptr[-1] == len(data)
-    f = ck.make_sparse_direct(s, r, len(data), ck.RELU6, target).with_attr("global_symbol", "k")
     t = tvm.target.Target(target)
-    with t:
-        lib = tvm.compile(tvm.IRModule({"k": f}), target=t)
-    y = tvm.runtime.tensor(np.full(s.out_shape, np.nan, np.float32))
-    lib["k"](*[tvm.runtime.tensor(a) for a in (x, data, offs, indptr, b)], y)
-    ref = ck.reference(x, w2.reshape(w.shape), b, s, ck.RELU6)
-    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4 * max(np.abs(ref).max(), 1))
+    z = (rng.standard_normal(s.out_shape) * 2).astype(np.float32)
+    for residual in (False, True):
+        f = ck.make_sparse_direct(s, r, len(data), ck.RELU6, target, residual).with_attr("global_symbol", "k")
+        with t:
+            lib = tvm.compile(tvm.IRModule({"k": f}), target=t)
+        y = tvm.runtime.tensor(np.full(s.out_shape, np.nan, np.float32))
+        lib["k"](*[tvm.runtime.tensor(a) for a in (x, data, offs, indptr, b, *([z] if residual else []))], y)
+        pre = ck.reference(x, w2.reshape(w.shape), b, s).astype(np.float64) + (z if residual else 0)
+        ref = ck.RELU6.apply_np(pre)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4 * max(np.abs(ref).max(), 1))
     # offsets: column (i, kh, kw) -> plane position, checked against a direct construction
     hq, wq = ck.direct_geometry(s)
     i, dh, dw = s.i - 1, s.kh - 1, s.kw - 1

@@ -222,3 +222,35 @@ def test_dense_twin_rebuilds_sparse_conv1x1_exactly(block, bias, relu, b):
     assert [n.op_type for n in dense.graph.node if n.op_type in ("Conv", "Relu")] == (["Conv", "Relu"] if relu else ["Conv"])
     x = np.random.default_rng(1).standard_normal((b, 32, 6, 5)).astype(np.float32)
     np.testing.assert_allclose(run_ort(dense, x), run_ort(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_add_fused_into_sparse_kxk_conv(tmp_path):
+    """x -> sparse 3x3 conv -> Add(x) -> Relu: after lower.sparse the Add and Relu run as the sparse
+    direct kernel's epilogue (one kernel, no separate add), equal to the original in onnxruntime."""
+    import json
+
+    from targets import tvm_backend
+
+    rng = np.random.default_rng(4)
+    wt = _sparse(rng, 8, 8 * 9, (1, 1), 0.2).reshape(8, 8, 3, 3)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], name="k3", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Add", ["c", "x"], ["s"], name="res"),
+         helper.make_node("Relu", ["s"], ["y"], name="post")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 9, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 9, 8])], [numpy_helper.from_array(wt, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    res, out = lower(model, min_speedup=0.01)
+    assert res.stats["lowered"] == 1
+    x = np.random.default_rng(5).standard_normal((1, 8, 9, 8)).astype(np.float32)
+    ref = run_ort(model, x)
+    assert (ref == 0).any() and (ref > 0).any()
+    path = tmp_path / "m.onnx"
+    onnx.save(out, str(path))
+    mod = tvm_backend.import_onnx(path, target={"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+    kernels = json.loads(str(mod.attrs[tvm_backend.KERNELS_ATTR]))["conv"]
+    assert kernels.get("residual_fused") == 1 and "add" not in kernels, kernels
+    assert any("sparse_direct_1x1_residual_relu" in str(gv) for gv in mod.functions)
+    tvm_backend.compile_library(mod, {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, tmp_path / "m.so")
+    np.testing.assert_allclose(tvm_backend.run_library(tmp_path / "m.so", {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
