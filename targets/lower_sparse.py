@@ -429,6 +429,25 @@ def _ensure_function(graph: gs.Graph, op: str, opset: int) -> None:
 
 # ------------------------------------------------------------------ the pass
 
+# plain (stride 1, unpadded) sparse 1x1 convs: the sparse direct kernel (SparseConv, flat offsets,
+# power-of-two vector tiles) or the channel-major BSR conv1x1 kernel (SparseConv1x1). Measured per
+# ResNet-50 1x1 shape at 70/90%, unstructured and 8x1 (bench/cnn_zoo.md, "1x1 kernels"): with R x 1
+# blocks the direct kernel was 1.0-1.5x faster everywhere; unstructured, the BSR kernel was faster
+# from 28x28 pixels up on AVX-512 (0.76-0.90x for direct) and from 56x56 up on AVX2, where at
+# 14x14..28x28 it ran 5-6x slower than direct (odd vector-count tiles)
+PLAIN_1X1_BSR_MIN_PIXELS = {"x86-avx512": 784, "x86-avx2": 1024}
+
+
+def plain_1x1_kernel(block: tuple[int, int], pixels: int, isa: str) -> str:
+    """``sparse_direct`` | ``conv1x1`` for a plain sparse 1x1 conv (see PLAIN_1X1_BSR_MIN_PIXELS);
+    targets without measurements (arm) keep the BSR conv1x1 kernel."""
+    if isa not in PLAIN_1X1_BSR_MIN_PIXELS:
+        return "conv1x1"
+    if block[0] >= 2 and block[1] == 1:
+        return "sparse_direct"
+    return "conv1x1" if pixels >= PLAIN_1X1_BSR_MIN_PIXELS[isa] else "sparse_direct"
+
+
 # default-domain ops whose meaning (not just their type lists) changes between opset 13 and 16
 _SEMANTIC_CHANGES_13_16 = frozenset({"RoiAlign"})
 
@@ -627,6 +646,8 @@ class LowerSparse(Pass):
                 block = sk.parse_block(cfg.block)
                 if n % block[0] or k % block[1]:
                     block = (1, 1)
+            if conv and not kxk_attrs and family != "cuda" and plain_1x1_kernel(block, m, cost_isa(tvm_target)) == "sparse_direct":
+                kxk_attrs = {"kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0]}
             if kxk_attrs and block[1] != 1:  # the KxK kernel runs R x 1 blocks (one tap per block)
                 block = (1, 1)
             # the permute-SELL kernel repacks the weight itself: no lanes padding stored

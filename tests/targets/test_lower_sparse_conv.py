@@ -177,8 +177,8 @@ def test_conv_cost_model_grows_with_size_and_sparsity():
 
 @pytest.mark.slow
 def test_cli_lowers_big_sparse_conv1x1_for_x86(cli, tmp_path):
-    """End to end: a 256->256 1x1 conv on 28x28 at 90% 8x1 sparsity is lowered to the BSR
-    conv kernel; lowered copy and x86 artifact verified against the compressed model."""
+    """End to end: a 256->256 1x1 conv on 28x28 at 90% 8x1 sparsity is lowered to a sparse conv
+    kernel; lowered copy and x86 artifact verified against the compressed model."""
     import json
 
     from tests.conftest import make_model
@@ -202,7 +202,12 @@ def test_cli_lowers_big_sparse_conv1x1_for_x86(cli, tmp_path):
     low = [t for t in rep["target_passes"] if t["name"] == "lower.sparse"][0]
     assert low["modified"], low
     pw = [L for L in low["stats"]["layers"] if L["node"] == "pw"][0]
-    assert pw["lowered"] and pw["kernel_op"] == "SparseConv1x1Relu", pw
+    from targets import resolve
+    from targets.lower_sparse import cost_isa, plain_1x1_kernel
+
+    want = "SparseConvRelu" if plain_1x1_kernel((8, 1), 784, cost_isa(resolve("x86")[1].tvm_target)) == "sparse_direct" \
+        else "SparseConv1x1Relu"  # AVX-512 / AVX2 hosts: the sparse direct kernel for 8x1 blocks
+    assert pw["lowered"] and pw["kernel_op"] == want, pw
     comps = {(c["candidate"], c["reference"]): c for c in rep["verification"]}
     assert comps[("lowered.onnx", "compressed.onnx")]["passed"]
     assert comps[("artifact(x86)", "compressed.onnx")]["passed"]
@@ -254,3 +259,14 @@ def test_residual_add_fused_into_sparse_kxk_conv(tmp_path):
     assert any("sparse_direct_1x1_residual_relu" in str(gv) for gv in mod.functions)
     tvm_backend.compile_library(mod, {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, tmp_path / "m.so")
     np.testing.assert_allclose(tvm_backend.run_library(tmp_path / "m.so", {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_1x1_kernel_choice():
+    from targets.lower_sparse import plain_1x1_kernel
+
+    assert plain_1x1_kernel((8, 1), 3136, "x86-avx512") == "sparse_direct"
+    assert plain_1x1_kernel((1, 1), 196, "x86-avx512") == "sparse_direct"
+    assert plain_1x1_kernel((1, 1), 784, "x86-avx512") == "conv1x1"
+    assert plain_1x1_kernel((1, 1), 784, "x86-avx2") == "sparse_direct"
+    assert plain_1x1_kernel((1, 4), 3136, "x86-avx2") == "conv1x1"
+    assert plain_1x1_kernel((8, 1), 196, "arm") == "conv1x1"  # not measured there
