@@ -18,6 +18,9 @@ CASES = {
     "1x1": ck.ConvShape(1, 16, 8, 8, 24, 1, 1),
     "1x1-odd": ck.ConvShape(1, 7, 5, 3, 13, 1, 1),  # M = 15 < tile, O = 13 (overlapping tiles)
     "1x1-batch2": ck.ConvShape(2, 9, 9, 11, 20, 1, 1),
+    # more than DIRECT_1X1_MAX_PIXELS pixels: the conv1x1 kernel (smaller plain 1x1s run the direct one)
+    "1x1-conv1x1-kernel": ck.ConvShape(1, 12, 16, 15, 20, 1, 1),
+    "1x1-conv1x1-kernel-odd": ck.ConvShape(2, 7, 17, 13, 13, 1, 1),
     "dw3x3-s1": ck.ConvShape(1, 12, 9, 10, 12, 3, 3, 1, 1, (1, 1, 1, 1), 12),
     "dw3x3-s2-odd": ck.ConvShape(1, 8, 11, 13, 8, 3, 3, 2, 2, (1, 1, 1, 1), 8),
     "dw5x3-mixed": ck.ConvShape(2, 5, 9, 7, 5, 5, 3, 2, 1, (2, 1, 1, 0), 5),
@@ -213,7 +216,8 @@ def test_convnet_matches_onnxruntime(tmp_path):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
     names = [gv.name_hint for gv in mod.get_global_vars()]
     # our kernels, with the Relu/Clip folded in; dilated + grouped convs fall back to TVM's conv2d
-    for kind in ("conv_direct_relu", "conv_conv1x1_relu6", "conv_depthwise_relu6", "conv_conv1x1_none", "add_none",
+    # (the net's 1x1 convs have 72 pixels: at most DIRECT_1X1_MAX_PIXELS, so they run the direct kernel)
+    for kind in ("conv_direct_relu", "conv_direct_relu6", "conv_depthwise_relu6", "conv_direct_none", "add_none",
                  "global_avgpool"):
         assert any(n.startswith(kind) for n in names), (kind, names)
     text = mod.script()
@@ -315,7 +319,7 @@ def test_broadcast_add_after_conv_falls_back(tmp_path):
     x = rng.standard_normal((1, 4, 5, 5)).astype(np.float32)
     mod, (y,) = _compile_and_run(tmp_path, path, x)
     names = [gv.name_hint for gv in mod.get_global_vars()]
-    assert any(n.startswith("conv_conv1x1") for n in names) and not any(n.startswith("add_") for n in names)
+    assert any(n.startswith("conv_direct") for n in names) and not any(n.startswith("add_") for n in names)
     np.testing.assert_allclose(y, session(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
@@ -329,7 +333,7 @@ def test_kernel_counts_and_fallbacks_reach_the_report(tmp_path, cli):
     assert r.code == 0, r.out + r.err
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     kernels = rep["artifact"]["kernels"]
-    assert kernels["conv"] == {"direct": 1, "conv1x1": 2, "depthwise": 1, "add": 1, "global_avgpool": 1}, kernels
+    assert kernels["conv"] == {"direct": 3, "depthwise": 1, "add": 1, "global_avgpool": 1}, kernels
     warns = [w for w in rep["warnings"] if w.startswith("compile: kernel: Conv")]
     assert len(warns) == 2 and any("dilated: dilations=[2, 2]" in w for w in warns), rep["warnings"]
     assert any("grouped: grouped conv group=2" in w for w in warns)
