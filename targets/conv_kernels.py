@@ -479,6 +479,42 @@ def _plane_cols(s: ConvShape, pitch: int, qw: int) -> tuple[int, int]:
     return lo, max(0, hi - lo)
 
 
+def _wide_tile_macros(r: int, hw: int, two: bool, wq: int, ow: int, f, residual: bool):
+    """``init(acc0, acc1, bias, o0)`` and ``store(acc0, acc1, z, y, b, o0, q0)`` of the direct kernels'
+    ``R x QT`` tiles (two accumulator sets of ``hw`` positions when ``two``): accumulators start at the
+    bias of output channels ``o0..o0+R``; the store drops the wide columns past ``OW`` of each row
+    (position ``q0 + j`` is row ``(q0 + j) // wq``, column ``(q0 + j) % wq``), adds the residual
+    ``z`` when the kernel has one and applies the activation ``f``."""
+    from tvm.script import tirx as T
+
+    zero = T.float32(0)
+
+    @T.macro
+    def init(acc0, acc1, bias, o0):
+        for rr in T.unroll(r):
+            for j in T.vectorized(hw):
+                acc0[rr, j] = bias[o0 + rr]
+            if two:
+                for j in T.vectorized(hw):
+                    acc1[rr, j] = bias[o0 + rr]
+
+    @T.macro
+    def store(acc0, acc1, z, y, b, o0, q0):
+        for rr in T.unroll(r):
+            for j in T.serial(hw):
+                if (q0 + j) % wq < ow:
+                    y[b, o0 + rr, (q0 + j) // wq, (q0 + j) % wq] = f(
+                        acc0[rr, j] + (z[b, o0 + rr, (q0 + j) // wq, (q0 + j) % wq] if residual else zero))
+            if two:
+                for j in T.serial(hw):
+                    if (q0 + hw + j) % wq < ow:
+                        y[b, o0 + rr, (q0 + hw + j) // wq, (q0 + hw + j) % wq] = f(
+                            acc1[rr, j] + (z[b, o0 + rr, (q0 + hw + j) // wq, (q0 + hw + j) % wq] if residual
+                                           else zero))
+
+    return init, store
+
+
 ZERO_CHUNK = 64  # floats per vector store of the direct kernel's plane zeroing
 
 
@@ -560,6 +596,7 @@ def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bo
     zero = T.float32(0)
     f = _act_fn(act)
     planes = _planes_macro(s, nx, par)
+    init, store = _wide_tile_macros(r, hw, two, wq, ow, f, residual)
 
     @T.macro
     def body(x, wt, bias, z, y):
@@ -570,12 +607,7 @@ def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bo
             for t in par(nrt * nqt):
                 acc0 = T.decl_buffer((r, hw), "float32", scope=CPU_STACK)
                 acc1 = T.decl_buffer((r, hw), "float32", scope=CPU_STACK)
-                for rr in T.unroll(r):
-                    for j in T.vectorized(hw):
-                        acc0[rr, j] = bias[T.min(t // nqt * r, co - r) + rr]
-                    if two:
-                        for j in T.vectorized(hw):
-                            acc1[rr, j] = bias[T.min(t // nqt * r, co - r) + rr]
+                init(acc0, acc1, bias, T.min(t // nqt * r, co - r))
                 for i in T.serial(ci):
                     for dh in T.serial(kh):
                         for dw in T.unroll(kw):
@@ -589,18 +621,7 @@ def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bo
                                         acc1[rr, j] = acc1[rr, j] + wt[t // nqt, (i * kh + dh) * kw + dw, rr] * xf[
                                             i * ps + (dh % sh * sw + dw % sw) * plane + dh // sh * wq + dw // sw
                                             + T.min(t % nqt * qt, q - qt) + hw + j]
-                # store: drop the columns past OW of each wide row, apply the activation
-                for rr in T.unroll(r):
-                    for j in T.serial(hw):
-                        if (T.min(t % nqt * qt, q - qt) + j) % wq < ow:
-                            y[b, T.min(t // nqt * r, co - r) + rr, (T.min(t % nqt * qt, q - qt) + j) // wq,
-                              (T.min(t % nqt * qt, q - qt) + j) % wq] = f(acc0[rr, j] + (z[b, T.min(t // nqt * r, co - r) + rr, (T.min(t % nqt * qt, q - qt) + j) // wq, (T.min(t % nqt * qt, q - qt) + j) % wq] if residual else zero))
-                    if two:
-                        for j in T.serial(hw):
-                            if (T.min(t % nqt * qt, q - qt) + hw + j) % wq < ow:
-                                y[b, T.min(t // nqt * r, co - r) + rr, (T.min(t % nqt * qt, q - qt) + hw + j) // wq,
-                                  (T.min(t % nqt * qt, q - qt) + hw + j) % wq] = f(acc1[rr, j] + (z[b, T.min(t // nqt * r, co - r) + rr, (T.min(t % nqt * qt, q - qt) + hw + j) // wq, (T.min(t % nqt * qt, q - qt) + hw + j) % wq] if residual else zero))
-
+                store(acc0, acc1, z, y, b, T.min(t // nqt * r, co - r), T.min(t % nqt * qt, q - qt))
 
     if residual:
         @T.prim_func
@@ -681,7 +702,7 @@ def make_sparse_direct(s: ConvShape, r: int, nnzb: int, act: Act = NONE, target:
     par = _task_loop(bsz * max(nnzb, 1) * r * oh * ow)
     f = _act_fn(act)
     planes = _planes_macro(s, nx, par)
-    zero = T.float32(0)
+    init, store = _wide_tile_macros(r, hw, two, wq, ow, f, residual)
 
     @T.macro
     def body(x, data, offs, indptr, bias, z, y):
@@ -693,12 +714,7 @@ def make_sparse_direct(s: ConvShape, r: int, nnzb: int, act: Act = NONE, target:
             for t in par(nbr * nqt):
                 acc0 = T.decl_buffer((r, hw), "float32", scope=CPU_STACK)
                 acc1 = T.decl_buffer((r, hw), "float32", scope=CPU_STACK)
-                for rr in T.unroll(r):
-                    for j in T.vectorized(hw):
-                        acc0[rr, j] = bias[t // nqt * r + rr]
-                    if two:
-                        for j in T.vectorized(hw):
-                            acc1[rr, j] = bias[t // nqt * r + rr]
+                init(acc0, acc1, bias, t // nqt * r)
                 for e in T.serial(indptr[t // nqt], indptr[t // nqt + 1]):
                     for rr in T.unroll(r):
                         for j in T.vectorized(hw):
@@ -710,20 +726,7 @@ def make_sparse_direct(s: ConvShape, r: int, nnzb: int, act: Act = NONE, target:
                                 acc1[rr, j] = acc1[rr, j] + data[e, rr] * (
                                     xv[b * xs + offs[e] + T.min(t % nqt * qt, q - qt) + hw + j] if plain
                                     else xf[offs[e] + T.min(t % nqt * qt, q - qt) + hw + j])
-                for rr in T.unroll(r):
-                    for j in T.serial(hw):
-                        if (T.min(t % nqt * qt, q - qt) + j) % wq < ow:
-                            y[b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + j) // wq,
-                              (T.min(t % nqt * qt, q - qt) + j) % wq] = f(acc0[rr, j] + (z[
-                                  b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + j) // wq,
-                                  (T.min(t % nqt * qt, q - qt) + j) % wq] if residual else zero))
-                    if two:
-                        for j in T.serial(hw):
-                            if (T.min(t % nqt * qt, q - qt) + hw + j) % wq < ow:
-                                y[b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + hw + j) // wq,
-                                  (T.min(t % nqt * qt, q - qt) + hw + j) % wq] = f(acc1[rr, j] + (z[
-                                      b, t // nqt * r + rr, (T.min(t % nqt * qt, q - qt) + hw + j) // wq,
-                                      (T.min(t % nqt * qt, q - qt) + hw + j) % wq] if residual else zero))
+                store(acc0, acc1, z, y, b, t // nqt * r, T.min(t % nqt * qt, q - qt))
 
     if residual:
         @T.prim_func
