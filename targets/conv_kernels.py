@@ -487,8 +487,6 @@ def _wide_tile_macros(r: int, hw: int, two: bool, wq: int, ow: int, f, residual:
     ``z`` when the kernel has one and applies the activation ``f``."""
     from tvm.script import tirx as T
 
-    zero = T.float32(0)
-
     @T.macro
     def init(acc0, acc1, bias, o0):
         for rr in T.unroll(r):
@@ -499,18 +497,21 @@ def _wide_tile_macros(r: int, hw: int, two: bool, wq: int, ow: int, f, residual:
                     acc1[rr, j] = bias[o0 + rr]
 
     @T.macro
-    def store(acc0, acc1, z, y, b, o0, q0):
+    def store_set(acc, z, y, b, o0, q1):  # one accumulator set, positions q1 .. q1 + hw
         for rr in T.unroll(r):
             for j in T.serial(hw):
-                if (q0 + j) % wq < ow:
-                    y[b, o0 + rr, (q0 + j) // wq, (q0 + j) % wq] = f(
-                        acc0[rr, j] + (z[b, o0 + rr, (q0 + j) // wq, (q0 + j) % wq] if residual else zero))
-            if two:
-                for j in T.serial(hw):
-                    if (q0 + hw + j) % wq < ow:
-                        y[b, o0 + rr, (q0 + hw + j) // wq, (q0 + hw + j) % wq] = f(
-                            acc1[rr, j] + (z[b, o0 + rr, (q0 + hw + j) // wq, (q0 + hw + j) % wq] if residual
-                                           else zero))
+                if (q1 + j) % wq < ow:
+                    if residual:  # (static)
+                        y[b, o0 + rr, (q1 + j) // wq, (q1 + j) % wq] = f(
+                            acc[rr, j] + z[b, o0 + rr, (q1 + j) // wq, (q1 + j) % wq])
+                    else:
+                        y[b, o0 + rr, (q1 + j) // wq, (q1 + j) % wq] = f(acc[rr, j])
+
+    @T.macro
+    def store(acc0, acc1, z, y, b, o0, q0):
+        store_set(acc0, z, y, b, o0, q0)
+        if two:
+            store_set(acc1, z, y, b, o0, q0 + hw)
 
     return init, store
 
