@@ -20,6 +20,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,32 +133,14 @@ def import_onnx(
     from tvm.relax.frontend.onnx import from_onnx
 
     model = _load_onnx(model_path)
-    sparse_ops = [n.op_type for n in model.graph.node if n.domain == sparse_op_names.DOMAIN]
     extra_converters: dict[str, Any] = {}
-    if sparse_ops and target is not None:
-        from targets import sparse_kernels
-
-        extra_converters = sparse_kernels.relax_converters(target)
-    if target is not None and any(n.op_type == "Conv" or n.op_type in sparse_op_names.CONV_OPS + sparse_op_names.KXK_OPS
-                                 for n in model.graph.node):
-        from targets import conv_kernels  # hand-scheduled CPU conv kernels (+ fused Relu/Clip); none for CUDA
-
-        conv_converters, conv_state = conv_kernels.relax_converters(target, model)
-        extra_converters.update(conv_converters)
-    else:
-        conv_state = None
-    dense_state = None
-    if target is not None and any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node):
-        from targets import dense_kernels  # packed CPU kernels for constant-weight MatMul/Gemm; none for CUDA
-
-        dense_converters, dense_state = dense_kernels.relax_converters(target, model)
-        extra_converters.update(dense_converters)
-    rnn_state = None
-    if target is not None and any(n.op_type in ("GRU", "LSTM") for n in model.graph.node):
-        from targets import rnn_kernels  # fused recurrence kernels (what lower.rnn leaves whole); none for CUDA
-
-        rnn_converters, rnn_state = rnn_kernels.relax_converters(target, rnn_modes)
-        extra_converters.update(rnn_converters)
+    states: dict[str, Any] = {}
+    if target is not None:
+        for kc in KERNEL_CONVERTERS:  # later entries win where two convert the same op (conv's fused Relu)
+            if kc.applies(model):
+                converters, states[kc.name] = kc.make(target, model, rnn_modes)
+                extra_converters.update(converters)
+    conv_state, dense_state, rnn_state = states.get("conv"), states.get("dense"), states.get("rnn")
     missing = unsupported_ops(model, tuple(extra_converters))
     if missing:
         raise TargetError(
@@ -205,8 +188,60 @@ def import_onnx(
     except Exception as exc:
         raise TargetError(f"TVM Relax ONNX import failed: {type(exc).__name__}: {one_line(exc)}") from exc
     if dense_state is not None:
+        from targets import dense_kernels
+
         mod = dense_kernels.annotate(mod, dense_state)  # logs + IRModule attr "compressor_dense"
     return mod.with_attr(KERNELS_ATTR, json.dumps(_kernel_record(dense_state, conv_state, rnn_state)))
+
+
+@dataclass(frozen=True)
+class KernelConverters:
+    """One family of hand-scheduled kernels the importer plugs into the Relax ONNX frontend:
+    ``applies(model)`` says whether the model has ops for it; ``make(target, model, rnn_modes)``
+    returns ``({onnx op type: converter class}, state)`` (the state is kept by name for the kernel
+    record). Registered in :data:`KERNEL_CONVERTERS`, in application order."""
+
+    name: str
+    applies: Callable[[Any], bool]
+    make: Callable[[dict, Any, Any], tuple[dict[str, Any], Any]]
+
+
+def _sparse_converters(target, model, rnn_modes):
+    from targets import sparse_kernels
+
+    return sparse_kernels.relax_converters(target), None
+
+
+def _conv_converters(target, model, rnn_modes):
+    from targets import conv_kernels  # hand-scheduled CPU conv kernels (+ fused Relu/Clip); none for CUDA
+
+    return conv_kernels.relax_converters(target, model)
+
+
+def _dense_converters(target, model, rnn_modes):
+    from targets import dense_kernels  # packed CPU kernels for constant-weight MatMul/Gemm; none for CUDA
+
+    return dense_kernels.relax_converters(target, model)
+
+
+def _rnn_converters(target, model, rnn_modes):
+    from targets import rnn_kernels  # fused recurrence kernels (what lower.rnn leaves whole); none for CUDA
+
+    return rnn_kernels.relax_converters(target, rnn_modes)
+
+
+def _has(model, pred) -> bool:
+    return any(pred(n) for n in model.graph.node)
+
+
+KERNEL_CONVERTERS: list[KernelConverters] = [
+    KernelConverters("sparse", lambda m: _has(m, lambda n: n.domain == sparse_op_names.DOMAIN), _sparse_converters),
+    KernelConverters("conv", lambda m: _has(m, lambda n: n.op_type == "Conv" or n.domain == sparse_op_names.DOMAIN
+                                             and n.op_type in sparse_op_names.CONV_OPS + sparse_op_names.KXK_OPS),
+                     _conv_converters),
+    KernelConverters("dense", lambda m: _has(m, lambda n: n.op_type in ("MatMul", "Gemm")), _dense_converters),
+    KernelConverters("rnn", lambda m: _has(m, lambda n: n.op_type in ("GRU", "LSTM")), _rnn_converters),
+]
 
 
 KERNELS_ATTR = "compressor_kernels"
