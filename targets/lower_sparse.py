@@ -494,49 +494,34 @@ def _static_m(x: gs.Tensor, shapes: dict[str, list]) -> int | None:
     return int(np.prod(shape[:-1])) if len(shape) > 1 else 1
 
 
-def _conv1x1_weight(node: gs.Node, shapes: dict[str, list]) -> tuple[np.ndarray | None, str | None, list[int] | None]:
-    """(W[O, I], why-not, static NCHW input shape) for a Conv node; W None when the node is
-    not a lowerable 1x1 convolution (why-not then says why, or is None for a non-candidate)."""
-    w = node.inputs[1]
-    x = node.inputs[0]
+def _conv_weight(node: gs.Node, shapes: dict[str, list]) -> tuple[np.ndarray | None, str | None, list[int] | None, dict]:
+    """(W[O, I*KH*KW], why-not, static NCHW input shape, SparseConv attributes) for a Conv node. The
+    attributes are empty for a plain 1x1 conv (stride 1, unpadded: ``SparseConv1x1``); otherwise they
+    are the ``kernel_shape`` / ``strides`` / ``pads`` of ``compressor::SparseConv`` (group 1, dilation 1,
+    explicit pads). W is None when the node cannot be lowered (why-not then says why, or is None for a
+    non-candidate)."""
+    w, x = node.inputs[1], node.inputs[0]
     if not isinstance(w, gs.Constant) or isinstance(x, gs.Constant):
-        return None, None, None
+        return None, None, None, {}
     wv = np.asarray(w.values)
     if wv.ndim != 4 or wv.dtype != np.float32:
-        return None, None, None
+        return None, None, None, {}
     a = node.attrs
-    if tuple(wv.shape[2:]) != (1, 1):
-        return None, f"{wv.shape[2]}x{wv.shape[3]} Conv", None
-    if int(a.get("group", 1)) != 1:
-        return None, f"grouped Conv (group={a.get('group')})", None
-    if any(int(v) != 1 for v in a.get("strides", [1, 1])):
-        return None, f"Conv strides {list(a.get('strides'))}", None
-    if any(int(v) != 0 for v in a.get("pads", [0, 0, 0, 0])) or str(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID"):
-        return None, "padded 1x1 Conv", None
-    shape = getattr(x, "shape", None) or shapes.get(x.name)
-    if not shape or len(shape) != 4 or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in shape):
-        return None, f"input {x.name} has no static NCHW shape", None
-    return np.ascontiguousarray(wv[:, :, 0, 0]), None, [int(d) for d in shape]
-
-
-def _kxk_weight(node: gs.Node, shapes: dict[str, list]) -> tuple[np.ndarray | None, str | None, list[int] | None, dict]:
-    """(W[O, I*KH*KW], why-not, static NCHW input shape, SparseConv attributes) for a group-1 Conv
-    that is not a plain 1x1 (KxK, strided or padded): what ``compressor::SparseConv`` runs."""
-    w, x = node.inputs[1], node.inputs[0]
-    wv = np.asarray(w.values)
-    a = node.attrs
+    kh, kw = int(wv.shape[2]), int(wv.shape[3])
+    strides = [int(v) for v in a.get("strides", [1, 1])]
+    pads = [int(v) for v in a.get("pads", [0, 0, 0, 0])]
+    auto_pad = str(a.get("auto_pad", "NOTSET"))
+    plain = (kh, kw) == (1, 1) and strides == [1, 1] and not any(pads) and auto_pad in ("NOTSET", "VALID")
     if int(a.get("group", 1)) != 1:
         return None, f"grouped Conv (group={a.get('group')})", None, {}
-    if any(int(v) != 1 for v in a.get("dilations", [1, 1])):
+    if not plain and any(int(v) != 1 for v in a.get("dilations", [1, 1])):
         return None, f"dilated Conv (dilations={list(a.get('dilations'))})", None, {}
-    if str(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID"):
-        return None, f"Conv auto_pad={a.get('auto_pad')}", None, {}
+    if auto_pad not in ("NOTSET", "VALID"):
+        return None, f"Conv auto_pad={auto_pad}", None, {}
     shape = getattr(x, "shape", None) or shapes.get(x.name)
     if not shape or len(shape) != 4 or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in shape):
         return None, f"input {x.name} has no static NCHW shape", None, {}
-    kh, kw = int(wv.shape[2]), int(wv.shape[3])
-    attrs = {"kernel_shape": [kh, kw], "strides": [int(v) for v in a.get("strides", [1, 1])],
-             "pads": [int(v) for v in a.get("pads", [0, 0, 0, 0])]}
+    attrs = {} if plain else {"kernel_shape": [kh, kw], "strides": strides, "pads": pads}
     return np.ascontiguousarray(wv.reshape(wv.shape[0], -1)), None, [int(d) for d in shape], attrs
 
 
@@ -561,6 +546,7 @@ class LowerSparse(Pass):
                 return PassResult(False, {"lowered": 0, "layers": []}, warnings)
         tvm_target = getattr(ctx.target, "tvm_target", None) or "x86"
         family = sk.target_family(tvm_target)
+        isa = cost_isa(tvm_target) if family != "cuda" else None
         outputs = {t.name for t in graph.outputs}
         shapes = _inferred_shapes(graph, ctx)
         lowered = 0
@@ -587,12 +573,11 @@ class LowerSparse(Pass):
             conv = node.op == "Conv"
             kxk_attrs: dict = {}
             if conv:
-                w_nk, why, xshape = _conv1x1_weight(node, shapes)
-                if w_nk is None and why and why != "non-candidate" and wv.ndim == 4 and not isinstance(x, gs.Constant):
-                    if family == "cuda":
-                        why = f"{why}; the CUDA target has no KxK sparse kernel"
-                    else:
-                        w_nk, why, xshape, kxk_attrs = _kxk_weight(node, shapes)
+                w_nk, why, xshape, kxk_attrs = _conv_weight(node, shapes)
+                if w_nk is not None and kxk_attrs and family == "cuda":
+                    w_nk, why = None, (f"{'x'.join(map(str, kxk_attrs['kernel_shape']))} Conv, strides "
+                                       f"{kxk_attrs['strides']}, pads {kxk_attrs['pads']}: the CUDA target has no "
+                                       "KxK sparse kernel")
                 if w_nk is None:
                     if why:
                         warnings.append(f"{label}: kept dense ({why}; {zeros:.0%} zeros)")
@@ -646,7 +631,7 @@ class LowerSparse(Pass):
                 block = sk.parse_block(cfg.block)
                 if n % block[0] or k % block[1]:
                     block = (1, 1)
-            if conv and not kxk_attrs and family != "cuda" and plain_1x1_kernel(block, m, cost_isa(tvm_target)) == "sparse_direct":
+            if conv and not kxk_attrs and family != "cuda" and plain_1x1_kernel(block, m, isa) == "sparse_direct":
                 kxk_attrs = {"kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0]}
             if kxk_attrs and block[1] != 1:  # the KxK kernel runs R x 1 blocks (one tap per block)
                 block = (1, 1)
@@ -656,8 +641,7 @@ class LowerSparse(Pass):
             key = (w.name, node.op, int(node.attrs.get("transB", 0)), float(node.attrs.get("alpha", 1.0)), block, group)
             cached = bsr_cache.get(key)
             b = cached[0] if cached is not None else sk.to_bsr(w_nk, block, group)
-            ratio, basis = predict(node.op, n, k, m, bsz, b.density(), block, family, perm,
-                                   isa=cost_isa(tvm_target) if family != "cuda" else None)
+            ratio, basis = predict(node.op, n, k, m, bsz, b.density(), block, family, perm, isa=isa)
             if kxk_attrs:  # (decision) the conv1x1 kernel fit stands in for the shifted-GEMM KxK kernels
                 basis = basis.replace("conv1x1 ", f"conv {kxk_attrs['kernel_shape'][0]}x{kxk_attrs['kernel_shape'][1]} "
                                       f"/{kxk_attrs['strides'][0]} (conv1x1 kernel fit) ")
