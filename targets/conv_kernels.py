@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,12 +316,8 @@ def _pad_geometry(s: ConvShape) -> tuple[int, int]:
 
 def _phase_range(s: ConvShape, q: int) -> tuple[int, int]:
     """(first phase column, count) of phase ``q`` that holds input pixels (not padding):
-    ``0 <= j * sw + q - pl < W`` and ``j < wq``."""
-    _, wq = _pad_geometry(s)
-    pl = s.pads[1]
-    lo = max(0, -((q - pl) // s.sw))  # ceil((pl - q) / sw)
-    hi = min(wq, (s.w - 1 + pl - q) // s.sw + 1) if s.w - 1 + pl - q >= 0 else 0
-    return lo, max(0, hi - lo)
+    ``0 <= j * sw + q - pl < W`` and ``j < wq`` (the depthwise kernel's phase width)."""
+    return _plane_cols(s, _pad_geometry(s)[1], q)
 
 
 DW_ACC_FLOATS = 128  # accumulators per depthwise step (8 AVX-512 registers): full padded rows when they fit
@@ -472,9 +469,9 @@ def direct_geometry(s: ConvShape) -> tuple[int, int]:
 
 def _plane_cols(s: ConvShape, pitch: int, qw: int) -> tuple[int, int]:
     """(first column, count) of column phase ``qw`` that holds input pixels:
-    ``0 <= j * sw + qw - pl < W``."""
+    ``0 <= j * sw + qw - pl < W`` and ``j < pitch``."""
     pl = s.pads[1]
-    lo = max(0, -((qw - pl) // s.sw))
+    lo = max(0, -((qw - pl) // s.sw))  # ceil((pl - qw) / sw)
     hi = min(pitch, (s.w - 1 + pl - qw) // s.sw + 1) if s.w - 1 + pl - qw >= 0 else 0
     return lo, max(0, hi - lo)
 
@@ -579,8 +576,6 @@ def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bo
 
     assert s.kind() in ("direct", "conv1x1") and s.group == 1, s
     bsz, ci, h, w, co, kh, kw, sh, sw = s.b, s.i, s.h, s.w, s.o, s.kh, s.kw, s.sh, s.sw
-    pt = s.pads[0]
-    pl = s.pads[1]
     oh, ow = s.oh, s.ow
     hq, wq = direct_geometry(s)
     plane = hq * wq
@@ -594,7 +589,6 @@ def make_direct(s: ConvShape, act: Act = NONE, target: Any = "x86", residual: bo
     nrt = -(-co // r)
     nx = ci * ps + ((kh - 1) // sh) * wq + (kw - 1) // sw + qt  # + the last tile's reach
     par = _task_loop(bsz * co * oh * ow * ci * kh * kw)
-    zero = T.float32(0)
     f = _act_fn(act)
     planes = _planes_macro(s, nx, par)
     init, store = _wide_tile_macros(r, hw, two, wq, ow, f, residual)
@@ -947,12 +941,16 @@ def _activation_of(node, consts: dict[str, np.ndarray]) -> Act | None:
     return Act(lo, hi)
 
 
+def _name_counts(model) -> Counter:
+    """How often each node name occurs (converters find nodes by name: only unique ones can be planned)."""
+    return Counter(n.name for n in model.graph.node)
+
+
 def plan_fusion(model, op_types: tuple[str, ...] = ("Conv",), domain: str = "") -> dict[str, tuple[str, Act]]:
     """``{producer node name: (activation node name, Act)}`` for every ``op_types`` node whose
     single output feeds exactly one Relu/constant-bound Clip and is not a graph output.
     Nodes without a unique non-empty name are never fused (converters find nodes by name)."""
-    names = [n.name for n in model.graph.node]
-    unique = {nm for nm in names if nm and names.count(nm) == 1}
+    unique = {nm for nm, c in _name_counts(model).items() if nm and c == 1}
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -985,8 +983,9 @@ class ConverterState:
     absorbed: set[str] = field(default_factory=set)
     kernels: dict[str, int] = field(default_factory=dict)  # kind -> count
     fallbacks: list[str] = field(default_factory=list)  # "node: reason"
-    # Conv node name -> (shape, x, packed weight, bias) of its kernel call, for residual fusion
-    calls: dict[str, tuple] = field(default_factory=dict)
+    # Conv / SparseConv node name -> builder(act, z) -> (residual prim func, name, call args): what a
+    # residual Add/Sum reading that node's (still un-emitted) call runs instead, its epilogue fused
+    calls: dict[str, Any] = field(default_factory=dict)
 
 
 def conv_shape_from(x_shape, w_shape, attr: dict) -> tuple[ConvShape | None, str]:
@@ -1131,7 +1130,8 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
         rr = r if int(data.shape[2]) == 1 else 1
         d_, offs, ip = sparse_direct_arrays(cs, w_nk, rr)
         act = RELU if relu else NONE
-        fused = sparse_kxk_plan.get(str(attr.get("tvm_custom", {}).get("name", "")))
+        name = str(attr.get("tvm_custom", {}).get("name", ""))
+        fused = sparse_kxk_plan.get(name)
         if fused and not relu:
             act = fused[1]
             state.absorbed.add(fused[0])
@@ -1141,7 +1141,6 @@ def relax_converters(tvm_target: Any, model=None) -> tuple[dict[str, type], Conv
         args = [x, relax.const(d_.reshape(max(len(d_), 1), rr) if len(d_) else np.zeros((1, rr), np.float32)),
                 relax.const(offs if len(offs) else np.zeros(1, np.int32)), relax.const(ip),
                 relax.const(np.asarray(bias, np.float32).reshape(n))]
-        name = str(attr.get("tvm_custom", {}).get("name", ""))
         if name and not relu and not fused:
             state.calls[name] = lambda a_, z_, cs=cs, rr=rr, nz=len(d_), args=args: (
                 make_sparse_direct(cs, rr, nz, a_, tvm_target, residual=True), f"sparse_direct_{rr}x1_residual_{a_.name}",
@@ -1234,7 +1233,7 @@ def residual_conv_inputs(model, add_nodes: set[str]) -> dict[str, tuple[str | No
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
     outputs = {o.name for o in model.graph.output}
-    names = [n.name for n in model.graph.node]
+    counts = _name_counts(model)
     out: dict[str, tuple[str | None, ...]] = {}
     for n in model.graph.node:
         if n.name not in add_nodes:
@@ -1243,8 +1242,8 @@ def residual_conv_inputs(model, add_nodes: set[str]) -> dict[str, tuple[str | No
         for i in n.input:
             p = producers.get(i)
             ok = (p is not None and (p.op_type == "Conv" and p.domain in ("", "ai.onnx")
-                                     or p.op_type == sparse_ops.KXK and p.domain == sparse_ops.DOMAIN) and p.name
-                  and names.count(p.name) == 1 and uses.get(i, 0) == 1 and i not in outputs and n.input[0] != n.input[1])
+                                     or p.op_type == sparse_ops.KXK and p.domain == sparse_ops.DOMAIN)
+                  and p.name and counts[p.name] == 1 and uses.get(i, 0) == 1 and i not in outputs and n.input[0] != n.input[1])
             convs.append(p.name if ok else None)
         out[n.name] = tuple(convs)
     return out
@@ -1254,10 +1253,10 @@ def residual_adds(model) -> set[str]:
     """Names of the (uniquely named) two-input ``Add`` (or ``Sum``: Caffe2-converted ResNets) nodes that read a ``Conv`` /
     ``compressor::SparseConv1x1[Relu]`` output (the residual joins of ResNet/MobileNet)."""
     producers = {o: n for n in model.graph.node for o in n.output}
-    names = [n.name for n in model.graph.node]
+    counts = _name_counts(model)
     out: set[str] = set()
     for n in model.graph.node:
-        if n.op_type not in ("Add", "Sum") or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or names.count(n.name) != 1:
+        if n.op_type not in ("Add", "Sum") or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or counts[n.name] != 1:
             continue
         srcs = [producers.get(i) for i in n.input]
         if any(p is not None and (p.op_type == "Conv" and p.domain in ("", "ai.onnx")
