@@ -73,16 +73,6 @@ def host_target(tag: str = "x86") -> dict:
     return resolve(tag)[1].tvm_target
 
 
-def isa_of(tvm_target: dict) -> str:
-    """The cost-model ISA key of a CPU target: x86-avx512 / x86-avx2 by its vector width, else its family."""
-    from targets.sparse_kernels import target_family, vector_floats
-
-    fam = target_family(tvm_target)
-    if fam == "x86":
-        return "x86-avx512" if vector_floats(tvm_target) >= 16 else "x86-avx2"
-    return fam
-
-
 def _check(got: np.ndarray, ref: np.ndarray, what: str, tol: float = 1e-4) -> None:
     scale = float(np.abs(ref).max()) or 1.0
     err = float(np.abs(got - ref).max()) / scale
@@ -403,6 +393,7 @@ def main(argv=None) -> int:
     from targets.dense_kernels import default_runtime_threads
 
     default_runtime_threads()  # TVM's pool: one thread per physical core (before tvm loads)
+    from targets.lower_sparse import cost_isa
     if a.load:
         rows = merge_runs([json.loads(p.read_text()) for p in a.load])
     else:
@@ -430,7 +421,7 @@ def main(argv=None) -> int:
         cross_validate(rows)
     parts = [fmt_table(rows), fmt_confusion(rows, a.min_speedup)]
     if coef and a.write:
-        write_cost_model(a.write, coef, list(argv if argv is not None else sys.argv[1:]), isa_of(host_target(a.target)))
+        write_cost_model(a.write, coef, list(argv if argv is not None else sys.argv[1:]), cost_isa(host_target(a.target)))
     if coef:
         parts.append("Fitted time-model constants (targets/cost_models/<isa>.json, written with --write):\n\n```\n"
                      + "\n".join(f"{k!r}: {v}," for k, v in coef.items()) + "\n```")
