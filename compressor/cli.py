@@ -105,7 +105,8 @@ def _add_run_flags(p: argparse.ArgumentParser, with_model_flags: bool) -> None:
         return
     p.add_argument("--target", default="x86", help="x86 | arm | cuda (or a variant: x86-avx2, arm64-linux, cuda-sm90)")
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of prunable weights set to zero, in [0, 1)")
-    p.add_argument("--pattern", default="unstructured", help="sparsity pattern: unstructured | N:M (e.g. 2:4) | RxC blocks (e.g. 1x4, 8x1)")
+    p.add_argument("--pattern", default="auto", help="sparsity pattern: auto (the target's default, see explain-target: "
+                   "unstructured on the built-in targets) | unstructured | N:M (e.g. 2:4) | RxC blocks (e.g. 1x4, 8x1)")
     p.add_argument("--method", default="auto", help="how weights are chosen for --sparsity: auto (with --calib: obs and wanda "
                    "both run, the better on held-out calibration samples is kept; else magnitude) | magnitude | wanda | obs "
                    "(per layer group the least-error of SparseGPT, the activation mask and that mask with the OBS update) | "

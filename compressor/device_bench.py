@@ -222,6 +222,17 @@ def bench_host(bundle: Path, manifest: dict) -> dict[str, Any]:
     return rep
 
 
+def modelled_ratios(dense: dict[str, int], sparse: dict[str, int]) -> dict[str, float]:
+    """Dense-twin / sparse cycles per named core (``targets.arm_cores``) from the per-inference
+    instruction classes: the issue bound only (the whole model's cache traffic is not modelled here;
+    the per-layer cost model adds it)."""
+    from targets.arm_cores import CORES
+
+    if not dense.get("total") or not sparse.get("total"):
+        return {}
+    return {c.llvm_cpu: round(c.cycles(dense, 0) / c.cycles(sparse, 0), 3) for c in CORES.values()}
+
+
 def bench_qemu(bundle: Path, manifest: dict, count: bool = True, twin: bool = True,
                say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     from targets import device_qemu
@@ -242,7 +253,8 @@ def bench_qemu(bundle: Path, manifest: dict, count: bool = True, twin: bool = Tr
         return rep
     per = run.regions or 1
     rep["insns"] = {"artifact": run.insns_region, "inferences": run.regions, "artifact_per_inference": run.insns_region // per,
-                    "process_total": run.insns_total}
+                    "process_total": run.insns_total,
+                    "classes_per_inference": {c: v // per for c, v in run.class_totals().items()}}
     n_sparse = sparse_layers(manifest, bundle)
     rep["sparse_layers"] = n_sparse
     if run.returncode != 0 or not twin:
@@ -255,10 +267,14 @@ def bench_qemu(bundle: Path, manifest: dict, count: bool = True, twin: bool = Tr
         say(f"building the dense twin ({n_sparse} sparse layer(s) compiled dense) and running it the same way")
         t = build_dense_twin(Path(bundle), manifest, Path(tmp))
         drun = device_qemu.run_bundle(rt, t, count=True)
+    dper = drun.regions or 1
     rep["dense_twin"] = {"runner_exit": drun.returncode, "passed": drun.returncode == 0, "message": _last_line(drun.output),
-                         "insns": drun.insns_region, "artifact_per_inference": drun.insns_region // (drun.regions or 1)}
+                         "insns": drun.insns_region, "artifact_per_inference": drun.insns_region // dper,
+                         "classes_per_inference": {c: v // dper for c, v in drun.class_totals().items()}}
     if drun.returncode == 0 and run.insns_region:
         rep["insns"]["dense_over_sparse"] = round(drun.insns_region / run.insns_region, 3)
+        rep["insns"]["modelled_dense_over_sparse"] = modelled_ratios(rep["dense_twin"]["classes_per_inference"],
+                                                                     rep["insns"]["classes_per_inference"])
     return rep
 
 
@@ -303,5 +319,8 @@ def report_lines(rep: dict[str, Any]) -> list[str]:
                      f"({twin['artifact_per_inference']:,} per inference)")
         if ins and "dense_over_sparse" in ins:
             lines.append(f"dense / sparse instructions: {ins['dense_over_sparse']}x ({rep['sparse_layers']} sparse layer(s))")
+            if ins.get("modelled_dense_over_sparse"):
+                lines.append("dense / sparse modelled cycles (issue bound, targets/arm_cores.py): " + ", ".join(
+                    f"{core} {r}x" for core, r in ins["modelled_dense_over_sparse"].items()))
     lines += [f"note: {n}" for n in rep.get("notes", [])]
     return lines

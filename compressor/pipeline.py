@@ -7,6 +7,7 @@ runs it and returns the report dict plus the exit status.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -51,6 +52,11 @@ class Plan:
         return to_recipe(self.opts, self.resolved_passes(), base)
 
 
+def effective_pattern(pattern: str, spec: Any) -> str:
+    """``--pattern auto`` is the target's ``preferred_pattern`` (unstructured where it names none)."""
+    return (getattr(spec, "preferred_pattern", None) or "unstructured") if pattern == "auto" else pattern
+
+
 def sparsity_defaults(opts: Options) -> tuple[str, str]:
     """(method, allocation) for ``--sparsity`` when left at ``auto``: with calibration data the
     data-aware method that fits the model (``auto``: OBS/SparseGPT and Wanda both run, the one with the
@@ -72,6 +78,7 @@ def default_pass_list(opts: Options, spec: Any) -> list[dict[str, Any]]:
     Flags left at their defaults are not written into pass configs, so each pass keeps its own defaults."""
     from passes import CLEANUP_PIPELINE
 
+    opts = dataclasses.replace(opts, pattern=effective_pattern(opts.pattern, spec))
     items = [{"name": n, "config": {}} for n in CLEANUP_PIPELINE]
     ignore = {"ignore": list(opts.ignore)} if opts.ignore else {}
     if opts.structured > 0:
@@ -143,6 +150,7 @@ def plan(opts: Options) -> Plan:
     for p in opts.plugin:
         load_plugin_file(Path(p))
     target, spec = targets.resolve(opts.target)
+    opts = dataclasses.replace(opts, pattern=effective_pattern(opts.pattern, spec))
     items = normalize_passes(opts.passes) if opts.passes is not None else default_pass_list(opts, spec)
     passes = []
     for item in items:
@@ -168,7 +176,12 @@ def default_output_name(opts: Options, model_path: Path, tag: str) -> str:
     parts = [tag]
     if opts.sparsity > 0:
         parts.append(f"s{_pct(opts.sparsity)}")
-        pat = parse_pattern(opts.pattern)
+        pattern = opts.pattern
+        if pattern == "auto":
+            import targets
+
+            pattern = effective_pattern(pattern, targets.resolve(tag)[1])
+        pat = parse_pattern(pattern)
         if pat.kind == "nm":
             parts.append(f"{pat.n}of{pat.m}")
         elif pat.kind == "block":

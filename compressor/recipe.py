@@ -36,7 +36,7 @@ class Options:
     target: str = "x86"
     output: str | None = None
     sparsity: float = 0.0
-    pattern: str = "unstructured"  # unstructured | N:M (2:4) | RxC blocks (1x4, 8x1)
+    pattern: str = "auto"  # auto (the target's preferred_pattern) | unstructured | N:M (2:4) | RxC blocks (1x4, 8x1)
     method: str = "auto"  # sparsify.<method>: auto (with --calib: obs vs wanda on held-out data, else magnitude) | magnitude | wanda | obs | sparsegpt
     allocation: str = "auto"  # auto (sensitivity with --calib for --sparsity, else uniform) | uniform | global | sensitivity
     structured: float = 0.0  # prune.channels ratio

@@ -46,30 +46,43 @@ class ArmTarget(Target):
         tvm_target: dict = {"kind": "llvm", "mtriple": TRIPLE, "mattr": ["+neon"]}
         artifact = ARTIFACT
         if tag.startswith("arm-"):
-            cpu = tag[4:]
+            from targets.arm_cores import CORES
             from targets.host import _llvm_cpu_is_valid
+
+            cpu = CORES[tag[4:]].llvm_cpu if tag[4:] in CORES else tag[4:]  # arm-a76 = arm-cortex-a76
 
             if not _llvm_cpu_is_valid(cpu, TRIPLE):
                 raise UsageError(
                     f"unknown arm target {tag!r}",
-                    hint="use arm (generic aarch64 + NEON) or arm-<llvm cpu>, e.g. arm-cortex-a76",
+                    hint="use arm (generic aarch64 + NEON), arm-a76 / arm-a55 (cores with a cost model) or "
+                         "arm-<llvm cpu>, e.g. arm-cortex-a78",
                 )
             tvm_target["mcpu"] = cpu
             artifact = f"model_aarch64_{cpu}.so"
         required = ("asimd",)  # /proc/cpuinfo name of NEON on aarch64
         runs_here = host.arch == "aarch64" and all(f in host.features for f in required)
+        from targets.arm_cores import core_for
+        from targets.lower_sparse import cost_isa, pattern_speedups
+
+        core = core_for(tvm_target.get("mcpu"))
         return TargetSpec(
             tag=tag,
             family="arm",
             tvm_target=tvm_target,
             triple=TRIPLE,
             isa_features=required,
-            preferred_pattern="1x4",
+            # on matrix products block patterns run 3-4x faster than unstructured on these kernels, on 1x1 convs
+            # they are on par (extra["patterns"]); at 90% they fail the gate where unstructured passes (the digits demo: 8x1 / 4x1 are given back to
+            # 45% zeros by the accuracy search, unstructured keeps 88.5% and lowers): --pattern 8x1 is the
+            # faster choice where the model's accuracy allows it (bench/cost_model_arm.md)
+            preferred_pattern="unstructured",
             round_to=4,
             quant_dtype="int8",
             cross_compiler=None if host.arch == "aarch64" else find_cross_linker(),
             runs_here=runs_here,
-            extra={"artifact_name": artifact, "simd": "neon-128"},
+            extra={"artifact_name": artifact, "simd": "neon-128",
+                   "core_model": core.llvm_cpu if core else None,
+                   "patterns": pattern_speedups(cost_isa(tvm_target))},
         )
 
     def compile(

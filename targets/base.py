@@ -36,7 +36,9 @@ class TargetSpec:
     tvm_target: dict[str, Any]  # the JSON dict given to tvm.target.Target
     triple: str  # LLVM triple of the host code
     isa_features: tuple[str, ...]  # features the artifact requires at run time
-    preferred_pattern: str  # sparse pattern the target's kernels exploit ("unstructured", "2:4", "1x4" ...)
+    # the pattern --sparsity uses when --pattern is left at auto ("unstructured", "8x1", "2:4" ...): the fastest
+    # pattern whose accuracy holds by default; the kernels' speed per pattern goes in extra["patterns"]
+    preferred_pattern: str
     round_to: int  # channel multiple structured pruning should keep
     quant_dtype: str  # preferred int8 flavour ("int8", "none" ...)
     cross_compiler: str | None  # command used to link the shared library, None = host cc

@@ -57,6 +57,7 @@ GUEST_WHEELS = ("apache-tvm", "apache-tvm-ffi", "numpy", "ml_dtypes", "typing_ex
 SKIP_IN_WHEELS = ("tvm/lib/libtvm_compiler.so",)  # the compiler: not needed to run
 NOT_LIBRARIES = {"dpkg", "tar", "install-info", "perl", "perl-base", "debconf"}  # tools in the closure
 _INSN_LINE = re.compile(r"insn_count total=(\d+) region=(\d+) regions=(\d+)")
+_REGION_LINE = re.compile(r"insn_region total=(\d+) load=(\d+) store=(\d+) simd=(\d+) branch=(\d+)")
 
 
 def cache_dir() -> Path:
@@ -294,6 +295,9 @@ def prepare(root: Path | None = None) -> GuestRuntime:
                         versions={"python": pyname, **versions})
 
 
+INSN_CLASSES = ("total", "load", "store", "simd", "branch")  # the plugin's per-region classes
+
+
 @dataclass
 class GuestRun:
     returncode: int
@@ -302,22 +306,29 @@ class GuestRun:
     insns_region: int | None = None  # instructions executed inside the runner's inference regions
     insns_total: int | None = None  # whole process (interpreter start-up included)
     regions: int | None = None
+    region_classes: list[dict[str, int]] | None = None  # per region, in order: INSN_CLASSES counts
+
+    def class_totals(self) -> dict[str, int]:
+        """INSN_CLASSES counts summed over the regions."""
+        return {c: sum(r[c] for r in self.region_classes or ()) for c in INSN_CLASSES}
 
 
-def run_bundle(rt: GuestRuntime, bundle: Path, count: bool = False, timeout: float = 1800) -> GuestRun:
-    """Run the bundle's own ``run_bundle.py`` self-check in the aarch64 guest."""
-    bundle = Path(bundle).resolve()
-    runner = bundle / "run_bundle.py"
+def run_guest(rt: GuestRuntime, argv: list[str], count: bool = False, timeout: float = 1800,
+              log_dir: Path | None = None) -> GuestRun:
+    """Run ``python argv...`` in the aarch64 guest; ``count``: with the instruction-count plugin
+    (its log goes to ``log_dir``, default the system temp dir, and is removed after parsing)."""
+    import tempfile
+
     log_path = None
     if count:
-        log_path = bundle.parent / f".{bundle.name}.insn.{os.getpid()}.log"
+        log_path = Path(log_dir or tempfile.gettempdir()) / f".insn.{os.getpid()}.{time.monotonic_ns()}.log"
         log_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(rt.command([str(runner), str(bundle)], log_path), env=rt.env(count),
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(rt.command(argv, log_path), env=rt.env(count), capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise DependencyError(f"the aarch64 self-check did not finish within {timeout:.0f} s under qemu") from exc
+        raise DependencyError(f"the aarch64 guest program did not finish within {timeout:.0f} s under qemu") from exc
     run = GuestRun(proc.returncode, (proc.stdout + proc.stderr).strip(), time.perf_counter() - t0)
     if log_path is not None:
         text = log_path.read_text() if log_path.exists() else ""
@@ -326,7 +337,14 @@ def run_bundle(rt: GuestRuntime, bundle: Path, count: bool = False, timeout: flo
         if m is None:
             raise DependencyError(f"the qemu instruction-count plugin wrote no count ({text.strip()[:200]!r})")
         run.insns_total, run.insns_region, run.regions = (int(g) for g in m.groups())
+        run.region_classes = [dict(zip(INSN_CLASSES, map(int, r.groups()))) for r in _REGION_LINE.finditer(text)]
     return run
+
+
+def run_bundle(rt: GuestRuntime, bundle: Path, count: bool = False, timeout: float = 1800) -> GuestRun:
+    """Run the bundle's own ``run_bundle.py`` self-check in the aarch64 guest."""
+    bundle = Path(bundle).resolve()
+    return run_guest(rt, [str(bundle / "run_bundle.py"), str(bundle)], count, timeout, log_dir=bundle.parent)
 
 
 def _main(argv: list[str]) -> int:

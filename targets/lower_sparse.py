@@ -106,6 +106,7 @@ unrolled S-step GRU stores its recurrent weight once, not S - 1 times. Stats cou
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -162,33 +163,76 @@ LLC_BYTES = int(_FIT["llc_bytes"])  # ... from L3; beyond that from DRAM
 # predicted ratio is capped at 1 there -- no measurement says such a layer pays
 CALIBRATED_MIN_MACS = {"gemm": 64 * 64, "conv": 64 * 64 * 16}
 CPU_TIME_MODELS: dict[str, list[float]] = {k: [float(x) for x in v] for k, v in _FIT["models"].items()}
-_MODELS_BY_ISA: dict[str, dict[str, list[float]] | None] = {DEFAULT_FIT: CPU_TIME_MODELS}
+
+
+@dataclass(frozen=True)
+class CostFit:
+    """One ISA's fitted constants and the cache sizes its L2/L3 features were computed with."""
+    isa: str
+    models: dict[str, list[float]]
+    cache_bytes: int
+    llc_bytes: int
+
+
+_FITS: dict[str, CostFit | None] = {DEFAULT_FIT: CostFit(DEFAULT_FIT, CPU_TIME_MODELS, CACHE_BYTES, LLC_BYTES)}
+# arm targets without a core of their own (plain --target arm, an mcpu with no core model) decide
+# with the default core's fit (targets.arm_cores.DEFAULT_CORE); the basis names it
+ARM_DEFAULT_FIT = "arm-cortex-a76"
 
 
 def cost_isa(tvm_target) -> str:
     """The cost-model key of a CPU target's code: ``x86-avx512`` / ``x86-avx2`` / ``x86-sse2`` by the
-    features LLVM resolves for it (``--target x86-avx2`` on an AVX-512 host is AVX2 code), ``arm``."""
+    features LLVM resolves for it (``--target x86-avx2`` on an AVX-512 host is AVX2 code);
+    ``arm-<mcpu>`` for an aarch64 target with an mcpu (``arm`` without one)."""
     from targets.sparse_kernels import llvm_features, target_family
 
     fam = target_family(tvm_target)
     if fam == "x86":
         feats = llvm_features(tvm_target)
         return "x86-avx512" if "avx512f" in feats else ("x86-avx2" if "avx2" in feats else "x86-sse2")
+    if fam == "arm":
+        cpu = tvm_target.get("mcpu") if isinstance(tvm_target, dict) else getattr(tvm_target, "mcpu", None)
+        return f"arm-{cpu}" if cpu and cpu != "generic" else "arm"
     return fam
 
 
-def models_for(isa: str) -> tuple[dict[str, list[float]], str]:
-    """(time-model constants, ISA they were measured on) for ``isa``: its own fit where
-    ``targets/cost_models/<isa>.json`` exists (same cache-size features as the default fit), else the
-    default fit."""
-    if isa not in _MODELS_BY_ISA:
-        m = None
+def fit_for(isa: str) -> CostFit:
+    """The fit ``isa`` decides with: its own ``targets/cost_models/<isa>.json`` where it exists; an arm
+    ISA without one the default arm core's (``ARM_DEFAULT_FIT``); anything else the default x86 fit."""
+    if isa not in _FITS:
+        got = None
         if (COST_MODEL_DIR / f"{isa}.json").is_file():
             d = load_cost_model(isa)
-            m = {k: [float(x) for x in v] for k, v in d["models"].items()}
-        _MODELS_BY_ISA[isa] = m
-    got = _MODELS_BY_ISA[isa]
-    return (got, isa) if got is not None else (CPU_TIME_MODELS, DEFAULT_FIT)
+            got = CostFit(isa, {k: [float(x) for x in v] for k, v in d["models"].items()}, int(d["cache_bytes"]),
+                          int(d["llc_bytes"]))
+        _FITS[isa] = got
+    got = _FITS[isa]
+    if got is not None:
+        return got
+    if isa.startswith("arm") and isa != ARM_DEFAULT_FIT and (COST_MODEL_DIR / f"{ARM_DEFAULT_FIT}.json").is_file():
+        return fit_for(ARM_DEFAULT_FIT)
+    return _FITS[DEFAULT_FIT]
+
+
+def models_for(isa: str) -> tuple[dict[str, list[float]], str]:
+    """(time-model constants, ISA they were fitted for) for ``isa`` (:func:`fit_for`)."""
+    f = fit_for(isa)
+    return f.models, f.isa
+
+
+@contextlib.contextmanager
+def cache_sizes(cache_bytes: int, llc_bytes: int):
+    """Compute the L2/L3 features with other cache sizes inside the block (the arm calibration fits a
+    core's constants with that core's caches)."""
+    global CACHE_BYTES, LLC_BYTES
+    saved = CACHE_BYTES, LLC_BYTES
+    CACHE_BYTES, LLC_BYTES = int(cache_bytes), int(llc_bytes)
+    try:
+        yield
+    finally:
+        CACHE_BYTES, LLC_BYTES = saved
+
+
 # CUDA: no GPU on the dev host, so no measured ratios yet. Prior: a bandwidth-bound kernel
 # reaching CUDA_PRIOR_EFFICIENCY of the ideal 1/stored_density speed-up; both sides pay a launch.
 # Every CUDA layer record says cost_model="cuda prior"; bench/cuda_check.py measures it.
@@ -231,7 +275,7 @@ def sparse_variant(block: tuple[int, int], m: int, perm: bool = False) -> str:
 
 
 def time_features(op: str, kind: str, n: int, k: int, m: int, stored_density: float,
-                  block: tuple[int, int], perm: bool = False) -> list[float]:
+                  block: tuple[int, int], perm: bool = False, caches: tuple[int, int] | None = None) -> list[float]:
     """Values of TIME_FEATURES for one kernel call: ``Y[m, n] = X[m, k] W[n, k]^T`` (a 1x1
     conv: ``m`` pixels). Dense streams the whole weight; sparse its stored blocks plus one
     int32 index per block (``perm``: the expected padded slots of
@@ -257,17 +301,18 @@ def time_features(op: str, kind: str, n: int, k: int, m: int, stored_density: fl
         wbytes = 4.0 * stored * (1.0 + 1.0 / (r * c))
         macs = stored * m
         par = macs >= (CONV_PARALLEL_MIN_MACS if op == "Conv" else PARALLEL_MIN_STORED[sparse_variant(block, m)])
-    return [0.0 if par else 1.0, 1.0 if par else 0.0, min(wbytes, CACHE_BYTES),
-            min(max(wbytes - CACHE_BYTES, 0.0), LLC_BYTES - CACHE_BYTES), max(wbytes - LLC_BYTES, 0.0), macs,
-            4.0 * m * (n + k)]
+    l2, llc = caches or (CACHE_BYTES, LLC_BYTES)
+    return [0.0 if par else 1.0, 1.0 if par else 0.0, min(wbytes, l2),
+            min(max(wbytes - l2, 0.0), llc - l2), max(wbytes - llc, 0.0), macs, 4.0 * m * (n + k)]
 
 
 def kernel_time(op: str, kind: str, n: int, k: int, m: int, stored_density: float, block: tuple[int, int],
                 perm: bool = False, isa: str = DEFAULT_FIT) -> float:
     """Modelled seconds of one call of the CPU kernel (``model_key``) for this layer, with the
     constants fitted for ``isa`` (:func:`models_for`)."""
-    coef = models_for(isa)[0][model_key(op, kind, m, block, perm)]
-    feats = time_features(op, kind, n, k, m, stored_density, block, perm)
+    f = fit_for(isa)
+    coef = f.models[model_key(op, kind, m, block, perm)]
+    feats = time_features(op, kind, n, k, m, stored_density, block, perm, (f.cache_bytes, f.llc_bytes))
     return max(sum(a * b for a, b in zip(coef, feats)), 1e-9)
 
 
@@ -295,12 +340,32 @@ def predict(op: str, n: int, k: int, m: int, bsz: int, stored_density: float, bl
     fit_isa = models_for(isa)[1]
     ratio = (kernel_time(op, "dense", n, k, rows, 1.0, block, isa=isa)
              / kernel_time(op, "sparse", n, k, rows, d, block, perm, isa=isa))
-    basis = ("conv1x1 " if op == "Conv" else "") + ("perm " if perm else "") + (
-        f"{fit_isa} kernels measured" if fit_isa == isa else f"{fit_isa} kernel fit (no {isa} fit)")
+    if fit_isa.startswith("arm"):  # no ARM hardware: a core model over qemu instruction counts
+        what = f"{fit_isa} core model (qemu instruction counts)" + ("" if fit_isa == isa else f", default for {isa}")
+    else:
+        what = f"{fit_isa} kernels measured" if fit_isa == isa else f"{fit_isa} kernel fit (no {isa} fit)"
+    basis = ("conv1x1 " if op == "Conv" else "") + ("perm " if perm else "") + what
     if n * k * rows < CALIBRATED_MIN_MACS["conv" if op == "Conv" else "gemm"]:
         ratio = min(ratio, 1.0)
         basis += ", below the calibrated sizes: capped at 1"
     return ratio, basis
+
+
+# the layers explain-target quotes the cost model's speed-up per pattern for (90% zeros)
+REFERENCE_LAYERS = (("gemv 1024x1024", "MatMul", 1024, 1024, 1), ("conv1x1 256ch 14x14px", "Conv", 256, 256, 196))
+
+
+def pattern_speedups(isa: str, patterns: tuple[str, ...] = ("unstructured", "4x1", "8x1", "16x1")) -> dict:
+    """What the ``isa`` fit predicts dense/sparse per pattern at 90% zeros on ``REFERENCE_LAYERS``:
+    the figures behind a target's default pattern, shown by ``compress explain-target``."""
+    from targets.sparse_kernels import parse_block
+
+    out = {"cost_model": models_for(isa)[1], "sparsity": 0.9}
+    for pat in patterns:
+        block = (1, 1) if pat == "unstructured" else parse_block(pat)
+        out[pat] = {name: round(predict(op, n, k, m, 1, 0.1, block, "cpu", isa=isa)[0], 2)
+                    for name, op, n, k, m in REFERENCE_LAYERS}
+    return out
 
 
 @dataclass(frozen=True)

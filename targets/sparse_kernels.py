@@ -520,15 +520,18 @@ CONV_TILE_OVERHEAD = 32  # per-tile cost of the channel-major kernel (bias, stor
 
 
 def conv_mtile(m: int, r: int, v: int = 16) -> int:
-    """Pixels per register tile of the channel-major kernel: a multiple of the SIMD width ``v``
-    up to ``min(64, 128 // r)`` minimising ``tiles * (mtile + CONV_TILE_OVERHEAD)`` (computed
+    """Pixels per register tile of the channel-major kernel: the SIMD width ``v`` times a power of
+    two, up to ``min(64, 128 // r)``, minimising ``tiles * (mtile + CONV_TILE_OVERHEAD)`` (computed
     lanes plus per-tile overhead; ties: the wider), or all ``m`` pixels when ``m < v``. Never an
-    odd width: LLVM scalarises a loop-carried ``<49 x float>`` accumulator (the 7x7 layers ran
-    2x slower than two overlapping 32-pixel tiles). Pixel tiles start at
+    odd width nor a non-power-of-two count of vectors: LLVM scalarises a loop-carried
+    ``<49 x float>`` accumulator (the 7x7 layers ran 2x slower than two overlapping 32-pixel tiles),
+    and ``<28 x float>`` / ``<56 x float>`` too (7 or 14 NEON / AVX2 vectors: on aarch64 the
+    unstructured 256-channel layer on 14x14 px executed 3.2 instructions per multiply-add, 0.3x of
+    the dense kernel; bench/cost_model_arm.md). Pixel tiles start at
     ``min(t * mtile, M - mtile)``: the last tile overlaps its neighbour instead of needing a
     remainder loop (the overlapping pixels are computed twice with identical results)."""
     cap = max(1, min(CONV_MAX_MTILE, CONV_ACC_FLOATS // r))
-    cands = [t for t in range(v, min(m, cap) + 1, v)]
+    cands = [v << j for j in range(8) if (v << j) <= min(m, cap)]
     if not cands:
         return max(1, min(m, cap))
     return min(cands, key=lambda t: (-(-m // t) * (t + CONV_TILE_OVERHEAD), -t))

@@ -37,7 +37,7 @@ def _knobs(flags: set[str] | frozenset[str]) -> tuple[int, str, str | None]:
     """(round_to, preferred sparse pattern, int8 dot-product instruction) for an ISA."""
     wide = {"avx512f", "avx512bw"} <= set(flags)
     vnni = "avx512_vnni" if ("avx512_vnni" in flags and wide) else ("avx_vnni" if "avx_vnni" in flags else None)
-    return (16 if wide else 8), "1x4", vnni
+    return (16 if wide else 8), "unstructured", vnni
 
 
 class X86Target(Target):

@@ -65,10 +65,11 @@ def test_predict_is_the_ratio_of_the_two_kernel_times():
     t_d = float(np.dot(coef_d, ls.time_features("Gemm", "dense", n, k, m, 1.0, block)))
     t_s = float(np.dot(coef_s, ls.time_features("Gemm", "sparse", n, k, m, d, block)))
     assert ratio == pytest.approx(t_d / t_s, rel=1e-12) and basis == "x86-avx512 kernels measured"
-    # Conv: bsz images multiply the pixels; aarch64 uses the same fit
-    t_d = ls.kernel_time("Conv", "dense", 256, 256, 392, 1.0, block)
-    t_s = ls.kernel_time("Conv", "sparse", 256, 256, 392, d, block)
-    assert ls.predict("Conv", 256, 256, 196, 2, d, block, "arm") == (pytest.approx(t_d / t_s), "conv1x1 x86-avx512 kernel fit (no arm fit)")
+    # Conv: bsz images multiply the pixels; plain aarch64 uses the default arm core's fit
+    t_d = ls.kernel_time("Conv", "dense", 256, 256, 392, 1.0, block, isa=ls.ARM_DEFAULT_FIT)
+    t_s = ls.kernel_time("Conv", "sparse", 256, 256, 392, d, block, isa=ls.ARM_DEFAULT_FIT)
+    assert ls.predict("Conv", 256, 256, 196, 2, d, block, "arm") == (
+        pytest.approx(t_d / t_s), "conv1x1 arm-cortex-a76 core model (qemu instruction counts), default for arm")
     assert ls.predicted_ratio(n, k, m, d, block) == ratio
 
 
@@ -207,8 +208,8 @@ def test_cost_model_is_chosen_by_the_code_isa(tmp_path, monkeypatch):
     slow = {k: ([x * 10 for x in v] if k.startswith("sparse") else v) for k, v in d["models"].items()}
     (tmp_path / "x86-test.json").write_text(__import__("json").dumps({**d, "isa": "x86-test", "models": slow}))
     monkeypatch.setattr(ls, "COST_MODEL_DIR", tmp_path)
-    monkeypatch.setitem(ls._MODELS_BY_ISA, "x86-test", None)
-    ls._MODELS_BY_ISA.pop("x86-test")
+    monkeypatch.setitem(ls._FITS, "x86-test", None)
+    ls._FITS.pop("x86-test")
     base, b0 = ls.predict("MatMul", 2048, 2048, 1, 1, 0.1, (8, 1), "x86", isa=ls.DEFAULT_FIT)
     r, b1 = ls.predict("MatMul", 2048, 2048, 1, 1, 0.1, (8, 1), "x86", isa="x86-test")
     assert b0 == "x86-avx512 kernels measured" and b1 == "x86-test kernels measured"

@@ -168,11 +168,22 @@ def test_conv1x1_kernel_matches_numpy_x86(block):
 
 
 def test_conv1x1_tile_overlap_covers_every_pixel():
-    assert sk.conv_mtile(70, 1) == 48 and 70 % 48 != 0  # tiles [0, 48) and [22, 70) (AVX-512 lanes)
+    assert sk.conv_mtile(70, 1) == 64 and 70 % 64 != 0  # tiles [0, 64) and [6, 70) (AVX-512 lanes)
     mt = sk.conv_mtile(70, 1, sk.vector_floats(X86))  # the target exercised above
     assert mt < 70 and 70 % mt != 0
     assert sk.conv_mtile(49, 1) == 32 and sk.conv_mtile(3136, 8) == 16  # 49: two overlapping vector tiles
     assert sk.conv_mtile(7, 1) == 7 and sk.conv_mtile(784, 1) == 64 and sk.conv_mtile(16, 1) == 16
+
+
+def test_conv1x1_tile_is_a_power_of_two_count_of_vectors():
+    """LLVM scalarises loop-carried accumulators of 7 or 14 vectors (<28 x float> on NEON, <56 x float>
+    on AVX2): every tile of at least one vector is the vector width times a power of two."""
+    for v in (4, 8, 16):
+        for m in range(v, 4000, 7):
+            for r in (1, 2, 4, 8, 16):
+                t = sk.conv_mtile(m, r, v)
+                assert t < v or (t % v == 0 and (t // v) & (t // v - 1) == 0), (m, r, v, t)
+    assert sk.conv_mtile(196, 1, 4) == 64 and sk.conv_mtile(784, 1, 8) == 64
 
 
 def test_x86_conv1x1_kernel_uses_vector_fma():
