@@ -497,10 +497,10 @@ def _ensure_function(graph: gs.Graph, op: str, opset: int) -> None:
 # plain (stride 1, unpadded) sparse 1x1 convs: the sparse direct kernel (SparseConv, flat offsets,
 # power-of-two vector tiles) or the channel-major BSR conv1x1 kernel (SparseConv1x1). Measured per
 # ResNet-50 1x1 shape at 70/90%, unstructured and 8x1 (bench/cnn_zoo.md, "1x1 kernels"): with R x 1
-# blocks the direct kernel was 1.0-1.5x faster everywhere; unstructured, the BSR kernel was faster
-# from 28x28 pixels up on AVX-512 (0.76-0.90x for direct) and from 56x56 up on AVX2, where at
-# 14x14..28x28 it ran 5-6x slower than direct (odd vector-count tiles)
-PLAIN_1X1_BSR_MIN_PIXELS = {"x86-avx512": 784, "x86-avx2": 1024}
+# blocks the direct kernel was 1.0-1.7x faster nearly everywhere; unstructured, the BSR kernel is
+# faster from 28x28 pixels up (0.58-0.90x for direct on AVX-512, 0.67-1.05x on AVX2) and the direct
+# kernel at 14x14 and 7x7 (1.0-1.4x)
+PLAIN_1X1_BSR_MIN_PIXELS = {"x86-avx512": 784, "x86-avx2": 784}
 
 
 def plain_1x1_kernel(block: tuple[int, int], pixels: int, isa: str) -> str:

@@ -267,6 +267,7 @@ def test_plain_1x1_kernel_choice():
     assert plain_1x1_kernel((8, 1), 3136, "x86-avx512") == "sparse_direct"
     assert plain_1x1_kernel((1, 1), 196, "x86-avx512") == "sparse_direct"
     assert plain_1x1_kernel((1, 1), 784, "x86-avx512") == "conv1x1"
-    assert plain_1x1_kernel((1, 1), 784, "x86-avx2") == "sparse_direct"
+    assert plain_1x1_kernel((1, 1), 784, "x86-avx2") == "conv1x1"  # since the BSR tiles are power-of-two vectors
+    assert plain_1x1_kernel((1, 1), 196, "x86-avx2") == "sparse_direct"
     assert plain_1x1_kernel((1, 4), 3136, "x86-avx2") == "conv1x1"
     assert plain_1x1_kernel((8, 1), 196, "arm") == "conv1x1"  # not measured there
