@@ -45,9 +45,22 @@ def light_path(name: str) -> Path:
     return Path(onnx.__file__).resolve().parent / "backend" / "test" / "data" / "light" / f"light_{name}.onnx"
 
 
+# models that are not light model-zoo graphs: built by models.large with seeded weights
+GENERATED = {
+    # BERT-base width (d_model 768, 12 heads, MLP 3072, seq 128; 2 of its 12 layers): issue 20's encoder row
+    "encoder-base": dict(seq=128, dim=768, heads=12, layers=2, mlp_dim=3072),
+}
+
+
 def materialize(name: str, out: Path, seed: int = 0) -> Path:
-    """The light model with every ConstantOfShape weight replaced by a seeded random initializer."""
+    """The light model with every ConstantOfShape weight replaced by a seeded random initializer (or a
+    ``GENERATED`` model, built with seeded weights)."""
     import onnx
+
+    if name in GENERATED:
+        from models.large import build_transformer_large
+
+        return out if out.is_file() else build_transformer_large(out, seed=seed, **GENERATED[name])
     from onnx import numpy_helper
 
     model = onnx.load(str(light_path(name)))

@@ -194,6 +194,9 @@ def _run(opts: Options, save_recipe: str | None, quiet: bool = False, as_json: b
 
     out = err if as_json else _say  # stdout is the JSON object's
     say = (lambda msg: None) if quiet else out
+    from compressor import progress
+
+    progress.configure(progress.for_terminal(quiet, as_json))
     res = api.run(opts, say, save_recipe)
     from compressor import report
     if opts.dry_run:

@@ -168,6 +168,25 @@ class Executor:
         self.close()
 
 
+def _with_bar(label: str, n: int, progress: ProgressFn | None) -> tuple[ProgressFn, Any]:
+    """``progress`` plus a terminal progress bar (``compressor.progress``; a no-op when bars are off)
+    advanced by every completed or failed task."""
+    from compressor import progress as bars
+
+    bar = bars.bar(label, n)
+    seen = [0]
+
+    def cb(p: Progress) -> None:
+        finished = p.done + p.failed
+        if finished > seen[0]:
+            bar.update(finished - seen[0])
+            seen[0] = finished
+        if progress:
+            progress(p)
+
+    return cb, bar
+
+
 def _count(tasks: Iterable[tuple], total: int | None) -> int:
     if total is not None:
         return total
@@ -185,6 +204,13 @@ class LocalExecutor(Executor):
     def map(self, fn, tasks, shared=(), *, label="tasks", total=None, progress=None):
         n = _count(tasks, total)
         prog = Progress(label, n)
+        progress, bar = _with_bar(label, n, progress)
+        try:
+            return self._map(fn, tasks, shared, prog, progress)
+        finally:
+            bar.close()
+
+    def _map(self, fn, tasks, shared, prog: Progress, progress: ProgressFn) -> list[Outcome]:
         outcomes: list[Outcome] = []
         t0 = time.perf_counter()
         for i, args in enumerate(tasks):
@@ -207,8 +233,7 @@ class LocalExecutor(Executor):
             prog.failed += not out.ok
             prog.total = max(prog.total, i + 1)
             prog.elapsed = time.perf_counter() - t0
-            if progress:
-                progress(prog)
+            progress(prog)
         self.last_stats = RunStats(self.name, len(outcomes), prog.failed, 0, time.perf_counter() - t0, 1)
         return outcomes
 
@@ -291,6 +316,7 @@ class RayExecutor(Executor):
         ray = self.ray
         n = _count(tasks, total)
         prog = Progress(label, n)
+        progress, bar = _with_bar(label, n, progress)
         shared_refs = tuple(s if isinstance(s, ray.ObjectRef) else ray.put(s) for s in shared)
         attempts = self._actor_cls.remote()
         opts = dict(max_retries=self.max_retries, retry_exceptions=False, num_cpus=1)
@@ -347,6 +373,7 @@ class RayExecutor(Executor):
                     progress(prog)
             log_ = ray.get(attempts.get.remote(), timeout=60)
         finally:
+            bar.close()
             for ref in inflight:
                 ray.cancel(ref, force=True)
             ray.kill(attempts)

@@ -214,7 +214,10 @@ def _compile_artifact(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int
 
     opts = CompileOptions(tune_trials=p.opts.tune_trials or 0, tuning_db=p.opts.tuning_db, progress=say,
                           executor_session=session)
-    return p.target.compile(src, p.spec, bdir, shapes, options=opts)
+    from compressor import progress
+
+    with progress.stage(f"compiling for {p.spec.tag}"):
+        return p.target.compile(src, p.spec, bdir, shapes, options=opts)
 
 
 class _ChildPlan:
@@ -258,11 +261,14 @@ def _isolated_build(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]]
 
     if session is not None and getattr(session, "kind", "local") != "local":
         return _compile_and_run(p, src, bdir, shapes, say, warnings, session, feeds)
+    from compressor import progress
+
     try:
-        art, runs, why, child_warnings = isolated.call(
-            _compile_in_child, (_ChildPlan(p), src, bdir, shapes, feeds),
-            label=f"code generation for {p.spec.tag} ({p.spec.extra.get('isa', p.spec.family)})",
-            plugins=list(p.opts.plugin), on_line=say)
+        with progress.stage(f"compiling for {p.spec.tag}"):
+            art, runs, why, child_warnings = isolated.call(
+                _compile_in_child, (_ChildPlan(p), src, bdir, shapes, feeds),
+                label=f"code generation for {p.spec.tag} ({p.spec.extra.get('isa', p.spec.family)})",
+                plugins=list(p.opts.plugin), on_line=say)
     except TypeError as exc:  # a plugin target that cannot be pickled: build here, say so
         warnings.append(f"compile: not isolated in a child process ({exc}); a code-generation crash would end the run")
         return _compile_and_run(p, src, bdir, shapes, say, warnings, session, feeds)
