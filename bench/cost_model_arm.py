@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -41,35 +40,6 @@ BATCHES = (1, 4, 16)
 SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 CONV_SHAPES = ((64, 4, 4), (256, 4, 4), (64, 14, 14), (256, 14, 14), (512, 7, 7), (128, 28, 28), (64, 56, 56))
 QUICK = dict(sizes=(256,), batches=(1,), sparsities=(0.9,), blocks=("1x1", "8x1"), conv=((64, 14, 14),))
-CHUNK = 24  # kernels per compiled library
-
-GUEST = r'''
-import ctypes, json, sys
-import numpy as np
-import tvm
-
-libc = ctypes.CDLL(None, use_errno=True)
-mark = lambda p: libc.syscall(0x4321, ctypes.c_ulong(0xC0FFEE), ctypes.c_ulong(p))
-work = sys.argv[1]
-man = json.load(open(work + "/manifest.json"))
-dev = tvm.cpu()
-errs = {}
-for lib_name, names in man["libs"]:
-    lib = tvm.runtime.load_module(work + "/" + lib_name)
-    for name in names:
-        z = np.load(work + "/" + name + ".npz")
-        n_args = len([f for f in z.files if f.startswith("a")])
-        args = [tvm.runtime.tensor(z["a%d" % i], dev) for i in range(n_args)]
-        f = lib[name]
-        f(*args)
-        mark(1)
-        f(*args)
-        mark(2)
-        ref = z["ref"]
-        got = args[-1].numpy().reshape(ref.shape)
-        errs[name] = float(np.abs(got - ref).max() / (np.abs(ref).max() or 1.0))
-print("GUEST_ERRORS " + json.dumps(errs))
-'''
 
 
 def arm_target() -> dict:
@@ -137,48 +107,20 @@ def make_grid(sizes, batches, sparsities, blocks, conv, tgt, rng) -> list[dict]:
 
 
 def measure(grid: list[dict], tgt: dict, work: Path, say=print) -> list[dict]:
-    """Compile the grid for aarch64 in chunks, run it once in the guest with the instruction counter;
-    returns one record per kernel with its class counts (``insns``) and relative error."""
-    import tvm
-
+    """Run the grid once in the aarch64 guest with the instruction counter
+    (``targets.device_qemu.run_kernels``); one record per kernel with its class counts (``insns``) and
+    relative error against numpy (above 1e-4: an error)."""
     from targets import device_qemu
-    from targets.arm import find_cross_linker
-    from targets.tvm_backend import link_command_fcompile
 
-    work.mkdir(parents=True, exist_ok=True)
-    linker = find_cross_linker()
-    target = tvm.target.Target(tgt)
-    libs = []
-    for c0 in range(0, len(grid), CHUNK):
-        chunk = grid[c0:c0 + CHUNK]
-        t0 = time.perf_counter()
-        mod = tvm.IRModule({g["name"]: g["func"] for g in chunk})
-        with target:
-            lib = tvm.compile(mod, target=target)
-        lib_name = f"lib{c0 // CHUNK}.so"
-        lib.export_library(str(work / lib_name), fcompile=link_command_fcompile(shlex.split(linker)))
-        for g in chunk:
-            np.savez(work / f"{g['name']}.npz", ref=g["ref"], **{f"a{i}": a for i, a in enumerate(g["args"])})
-        libs.append((lib_name, [g["name"] for g in chunk]))
-        say(f"compiled {c0 + len(chunk)}/{len(grid)} kernels ({time.perf_counter() - t0:.1f} s)")
-    (work / "manifest.json").write_text(json.dumps({"libs": libs}))
-    (work / "guest.py").write_text(GUEST)
-    rt = device_qemu.prepare()
     t0 = time.perf_counter()
-    run = device_qemu.run_guest(rt, [str(work / "guest.py"), str(work)], count=True, timeout=3600, log_dir=work)
-    if run.returncode != 0:
-        raise RuntimeError(f"guest run failed: {run.output[-2000:]}")
-    errs = json.loads(run.output.split("GUEST_ERRORS ", 1)[1].splitlines()[0])
-    if len(run.region_classes) != len(grid):
-        raise RuntimeError(f"{len(run.region_classes)} counted regions for {len(grid)} kernels")
-    say(f"guest: {len(grid)} kernels in {time.perf_counter() - t0:.0f} s under qemu")
+    got = device_qemu.run_kernels(grid, tgt, work, count=True, say=say)
+    say(f"guest: {len(grid)} kernels in {time.perf_counter() - t0:.0f} s (compile and run under qemu)")
     rows = []
-    for g, counts in zip(grid, run.region_classes):
-        if errs[g["name"]] > 1e-4:
+    for g, (counts, err) in zip(grid, got):
+        if err > 1e-4:
             raise RuntimeError(f"{g['name']} ({g['op']} {g['n']}x{g['k']} m={g['m']} {g['block']}): "
-                               f"relative error {errs[g['name']]:.2e} on aarch64")
-        rows.append({k: v for k, v in g.items() if k not in ("func", "args", "ref")} | {
-            "insns": counts, "rel_err": errs[g["name"]]})
+                               f"relative error {err:.2e} on aarch64")
+        rows.append({k: v for k, v in g.items() if k not in ("func", "args", "ref")} | {"insns": counts, "rel_err": err})
     return rows
 
 

@@ -341,6 +341,82 @@ def run_guest(rt: GuestRuntime, argv: list[str], count: bool = False, timeout: f
     return run
 
 
+KERNEL_GUEST = r'''
+import ctypes, json, sys
+import numpy as np
+import tvm
+
+libc = ctypes.CDLL(None, use_errno=True)
+mark = lambda p: libc.syscall(0x4321, ctypes.c_ulong(0xC0FFEE), ctypes.c_ulong(p))
+work = sys.argv[1]
+man = json.load(open(work + "/manifest.json"))
+dev = tvm.cpu()
+errs = {}
+for lib_name, names in man["libs"]:
+    lib = tvm.runtime.load_module(work + "/" + lib_name)
+    for name in names:
+        z = np.load(work + "/" + name + ".npz")
+        n_args = len([f for f in z.files if f.startswith("a")])
+        args = [tvm.runtime.tensor(z["a%d" % i], dev) for i in range(n_args)]
+        f = lib[name]
+        f(*args)
+        mark(1)
+        f(*args)
+        mark(2)
+        ref = z["ref"]
+        got = args[-1].numpy().reshape(ref.shape)
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()
+        errs[name] = float(diff / (np.abs(ref).max() or 1.0))
+print("GUEST_ERRORS " + json.dumps(errs))
+'''
+KERNEL_CHUNK = 24  # kernels per compiled library
+
+
+def run_kernels(kernels: list[dict], tvm_target: dict, work: Path, count: bool = True, timeout: float = 3600,
+                say=lambda s: None) -> list[tuple[dict[str, int] | None, float]]:
+    """Compile standalone TIR kernels for an aarch64 ``tvm_target``, run each once (after a warm-up call)
+    in the guest and compare its last argument with the reference: per kernel ``(instruction classes of
+    the counted call or None, max |got - ref| / max |ref|)``. ``kernels``: dicts with ``name`` (a C
+    symbol), ``func`` (PrimFunc), ``args`` (numpy arrays, the output buffer last) and ``ref``."""
+    import shlex
+
+    import numpy as np
+    import tvm
+
+    from targets.arm import find_cross_linker
+    from targets.tvm_backend import link_command_fcompile
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    linker = find_cross_linker()
+    if not linker:
+        raise DependencyError("no aarch64 linker: neither aarch64-linux-gnu-gcc on PATH nor the ziglang package")
+    target = tvm.target.Target(tvm_target)
+    libs = []
+    for c0 in range(0, len(kernels), KERNEL_CHUNK):
+        chunk = kernels[c0:c0 + KERNEL_CHUNK]
+        mod = tvm.IRModule({g["name"]: g["func"].with_attr("global_symbol", g["name"]) for g in chunk})
+        with target:
+            lib = tvm.compile(mod, target=target)
+        lib_name = f"lib{c0 // KERNEL_CHUNK}.so"
+        lib.export_library(str(work / lib_name), fcompile=link_command_fcompile(shlex.split(linker)))
+        for g in chunk:
+            np.savez(work / f"{g['name']}.npz", ref=g["ref"], **{f"a{i}": a for i, a in enumerate(g["args"])})
+        libs.append((lib_name, [g["name"] for g in chunk]))
+        say(f"compiled {c0 + len(chunk)}/{len(kernels)} kernels")
+    (work / "manifest.json").write_text(json.dumps({"libs": libs}))
+    (work / "guest.py").write_text(KERNEL_GUEST)
+    rt = prepare()
+    run = run_guest(rt, [str(work / "guest.py"), str(work)], count=count, timeout=timeout, log_dir=work)
+    if run.returncode != 0 or "GUEST_ERRORS " not in run.output:
+        raise DependencyError(f"the aarch64 kernel run failed: {run.output[-1500:]}")
+    errs = json.loads(run.output.split("GUEST_ERRORS ", 1)[1].splitlines()[0])
+    classes: list = list(run.region_classes or []) if count else [None] * len(kernels)
+    if len(classes) != len(kernels):
+        raise DependencyError(f"{len(classes)} counted regions for {len(kernels)} kernels")
+    return [(c, errs[g["name"]]) for g, c in zip(kernels, classes)]
+
+
 def run_bundle(rt: GuestRuntime, bundle: Path, count: bool = False, timeout: float = 1800) -> GuestRun:
     """Run the bundle's own ``run_bundle.py`` self-check in the aarch64 guest."""
     bundle = Path(bundle).resolve()

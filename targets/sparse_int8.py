@@ -1,0 +1,229 @@
+"""Int8 x uint8 block-sparse matrix products (issue 21, first step: the kernels and their exact oracle).
+
+``Y[m, n] = dequant(sum_k Xq[m, k] * Wq[n, k])`` with ``Xq`` uint8 activations (per-tensor scale
+``sx``, zero point ``zx``) and ``Wq`` int8 weights (symmetric, per output row scale ``sw[n]``)
+stored block-sparse in **R x 4 blocks**: R consecutive output rows times 4 consecutive inputs, the
+shape of one ``vpdpbusd`` (AVX-512 VNNI: 16 int32 lanes, each the dot product of 4 uint8 x 4 int8)
+and of NEON's ``sdot``/``udot`` (4 lanes of 4 bytes). Block ``j`` of block row ``i`` covers rows
+``i*R .. i*R+R-1`` and inputs ``4*indices[j] .. 4*indices[j]+3``; its 4R bytes are stored row after
+row (``data[j, rr, 0:4]``), so that reinterpreted as R int32 values lane ``rr`` holds row ``rr``'s four
+weights and the 4 input bytes are one broadcast int32.
+
+Epilogue (fused): ``y = (acc - corr[n]) * scale[n] + bias[n]`` (+ ReLU), with ``corr[n] = zx *
+sum_k Wq[n, k]`` (the zero point's contribution, exact in int32) and ``scale[n] = sx * sw[n]``;
+``acc_only=True`` compiles the kernel that writes the int32 accumulators instead, the form the exact
+tests compare bit for bit with numpy's integer product.
+
+Variants by the target's code (``variant_for``):
+
+* ``vnni``: ``llvm.x86.avx512.vpdpbusd.512`` on 16-row blocks (AVX-512 VNNI);
+* ``generic``: the same loop written as int32 multiply-adds of widened bytes, which LLVM vectorises
+  for any ISA (AVX2: ``vpmovzx``/``vpmovsx`` + ``vpmulld``/``vpaddd``; no ``vpmaddubsw``, so there is no
+  int16 saturation whatever the values; NEON: widening multiplies). Exact, not the fastest form for
+  those ISAs: AVX2 ``vpmaddubsw`` pairs and NEON ``sdot`` are the next step.
+
+Accumulation is int32: a row overflows only past 2^31 / (255 * 128) = 65 793 stored inputs per row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from targets.sparse_kernels import CPU_STACK, llvm_features, target_family
+
+BLOCK_C = 4  # inputs per block: one 32-bit group of vpdpbusd / sdot
+MAX_ROW_INPUTS = (2 ** 31 - 1) // (255 * 128)  # stored inputs per row below which int32 cannot overflow
+PARALLEL_MIN_STORED_BYTES = 1 << 17  # stored weight bytes x batch rows below which the kernel runs serially
+
+
+@dataclass(frozen=True)
+class BSRInt8:
+    """An int8 weight ``[N, K]`` in R x 4 blocks (``data[nnzb, R, 4]``) with its per-row scale."""
+
+    shape: tuple[int, int]
+    r: int
+    data: np.ndarray  # int8 [nnzb, R, 4]
+    indices: np.ndarray  # int32 [nnzb]: block column (input group of 4)
+    indptr: np.ndarray  # int32 [N/R + 1]
+    row_scale: np.ndarray  # float32 [N]: sw
+
+    @property
+    def nnzb(self) -> int:
+        return int(len(self.indices))
+
+    def density(self) -> float:
+        n, k = self.shape
+        return self.nnzb * self.r * BLOCK_C / float(n * k)
+
+    def dense(self) -> np.ndarray:
+        """The int8 weight ``[N, K]`` (zeros where no block is stored)."""
+        n, k = self.shape
+        w = np.zeros((n // self.r, self.r, k // BLOCK_C, BLOCK_C), np.int8)
+        for i in range(n // self.r):
+            for j in range(self.indptr[i], self.indptr[i + 1]):
+                w[i, :, self.indices[j], :] = self.data[j]
+        return w.reshape(n, k)
+
+    def row_sums(self) -> np.ndarray:
+        """``sum_k Wq[n, k]`` per row (int32)."""
+        return self.dense().astype(np.int32).sum(axis=1)
+
+
+def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-row int8: ``(Wq [N, K] int8 in [-127, 127], sw [N] float32)``; zeros stay zero."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    sw = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(w / sw[:, None]), -127, 127).astype(np.int8), sw
+
+
+def to_bsr_int8(wq: np.ndarray, sw: np.ndarray, r: int) -> BSRInt8:
+    """Store the R x 4 blocks of ``wq`` that hold any non-zero (``N % R == 0``, ``K % 4 == 0``)."""
+    n, k = wq.shape
+    if n % r or k % BLOCK_C:
+        raise ValueError(f"weight [{n}, {k}] not divisible by {r}x{BLOCK_C} blocks")
+    blocks = wq.reshape(n // r, r, k // BLOCK_C, BLOCK_C).transpose(0, 2, 1, 3)  # [N/R, K/4, R, 4]
+    keep = np.abs(blocks.astype(np.int16)).reshape(n // r, k // BLOCK_C, -1).max(axis=2) > 0
+    bi, bj = np.nonzero(keep)
+    data = np.ascontiguousarray(blocks[bi, bj], np.int8)
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
+    return BSRInt8((n, k), r, data.reshape(-1, r, BLOCK_C), bj.astype(np.int32), indptr,
+                   np.asarray(sw, np.float32))
+
+
+def quantize_activation(x: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """Asymmetric per-tensor uint8 of ``x``: ``(Xq, sx, zx)`` (min/max calibration on ``x`` itself)."""
+    x = np.asarray(x, np.float32)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    sx = (hi - lo) / 255.0 or 1.0
+    zx = int(np.clip(round(-lo / sx), 0, 255))
+    return np.clip(np.rint(x / sx) + zx, 0, 255).astype(np.uint8), sx, zx
+
+
+def variant_for(target: Any) -> str:
+    """``vnni`` where the target's code has AVX-512 VNNI (and AVX-512 BW), else ``generic``."""
+    if target_family(target) == "x86" and {"avx512vnni", "avx512bw"} <= llvm_features(target):
+        return "vnni"
+    return "generic"
+
+
+def reference_acc(xq: np.ndarray, b: BSRInt8) -> np.ndarray:
+    """numpy oracle: the exact int32 accumulators ``Xq @ Wq^T`` (int64 product, checked to fit)."""
+    acc = xq.astype(np.int64) @ b.dense().astype(np.int64).T
+    assert np.abs(acc).max(initial=0) < 2 ** 31
+    return acc.astype(np.int32)
+
+
+def epilogue_args(b: BSRInt8, sx: float, zx: int, bias: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """``(scale[N] f32, corr[N] i32, bias[N] f32)`` of the fused dequantizing epilogue."""
+    n = b.shape[0]
+    scale = (np.float32(sx) * b.row_scale).astype(np.float32)
+    corr = (np.int64(zx) * b.row_sums().astype(np.int64)).astype(np.int32)
+    return scale, corr, np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32)
+
+
+def reference(xq: np.ndarray, b: BSRInt8, sx: float, zx: int, bias: np.ndarray | None = None,
+              relu: bool = False) -> np.ndarray:
+    """numpy oracle of the fused epilogue (float64 arithmetic on the exact accumulators)."""
+    scale, corr, bias_ = epilogue_args(b, sx, zx, bias)
+    y = (reference_acc(xq, b).astype(np.float64) - corr) * scale.astype(np.float64) + bias_
+    return np.maximum(y, 0.0) if relu else y
+
+
+def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: Any, relu: bool = False,
+                  acc_only: bool = False, variant: str | None = None):
+    """PrimFunc ``f(xq[M, K] u8, data[nnzb*R*4] i8, indices[nnzb] i32, indptr[N/R+1] i32, scale[N] f32,
+    corr[N] i32, bias[N] f32, y[M, N])`` (``y`` int32 with ``acc_only``, else float32)."""
+    from tvm.script import tirx as T
+
+    n, k = b_shape
+    if n % r or k % BLOCK_C:
+        raise ValueError(f"weight [{n}, {k}] not divisible by {r}x{BLOCK_C} blocks")
+    variant = variant or variant_for(target)
+    if variant == "vnni" and r != 16:
+        raise ValueError("the vnni kernel takes 16x4 blocks (one zmm of int32 lanes)")
+    nbr = n // r
+    nnzb_ = max(nnzb, 1)
+    task = T.parallel if nnzb * r * BLOCK_C * m >= PARALLEL_MIN_STORED_BYTES else T.serial
+    ydt = "int32" if acc_only else "float32"
+    zero_f = T.float32(0)
+
+    def out(v, s, c, bb):
+        if acc_only:
+            return v
+        y = T.Cast("float32", v - c) * s + bb
+        return T.max(y, zero_f) if relu else y
+
+    if variant == "vnni":
+        vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+
+        @T.prim_func
+        def vnni(xq: T.Buffer((m, k), "uint8"), data: T.Buffer((nnzb_ * 64,), "int8"),
+                 indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                 scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
+                 y: T.Buffer((m, n), ydt)):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            for i in task(nbr):
+                acc = T.decl_buffer((m * 16,), "int32", scope=CPU_STACK)
+                for mi in T.unroll(m):
+                    acc[T.ramp(mi * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                for j in T.serial(indptr[i], indptr[i + 1]):
+                    for mi in T.unroll(m):
+                        acc[T.ramp(mi * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                            "int32x16", vpdpbusd, acc[T.ramp(mi * 16, 1, 16)],
+                            T.reinterpret("int8x64", T.broadcast(
+                                T.reinterpret("int32", xq[mi, T.ramp(indices[j] * 4, 1, 4)]), 16)),
+                            data[T.ramp(j * 64, 1, 64)])
+                for mi in T.serial(m):
+                    for rr in T.vectorized(16):
+                        y[mi, i * 16 + rr] = out(acc[mi * 16 + rr], scale[i * 16 + rr], corr[i * 16 + rr],
+                                                 bias[i * 16 + rr])
+
+        return vnni
+
+    @T.prim_func
+    def generic(xq: T.Buffer((m, k), "uint8"), data: T.Buffer((nnzb_ * r * 4,), "int8"),
+                indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
+                y: T.Buffer((m, n), ydt)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        for i in task(nbr):
+            acc = T.decl_buffer((m * r,), "int32", scope=CPU_STACK)
+            for mi in T.unroll(m):
+                for rr in T.vectorized(r):
+                    acc[mi * r + rr] = 0
+            for j in T.serial(indptr[i], indptr[i + 1]):
+                for mi in T.unroll(m):
+                    for rr in T.vectorized(r):
+                        acc[mi * r + rr] = (
+                            acc[mi * r + rr]
+                            + T.Cast("int32", xq[mi, indices[j] * 4]) * T.Cast("int32", data[(j * r + rr) * 4])
+                            + T.Cast("int32", xq[mi, indices[j] * 4 + 1]) * T.Cast("int32", data[(j * r + rr) * 4 + 1])
+                            + T.Cast("int32", xq[mi, indices[j] * 4 + 2]) * T.Cast("int32", data[(j * r + rr) * 4 + 2])
+                            + T.Cast("int32", xq[mi, indices[j] * 4 + 3]) * T.Cast("int32", data[(j * r + rr) * 4 + 3]))
+            for mi in T.serial(m):
+                for rr in T.vectorized(r):
+                    y[mi, i * r + rr] = out(acc[mi * r + rr], scale[i * r + rr], corr[i * r + rr], bias[i * r + rr])
+
+    return generic
+
+
+def kernel_args(xq: np.ndarray, b: BSRInt8, sx: float, zx: int, bias: np.ndarray | None = None) -> list[np.ndarray]:
+    """Inputs of the PrimFunc (output buffer not included)."""
+    scale, corr, bias_ = epilogue_args(b, sx, zx, bias)
+    data = np.ascontiguousarray(b.data if b.nnzb else np.zeros((1, b.r, BLOCK_C), np.int8)).reshape(-1)
+    idx = b.indices if b.nnzb else np.zeros(1, np.int32)
+    return [np.ascontiguousarray(xq, np.uint8), data, idx, b.indptr, scale, corr, bias_]
+
+
+def build(m: int, b: BSRInt8, target: Any, relu: bool = False, acc_only: bool = False, variant: str | None = None):
+    """Compile a standalone kernel: ``f(*kernel_args, y)``."""
+    import tvm
+
+    tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    f = make_primfunc(m, b.shape, b.r, b.nnzb, tgt, relu, acc_only, variant).with_attr("global_symbol", "bsr_int8")
+    with tgt:
+        lib = tvm.compile(tvm.IRModule({"bsr_int8": f}), target=tgt)
+    return lib["bsr_int8"]

@@ -1,0 +1,126 @@
+"""Int8 x uint8 block-sparse kernels (issue 21): bit-exact int32 accumulators against numpy's integer
+product for every variant, compiled for AVX-512 VNNI, AVX2 and aarch64 on any host, executed where the
+host can (aarch64 under qemu)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from targets import sparse_int8 as si
+from targets.host import detect_host
+
+tvm = pytest.importorskip("tvm")
+
+X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+VNNI = {**X86, "mcpu": "icelake-server"}  # AVX-512 + VNNI
+AVX2 = {**X86, "mcpu": "x86-64-v3"}
+ARM = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+
+
+def _weights(n, k, r, density, rng, extreme=False):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    mask = rng.random((n // r, k // 4)) < density
+    w *= np.repeat(np.repeat(mask, r, 0), 4, 1)
+    wq, sw = si.quantize_weight(w)
+    if extreme:  # the int16-saturating case of vpmaddubsw: 255 * -127 pairs
+        wq = np.where(wq != 0, np.int8(-127), np.int8(0)).astype(np.int8)
+    return si.to_bsr_int8(wq, sw, r), wq
+
+
+def test_bsr_int8_format_round_trip():
+    rng = np.random.default_rng(0)
+    b, wq = _weights(64, 32, 16, 0.3, rng)
+    assert (b.dense() == wq).all() and b.data.shape == (b.nnzb, 16, 4)
+    assert b.density() == pytest.approx((wq.reshape(4, 16, 8, 4).transpose(0, 2, 1, 3) != 0)
+                                        .reshape(4, 8, -1).any(axis=2).mean())
+    # zeros stay exactly zero through quantization; scales are per row
+    w = np.array([[0.0, 1.0, -2.0, 0.0], [0.5, 0.0, 0.0, 0.25]], np.float32)
+    q, s = si.quantize_weight(w)
+    assert (q == np.array([[0, 64, -127, 0], [127, 0, 0, 64]])).all() and s == pytest.approx([2 / 127, 0.5 / 127])
+    with pytest.raises(ValueError):
+        si.to_bsr_int8(np.zeros((10, 8), np.int8), np.ones(10, np.float32), 16)
+
+
+def test_variant_by_isa():
+    assert si.variant_for(VNNI) == "vnni"
+    assert si.variant_for(AVX2) == "generic" and si.variant_for(ARM) == "generic"
+    assert si.variant_for({**X86, "mcpu": "skylake-avx512"}) == "generic"  # AVX-512 without VNNI
+
+
+def _host_runs(target) -> bool:
+    h = detect_host()
+    if h.arch != "x86_64" or target is ARM:
+        return False
+    need = {"avx512_vnni", "avx512bw"} if target is VNNI else {"avx2"}
+    return need <= set(h.features)
+
+
+@pytest.mark.parametrize("target", [VNNI, AVX2], ids=["avx512-vnni", "avx2"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_x86_kernels_exact(target, m):
+    rng = np.random.default_rng(m)
+    n, k = 64, 256
+    r = 16 if si.variant_for(target) == "vnni" else 8
+    b, _ = _weights(n, k, r, 0.25, rng, extreme=True)
+    xq = np.full((m, k), 255, np.uint8)  # every product at the saturating extreme
+    xq[:, ::3] = rng.integers(0, 256, (m, len(range(0, k, 3))))
+    f_acc = si.build(m, b, target, acc_only=True)
+    f_y = si.build(m, b, target, relu=True)
+    if not _host_runs(target):
+        pytest.skip(f"compiled; this host cannot run {target.get('mcpu')} code")
+    args = [tvm.runtime.tensor(a) for a in si.kernel_args(xq, b, 0.02, 7, np.linspace(-1, 1, n).astype(np.float32))]
+    acc = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    f_acc(*args, acc)
+    np.testing.assert_array_equal(acc.numpy(), si.reference_acc(xq, b))
+    y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+    f_y(*args, y)
+    ref = si.reference(xq, b, 0.02, 7, np.linspace(-1, 1, n), relu=True)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_empty_rows_and_empty_weight():
+    rng = np.random.default_rng(3)
+    wq = np.zeros((32, 16), np.int8)
+    wq[16:, :4] = 5
+    b = si.to_bsr_int8(wq, np.ones(32, np.float32), 16)
+    assert list(b.indptr) == [0, 0, 1]
+    xq = rng.integers(0, 256, (2, 16)).astype(np.uint8)
+    if _host_runs(VNNI):
+        f = si.build(2, b, VNNI, acc_only=True)
+        acc = tvm.runtime.tensor(np.zeros((2, 32), np.int32))
+        f(*[tvm.runtime.tensor(a) for a in si.kernel_args(xq, b, 1.0, 0)], acc)
+        np.testing.assert_array_equal(acc.numpy(), si.reference_acc(xq, b))
+    empty = si.to_bsr_int8(np.zeros((16, 8), np.int8), np.ones(16, np.float32), 16)
+    assert empty.nnzb == 0 and si.kernel_args(xq[:, :8], empty, 1.0, 0)[1].size == 64
+
+
+def test_vnni_kernel_uses_vpdpbusd():
+    b, _ = _weights(32, 64, 16, 0.5, np.random.default_rng(1))
+    tgt = tvm.target.Target(VNNI)
+    with tgt:
+        ex = tvm.compile(tvm.IRModule({"k": si.make_primfunc(1, b.shape, 16, b.nnzb, tgt).with_attr(
+            "global_symbol", "k")}), target=tgt)
+    assert "vpdpbusd" in getattr(ex, "mod", ex).inspect_source("s")
+
+
+@pytest.mark.emulated
+@pytest.mark.slow
+def test_aarch64_kernel_exact_under_qemu(tmp_path):
+    from compressor.errors import DependencyError
+    from targets import device_qemu
+
+    try:
+        device_qemu.prepare()
+    except DependencyError as exc:
+        pytest.skip(f"no aarch64 guest under qemu: {exc.one_line()}")
+    rng = np.random.default_rng(5)
+    kernels = []
+    for m in (1, 4):
+        b, _ = _weights(32, 128, 4, 0.3, rng, extreme=True)
+        xq = rng.integers(0, 256, (m, 128)).astype(np.uint8)
+        args = si.kernel_args(xq, b, 0.1, 3) + [np.zeros((m, 32), np.int32)]
+        kernels.append({"name": f"i8_{m}", "func": si.make_primfunc(m, b.shape, 4, b.nnzb, ARM, acc_only=True),
+                        "args": args, "ref": si.reference_acc(xq, b)})
+    got = device_qemu.run_kernels(kernels, ARM, tmp_path, count=True)
+    for counts, err in got:
+        assert err == 0.0 and counts["total"] > 0  # bit-exact int32 accumulators on aarch64
