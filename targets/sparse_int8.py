@@ -17,10 +17,12 @@ tests compare bit for bit with numpy's integer product.
 Variants by the target's code (``variant_for``):
 
 * ``vnni``: ``llvm.x86.avx512.vpdpbusd.512`` on 16-row blocks (AVX-512 VNNI);
+* ``avx2``: 8-row blocks; the block's bytes sign-extended to int16 (``vpmovsxbw``), x's 4 bytes
+  zero-extended and repeated, two ``vpmaddwd`` (int16 pairs into int32: unlike ``vpmaddubsw``'s int16
+  sums they cannot saturate, 255 * 127 * 2 > 32767) and one ``vphaddd`` per block and batch row; the
+  rows are stored in ``AVX2_ROW_ORDER`` so that the horizontal add leaves them in order;
 * ``generic``: the same loop written as int32 multiply-adds of widened bytes, which LLVM vectorises
-  for any ISA (AVX2: ``vpmovzx``/``vpmovsx`` + ``vpmulld``/``vpaddd``; no ``vpmaddubsw``, so there is no
-  int16 saturation whatever the values; NEON: widening multiplies). Exact, not the fastest form for
-  those ISAs: AVX2 ``vpmaddubsw`` pairs and NEON ``sdot`` are the next step.
+  for any ISA (NEON: widening multiplies). Exact, not the fastest form: NEON ``sdot`` is the next step.
 
 Accumulation is int32: a row overflows only past 2^31 / (255 * 128) = 65 793 stored inputs per row.
 """
@@ -103,10 +105,21 @@ def quantize_activation(x: np.ndarray) -> tuple[np.ndarray, float, int]:
 
 
 def variant_for(target: Any) -> str:
-    """``vnni`` where the target's code has AVX-512 VNNI (and AVX-512 BW), else ``generic``."""
-    if target_family(target) == "x86" and {"avx512vnni", "avx512bw"} <= llvm_features(target):
-        return "vnni"
+    """``vnni`` where the target's code has AVX-512 VNNI (and AVX-512 BW), ``avx2`` where it has AVX2,
+    else ``generic``."""
+    if target_family(target) == "x86":
+        feats = llvm_features(target)
+        if {"avx512vnni", "avx512bw"} <= feats:
+            return "vnni"
+        if "avx2" in feats:
+            return "avx2"
     return "generic"
+
+
+BLOCK_ROWS = {"vnni": 16, "avx2": 8}  # the block height each ISA variant takes (generic: any)
+# avx2: rows of an 8 x 4 block stored as 0, 1, 4, 5, 2, 3, 6, 7: vphaddd of the two vpmaddwd results
+# (rows 0,1,4,5 and 2,3,6,7, one int16 pair each) then yields rows 0..7 in order
+AVX2_ROW_ORDER = (0, 1, 4, 5, 2, 3, 6, 7)
 
 
 def reference_acc(xq: np.ndarray, b: BSRInt8) -> np.ndarray:
@@ -125,36 +138,46 @@ def epilogue_args(b: BSRInt8, sx: float, zx: int, bias: np.ndarray | None) -> tu
 
 
 def reference(xq: np.ndarray, b: BSRInt8, sx: float, zx: int, bias: np.ndarray | None = None,
-              relu: bool = False) -> np.ndarray:
-    """numpy oracle of the fused epilogue (float64 arithmetic on the exact accumulators)."""
+              relu: bool = False, requant: tuple[float, int] | None = None) -> np.ndarray:
+    """numpy oracle of the fused epilogue (float32 epilogue arithmetic on the exact accumulators, as the
+    kernel does it; with ``requant`` the uint8 output)."""
     scale, corr, bias_ = epilogue_args(b, sx, zx, bias)
-    y = (reference_acc(xq, b).astype(np.float64) - corr) * scale.astype(np.float64) + bias_
-    return np.maximum(y, 0.0) if relu else y
+    y = (reference_acc(xq, b) - corr).astype(np.float32) * scale + bias_
+    y = np.maximum(y, np.float32(0)) if relu else y
+    if requant:
+        q = np.rint(y * np.float32(1.0 / requant[0])) + np.float32(requant[1])
+        return np.clip(q, 0, 255).astype(np.uint8)
+    return y
 
 
 def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: Any, relu: bool = False,
-                  acc_only: bool = False, variant: str | None = None):
+                  acc_only: bool = False, variant: str | None = None, requant: tuple[float, int] | None = None):
     """PrimFunc ``f(xq[M, K] u8, data[nnzb*R*4] i8, indices[nnzb] i32, indptr[N/R+1] i32, scale[N] f32,
-    corr[N] i32, bias[N] f32, y[M, N])`` (``y`` int32 with ``acc_only``, else float32)."""
+    corr[N] i32, bias[N] f32, y[M, N])`` (``y`` int32 with ``acc_only``; uint8 with ``requant = (s_y, z_y)``:
+    ``clip(round(y / s_y) + z_y, 0, 255)``, the next layer's quantized input; else float32)."""
     from tvm.script import tirx as T
 
     n, k = b_shape
     if n % r or k % BLOCK_C:
         raise ValueError(f"weight [{n}, {k}] not divisible by {r}x{BLOCK_C} blocks")
     variant = variant or variant_for(target)
-    if variant == "vnni" and r != 16:
-        raise ValueError("the vnni kernel takes 16x4 blocks (one zmm of int32 lanes)")
+    if BLOCK_ROWS.get(variant, r) != r:
+        raise ValueError(f"the {variant} kernel takes {BLOCK_ROWS[variant]}x4 blocks (one vector of int32 lanes)")
     nbr = n // r
     nnzb_ = max(nnzb, 1)
     task = T.parallel if nnzb * r * BLOCK_C * m >= PARALLEL_MIN_STORED_BYTES else T.serial
-    ydt = "int32" if acc_only else "float32"
+    ydt = "int32" if acc_only else ("uint8" if requant else "float32")
     zero_f = T.float32(0)
 
     def out(v, s, c, bb):
         if acc_only:
             return v
         y = T.Cast("float32", v - c) * s + bb
-        return T.max(y, zero_f) if relu else y
+        y = T.max(y, zero_f) if relu else y
+        if requant:
+            q = T.round(y * T.float32(1.0 / requant[0])) + T.float32(requant[1])
+            return T.Cast("uint8", T.min(T.max(q, zero_f), T.float32(255)))
+        return y
 
     if variant == "vnni":
         vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
@@ -183,6 +206,41 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
 
         return vnni
 
+    if variant == "avx2":
+        pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+        phaddd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
+
+        @T.prim_func
+        def avx2(xq: T.Buffer((m, k), "uint8"), data: T.Buffer((nnzb_ * 32,), "int8"),
+                 indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                 scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
+                 y: T.Buffer((m, n), ydt)):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            for i in task(nbr):
+                acc = T.decl_buffer((m * 8,), "int32", scope=CPU_STACK)
+                for mi in T.unroll(m):
+                    acc[T.ramp(mi * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+                for j in T.serial(indptr[i], indptr[i + 1]):
+                    for mi in T.unroll(m):
+                        # x's 4 bytes as 4 int16 (zero-extended), repeated over the 4 64-bit groups; products
+                        # are int16 x int16 -> int32 (vpmaddwd): no saturation whatever the values
+                        acc[T.ramp(mi * 8, 1, 8)] = acc[T.ramp(mi * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                            "int32x8", phaddd,
+                            T.call_llvm_pure_intrin(
+                                "int32x8", pmaddwd, T.Cast("int16x16", data[T.ramp(j * 32, 1, 16)]),
+                                T.reinterpret("int16x16", T.broadcast(T.reinterpret(
+                                    "int64", T.Cast("int16x4", xq[mi, T.ramp(indices[j] * 4, 1, 4)])), 4))),
+                            T.call_llvm_pure_intrin(
+                                "int32x8", pmaddwd, T.Cast("int16x16", data[T.ramp(j * 32 + 16, 1, 16)]),
+                                T.reinterpret("int16x16", T.broadcast(T.reinterpret(
+                                    "int64", T.Cast("int16x4", xq[mi, T.ramp(indices[j] * 4, 1, 4)])), 4))))
+                for mi in T.serial(m):
+                    for rr in T.vectorized(8):
+                        y[mi, i * 8 + rr] = out(acc[mi * 8 + rr], scale[i * 8 + rr], corr[i * 8 + rr],
+                                                bias[i * 8 + rr])
+
+        return avx2
+
     @T.prim_func
     def generic(xq: T.Buffer((m, k), "uint8"), data: T.Buffer((nnzb_ * r * 4,), "int8"),
                 indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
@@ -210,20 +268,27 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
     return generic
 
 
-def kernel_args(xq: np.ndarray, b: BSRInt8, sx: float, zx: int, bias: np.ndarray | None = None) -> list[np.ndarray]:
-    """Inputs of the PrimFunc (output buffer not included)."""
+def kernel_args(xq: np.ndarray, b: BSRInt8, sx: float, zx: int, bias: np.ndarray | None = None,
+                variant: str = "generic") -> list[np.ndarray]:
+    """Inputs of the ``variant``'s PrimFunc (output buffer not included): the avx2 kernel reads its
+    blocks' rows in ``AVX2_ROW_ORDER``."""
     scale, corr, bias_ = epilogue_args(b, sx, zx, bias)
-    data = np.ascontiguousarray(b.data if b.nnzb else np.zeros((1, b.r, BLOCK_C), np.int8)).reshape(-1)
+    blocks = b.data if b.nnzb else np.zeros((1, b.r, BLOCK_C), np.int8)
+    if variant == "avx2":
+        blocks = blocks[:, list(AVX2_ROW_ORDER)]
+    data = np.ascontiguousarray(blocks).reshape(-1)
     idx = b.indices if b.nnzb else np.zeros(1, np.int32)
     return [np.ascontiguousarray(xq, np.uint8), data, idx, b.indptr, scale, corr, bias_]
 
 
-def build(m: int, b: BSRInt8, target: Any, relu: bool = False, acc_only: bool = False, variant: str | None = None):
+def build(m: int, b: BSRInt8, target: Any, relu: bool = False, acc_only: bool = False, variant: str | None = None,
+          requant: tuple[float, int] | None = None):
     """Compile a standalone kernel: ``f(*kernel_args, y)``."""
     import tvm
 
     tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    f = make_primfunc(m, b.shape, b.r, b.nnzb, tgt, relu, acc_only, variant).with_attr("global_symbol", "bsr_int8")
+    f = make_primfunc(m, b.shape, b.r, b.nnzb, tgt, relu, acc_only, variant, requant).with_attr(
+        "global_symbol", "bsr_int8")
     with tgt:
         lib = tvm.compile(tvm.IRModule({"bsr_int8": f}), target=tgt)
     return lib["bsr_int8"]

@@ -22,8 +22,8 @@ def _weights(n, k, r, density, rng, extreme=False):
     mask = rng.random((n // r, k // 4)) < density
     w *= np.repeat(np.repeat(mask, r, 0), 4, 1)
     wq, sw = si.quantize_weight(w)
-    if extreme:  # the int16-saturating case of vpmaddubsw: 255 * -127 pairs
-        wq = np.where(wq != 0, np.int8(-127), np.int8(0)).astype(np.int8)
+    if extreme:  # |w| = 127: with x = 255, same-sign pairs saturate vpmaddubsw's int16 sums (64770 > 32767)
+        wq = np.where(wq != 0, np.where(wq > 0, np.int8(127), np.int8(-127)), np.int8(0)).astype(np.int8)
     return si.to_bsr_int8(wq, sw, r), wq
 
 
@@ -43,24 +43,27 @@ def test_bsr_int8_format_round_trip():
 
 def test_variant_by_isa():
     assert si.variant_for(VNNI) == "vnni"
-    assert si.variant_for(AVX2) == "generic" and si.variant_for(ARM) == "generic"
-    assert si.variant_for({**X86, "mcpu": "skylake-avx512"}) == "generic"  # AVX-512 without VNNI
+    assert si.variant_for(AVX2) == "avx2" and si.variant_for(ARM) == "generic"
+    assert si.variant_for({**X86, "mcpu": "skylake-avx512"}) == "avx2"  # AVX-512 without VNNI: the AVX2 form
+    with pytest.raises(ValueError):
+        si.make_primfunc(1, (64, 64), 16, 4, AVX2)  # the avx2 kernel takes 8-row blocks
 
 
 def _host_runs(target) -> bool:
     h = detect_host()
     if h.arch != "x86_64" or target is ARM:
         return False
-    need = {"avx512_vnni", "avx512bw"} if target is VNNI else {"avx2"}
+    need = {"avx512_vnni", "avx512bw"} if target is VNNI else ({"avx2"} if target is AVX2 else {"sse4_2"})
     return need <= set(h.features)
 
 
-@pytest.mark.parametrize("target", [VNNI, AVX2], ids=["avx512-vnni", "avx2"])
+@pytest.mark.parametrize("target", [VNNI, AVX2, {**X86, "mcpu": "x86-64-v2"}], ids=["avx512-vnni", "avx2", "sse4-generic"])
 @pytest.mark.parametrize("m", [1, 3])
 def test_x86_kernels_exact(target, m):
     rng = np.random.default_rng(m)
     n, k = 64, 256
-    r = 16 if si.variant_for(target) == "vnni" else 8
+    variant = si.variant_for(target)
+    r = si.BLOCK_ROWS.get(variant, 4)
     b, _ = _weights(n, k, r, 0.25, rng, extreme=True)
     xq = np.full((m, k), 255, np.uint8)  # every product at the saturating extreme
     xq[:, ::3] = rng.integers(0, 256, (m, len(range(0, k, 3))))
@@ -68,14 +71,23 @@ def test_x86_kernels_exact(target, m):
     f_y = si.build(m, b, target, relu=True)
     if not _host_runs(target):
         pytest.skip(f"compiled; this host cannot run {target.get('mcpu')} code")
-    args = [tvm.runtime.tensor(a) for a in si.kernel_args(xq, b, 0.02, 7, np.linspace(-1, 1, n).astype(np.float32))]
+    args = [tvm.runtime.tensor(a) for a in si.kernel_args(xq, b, 0.02, 7, np.linspace(-1, 1, n).astype(np.float32),
+                                                           variant=variant)]
     acc = tvm.runtime.tensor(np.zeros((m, n), np.int32))
     f_acc(*args, acc)
     np.testing.assert_array_equal(acc.numpy(), si.reference_acc(xq, b))
     y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
     f_y(*args, y)
     ref = si.reference(xq, b, 0.02, 7, np.linspace(-1, 1, n), relu=True)
+    assert (ref > 0).mean() > 0.2  # the relu and requant checks below see real values
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # requantized uint8 output (the next layer's input): equal to the oracle up to a rounding tie
+    rq = (max(float(np.abs(ref).max()), 1.0) / 200, 3)
+    f_q = si.build(m, b, target, relu=True, requant=rq)
+    yq = tvm.runtime.tensor(np.zeros((m, n), np.uint8))
+    f_q(*args, yq)
+    want = si.reference(xq, b, 0.02, 7, np.linspace(-1, 1, n), relu=True, requant=rq)
+    assert np.abs(yq.numpy().astype(int) - want.astype(int)).max() <= 1 and (yq.numpy() == want).mean() > 0.98
 
 
 def test_empty_rows_and_empty_weight():
@@ -101,6 +113,13 @@ def test_vnni_kernel_uses_vpdpbusd():
         ex = tvm.compile(tvm.IRModule({"k": si.make_primfunc(1, b.shape, 16, b.nnzb, tgt).with_attr(
             "global_symbol", "k")}), target=tgt)
     assert "vpdpbusd" in getattr(ex, "mod", ex).inspect_source("s")
+    b8, _ = _weights(32, 64, 8, 0.5, np.random.default_rng(1))
+    tgt = tvm.target.Target(AVX2)
+    with tgt:
+        ex = tvm.compile(tvm.IRModule({"k": si.make_primfunc(1, b8.shape, 8, b8.nnzb, tgt).with_attr(
+            "global_symbol", "k")}), target=tgt)
+    asm = getattr(ex, "mod", ex).inspect_source("s")
+    assert "vpmaddwd" in asm and "vphaddd" in asm and "vpmaddubsw" not in asm
 
 
 @pytest.mark.emulated
