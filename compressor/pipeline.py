@@ -522,6 +522,15 @@ def _build(r: _Run, stage: bundle_mod.StagedDir) -> _Build:
 
     p, say, bdir = r.p, r.say, stage.path
     b = _Build(target_passes=[], runtime_choice=choose_runtime(r.compressed, p.spec), expected_runs=r.comp_runs)
+    if b.runtime_choice["name"] == "onnxruntime" and b.runtime_choice.get("quantized_ops") \
+            and "lower.sparse" in p.target.required_passes:
+        from targets.lower_sparse import int8_sparse_candidates
+
+        int8 = int8_sparse_candidates(r.compressed, p.spec.tvm_target)
+        if int8:  # int8 sparse kernels: compile; the latency step still ships onnxruntime if it is faster
+            b.runtime_choice = {"name": "tvm", "quantized_ops": b.runtime_choice["quantized_ops"],
+                                "reason": f"{len(int8)} int8 layer(s) with block-sparse weights run the int8 sparse "
+                                          f"kernels (targets.sparse_int8); the other quantized ops run dequantized in TVM"}
     if p.opts.no_compile:
         r.warnings.append("--no-compile: no target artifact was produced")
         say("[5/6] compile: skipped (--no-compile)")

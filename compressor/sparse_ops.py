@@ -19,6 +19,13 @@ KXK_RELU = "SparseConvRelu"
 CONV_OPS: tuple[str, ...] = (CONV1X1, CONV1X1_RELU)
 KXK_OPS: tuple[str, ...] = (KXK, KXK_RELU)
 ALL_OPS: tuple[str, ...] = MATMUL_OPS + CONV_OPS + KXK_OPS
+# int8: SparseQMatMul[Relu](X, data, indices, indptr, scale, corr, bias, x_scale, x_zero_point): X float [.., K]
+# quantized per tensor to uint8 (QuantizeLinear), W int8 [N, K] in R x 4 blocks (data [nnzb, R, 4]),
+# Y = (Xq @ W^T - corr) * scale + bias with corr = x_zero_point * rowsum(W), scale = x_scale * w_scale
+# (targets.sparse_int8). Not in ALL_OPS: the qemu dense twin does not rebuild them (x86 only so far).
+QMATMUL = "SparseQMatMul"
+QMATMUL_RELU = "SparseQMatMulRelu"
+QMATMUL_OPS: tuple[str, ...] = (QMATMUL, QMATMUL_RELU)
 
 
 def is_sparse_op(domain: str, op_type: str) -> bool:
@@ -26,4 +33,4 @@ def is_sparse_op(domain: str, op_type: str) -> bool:
 
 
 def has_relu(op_type: str) -> bool:
-    return op_type in (MATMUL_RELU, CONV1X1_RELU, KXK_RELU)
+    return op_type in (MATMUL_RELU, CONV1X1_RELU, KXK_RELU, QMATMUL_RELU)

@@ -126,6 +126,7 @@ log = logging.getLogger(__name__)
 from compressor.sparse_ops import CONV1X1 as OP_CONV, CONV1X1_RELU as OP_CONV_RELU, DOMAIN, MATMUL as OP  # noqa: E402
 from compressor.sparse_ops import MATMUL_RELU as OP_RELU  # noqa: E402
 from compressor.sparse_ops import KXK as OP_KXK, KXK_RELU as OP_KXK_RELU  # noqa: E402
+from compressor.sparse_ops import QMATMUL as OP_Q, QMATMUL_RELU as OP_Q_RELU  # noqa: E402
 MIN_OPSET = 16
 
 # --- CPU cost model (see module docstring; constants fitted by bench/cost_model.py) --------
@@ -399,6 +400,7 @@ def reference_function(op: str, opset: int) -> onnx.FunctionProto:
     ``Conv(X, Unsqueeze(W, [2, 3]), bias)``."""
     conv = op in (OP_CONV, OP_CONV_RELU, OP_KXK, OP_KXK_RELU)
     kxk = op in (OP_KXK, OP_KXK_RELU)
+    quant = op in (OP_Q, OP_Q_RELU)
     i64 = lambda name, vals: helper.make_node(  # noqa: E731
         "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals))
     nodes = [
@@ -441,7 +443,8 @@ def reference_function(op: str, opset: int) -> onnx.FunctionProto:
         helper.make_node("Concat", ["rows2", "cols2"], ["coords"], axis=1),
         helper.make_node("Concat", ["nbr", "nbc", "rc"], ["bshape"], axis=0),
         helper.make_node("ConstantOfShape", ["bshape"], ["bzeros"],
-                         value=helper.make_tensor("f", TensorProto.FLOAT, [1], [0.0])),
+                         value=(helper.make_tensor("f", TensorProto.INT8, [1], [0]) if quant
+                                else helper.make_tensor("f", TensorProto.FLOAT, [1], [0.0]))),
         helper.make_node("ScatterND", ["bzeros", "coords", "data"], ["blocks"]),
         helper.make_node("Transpose", ["blocks"], ["blocks_t"], perm=[0, 2, 1, 3]),
         helper.make_node("Mul", ["nbr", "r"], ["ndim"]),
@@ -467,6 +470,20 @@ def reference_function(op: str, opset: int) -> onnx.FunctionProto:
             nodes.append(helper.make_node("Conv", ["X", "W4", "bias"], ["Y"]))
         return helper.make_function(DOMAIN, op, ["X", "data", "indices", "indptr", "bias"], ["Y"], nodes,
                                     [helper.make_opsetid("", opset)])
+    if quant:  # acc = Xq @ Wq^T exactly (int32), then the kernel's epilogue
+        nodes += [
+            helper.make_node("QuantizeLinear", ["X", "x_scale", "x_zero_point"], ["Xq"]),
+            helper.make_node("Transpose", ["W"], ["WT"], perm=[1, 0]),
+            helper.make_node("MatMulInteger", ["Xq", "WT"], ["acc"]),
+            helper.make_node("Sub", ["acc", "corr"], ["acc_c"]),
+            helper.make_node("Cast", ["acc_c"], ["acc_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["acc_f", "scale"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "bias"], ["pre" if op == OP_Q_RELU else "Y"]),
+        ]
+        if op == OP_Q_RELU:
+            nodes.append(helper.make_node("Relu", ["pre"], ["Y"]))
+        return helper.make_function(DOMAIN, op, ["X", "data", "indices", "indptr", "scale", "corr", "bias", "x_scale",
+                                                 "x_zero_point"], ["Y"], nodes, [helper.make_opsetid("", opset)])
     nodes += [
         helper.make_node("Transpose", ["W"], ["WT"], perm=[1, 0]),
         helper.make_node("MatMul", ["X", "WT"], ["XW"]),
@@ -590,6 +607,186 @@ def _conv_weight(node: gs.Node, shapes: dict[str, list]) -> tuple[np.ndarray | N
     return np.ascontiguousarray(wv.reshape(wv.shape[0], -1)), None, [int(d) for d in shape], attrs
 
 
+def _relabel_opset(graph: gs.Graph, opset: int, warnings: list[str]) -> int:
+    """Relabel a 13-15 graph's default domain to MIN_OPSET (the caller checked ``_opset_bump_blocker``)."""
+    if opset >= MIN_OPSET:
+        return opset
+    warnings.append(f"lower.sparse: default-domain opset {opset} -> {MIN_OPSET} (the BSR reference "
+                    "functions need ScatterElements with reduction; no op of this graph changes meaning)")
+    graph.opset = MIN_OPSET
+    doms = [d for d in (graph.import_domains or []) if d.domain not in ("", "ai.onnx")]
+    graph.import_domains = [helper.make_opsetid("", MIN_OPSET), *doms]
+    return MIN_OPSET
+
+
+def _const(t) -> np.ndarray | None:
+    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+
+
+def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
+    return t.inputs[0] if len(t.inputs) == 1 and t.inputs[0].op == op else None
+
+
+def _qdq_weight(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(Wq [N, K] int8, w_scale [N])`` of a MatMul / Gemm (transA 0) whose weight input is
+    ``DequantizeLinear(int8 constant, constant per-output-channel or per-tensor scale, zero points 0)``."""
+    dq = _producer(node.inputs[1], "DequantizeLinear")
+    if dq is None:
+        return None
+    q, sc = _const(dq.inputs[0]), _const(dq.inputs[1])
+    zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2].name else np.zeros(1, np.int8)
+    if q is None or sc is None or zp is None or q.dtype != np.int8 or q.ndim != 2 or np.any(zp != 0):
+        return None
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) != 1.0:
+            return None
+        nk = bool(int(node.attrs.get("transB", 0)))
+    else:
+        nk = False
+    wq = q if nk else q.T  # [N, K]
+    n = wq.shape[0]
+    axis = int(dq.attrs.get("axis", 1)) % 2
+    if sc.size == 1:
+        sw = np.full(n, float(sc.reshape(())), np.float32)
+    elif sc.size == n and axis == (0 if nk else 1):
+        sw = sc.reshape(n).astype(np.float32)
+    else:
+        return None
+    return np.ascontiguousarray(wq), sw
+
+
+def _qdq_input(node: gs.Node) -> tuple[gs.Tensor, gs.Constant, gs.Constant, float, int] | None:
+    """``(X, x_scale, x_zero_point, sx, zx)`` when the node's first input is
+    ``DequantizeLinear(QuantizeLinear(X))`` with one constant per-tensor uint8 scale / zero point."""
+    dq = _producer(node.inputs[0], "DequantizeLinear")
+    q = _producer(dq.inputs[0], "QuantizeLinear") if dq is not None else None
+    if q is None or len(q.inputs) < 3 or len(dq.inputs) < 3:
+        return None
+    s_q, z_q, s_d, z_d = (_const(t) for t in (q.inputs[1], q.inputs[2], dq.inputs[1], dq.inputs[2]))
+    if any(v is None for v in (s_q, z_q, s_d, z_d)) or z_q.dtype != np.uint8 or s_q.size != 1 or z_q.size != 1:
+        return None
+    if float(s_q.reshape(())) != float(s_d.reshape(())) or int(z_q.reshape(())) != int(z_d.reshape(())):
+        return None
+    return q.inputs[0], q.inputs[1], q.inputs[2], float(s_q.reshape(())), int(z_q.reshape(()))
+
+
+def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dict, outputs: set[str], opset: int,
+                warnings: list[str], layers: list[dict]) -> tuple[int, int]:
+    """QDQ int8 MatMul/Gemm layers with a sparse int8 weight -> ``compressor::SparseQMatMul[Relu]`` (x86:
+    ``targets.sparse_int8``'s VNNI / AVX2 kernels). Decision: no int8 cost fit yet; the layer is lowered
+    when at least ``min_sparsity`` of its R x 4 weight blocks are empty (what the build's alternative runs
+    is the frontend's dequantized float MatMul). Returns (lowered count, opset)."""
+    from targets import sparse_int8 as si
+    from targets.sparse_kernels import target_family
+
+    if target_family(tvm_target) != "x86":
+        return 0, opset
+    variant = si.variant_for(tvm_target)
+    r = si.BLOCK_ROWS.get(variant, 4)
+    lowered = 0
+    for node in list(graph.nodes):
+        if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        wq_sw = _qdq_weight(node)
+        xin = _qdq_input(node) if wq_sw is not None else None
+        if xin is None:
+            continue
+        wq, sw = wq_sw
+        x, x_scale, x_zp, sx, zx = xin
+        label = node.name or node.outputs[0].name
+        if any(fnmatch.fnmatch(label, p) for p in cfg.ignore):
+            continue
+        n, k = wq.shape
+        zeros = 1.0 - np.count_nonzero(wq) / wq.size
+        if zeros < cfg.min_sparsity:
+            continue
+        m = _static_m(x, shapes)
+        rec = {"node": label, "op": node.op, "shape": [n, k], "batch": m, "sparsity": round(float(zeros), 4),
+               "block": f"{r}x4", "precision": "int8", "kernel": f"int8 {variant}",
+               "cost_model": "int8: empty-block share (no int8 kernel fit yet)"}
+        why = None
+        if n % r or k % 4:
+            why = f"weight {n}x{k} not divisible by the {r}x4 blocks of the {variant} int8 kernel"
+        elif m is None:
+            why = f"input {x.name} has no static shape"
+        bias = np.zeros(n, np.float32)
+        if why is None and node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+            c = node.inputs[2]
+            dqc = _producer(c, "DequantizeLinear")
+            cv = _const(c)
+            if dqc is not None and _const(dqc.inputs[0]) is not None and _const(dqc.inputs[1]) is not None:
+                qb, sb = _const(dqc.inputs[0]), _const(dqc.inputs[1])
+                zb = _const(dqc.inputs[2]) if len(dqc.inputs) > 2 and dqc.inputs[2].name else np.zeros(1)
+                cv = (qb.astype(np.float64) - zb.astype(np.float64)) * sb.astype(np.float64)
+            if cv is None or cv.size not in (1, n):
+                why = "Gemm C is not a constant per-output bias"
+            else:
+                bias = np.broadcast_to(np.asarray(cv, np.float32).reshape(-1) * np.float32(node.attrs.get("beta", 1.0)),
+                                       (n,)).astype(np.float32)
+        b = si.to_bsr_int8(wq, sw, r) if why is None else None
+        if b is not None:
+            rec["stored_density"] = round(b.density(), 4)
+            if b.density() > 1.0 - cfg.min_sparsity:
+                why = (f"{b.density():.0%} of its {r}x4 blocks hold a non-zero (needs <= {1 - cfg.min_sparsity:.0%}: "
+                       f"use a block pattern, e.g. --pattern {r}x4)")
+        if why is not None:
+            rec["lowered"] = False
+            layers.append(rec)
+            warnings.append(f"{label}: int8 layer kept dense ({why}; {zeros:.0%} zeros)")
+            continue
+        out = node.outputs[0]
+        op = OP_Q
+        relu_node = None
+        cons = _consumers(out)
+        if cfg.fuse_activation and len(cons) == 1 and cons[0].op == "Relu" and out.name not in outputs:
+            relu_node, op = cons[0], OP_Q_RELU
+        result = relu_node.outputs[0] if relu_node is not None else out
+        opset = _relabel_opset(graph, opset, warnings)
+        _ensure_function(graph, op, opset)
+        scale, corr, bias_ = si.epilogue_args(b, sx, zx, bias)
+        pre = f"{label}_bsr8"
+        consts = [gs.Constant(f"{pre}_data", b.data), gs.Constant(f"{pre}_indices", b.indices),
+                  gs.Constant(f"{pre}_indptr", b.indptr), gs.Constant(f"{pre}_scale", scale),
+                  gs.Constant(f"{pre}_corr", corr), gs.Constant(f"{pre}_bias", bias_)]
+        new = gs.Node(op=op, name=f"{label}_sparse8", domain=DOMAIN, inputs=[x, *consts, x_scale, x_zp],
+                      outputs=[result])
+        for dead in (node, relu_node):
+            if dead is not None:
+                dead.outputs.clear()
+                dead.inputs.clear()
+        graph.nodes.append(new)
+        rec.update(lowered=True, kernel_op=op, fused=["Relu"] if relu_node is not None else [])
+        layers.append(rec)
+        lowered += 1
+    return lowered, opset
+
+
+def int8_sparse_candidates(model: onnx.ModelProto, tvm_target, min_sparsity: float = 0.5) -> list[str]:
+    """QDQ int8 MatMul/Gemm layers of ``model`` that ``lower.sparse`` would turn into int8 sparse kernels on
+    ``tvm_target`` (x86; ``min_sparsity`` of the R x 4 blocks empty): the pipeline compiles a quantized
+    model for TVM instead of shipping it to onnxruntime when there is at least one."""
+    from targets import sparse_int8 as si
+    from targets.sparse_kernels import target_family
+
+    if target_family(tvm_target) != "x86" or not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        return []
+    r = si.BLOCK_ROWS.get(si.variant_for(tvm_target), 4)
+    out = []
+    for node in gs.import_onnx(model).nodes:
+        if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        wq_sw = _qdq_weight(node)
+        if wq_sw is None or _qdq_input(node) is None:
+            continue
+        wq = wq_sw[0]
+        n, k = wq.shape
+        if n % r or k % 4:
+            continue
+        if si.to_bsr_int8(wq, wq_sw[1], r).density() <= 1.0 - min_sparsity:
+            out.append(node.name or node.outputs[0].name)
+    return out
+
+
 class LowerSparse(Pass):
     name = "lower.sparse"
     description = ("rewrite sparse constant-weight Gemm/MatMul and Conv into compressor::SparseMatMul / "
@@ -616,6 +813,8 @@ class LowerSparse(Pass):
         shapes = _inferred_shapes(graph, ctx)
         lowered = 0
         shared = 0
+        if family != "cuda":
+            lowered, opset = _lower_int8(graph, cfg, tvm_target, shapes, outputs, opset, warnings, layers)
         # (weight name, op, Gemm transB/alpha, block) -> (BSR matrix, [data, indices, indptr] constants)
         bsr_cache: dict[tuple, tuple] = {}
         for node in list(graph.nodes):
@@ -744,12 +943,7 @@ class LowerSparse(Pass):
                 relu_node = fcons[0]
                 op = (OP_KXK_RELU if kxk_attrs else OP_CONV_RELU) if conv else OP_RELU
             result = relu_node.outputs[0] if relu_node is not None else final
-            if opset < MIN_OPSET:  # first lowered layer: relabel the default domain (see _opset_bump_blocker)
-                warnings.append(f"lower.sparse: default-domain opset {opset} -> {MIN_OPSET} (the BSR reference "
-                                "functions need ScatterElements with reduction; no op of this graph changes meaning)")
-                graph.opset = opset = MIN_OPSET
-                doms = [d for d in (graph.import_domains or []) if d.domain not in ("", "ai.onnx")]
-                graph.import_domains = [helper.make_opsetid("", MIN_OPSET), *doms]
+            opset = _relabel_opset(graph, opset, warnings)  # first lowered layer (see _opset_bump_blocker)
             _ensure_function(graph, op, opset)
             pre = f"{label}_bsr"
             if cached is None:

@@ -292,3 +292,62 @@ def build(m: int, b: BSRInt8, target: Any, relu: bool = False, acc_only: bool = 
     with tgt:
         lib = tvm.compile(tvm.IRModule({"bsr_int8": f}), target=tgt)
     return lib["bsr_int8"]
+
+
+# ------------------------------------------------------------------ Relax ONNX frontend hook
+
+
+def relax_converters(tvm_target: Any) -> dict[str, type]:
+    """Converters for ``compressor::SparseQMatMul[Relu]`` (``compressor.sparse_ops``): ``X`` quantized to
+    uint8 with Relax ops (``clip(round(X / x_scale) + x_zero_point, 0, 255)``), then ``call_tir`` of the
+    int8 kernel for the target (the layer's R x 4 blocks must be the variant's height; the generic
+    kernel takes any R)."""
+    from tvm import relax
+    from tvm.ir import expr as tvm_ir_expr
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from compressor.errors import TargetError
+    from compressor.sparse_ops import QMATMUL_OPS
+
+    variant = variant_for(tvm_target)
+
+    def make(op: str) -> type:
+        relu = op.endswith("Relu")
+
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            consts = inputs[1:9]
+            if len(consts) != 8 or not all(isinstance(c, tvm_ir_expr.Constant) for c in consts):
+                raise TargetError(f"compressor::{op}: every input but X must be an initializer")
+            data, indices, indptr, scale, corr, bias, xs, xz = (c.value.numpy() for c in consts)
+            shape = [int(d) for d in x.ty.shape]
+            k = shape[-1]
+            m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            r = int(data.shape[1])
+            n = (len(indptr) - 1) * r
+            v = variant if BLOCK_ROWS.get(variant, r) == r else "generic"
+            b = BSRInt8((n, k), r, data.astype(np.int8), indices.astype(np.int32), indptr.astype(np.int32),
+                        np.ones(n, np.float32))
+            blocks = b.data if b.nnzb else np.zeros((1, r, BLOCK_C), np.int8)
+            if v == "avx2":
+                blocks = blocks[:, list(AVX2_ROW_ORDER)]
+            prim = make_primfunc(m, (n, k), r, b.nnzb, tvm_target, relu, variant=v).without_attr("global_symbol")
+            gv = bb.add_func(prim, f"bsr_int8_{r}x4_{v}" + ("_relu" if relu else ""))
+            x2 = x if len(shape) == 2 else relax.op.reshape(x, (m, k))
+            sx, zx = float(np.asarray(xs).reshape(())), float(np.asarray(xz).reshape(()))
+            q = relax.op.add(relax.op.round(relax.op.divide(x2, relax.const(np.float32(sx)))), relax.const(np.float32(zx)))
+            xq = relax.op.astype(relax.op.clip(q, 0, 255), "uint8")
+            args = [bb.normalize(xq), relax.const(np.ascontiguousarray(blocks).reshape(-1)),
+                    relax.const(b.indices if b.nnzb else np.zeros(1, np.int32)), relax.const(b.indptr),
+                    relax.const(scale.astype(np.float32)), relax.const(corr.astype(np.int32)),
+                    relax.const(bias.astype(np.float32))]
+            y = relax.call_tir(gv, args, relax.TensorType((m, n), "float32"))
+            if len(shape) != 2:
+                y = relax.op.reshape(bb.normalize(y), (*shape[:-1], n))
+            return y
+
+        return type(f"Convert{op}", (OnnxOpConverter,), {"_impl_v1": classmethod(_impl_v1)})
+
+    if target_family(tvm_target) != "x86":
+        return {}
+    return {op: make(op) for op in QMATMUL_OPS}

@@ -207,9 +207,9 @@ class KernelConverters:
 
 
 def _sparse_converters(target, model, rnn_modes):
-    from targets import sparse_kernels
+    from targets import sparse_int8, sparse_kernels
 
-    return sparse_kernels.relax_converters(target), None
+    return {**sparse_kernels.relax_converters(target), **sparse_int8.relax_converters(target)}, None
 
 
 def _conv_converters(target, model, rnn_modes):
