@@ -87,6 +87,31 @@ def _last_line(text: str) -> str:
 # ----------------------------------------------------------------------- dense twin
 
 
+def _all_blocks_int8(node, inits: dict, g, kdim: int | None):
+    """``compressor::SparseQMatMul[Relu]`` with every R x 4 block of its weight stored (zeros included):
+    the int8 kernel run densely, what the int8 layer costs without sparsity."""
+    from onnx import helper, numpy_helper
+
+    data, indices, indptr = (numpy_helper.to_array(inits[t]) for t in node.input[1:4])
+    r = int(data.shape[1])
+    nbr = len(indptr) - 1
+    if kdim is None:
+        raise TargetError(f"cannot rebuild the dense int8 weight of {node.name or node.op_type} (unknown input width)")
+    nbc = int(kdim) // 4
+    full = np.zeros((nbr, nbc, r, 4), np.int8)
+    for i in range(nbr):
+        for j in range(indptr[i], indptr[i + 1]):
+            full[i, indices[j]] = data[j]
+    base = (node.name or node.output[0]).replace("/", "_")
+    names = [f"{base}_dense8_data", f"{base}_dense8_indices", f"{base}_dense8_indptr"]
+    arrays = [full.reshape(-1, r, 4), np.tile(np.arange(nbc, dtype=np.int32), nbr),
+              (np.arange(nbr + 1) * nbc).astype(np.int32)]
+    for nm, a in zip(names, arrays):
+        g.initializer.append(numpy_helper.from_array(a, nm))
+    return helper.make_node(node.op_type, [node.input[0], *names, *node.input[4:]], list(node.output),
+                            name=f"{base}_dense8", domain=node.domain)
+
+
 def densify_sparse_ops(model):
     """``compressor::SparseMatMul[Relu](X, data, indices, indptr, bias)`` -> ``MatMul(X, W^T)``,
     ``Add(bias)`` (, ``Relu``) and ``compressor::SparseConv1x1[Relu]`` -> ``Conv(X, W[:, :, None, None], bias)``
@@ -106,6 +131,11 @@ def densify_sparse_ops(model):
         dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     new_nodes, used = [], set()
     for node in g.node:
+        if node.domain == sparse_ops.DOMAIN and node.op_type in sparse_ops.QMATMUL_OPS:
+            xd = dims.get(node.input[0]) or []
+            kdim = xd[-1] if xd and xd[-1] else None
+            new_nodes.append(_all_blocks_int8(node, inits, g, kdim))  # the dense int8 build: every block stored
+            continue
         if not sparse_ops.is_sparse_op(node.domain, node.op_type):
             new_nodes.append(node)
             continue
@@ -155,12 +185,14 @@ def densify_sparse_ops(model):
     keep = [t for t in g.initializer if t.name not in used or t.name in still]
     del g.initializer[:]
     g.initializer.extend(keep)
-    funcs = [f for f in model.functions if f.domain != sparse_ops.DOMAIN]
+    still_ops = {nd.op_type for nd in g.node if nd.domain == sparse_ops.DOMAIN}
+    funcs = [f for f in model.functions if f.domain != sparse_ops.DOMAIN or f.name in still_ops]
     del model.functions[:]
     model.functions.extend(funcs)
-    ops = [o for o in model.opset_import if o.domain != "compressor"]
-    del model.opset_import[:]
-    model.opset_import.extend(ops)
+    if not still_ops:
+        ops = [o for o in model.opset_import if o.domain != "compressor"]
+        del model.opset_import[:]
+        model.opset_import.extend(ops)
     onnx.checker.check_model(model)
     return model
 
@@ -178,7 +210,12 @@ def build_dense_twin(bundle: Path, manifest: dict, out_dir: Path) -> Path:
     twin = Path(out_dir) / "dense_twin"
     shutil.copytree(bundle, twin)
     tgt, spec = targets.resolve(manifest["target"]["tag"])
-    model = densify_sparse_ops(onnx.load(str(Path(bundle) / "model.onnx")))
+    model = onnx.load(str(Path(bundle) / "model.onnx"))
+    if manifest.get("runtime", {}).get("quantized_ops") or any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        from targets.lower_sparse import lower_int8_all
+
+        model = lower_int8_all(model, spec)  # int8 layers: the int8 kernel with every block (densified below)
+    model = densify_sparse_ops(model)
     needed = [(PASSES.get(n)(), PASSES.entry(n).provider) for n in tgt.required_passes if n != "lower.sparse"]
     if needed:
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)

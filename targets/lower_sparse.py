@@ -657,13 +657,14 @@ def _qdq_weight(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _qdq_input(node: gs.Node) -> tuple[gs.Tensor, gs.Constant, gs.Constant, float, int] | None:
     """``(X, x_scale, x_zero_point, sx, zx)`` when the node's first input is
-    ``DequantizeLinear(QuantizeLinear(X))`` with one constant per-tensor uint8 scale / zero point."""
+    ``DequantizeLinear(QuantizeLinear(X))`` with one constant per-tensor scale and uint8 or int8 zero point."""
     dq = _producer(node.inputs[0], "DequantizeLinear")
     q = _producer(dq.inputs[0], "QuantizeLinear") if dq is not None else None
     if q is None or len(q.inputs) < 3 or len(dq.inputs) < 3:
         return None
     s_q, z_q, s_d, z_d = (_const(t) for t in (q.inputs[1], q.inputs[2], dq.inputs[1], dq.inputs[2]))
-    if any(v is None for v in (s_q, z_q, s_d, z_d)) or z_q.dtype != np.uint8 or s_q.size != 1 or z_q.size != 1:
+    if any(v is None for v in (s_q, z_q, s_d, z_d)) or z_q.dtype not in (np.uint8, np.int8) or s_q.size != 1 \
+            or z_q.size != 1:
         return None
     if float(s_q.reshape(())) != float(s_d.reshape(())) or int(z_q.reshape(())) != int(z_d.reshape(())):
         return None
@@ -672,14 +673,14 @@ def _qdq_input(node: gs.Node) -> tuple[gs.Tensor, gs.Constant, gs.Constant, floa
 
 def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dict, outputs: set[str], opset: int,
                 warnings: list[str], layers: list[dict]) -> tuple[int, int]:
-    """QDQ int8 MatMul/Gemm layers with a sparse int8 weight -> ``compressor::SparseQMatMul[Relu]`` (x86:
-    ``targets.sparse_int8``'s VNNI / AVX2 kernels). Decision: no int8 cost fit yet; the layer is lowered
+    """QDQ int8 MatMul/Gemm layers with a sparse int8 weight -> ``compressor::SparseQMatMul[Relu]``
+    (``targets.sparse_int8``: x86 VNNI / AVX2, aarch64 sdot or the generic kernel). Decision: no int8 cost fit yet; the layer is lowered
     when at least ``min_sparsity`` of its R x 4 weight blocks are empty (what the build's alternative runs
     is the frontend's dequantized float MatMul). Returns (lowered count, opset)."""
     from targets import sparse_int8 as si
     from targets.sparse_kernels import target_family
 
-    if target_family(tvm_target) != "x86":
+    if target_family(tvm_target) not in ("x86", "arm"):
         return 0, opset
     variant = si.variant_for(tvm_target)
     r = si.BLOCK_ROWS.get(variant, 4)
@@ -763,12 +764,13 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
 
 def int8_sparse_candidates(model: onnx.ModelProto, tvm_target, min_sparsity: float = 0.5) -> list[str]:
     """QDQ int8 MatMul/Gemm layers of ``model`` that ``lower.sparse`` would turn into int8 sparse kernels on
-    ``tvm_target`` (x86; ``min_sparsity`` of the R x 4 blocks empty): the pipeline compiles a quantized
+    ``tvm_target`` (x86 or aarch64; ``min_sparsity`` of the R x 4 blocks empty): the pipeline compiles a quantized
     model for TVM instead of shipping it to onnxruntime when there is at least one."""
     from targets import sparse_int8 as si
     from targets.sparse_kernels import target_family
 
-    if target_family(tvm_target) != "x86" or not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+    if target_family(tvm_target) not in ("x86", "arm") or not any(n.op_type == "DequantizeLinear"
+                                                                 for n in model.graph.node):
         return []
     r = si.BLOCK_ROWS.get(si.variant_for(tvm_target), 4)
     out = []
@@ -785,6 +787,18 @@ def int8_sparse_candidates(model: onnx.ModelProto, tvm_target, min_sparsity: flo
         if si.to_bsr_int8(wq, wq_sw[1], r).density() <= 1.0 - min_sparsity:
             out.append(node.name or node.outputs[0].name)
     return out
+
+
+def lower_int8_all(model: onnx.ModelProto, target_spec) -> onnx.ModelProto:
+    """Every QDQ int8 MatMul/Gemm layer the int8 kernels take, lowered whatever its sparsity (the dense
+    twin of ``compress bench``: its int8 layers then run the int8 kernel with every block stored)."""
+    g = gs.import_onnx(model)
+    ctx = PassContext(target=target_spec, opset=g.opset or 17, template=model)
+    tvm_target = getattr(target_spec, "tvm_target", None) or "x86"
+    _lower_int8(g, LowerSparseConfig(min_sparsity=0.0), tvm_target, _inferred_shapes(g, ctx),
+                {t.name for t in g.outputs}, g.opset or 17, [], [])
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    return ctx.export(g)
 
 
 class LowerSparse(Pass):

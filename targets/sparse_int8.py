@@ -21,8 +21,12 @@ Variants by the target's code (``variant_for``):
   zero-extended and repeated, two ``vpmaddwd`` (int16 pairs into int32: unlike ``vpmaddubsw``'s int16
   sums they cannot saturate, 255 * 127 * 2 > 32767) and one ``vphaddd`` per block and batch row; the
   rows are stored in ``AVX2_ROW_ORDER`` so that the horizontal add leaves them in order;
+* ``sdot``: aarch64 with the dot-product extension (Cortex-A55/A76 and later: ``arm-a55``, ``arm-a76``):
+  4-row blocks, one ``sdot`` (4 lanes x 4 signed bytes) per block and batch row; X comes in as int8
+  (``x - 128``, see ``SIGNED_X``) since ``sdot`` is signed x signed (``usdot`` needs i8mm, which those
+  cores lack);
 * ``generic``: the same loop written as int32 multiply-adds of widened bytes, which LLVM vectorises
-  for any ISA (NEON: widening multiplies). Exact, not the fastest form: NEON ``sdot`` is the next step.
+  for any ISA (plain ``--target arm``: NEON widening multiplies).
 
 Accumulation is int32: a row overflows only past 2^31 / (255 * 128) = 65 793 stored inputs per row.
 """
@@ -107,16 +111,22 @@ def quantize_activation(x: np.ndarray) -> tuple[np.ndarray, float, int]:
 def variant_for(target: Any) -> str:
     """``vnni`` where the target's code has AVX-512 VNNI (and AVX-512 BW), ``avx2`` where it has AVX2,
     else ``generic``."""
-    if target_family(target) == "x86":
+    fam = target_family(target)
+    if fam == "x86":
         feats = llvm_features(target)
         if {"avx512vnni", "avx512bw"} <= feats:
             return "vnni"
         if "avx2" in feats:
             return "avx2"
+    if fam == "arm" and "dotprod" in llvm_features(target):
+        return "sdot"
     return "generic"
 
 
-BLOCK_ROWS = {"vnni": 16, "avx2": 8}  # the block height each ISA variant takes (generic: any)
+BLOCK_ROWS = {"vnni": 16, "avx2": 8, "sdot": 4}  # the block height each ISA variant takes (generic: any)
+# sdot multiplies signed bytes: that kernel takes X as int8 with the zero point shifted by -128
+# (x_s8 = x_u8 - 128 exactly), so its zero-point correction is (zx - 128) * rowsum(Wq)
+SIGNED_X = frozenset({"sdot"})
 # avx2: rows of an 8 x 4 block stored as 0, 1, 4, 5, 2, 3, 6, 7: vphaddd of the two vpmaddwd results
 # (rows 0,1,4,5 and 2,3,6,7, one int16 pair each) then yields rows 0..7 in order
 AVX2_ROW_ORDER = (0, 1, 4, 5, 2, 3, 6, 7)
@@ -167,6 +177,7 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
     nnzb_ = max(nnzb, 1)
     task = T.parallel if nnzb * r * BLOCK_C * m >= PARALLEL_MIN_STORED_BYTES else T.serial
     ydt = "int32" if acc_only else ("uint8" if requant else "float32")
+    xdt = "int8" if variant in SIGNED_X else "uint8"
     zero_f = T.float32(0)
 
     def out(v, s, c, bb):
@@ -206,6 +217,32 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
 
         return vnni
 
+    if variant == "sdot":
+        sdot = T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8")
+
+        @T.prim_func
+        def sdot_fn(xq: T.Buffer((m, k), "int8"), data: T.Buffer((nnzb_ * 16,), "int8"),
+                    indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                    scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
+                    y: T.Buffer((m, n), ydt)):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            for i in task(nbr):
+                acc = T.decl_buffer((m * 4,), "int32", scope=CPU_STACK)
+                for mi in T.unroll(m):
+                    acc[T.ramp(mi * 4, 1, 4)] = T.broadcast(T.int32(0), 4)
+                for j in T.serial(indptr[i], indptr[i + 1]):
+                    for mi in T.unroll(m):
+                        acc[T.ramp(mi * 4, 1, 4)] = T.call_llvm_pure_intrin(
+                            "int32x4", sdot, acc[T.ramp(mi * 4, 1, 4)], data[T.ramp(j * 16, 1, 16)],
+                            T.reinterpret("int8x16", T.broadcast(
+                                T.reinterpret("int32", xq[mi, T.ramp(indices[j] * 4, 1, 4)]), 4)))
+                for mi in T.serial(m):
+                    for rr in T.vectorized(4):
+                        y[mi, i * 4 + rr] = out(acc[mi * 4 + rr], scale[i * 4 + rr], corr[i * 4 + rr],
+                                                bias[i * 4 + rr])
+
+        return sdot_fn
+
     if variant == "avx2":
         pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
         phaddd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
@@ -242,7 +279,7 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
         return avx2
 
     @T.prim_func
-    def generic(xq: T.Buffer((m, k), "uint8"), data: T.Buffer((nnzb_ * r * 4,), "int8"),
+    def generic(xq: T.Buffer((m, k), xdt), data: T.Buffer((nnzb_ * r * 4,), "int8"),
                 indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
                 scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
                 y: T.Buffer((m, n), ydt)):
@@ -271,14 +308,19 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
 def kernel_args(xq: np.ndarray, b: BSRInt8, sx: float, zx: int, bias: np.ndarray | None = None,
                 variant: str = "generic") -> list[np.ndarray]:
     """Inputs of the ``variant``'s PrimFunc (output buffer not included): the avx2 kernel reads its
-    blocks' rows in ``AVX2_ROW_ORDER``."""
+    blocks' rows in ``AVX2_ROW_ORDER``; the sdot kernel takes ``x - 128`` as int8 and the correction
+    for it (its ``acc_only`` output is then ``(Xq - 128) @ Wq^T``)."""
     scale, corr, bias_ = epilogue_args(b, sx, zx, bias)
     blocks = b.data if b.nnzb else np.zeros((1, b.r, BLOCK_C), np.int8)
     if variant == "avx2":
         blocks = blocks[:, list(AVX2_ROW_ORDER)]
     data = np.ascontiguousarray(blocks).reshape(-1)
+    xq = np.ascontiguousarray(xq, np.uint8)
+    if variant in SIGNED_X:
+        xq = (xq.astype(np.int16) - 128).astype(np.int8)
+        corr = (corr.astype(np.int64) - 128 * b.row_sums().astype(np.int64)).astype(np.int32)
     idx = b.indices if b.nnzb else np.zeros(1, np.int32)
-    return [np.ascontiguousarray(xq, np.uint8), data, idx, b.indptr, scale, corr, bias_]
+    return [xq, data, idx, b.indptr, scale, corr, bias_]
 
 
 def build(m: int, b: BSRInt8, target: Any, relu: bool = False, acc_only: bool = False, variant: str | None = None,
@@ -335,8 +377,16 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
             gv = bb.add_func(prim, f"bsr_int8_{r}x4_{v}" + ("_relu" if relu else ""))
             x2 = x if len(shape) == 2 else relax.op.reshape(x, (m, k))
             sx, zx = float(np.asarray(xs).reshape(())), float(np.asarray(xz).reshape(()))
-            q = relax.op.add(relax.op.round(relax.op.divide(x2, relax.const(np.float32(sx)))), relax.const(np.float32(zx)))
-            xq = relax.op.astype(relax.op.clip(q, 0, 255), "uint8")
+            # X is quantized in its zero point's type (uint8, or int8 as quantize.int8 does for aarch64) and
+            # shifted by +-128 into the kernel's (int8 for sdot, else uint8); sum((x + shift) w) adds
+            # shift * rowsum(W) to the accumulators, which the correction takes back
+            zp_signed, k_signed = np.asarray(xz).dtype == np.int8, v in SIGNED_X
+            shift = (128 if zp_signed and not k_signed else (-128 if k_signed and not zp_signed else 0))
+            lo = (-128.0 if zp_signed else 0.0) + shift
+            q = relax.op.add(relax.op.round(relax.op.divide(x2, relax.const(np.float32(sx)))),
+                             relax.const(np.float32(zx + shift)))
+            xq = relax.op.astype(relax.op.clip(q, lo, lo + 255), "int8" if k_signed else "uint8")
+            corr = corr.astype(np.int64) + shift * b.row_sums().astype(np.int64)
             args = [bb.normalize(xq), relax.const(np.ascontiguousarray(blocks).reshape(-1)),
                     relax.const(b.indices if b.nnzb else np.zeros(1, np.int32)), relax.const(b.indptr),
                     relax.const(scale.astype(np.float32)), relax.const(corr.astype(np.int32)),
@@ -348,6 +398,6 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
 
         return type(f"Convert{op}", (OnnxOpConverter,), {"_impl_v1": classmethod(_impl_v1)})
 
-    if target_family(tvm_target) != "x86":
+    if target_family(tvm_target) not in ("x86", "arm"):
         return {}
     return {op: make(op) for op in QMATMUL_OPS}

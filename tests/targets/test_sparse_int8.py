@@ -43,7 +43,8 @@ def test_bsr_int8_format_round_trip():
 
 def test_variant_by_isa():
     assert si.variant_for(VNNI) == "vnni"
-    assert si.variant_for(AVX2) == "avx2" and si.variant_for(ARM) == "generic"
+    assert si.variant_for(AVX2) == "avx2" and si.variant_for(ARM) == "sdot"
+    assert si.variant_for({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}) == "generic"
     assert si.variant_for({**X86, "mcpu": "skylake-avx512"}) == "avx2"  # AVX-512 without VNNI: the AVX2 form
     with pytest.raises(ValueError):
         si.make_primfunc(1, (64, 64), 16, 4, AVX2)  # the avx2 kernel takes 8-row blocks
@@ -124,7 +125,9 @@ def test_vnni_kernel_uses_vpdpbusd():
 
 @pytest.mark.emulated
 @pytest.mark.slow
-def test_aarch64_kernel_exact_under_qemu(tmp_path):
+def test_aarch64_kernels_exact_under_qemu(tmp_path):
+    """sdot (dot-product extension, 4x4 blocks, x - 128 as int8) and the generic kernel (plain NEON):
+    bit-exact int32 accumulators in the aarch64 guest; the sdot kernel executes far fewer instructions."""
     from compressor.errors import DependencyError
     from targets import device_qemu
 
@@ -133,13 +136,22 @@ def test_aarch64_kernel_exact_under_qemu(tmp_path):
     except DependencyError as exc:
         pytest.skip(f"no aarch64 guest under qemu: {exc.one_line()}")
     rng = np.random.default_rng(5)
+    plain = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
     kernels = []
     for m in (1, 4):
-        b, _ = _weights(32, 128, 4, 0.3, rng, extreme=True)
-        xq = rng.integers(0, 256, (m, 128)).astype(np.uint8)
-        args = si.kernel_args(xq, b, 0.1, 3) + [np.zeros((m, 32), np.int32)]
-        kernels.append({"name": f"i8_{m}", "func": si.make_primfunc(m, b.shape, 4, b.nnzb, ARM, acc_only=True),
-                        "args": args, "ref": si.reference_acc(xq, b)})
+        b, wq = _weights(64, 256, 4, 0.3, rng, extreme=True)
+        xq = rng.integers(0, 256, (m, 256)).astype(np.uint8)
+        xq[:, ::5] = 255
+        for variant in ("sdot", "generic"):
+            args = si.kernel_args(xq, b, 0.1, 3, variant=variant) + [np.zeros((m, 64), np.int32)]
+            x_used = args[0].astype(np.int64)  # what the kernel multiplies: x - 128 for sdot
+            kernels.append({"name": f"i8_{variant}_{m}", "variant": variant,
+                            "func": si.make_primfunc(m, b.shape, 4, b.nnzb, ARM, acc_only=True, variant=variant),
+                            "args": args, "ref": (x_used @ wq.astype(np.int64).T).astype(np.int32)})
     got = device_qemu.run_kernels(kernels, ARM, tmp_path, count=True)
-    for counts, err in got:
-        assert err == 0.0 and counts["total"] > 0  # bit-exact int32 accumulators on aarch64
+    insns = {}
+    for kern, (counts, err) in zip(kernels, got):
+        assert err == 0.0, kern["name"]  # bit-exact int32 accumulators on aarch64
+        insns[kern["name"]] = counts["total"]
+    assert insns["i8_sdot_4"] * 2 < insns["i8_generic_4"]
+    assert si.variant_for(plain) == "generic"
