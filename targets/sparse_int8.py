@@ -160,6 +160,13 @@ def reference(xq: np.ndarray, b: BSRInt8, sx: float, zx: int, bias: np.ndarray |
     return y
 
 
+def m_tile(m: int, r: int) -> int:
+    """Batch rows per accumulator tile: the largest divisor of ``m`` up to ``min(8, 64 // r)`` (at most 64
+    int32 accumulators: 4 zmm / 8 ymm / 8-16 q registers, and a stack buffer far below 1 KiB)."""
+    cap = max(1, min(8, 64 // r))
+    return max(d for d in range(1, cap + 1) if m % d == 0)
+
+
 def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: Any, relu: bool = False,
                   acc_only: bool = False, variant: str | None = None, requant: tuple[float, int] | None = None):
     """PrimFunc ``f(xq[M, K] u8, data[nnzb*R*4] i8, indices[nnzb] i32, indptr[N/R+1] i32, scale[N] f32,
@@ -175,6 +182,7 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
         raise ValueError(f"the {variant} kernel takes {BLOCK_ROWS[variant]}x4 blocks (one vector of int32 lanes)")
     nbr = n // r
     nnzb_ = max(nnzb, 1)
+    mt = m_tile(m, r)
     task = T.parallel if nnzb * r * BLOCK_C * m >= PARALLEL_MIN_STORED_BYTES else T.serial
     ydt = "int32" if acc_only else ("uint8" if requant else "float32")
     xdt = "int8" if variant in SIGNED_X else "uint8"
@@ -200,20 +208,21 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
                  y: T.Buffer((m, n), ydt)):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             for i in task(nbr):
-                acc = T.decl_buffer((m * 16,), "int32", scope=CPU_STACK)
-                for mi in T.unroll(m):
-                    acc[T.ramp(mi * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
-                for j in T.serial(indptr[i], indptr[i + 1]):
-                    for mi in T.unroll(m):
-                        acc[T.ramp(mi * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                            "int32x16", vpdpbusd, acc[T.ramp(mi * 16, 1, 16)],
-                            T.reinterpret("int8x64", T.broadcast(
-                                T.reinterpret("int32", xq[mi, T.ramp(indices[j] * 4, 1, 4)]), 16)),
-                            data[T.ramp(j * 64, 1, 64)])
-                for mi in T.serial(m):
-                    for rr in T.vectorized(16):
-                        y[mi, i * 16 + rr] = out(acc[mi * 16 + rr], scale[i * 16 + rr], corr[i * 16 + rr],
-                                                 bias[i * 16 + rr])
+                for mo in T.serial(m // mt):
+                    acc = T.decl_buffer((mt * 16,), "int32", scope=CPU_STACK)
+                    for mi in T.unroll(mt):
+                        acc[T.ramp(mi * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                    for j in T.serial(indptr[i], indptr[i + 1]):
+                        for mi in T.unroll(mt):
+                            acc[T.ramp(mi * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                "int32x16", vpdpbusd, acc[T.ramp(mi * 16, 1, 16)],
+                                T.reinterpret("int8x64", T.broadcast(
+                                    T.reinterpret("int32", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)]), 16)),
+                                data[T.ramp(j * 64, 1, 64)])
+                    for mi in T.serial(mt):
+                        for rr in T.vectorized(16):
+                            y[mo * mt + mi, i * 16 + rr] = out(acc[mi * 16 + rr], scale[i * 16 + rr], corr[i * 16 + rr],
+                                                     bias[i * 16 + rr])
 
         return vnni
 
@@ -227,19 +236,20 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
                     y: T.Buffer((m, n), ydt)):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             for i in task(nbr):
-                acc = T.decl_buffer((m * 4,), "int32", scope=CPU_STACK)
-                for mi in T.unroll(m):
-                    acc[T.ramp(mi * 4, 1, 4)] = T.broadcast(T.int32(0), 4)
-                for j in T.serial(indptr[i], indptr[i + 1]):
-                    for mi in T.unroll(m):
-                        acc[T.ramp(mi * 4, 1, 4)] = T.call_llvm_pure_intrin(
-                            "int32x4", sdot, acc[T.ramp(mi * 4, 1, 4)], data[T.ramp(j * 16, 1, 16)],
-                            T.reinterpret("int8x16", T.broadcast(
-                                T.reinterpret("int32", xq[mi, T.ramp(indices[j] * 4, 1, 4)]), 4)))
-                for mi in T.serial(m):
-                    for rr in T.vectorized(4):
-                        y[mi, i * 4 + rr] = out(acc[mi * 4 + rr], scale[i * 4 + rr], corr[i * 4 + rr],
-                                                bias[i * 4 + rr])
+                for mo in T.serial(m // mt):
+                    acc = T.decl_buffer((mt * 4,), "int32", scope=CPU_STACK)
+                    for mi in T.unroll(mt):
+                        acc[T.ramp(mi * 4, 1, 4)] = T.broadcast(T.int32(0), 4)
+                    for j in T.serial(indptr[i], indptr[i + 1]):
+                        for mi in T.unroll(mt):
+                            acc[T.ramp(mi * 4, 1, 4)] = T.call_llvm_pure_intrin(
+                                "int32x4", sdot, acc[T.ramp(mi * 4, 1, 4)], data[T.ramp(j * 16, 1, 16)],
+                                T.reinterpret("int8x16", T.broadcast(
+                                    T.reinterpret("int32", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)]), 4)))
+                    for mi in T.serial(mt):
+                        for rr in T.vectorized(4):
+                            y[mo * mt + mi, i * 4 + rr] = out(acc[mi * 4 + rr], scale[i * 4 + rr], corr[i * 4 + rr],
+                                                    bias[i * 4 + rr])
 
         return sdot_fn
 
@@ -254,27 +264,28 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
                  y: T.Buffer((m, n), ydt)):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             for i in task(nbr):
-                acc = T.decl_buffer((m * 8,), "int32", scope=CPU_STACK)
-                for mi in T.unroll(m):
-                    acc[T.ramp(mi * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
-                for j in T.serial(indptr[i], indptr[i + 1]):
-                    for mi in T.unroll(m):
-                        # x's 4 bytes as 4 int16 (zero-extended), repeated over the 4 64-bit groups; products
-                        # are int16 x int16 -> int32 (vpmaddwd): no saturation whatever the values
-                        acc[T.ramp(mi * 8, 1, 8)] = acc[T.ramp(mi * 8, 1, 8)] + T.call_llvm_pure_intrin(
-                            "int32x8", phaddd,
-                            T.call_llvm_pure_intrin(
-                                "int32x8", pmaddwd, T.Cast("int16x16", data[T.ramp(j * 32, 1, 16)]),
-                                T.reinterpret("int16x16", T.broadcast(T.reinterpret(
-                                    "int64", T.Cast("int16x4", xq[mi, T.ramp(indices[j] * 4, 1, 4)])), 4))),
-                            T.call_llvm_pure_intrin(
-                                "int32x8", pmaddwd, T.Cast("int16x16", data[T.ramp(j * 32 + 16, 1, 16)]),
-                                T.reinterpret("int16x16", T.broadcast(T.reinterpret(
-                                    "int64", T.Cast("int16x4", xq[mi, T.ramp(indices[j] * 4, 1, 4)])), 4))))
-                for mi in T.serial(m):
-                    for rr in T.vectorized(8):
-                        y[mi, i * 8 + rr] = out(acc[mi * 8 + rr], scale[i * 8 + rr], corr[i * 8 + rr],
-                                                bias[i * 8 + rr])
+                for mo in T.serial(m // mt):
+                    acc = T.decl_buffer((mt * 8,), "int32", scope=CPU_STACK)
+                    for mi in T.unroll(mt):
+                        acc[T.ramp(mi * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+                    for j in T.serial(indptr[i], indptr[i + 1]):
+                        for mi in T.unroll(mt):
+                            # x's 4 bytes as 4 int16 (zero-extended), repeated over the 4 64-bit groups; products
+                            # are int16 x int16 -> int32 (vpmaddwd): no saturation whatever the values
+                            acc[T.ramp(mi * 8, 1, 8)] = acc[T.ramp(mi * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                                "int32x8", phaddd,
+                                T.call_llvm_pure_intrin(
+                                    "int32x8", pmaddwd, T.Cast("int16x16", data[T.ramp(j * 32, 1, 16)]),
+                                    T.reinterpret("int16x16", T.broadcast(T.reinterpret(
+                                        "int64", T.Cast("int16x4", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)])), 4))),
+                                T.call_llvm_pure_intrin(
+                                    "int32x8", pmaddwd, T.Cast("int16x16", data[T.ramp(j * 32 + 16, 1, 16)]),
+                                    T.reinterpret("int16x16", T.broadcast(T.reinterpret(
+                                        "int64", T.Cast("int16x4", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)])), 4))))
+                    for mi in T.serial(mt):
+                        for rr in T.vectorized(8):
+                            y[mo * mt + mi, i * 8 + rr] = out(acc[mi * 8 + rr], scale[i * 8 + rr], corr[i * 8 + rr],
+                                                    bias[i * 8 + rr])
 
         return avx2
 
@@ -285,22 +296,23 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
                 y: T.Buffer((m, n), ydt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         for i in task(nbr):
-            acc = T.decl_buffer((m * r,), "int32", scope=CPU_STACK)
-            for mi in T.unroll(m):
-                for rr in T.vectorized(r):
-                    acc[mi * r + rr] = 0
-            for j in T.serial(indptr[i], indptr[i + 1]):
-                for mi in T.unroll(m):
+            for mo in T.serial(m // mt):
+                acc = T.decl_buffer((mt * r,), "int32", scope=CPU_STACK)
+                for mi in T.unroll(mt):
                     for rr in T.vectorized(r):
-                        acc[mi * r + rr] = (
-                            acc[mi * r + rr]
-                            + T.Cast("int32", xq[mi, indices[j] * 4]) * T.Cast("int32", data[(j * r + rr) * 4])
-                            + T.Cast("int32", xq[mi, indices[j] * 4 + 1]) * T.Cast("int32", data[(j * r + rr) * 4 + 1])
-                            + T.Cast("int32", xq[mi, indices[j] * 4 + 2]) * T.Cast("int32", data[(j * r + rr) * 4 + 2])
-                            + T.Cast("int32", xq[mi, indices[j] * 4 + 3]) * T.Cast("int32", data[(j * r + rr) * 4 + 3]))
-            for mi in T.serial(m):
-                for rr in T.vectorized(r):
-                    y[mi, i * r + rr] = out(acc[mi * r + rr], scale[i * r + rr], corr[i * r + rr], bias[i * r + rr])
+                        acc[mi * r + rr] = 0
+                for j in T.serial(indptr[i], indptr[i + 1]):
+                    for mi in T.unroll(mt):
+                        for rr in T.vectorized(r):
+                            acc[mi * r + rr] = (
+                                acc[mi * r + rr]
+                                + T.Cast("int32", xq[mo * mt + mi, indices[j] * 4]) * T.Cast("int32", data[(j * r + rr) * 4])
+                                + T.Cast("int32", xq[mo * mt + mi, indices[j] * 4 + 1]) * T.Cast("int32", data[(j * r + rr) * 4 + 1])
+                                + T.Cast("int32", xq[mo * mt + mi, indices[j] * 4 + 2]) * T.Cast("int32", data[(j * r + rr) * 4 + 2])
+                                + T.Cast("int32", xq[mo * mt + mi, indices[j] * 4 + 3]) * T.Cast("int32", data[(j * r + rr) * 4 + 3]))
+                for mi in T.serial(mt):
+                    for rr in T.vectorized(r):
+                        y[mo * mt + mi, i * r + rr] = out(acc[mi * r + rr], scale[i * r + rr], corr[i * r + rr], bias[i * r + rr])
 
     return generic
 

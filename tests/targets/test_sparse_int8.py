@@ -41,6 +41,14 @@ def test_bsr_int8_format_round_trip():
         si.to_bsr_int8(np.zeros((10, 8), np.int8), np.ones(10, np.float32), 16)
 
 
+def test_m_tile_divides_and_bounds_the_accumulators():
+    for r in (4, 8, 16):
+        for m in (1, 3, 7, 12, 128, 131):
+            t = si.m_tile(m, r)
+            assert m % t == 0 and t * r <= 64 and t >= 1
+    assert si.m_tile(128, 16) == 4 and si.m_tile(7, 16) == 1 and si.m_tile(128, 4) == 8
+
+
 def test_variant_by_isa():
     assert si.variant_for(VNNI) == "vnni"
     assert si.variant_for(AVX2) == "avx2" and si.variant_for(ARM) == "sdot"
@@ -59,7 +67,7 @@ def _host_runs(target) -> bool:
 
 
 @pytest.mark.parametrize("target", [VNNI, AVX2, {**X86, "mcpu": "x86-64-v2"}], ids=["avx512-vnni", "avx2", "sse4-generic"])
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 7, 128])
 def test_x86_kernels_exact(target, m):
     rng = np.random.default_rng(m)
     n, k = 64, 256
