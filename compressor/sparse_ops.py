@@ -25,7 +25,11 @@ ALL_OPS: tuple[str, ...] = MATMUL_OPS + CONV_OPS + KXK_OPS
 # (targets.sparse_int8). Not in ALL_OPS: the qemu dense twin does not rebuild them (x86 only so far).
 QMATMUL = "SparseQMatMul"
 QMATMUL_RELU = "SparseQMatMulRelu"
-QMATMUL_OPS: tuple[str, ...] = (QMATMUL, QMATMUL_RELU)
+# dynamic int8 (quantize.int8's choice for transformer MatMuls): SparseDQMatMul(X, data, indices, indptr,
+# w_scale, rowsum, bias): X quantized per call as DynamicQuantizeLinear does (uint8, scale and zero point from
+# X's range), Y = (Xq @ W^T - x_zero_point * rowsum) * (x_scale * w_scale) + bias
+DQMATMUL = "SparseDQMatMul"
+QMATMUL_OPS: tuple[str, ...] = (QMATMUL, QMATMUL_RELU, DQMATMUL)
 
 
 def is_sparse_op(domain: str, op_type: str) -> bool:

@@ -126,7 +126,7 @@ log = logging.getLogger(__name__)
 from compressor.sparse_ops import CONV1X1 as OP_CONV, CONV1X1_RELU as OP_CONV_RELU, DOMAIN, MATMUL as OP  # noqa: E402
 from compressor.sparse_ops import MATMUL_RELU as OP_RELU  # noqa: E402
 from compressor.sparse_ops import KXK as OP_KXK, KXK_RELU as OP_KXK_RELU  # noqa: E402
-from compressor.sparse_ops import QMATMUL as OP_Q, QMATMUL_RELU as OP_Q_RELU  # noqa: E402
+from compressor.sparse_ops import DQMATMUL as OP_DQ, QMATMUL as OP_Q, QMATMUL_RELU as OP_Q_RELU  # noqa: E402
 MIN_OPSET = 16
 
 # --- CPU cost model (see module docstring; constants fitted by bench/cost_model.py) --------
@@ -400,7 +400,7 @@ def reference_function(op: str, opset: int) -> onnx.FunctionProto:
     ``Conv(X, Unsqueeze(W, [2, 3]), bias)``."""
     conv = op in (OP_CONV, OP_CONV_RELU, OP_KXK, OP_KXK_RELU)
     kxk = op in (OP_KXK, OP_KXK_RELU)
-    quant = op in (OP_Q, OP_Q_RELU)
+    quant = op in (OP_Q, OP_Q_RELU, OP_DQ)
     i64 = lambda name, vals: helper.make_node(  # noqa: E731
         "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals))
     nodes = [
@@ -470,6 +470,21 @@ def reference_function(op: str, opset: int) -> onnx.FunctionProto:
             nodes.append(helper.make_node("Conv", ["X", "W4", "bias"], ["Y"]))
         return helper.make_function(DOMAIN, op, ["X", "data", "indices", "indptr", "bias"], ["Y"], nodes,
                                     [helper.make_opsetid("", opset)])
+    if op == OP_DQ:  # DynamicQuantizeLinear per call, then the same integer product and epilogue
+        nodes += [
+            helper.make_node("DynamicQuantizeLinear", ["X"], ["Xq", "xs", "xz"]),
+            helper.make_node("Transpose", ["W"], ["WT"], perm=[1, 0]),
+            helper.make_node("MatMulInteger", ["Xq", "WT"], ["acc"]),
+            helper.make_node("Cast", ["xz"], ["xz32"], to=TensorProto.INT32),
+            helper.make_node("Mul", ["xz32", "rowsum"], ["corr"]),
+            helper.make_node("Sub", ["acc", "corr"], ["acc_c"]),
+            helper.make_node("Cast", ["acc_c"], ["acc_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["xs", "w_scale"], ["scale"]),
+            helper.make_node("Mul", ["acc_f", "scale"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "bias"], ["Y"]),
+        ]
+        return helper.make_function(DOMAIN, op, ["X", "data", "indices", "indptr", "w_scale", "rowsum", "bias"], ["Y"],
+                                    nodes, [helper.make_opsetid("", opset)])
     if quant:  # acc = Xq @ Wq^T exactly (int32), then the kernel's epilogue
         nodes += [
             helper.make_node("QuantizeLinear", ["X", "x_scale", "x_zero_point"], ["Xq"]),
@@ -671,6 +686,39 @@ def _qdq_input(node: gs.Node) -> tuple[gs.Tensor, gs.Constant, gs.Constant, floa
     return q.inputs[0], q.inputs[1], q.inputs[2], float(s_q.reshape(())), int(z_q.reshape(()))
 
 
+def _dynamic_int8(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray, gs.Node] | None:
+    """``(X, Wq [N, K] int8, w_scale [N], final Mul)`` when ``node`` is onnxruntime's dynamic int8 MatMul:
+    ``MatMulInteger(DynamicQuantizeLinear(X), Wq const, its zero point, zero)`` -> ``Cast`` -> ``Mul`` by
+    ``Mul(the DQL scale, w_scale const)``."""
+    if node.op != "MatMulInteger" or len(node.inputs) < 3:
+        return None
+    dql = _producer(node.inputs[0], "DynamicQuantizeLinear")
+    wq = _const(node.inputs[1])
+    if dql is None or wq is None or wq.dtype != np.int8 or wq.ndim != 2 or node.inputs[2] is not dql.outputs[2]:
+        return None
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        wz = _const(node.inputs[3])
+        if wz is None or np.any(wz != 0):
+            return None
+    cons = _consumers(node.outputs[0])
+    if len(cons) != 1 or cons[0].op != "Cast" or int(cons[0].attrs.get("to", 0)) != TensorProto.FLOAT:
+        return None
+    mcons = _consumers(cons[0].outputs[0])
+    if len(mcons) != 1 or mcons[0].op != "Mul":
+        return None
+    mul = mcons[0]
+    other = [t for t in mul.inputs if t is not cons[0].outputs[0]]
+    smul = _producer(other[0], "Mul") if len(other) == 1 else None
+    if smul is None or dql.outputs[1] not in smul.inputs:
+        return None
+    ws = [_const(t) for t in smul.inputs if t is not dql.outputs[1]]
+    n = wq.shape[1]
+    if len(ws) != 1 or ws[0] is None or ws[0].size not in (1, n):
+        return None
+    sw = np.broadcast_to(np.asarray(ws[0], np.float32).reshape(-1), (n,)).astype(np.float32)
+    return dql.inputs[0], np.ascontiguousarray(wq.T), sw, mul
+
+
 def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dict, outputs: set[str], opset: int,
                 warnings: list[str], layers: list[dict]) -> tuple[int, int]:
     """QDQ int8 MatMul/Gemm layers with a sparse int8 weight -> ``compressor::SparseQMatMul[Relu]``
@@ -686,14 +734,20 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
     r = si.BLOCK_ROWS.get(variant, 4)
     lowered = 0
     for node in list(graph.nodes):
-        if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
-            continue
-        wq_sw = _qdq_weight(node)
-        xin = _qdq_input(node) if wq_sw is not None else None
-        if xin is None:
-            continue
-        wq, sw = wq_sw
-        x, x_scale, x_zp, sx, zx = xin
+        dyn = _dynamic_int8(node)
+        if dyn is not None:
+            x, wq, sw, dyn_mul = dyn
+            x_scale = x_zp = None
+            sx, zx = 1.0, 0
+        else:
+            if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
+                continue
+            wq_sw = _qdq_weight(node)
+            xin = _qdq_input(node) if wq_sw is not None else None
+            if xin is None:
+                continue
+            wq, sw = wq_sw
+            x, x_scale, x_zp, sx, zx = xin
         label = node.name or node.outputs[0].name
         if any(fnmatch.fnmatch(label, p) for p in cfg.ignore):
             continue
@@ -703,7 +757,8 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
             continue
         m = _static_m(x, shapes)
         rec = {"node": label, "op": node.op, "shape": [n, k], "batch": m, "sparsity": round(float(zeros), 4),
-               "block": f"{r}x4", "precision": "int8", "kernel": f"int8 {variant}",
+               "block": f"{r}x4", "precision": "int8" + (" dynamic" if dyn is not None else ""),
+               "kernel": f"int8 {variant}",
                "cost_model": "int8: empty-block share (no int8 kernel fit yet)"}
         why = None
         if n % r or k % 4:
@@ -735,23 +790,33 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
             layers.append(rec)
             warnings.append(f"{label}: int8 layer kept dense ({why}; {zeros:.0%} zeros)")
             continue
-        out = node.outputs[0]
-        op = OP_Q
-        relu_node = None
-        cons = _consumers(out)
-        if cfg.fuse_activation and len(cons) == 1 and cons[0].op == "Relu" and out.name not in outputs:
-            relu_node, op = cons[0], OP_Q_RELU
-        result = relu_node.outputs[0] if relu_node is not None else out
-        opset = _relabel_opset(graph, opset, warnings)
-        _ensure_function(graph, op, opset)
-        scale, corr, bias_ = si.epilogue_args(b, sx, zx, bias)
         pre = f"{label}_bsr8"
-        consts = [gs.Constant(f"{pre}_data", b.data), gs.Constant(f"{pre}_indices", b.indices),
-                  gs.Constant(f"{pre}_indptr", b.indptr), gs.Constant(f"{pre}_scale", scale),
-                  gs.Constant(f"{pre}_corr", corr), gs.Constant(f"{pre}_bias", bias_)]
-        new = gs.Node(op=op, name=f"{label}_sparse8", domain=DOMAIN, inputs=[x, *consts, x_scale, x_zp],
-                      outputs=[result])
-        for dead in (node, relu_node):
+        arrays = [gs.Constant(f"{pre}_data", b.data), gs.Constant(f"{pre}_indices", b.indices),
+                  gs.Constant(f"{pre}_indptr", b.indptr)]
+        relu_node = None
+        opset = _relabel_opset(graph, opset, warnings)
+        if dyn is not None:  # the scale and correction depend on X's range: computed per call
+            op, result = OP_DQ, dyn_mul.outputs[0]
+            _ensure_function(graph, op, opset)
+            new = gs.Node(op=op, name=f"{label}_sparse8", domain=DOMAIN, inputs=[
+                x, *arrays, gs.Constant(f"{pre}_w_scale", sw), gs.Constant(f"{pre}_rowsum", b.row_sums()),
+                gs.Constant(f"{pre}_bias", bias)], outputs=[result])
+            dead_nodes = (node, dyn_mul)
+        else:
+            out = node.outputs[0]
+            op = OP_Q
+            cons = _consumers(out)
+            if cfg.fuse_activation and len(cons) == 1 and cons[0].op == "Relu" and out.name not in outputs:
+                relu_node, op = cons[0], OP_Q_RELU
+            result = relu_node.outputs[0] if relu_node is not None else out
+            _ensure_function(graph, op, opset)
+            scale, corr, bias_ = si.epilogue_args(b, sx, zx, bias)
+            consts = [*arrays, gs.Constant(f"{pre}_scale", scale), gs.Constant(f"{pre}_corr", corr),
+                      gs.Constant(f"{pre}_bias", bias_)]
+            new = gs.Node(op=op, name=f"{label}_sparse8", domain=DOMAIN, inputs=[x, *consts, x_scale, x_zp],
+                          outputs=[result])
+            dead_nodes = (node, relu_node)
+        for dead in dead_nodes:
             if dead is not None:
                 dead.outputs.clear()
                 dead.inputs.clear()
@@ -769,17 +834,21 @@ def int8_sparse_candidates(model: onnx.ModelProto, tvm_target, min_sparsity: flo
     from targets import sparse_int8 as si
     from targets.sparse_kernels import target_family
 
-    if target_family(tvm_target) not in ("x86", "arm") or not any(n.op_type == "DequantizeLinear"
-                                                                 for n in model.graph.node):
+    if target_family(tvm_target) not in ("x86", "arm") or not any(
+            n.op_type in ("DequantizeLinear", "DynamicQuantizeLinear") for n in model.graph.node):
         return []
     r = si.BLOCK_ROWS.get(si.variant_for(tvm_target), 4)
     out = []
     for node in gs.import_onnx(model).nodes:
-        if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
+        dyn = _dynamic_int8(node)
+        if dyn is not None:
+            wq_sw = (dyn[1], dyn[2])
+        elif node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
             continue
-        wq_sw = _qdq_weight(node)
-        if wq_sw is None or _qdq_input(node) is None:
-            continue
+        else:
+            wq_sw = _qdq_weight(node)
+            if wq_sw is None or _qdq_input(node) is None:
+                continue
         wq = wq_sw[0]
         n, k = wq.shape
         if n % r or k % 4:

@@ -74,7 +74,7 @@ class BSRInt8:
 
     def row_sums(self) -> np.ndarray:
         """``sum_k Wq[n, k]`` per row (int32)."""
-        return self.dense().astype(np.int32).sum(axis=1)
+        return self.dense().astype(np.int64).sum(axis=1).astype(np.int32)
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -348,6 +348,57 @@ def build(m: int, b: BSRInt8, target: Any, relu: bool = False, acc_only: bool = 
     return lib["bsr_int8"]
 
 
+def make_dynamic_quantize(size: int, target: Any, signed: bool = False):
+    """``f(x[size] f32, xq[size] u8|i8, xs[1] f32, xz[1] f32)``: ONNX DynamicQuantizeLinear over the whole
+    tensor (``xs = (max(x, 0) - min(x, 0)) / 255``, ``xz = clip(round(-min / xs), 0, 255)``,
+    ``xq = clip(round(x / xs) + xz, 0, 255)``), ``signed``: ``xq - 128`` as int8 (the sdot kernel's input;
+    ``xz`` stays the uint8 zero point). One pass for the range (vector min/max), one to quantize."""
+    from tvm.script import tirx as T
+
+    from targets.sparse_kernels import vector_floats
+
+    v = vector_floats(target)
+    nv = size // v
+    qdt = "int8" if signed else "uint8"
+    shift = T.float32(-128.0 if signed else 0.0)
+    zero = T.float32(0)
+
+    @T.prim_func(s_tir=True)
+    def dql(x: T.Buffer((size,), "float32"), xq: T.Buffer((size,), qdt), xs: T.Buffer((1,), "float32"),
+            xz: T.Buffer((1,), "float32")):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        with T.sblock("dynamic_quantize"):
+            lo = T.decl_buffer((v,), "float32", scope=CPU_STACK)
+            hi = T.decl_buffer((v,), "float32", scope=CPU_STACK)
+            rng = T.decl_buffer((2,), "float32", scope=CPU_STACK)
+            for l in T.vectorized(v):
+                lo[l] = zero
+                hi[l] = zero
+            for j in T.serial(nv):
+                for l in T.vectorized(v):
+                    lo[l] = T.min(lo[l], x[j * v + l])
+                    hi[l] = T.max(hi[l], x[j * v + l])
+            rng[0] = zero
+            rng[1] = zero
+            for l in T.serial(v):
+                rng[0] = T.min(rng[0], lo[l])
+                rng[1] = T.max(rng[1], hi[l])
+            for j in T.serial(size - nv * v):
+                rng[0] = T.min(rng[0], x[nv * v + j])
+                rng[1] = T.max(rng[1], x[nv * v + j])
+            xs[0] = (rng[1] - rng[0]) / T.float32(255.0)
+            xz[0] = T.min(T.max(T.round(zero - rng[0] / xs[0]), zero), T.float32(255.0))
+            for j in T.serial(nv):
+                for l in T.vectorized(v):
+                    xq[j * v + l] = T.Cast(qdt, T.min(T.max(T.round(x[j * v + l] / xs[0]) + xz[0], zero),
+                                                      T.float32(255.0)) + shift)
+            for j in T.serial(size - nv * v):
+                xq[nv * v + j] = T.Cast(qdt, T.min(T.max(T.round(x[nv * v + j] / xs[0]) + xz[0], zero),
+                                                   T.float32(255.0)) + shift)
+
+    return dql
+
+
 # ------------------------------------------------------------------ Relax ONNX frontend hook
 
 
@@ -361,19 +412,23 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
     from compressor.errors import TargetError
-    from compressor.sparse_ops import QMATMUL_OPS
+    from compressor.sparse_ops import DQMATMUL, QMATMUL_OPS
 
     variant = variant_for(tvm_target)
 
     def make(op: str) -> type:
         relu = op.endswith("Relu")
+        dynamic = op == DQMATMUL
 
         def _impl_v1(cls, bb, inputs, attr, params):
             x = inputs[0]
-            consts = inputs[1:9]
-            if len(consts) != 8 or not all(isinstance(c, tvm_ir_expr.Constant) for c in consts):
+            consts = inputs[1:7] if dynamic else inputs[1:9]
+            if len(consts) != (6 if dynamic else 8) or not all(isinstance(c, tvm_ir_expr.Constant) for c in consts):
                 raise TargetError(f"compressor::{op}: every input but X must be an initializer")
-            data, indices, indptr, scale, corr, bias, xs, xz = (c.value.numpy() for c in consts)
+            if dynamic:
+                data, indices, indptr, w_scale, rowsum, bias = (c.value.numpy() for c in consts)
+            else:
+                data, indices, indptr, scale, corr, bias, xs, xz = (c.value.numpy() for c in consts)
             shape = [int(d) for d in x.ty.shape]
             k = shape[-1]
             m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
@@ -388,6 +443,8 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
             prim = make_primfunc(m, (n, k), r, b.nnzb, tvm_target, relu, variant=v).without_attr("global_symbol")
             gv = bb.add_func(prim, f"bsr_int8_{r}x4_{v}" + ("_relu" if relu else ""))
             x2 = x if len(shape) == 2 else relax.op.reshape(x, (m, k))
+            if dynamic:
+                return dynamic_call(bb, gv, x2, v, b, blocks, w_scale, rowsum, bias, shape, m, n)
             sx, zx = float(np.asarray(xs).reshape(())), float(np.asarray(xz).reshape(()))
             # X is quantized in its zero point's type (uint8, or int8 as quantize.int8 does for aarch64) and
             # shifted by +-128 into the kernel's (int8 for sdot, else uint8); sum((x + shift) w) adds
@@ -409,6 +466,35 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
             return y
 
         return type(f"Convert{op}", (OnnxOpConverter,), {"_impl_v1": classmethod(_impl_v1)})
+
+    quantized: dict[tuple, tuple] = {}  # (id of X, signed) -> (X, xq, xs, xz): X quantized once per tensor
+
+    def dynamic_call(bb, gv, x2, v, b, blocks, w_scale, rowsum, bias, shape, m, n):
+        """DynamicQuantizeLinear (``make_dynamic_quantize``, once per input tensor: the q/k/v projections
+        share it), then the kernel with the per-call scale and correction vectors."""
+        f32 = lambda v_: relax.const(np.float32(v_))  # noqa: E731
+        shift = -128 if v in SIGNED_X else 0
+        key = (id(x2), bool(shift))
+        if key not in quantized:
+            size = m * int(shape[-1])
+            prim = make_dynamic_quantize(size, tvm_target, bool(shift)).without_attr("global_symbol")
+            qv = bb.add_func(prim, "dynamic_quantize")
+            res = bb.normalize(relax.call_tir(qv, [relax.op.reshape(x2, (size,))], [
+                relax.TensorType((size,), "int8" if shift else "uint8"), relax.TensorType((1,), "float32"),
+                relax.TensorType((1,), "float32")]))
+            xq = bb.normalize(relax.op.reshape(relax.TupleGetItem(res, 0), (m, int(shape[-1]))))
+            quantized[key] = (x2, xq, bb.normalize(relax.TupleGetItem(res, 1)), bb.normalize(relax.TupleGetItem(res, 2)))
+        _, xq, xs, xz = quantized[key]
+        scale = relax.op.multiply(xs, relax.const(w_scale.astype(np.float32)))
+        corr = relax.op.multiply(relax.op.astype(relax.op.add(xz, f32(shift)), "int32"),
+                                 relax.const(rowsum.astype(np.int32)))
+        args = [bb.normalize(xq), relax.const(np.ascontiguousarray(blocks).reshape(-1)),
+                relax.const(b.indices if b.nnzb else np.zeros(1, np.int32)), relax.const(b.indptr),
+                bb.normalize(scale), bb.normalize(corr), relax.const(bias.astype(np.float32))]
+        y = relax.call_tir(gv, args, relax.TensorType((m, n), "float32"))
+        if len(shape) != 2:
+            y = relax.op.reshape(bb.normalize(y), (*shape[:-1], n))
+        return y
 
     if target_family(tvm_target) not in ("x86", "arm"):
         return {}

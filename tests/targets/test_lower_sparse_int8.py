@@ -187,3 +187,39 @@ def test_arm_int8_sparse_bundle_runs_under_qemu(qdq_mlp, cli):
     # 1.39x at this width (the quantize / dequantize code between the layers is the same in both); 7.5x on the
     # 4 x 2048 MLP (bench/sparse_int8.md)
     assert b["passed"] and b["dense_twin"]["passed"] and b["insns"]["dense_over_sparse"] > 1.2
+
+
+def test_dynamic_int8_matmuls_lower_and_run(qdq_mlp, tmp_path):
+    """onnxruntime's dynamic int8 MatMul (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul, what
+    quantize.int8 picks for transformer MatMuls) with block-sparse weights -> compressor::SparseDQMatMul: the
+    reference body reproduces the dynamic model, and the x86 build (X quantized once per tensor by the
+    dynamic_quantize kernel) matches it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import targets
+    from targets import tvm_backend
+
+    fp, _, d = qdq_mlp
+    dyn = tmp_path / "dyn.onnx"
+    quantize_dynamic(str(fp), str(dyn), weight_type=QuantType.QInt8, per_channel=True)
+    lowered, res = _lower(dyn)
+    ops = [n.op_type for n in lowered.graph.node if n.domain == "compressor"]
+    assert ops == ["SparseDQMatMul"] * 3 and not any(n.op_type == "MatMulInteger" for n in lowered.graph.node)
+    assert all(L["precision"] == "int8 dynamic" for L in res.stats["layers"] if L["lowered"])
+    xs = np.random.default_rng(3).standard_normal((4, 1, WIDTH)).astype(np.float32)
+    ref_s, low_s = runtime.session(onnx.load(str(dyn))), runtime.session(lowered)
+    for x in xs:
+        want = ref_s.run(None, {"x": x})[0]
+        np.testing.assert_allclose(low_s.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    _, spec = targets.resolve("x86")
+    if not spec.runs_here:
+        pytest.skip("the host cannot run its own x86 target code")
+    path = tmp_path / "lowered.onnx"
+    onnx.save(lowered, str(path))
+    lib = tmp_path / "l.so"
+    tvm_backend.compile_library(tvm_backend.import_onnx(path, {"x": [1, WIDTH]}, target=spec.tvm_target),
+                                spec.tvm_target, lib)
+    for x in xs:
+        want = ref_s.run(None, {"x": x})[0]
+        got = tvm_backend.run_library(lib, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

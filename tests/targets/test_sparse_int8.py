@@ -163,3 +163,34 @@ def test_aarch64_kernels_exact_under_qemu(tmp_path):
         insns[kern["name"]] = counts["total"]
     assert insns["i8_sdot_4"] * 2 < insns["i8_generic_4"]
     assert si.variant_for(plain) == "generic"
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_dynamic_quantize_kernel_matches_onnxruntime(signed):
+    """make_dynamic_quantize against onnxruntime's DynamicQuantizeLinear (sizes with a vector tail)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from compressor import runtime
+
+    if not _host_runs(AVX2):
+        pytest.skip("needs an AVX2 host")
+    g = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], "d",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                          [helper.make_tensor_value_info(n, t, s) for n, t, s in
+                           (("q", TensorProto.UINT8, [None]), ("s", TensorProto.FLOAT, []), ("z", TensorProto.UINT8, []))])
+    sess = runtime.session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    rng = np.random.default_rng(6)
+    for size in (7, 64, 1000, 4099):
+        x = (rng.standard_normal(size) * 3 + 0.5).astype(np.float32)
+        q, s, z = sess.run(None, {"x": x})
+        f = si.make_dynamic_quantize(size, AVX2, signed).with_attr("global_symbol", "dql")
+        tgt = tvm.target.Target(AVX2)
+        with tgt:
+            lib = tvm.compile(tvm.IRModule({"dql": f}), target=tgt)
+        bufs = [tvm.runtime.tensor(x), tvm.runtime.tensor(np.zeros(size, np.int8 if signed else np.uint8)),
+                tvm.runtime.tensor(np.zeros(1, np.float32)), tvm.runtime.tensor(np.zeros(1, np.float32))]
+        lib["dql"](*bufs)
+        assert bufs[2].numpy()[0] == pytest.approx(float(s), rel=1e-6) and bufs[3].numpy()[0] == float(z)
+        got = bufs[1].numpy().astype(np.int16) + (128 if signed else 0)
+        assert np.abs(got - q.astype(np.int16)).max() <= 1 and (got == q).mean() > 0.999
