@@ -20,6 +20,7 @@ int8 chain's output against the float model's (cosine), beside onnxruntime int8'
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -82,6 +83,54 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
 
 
+def encoder(work: Path, rounds: int, target: str = "x86") -> str:
+    """The BERT-base-width encoder (``bench/cnn_zoo.py`` ``encoder-base``: d_model 768, 12 heads, MLP 3072,
+    seq 128, 2 layers, seeded weights) through the CLI at 90% 16x4: fp32 sparse and int8 sparse bundles,
+    timed interleaved beside onnxruntime fp32 and static int8 (QDQ, per-channel) on the dense model and
+    onnxruntime on the int8 compressed model (dynamic int8 MatMuls: quantize.int8's choice here)."""
+    import onnxruntime as ort
+
+    from bench.cnn_zoo import materialize
+    from compressor.cli import main as compress
+    from compressor.runtime import compare_latency
+    from targets import tvm_backend
+
+    work.mkdir(parents=True, exist_ok=True)
+    model = materialize("encoder-base", work / "encoder.onnx")
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((32, 128, 768)).astype(np.float32)
+    np.savez(work / "calib.npz", x=calib)
+    common = ["--target", target, "--sparsity", "0.9", "--pattern", "16x4", "--calib", str(work / "calib.npz"),
+              "--no-gate", "--force"]
+    for name, extra in (("fp32", []), ("int8", ["--quantize", "int8"])):
+        if compress([str(model), *common, *extra, "-o", str(work / name), "--quiet"]) != 0:
+            raise RuntimeError(f"compress {name} failed")
+    s8 = ort_int8(model, calib[:16], work / "encoder.static_int8.onnx")
+    x = {"x": rng.standard_normal((1, 128, 768)).astype(np.float32)}
+    sess = {k: ort.InferenceSession(str(p)) for k, p in (("ort_fp32", model), ("ort_static_int8", s8),
+                                                           ("ort_on_int8_compressed", work / "int8" / "model.onnx"))}
+    libs = {k: next((work / k).glob("model_*.so")) for k in ("fp32", "int8")}
+    fns = {k: (lambda s_=s_: s_.run(None, x)) for k, s_ in sess.items()}
+    import tvm
+
+    for k, path in libs.items():
+        lib = tvm_backend.LoadedLibrary(path, "cpu")
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), lib.device) for a in lib.order_inputs(x)]
+        fns[f"ours_{k}_sparse"] = (lambda lib=lib, args=args: lib.call_raw(args))
+    t = compare_latency(fns, rounds=rounds)
+    rep = json.loads((work / "int8" / "report.json").read_text())
+    low = [L for p in rep["target_passes"] if p["name"] == "lower.sparse" for L in p["stats"]["layers"] if L["lowered"]]
+    head = ("| ORT fp32 dense | ORT static int8 dense | ORT on the int8 compressed model | ours fp32 sparse (16x4 zeros) | "
+            "ours int8 sparse | x ORT static int8 | x ORT on the compressed |\n|---|---|---|---|---|---|---|\n")
+    ms = {k: v * 1e3 for k, v in t.items()}
+    row = (f"| {ms['ort_fp32']:.2f} | {ms['ort_static_int8']:.2f} | {ms['ort_on_int8_compressed']:.2f} | "
+           f"{ms['ours_fp32_sparse']:.2f} | {ms['ours_int8_sparse']:.2f} | "
+           f"{ms['ort_static_int8'] / ms['ours_int8_sparse']:.2f}x | {ms['ort_on_int8_compressed'] / ms['ours_int8_sparse']:.2f}x |")
+    kinds = sorted({L.get("precision") or "fp32" for L in low})
+    return (f"Encoder, target {target}, milliseconds per inference (lower is better), {len(low)} lowered layers "
+            f"({', '.join(kinds)}):\n\n" + head + row + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=int, default=2048)
@@ -90,10 +139,17 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="x86")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--md")
+    ap.add_argument("--encoder", metavar="WORK", help="instead: the BERT-base-width encoder rows (see encoder())")
     a = ap.parse_args(argv)
     from targets.dense_kernels import default_runtime_threads, physical_cores
 
     default_runtime_threads()
+    if a.encoder:
+        text = encoder(Path(a.encoder), a.rounds, a.target)
+        print(text)
+        if a.md:
+            Path(a.md).write_text(text)
+        return 0
     import onnxruntime as ort
     import tvm
 

@@ -59,7 +59,11 @@ class ArmTarget(Target):
                 )
             tvm_target["mcpu"] = cpu
             artifact = f"model_aarch64_{cpu}.so"
-        required = ("asimd",)  # /proc/cpuinfo name of NEON on aarch64
+        required: tuple[str, ...] = ("asimd",)  # /proc/cpuinfo name of NEON on aarch64
+        from targets.sparse_kernels import llvm_features
+
+        if "dotprod" in llvm_features(tvm_target):  # the int8 sdot kernels (targets.sparse_int8) use it
+            required += ("asimddp",)
         runs_here = host.arch == "aarch64" and all(f in host.features for f in required)
         from targets.arm_cores import core_for
         from targets.lower_sparse import cost_isa, pattern_speedups

@@ -62,6 +62,8 @@ def test_arm_target_variants_and_explained_patterns():
     _, spec = targets.resolve("arm-a55")
     assert spec.tvm_target["mcpu"] == "cortex-a55" and spec.extra["core_model"] == "cortex-a55"
     assert targets.resolve("arm-cortex-a55")[1].tvm_target == spec.tvm_target
+    # the int8 sdot kernels need the dot-product extension: recorded, so the runner refuses a CPU without it
+    assert "asimddp" in spec.isa_features and "asimddp" not in targets.resolve("arm")[1].isa_features
     pats = spec.extra["patterns"]
     assert pats["cost_model"] == "arm-cortex-a55" and spec.preferred_pattern == "unstructured"
     # the figures explain-target shows come from the fit: block rows beat unstructured on a GEMV
