@@ -25,6 +25,9 @@ Variants by the target's code (``variant_for``):
   4-row blocks, one ``sdot`` (4 lanes x 4 signed bytes) per block and batch row; X comes in as int8
   (``x - 128``, see ``SIGNED_X``) since ``sdot`` is signed x signed (``usdot`` needs i8mm, which those
   cores lack);
+* ``avx2_ubs``: the avx2 kernel when every weight has ``|w| <= 64`` (the 7-bit weights quantize.int8 writes
+  for x86 without VNNI): ``vpmaddubsw`` (u8 x s8 pairs into int16, which then cannot saturate) and
+  ``vpmaddwd`` with ones, rows in order; chosen per layer by ``refine_variant``;
 * ``generic``: the same loop written as int32 multiply-adds of widened bytes, which LLVM vectorises
   for any ISA (plain ``--target arm``: NEON widening multiplies).
 
@@ -123,7 +126,17 @@ def variant_for(target: Any) -> str:
     return "generic"
 
 
-BLOCK_ROWS = {"vnni": 16, "avx2": 8, "sdot": 4}  # the block height each ISA variant takes (generic: any)
+BLOCK_ROWS = {"vnni": 16, "avx2": 8, "avx2_ubs": 8, "sdot": 4}  # block height per ISA variant (generic: any)
+# |w| <= 64 (quantize.int8's 7-bit weights on x86 without VNNI, onnxruntime's reduce_range): vpmaddubsw's
+# int16 pair sums stay below 255 * 64 * 2 = 32640 < 32767, so the AVX2 kernel can use it
+UBS_MAX_ABS_W = 64
+
+
+def refine_variant(variant: str, wq_blocks: np.ndarray) -> str:
+    """``avx2_ubs`` for the avx2 kernel when every weight fits ``UBS_MAX_ABS_W`` (no int16 saturation)."""
+    if variant == "avx2" and (wq_blocks.size == 0 or int(np.abs(wq_blocks.astype(np.int16)).max()) <= UBS_MAX_ABS_W):
+        return "avx2_ubs"
+    return variant
 # sdot multiplies signed bytes: that kernel takes X as int8 with the zero point shifted by -128
 # (x_s8 = x_u8 - 128 exactly), so its zero-point correction is (zx - 128) * rowsum(Wq)
 SIGNED_X = frozenset({"sdot"})
@@ -252,6 +265,39 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
                                                     bias[i * 4 + rr])
 
         return sdot_fn
+
+    if variant == "avx2_ubs":
+        pmaddubsw = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
+        pmaddwd1 = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+
+        @T.prim_func
+        def avx2_ubs(xq: T.Buffer((m, k), "uint8"), data: T.Buffer((nnzb_ * 32,), "int8"),
+                     indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+                     scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
+                     y: T.Buffer((m, n), ydt)):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            for i in task(nbr):
+                for mo in T.serial(m // mt):
+                    acc = T.decl_buffer((mt * 8,), "int32", scope=CPU_STACK)
+                    for mi in T.unroll(mt):
+                        acc[T.ramp(mi * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+                    for j in T.serial(indptr[i], indptr[i + 1]):
+                        for mi in T.unroll(mt):
+                            # u8 x s8 pairs into int16 (cannot saturate: |w| <= 64), then pairs of those into
+                            # int32 by a multiply-add with ones: one row's 4 products per int32 lane
+                            acc[T.ramp(mi * 8, 1, 8)] = acc[T.ramp(mi * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                                "int32x8", pmaddwd1, T.call_llvm_pure_intrin(
+                                    "int16x16", pmaddubsw,
+                                    T.reinterpret("int8x32", T.broadcast(
+                                        T.reinterpret("int32", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)]), 8)),
+                                    data[T.ramp(j * 32, 1, 32)]),
+                                T.broadcast(T.int16(1), 16))
+                    for mi in T.serial(mt):
+                        for rr in T.vectorized(8):
+                            y[mo * mt + mi, i * 8 + rr] = out(acc[mi * 8 + rr], scale[i * 8 + rr], corr[i * 8 + rr],
+                                                              bias[i * 8 + rr])
+
+        return avx2_ubs
 
     if variant == "avx2":
         pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
@@ -435,6 +481,7 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
             r = int(data.shape[1])
             n = (len(indptr) - 1) * r
             v = variant if BLOCK_ROWS.get(variant, r) == r else "generic"
+            v = refine_variant(v, data)
             b = BSRInt8((n, k), r, data.astype(np.int8), indices.astype(np.int32), indptr.astype(np.int32),
                         np.ones(n, np.float32))
             blocks = b.data if b.nnzb else np.zeros((1, r, BLOCK_C), np.int8)

@@ -194,3 +194,22 @@ def test_dynamic_quantize_kernel_matches_onnxruntime(signed):
         assert bufs[2].numpy()[0] == pytest.approx(float(s), rel=1e-6) and bufs[3].numpy()[0] == float(z)
         got = bufs[1].numpy().astype(np.int16) + (128 if signed else 0)
         assert np.abs(got - q.astype(np.int16)).max() <= 1 and (got == q).mean() > 0.999
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_avx2_ubs_kernel_exact_at_the_saturation_edge(m):
+    """The vpmaddubsw form with 7-bit weights: x = 255 and w = +-64 make every int16 pair sum 32640, just
+    below the saturation bound; the accumulators stay bit-exact. A weight of 65 falls back to the avx2 form."""
+    rng = np.random.default_rng(9)
+    wq = np.where(rng.random((32, 64)) < 0.4, np.where(rng.random((32, 64)) < 0.5, 64, -64), 0).astype(np.int8)
+    b = si.to_bsr_int8(wq, np.ones(32, np.float32), 8)
+    assert si.refine_variant("avx2", b.data) == "avx2_ubs" and si.refine_variant("vnni", b.data) == "vnni"
+    assert si.refine_variant("avx2", np.full((1, 8, 4), 65, np.int8)) == "avx2"
+    xq = np.full((m, 64), 255, np.uint8)
+    xq[:, ::7] = rng.integers(0, 256, (m, len(range(0, 64, 7))))
+    f = si.build(m, b, AVX2, acc_only=True, variant="avx2_ubs")
+    if not _host_runs(AVX2):
+        pytest.skip("needs an AVX2 host")
+    acc = tvm.runtime.tensor(np.zeros((m, 32), np.int32))
+    f(*[tvm.runtime.tensor(a) for a in si.kernel_args(xq, b, 1.0, 0, variant="avx2_ubs")], acc)
+    np.testing.assert_array_equal(acc.numpy(), si.reference_acc(xq, b))
