@@ -180,11 +180,63 @@ def m_tile(m: int, r: int) -> int:
     return max(d for d in range(1, cap + 1) if m % d == 0)
 
 
+def _block_update(variant: str, r: int):
+    """``update(acc, xq, data, row, col4, j) -> acc'``: one stored block ``j`` (its ``4 * r`` bytes at
+    ``data[j * 4r]``) times the 4 inputs ``xq[row, col4 : col4 + 4]`` added to the ``r`` int32 lanes of
+    ``acc`` (TIR expressions; the kernel skeleton in :func:`make_primfunc` is the same for every variant)."""
+    from tvm.script import tirx as T
+
+    def x_dword(xq, row, col4, lanes):  # the 4 input bytes as one int32, repeated over the lanes
+        return T.broadcast(T.reinterpret("int32", xq[row, T.ramp(col4, 1, 4)]), lanes)
+
+    if variant == "vnni":
+        vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+        return lambda acc, xq, data, row, col4, j: T.call_llvm_pure_intrin(
+            "int32x16", vpdpbusd, acc, T.reinterpret("int8x64", x_dword(xq, row, col4, 16)), data[T.ramp(j * 64, 1, 64)])
+    if variant == "sdot":
+        sdot = T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8")
+        return lambda acc, xq, data, row, col4, j: T.call_llvm_pure_intrin(
+            "int32x4", sdot, acc, data[T.ramp(j * 16, 1, 16)], T.reinterpret("int8x16", x_dword(xq, row, col4, 4)))
+    if variant == "avx2_ubs":
+        # u8 x s8 pairs into int16 (cannot saturate: |w| <= 64), then pairs of those into int32 by a
+        # multiply-add with ones: one row's 4 products per int32 lane, rows in order
+        ubs = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
+        wd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+        return lambda acc, xq, data, row, col4, j: acc + T.call_llvm_pure_intrin(
+            "int32x8", wd, T.call_llvm_pure_intrin("int16x16", ubs, T.reinterpret("int8x32", x_dword(xq, row, col4, 8)),
+                                                  data[T.ramp(j * 32, 1, 32)]), T.broadcast(T.int16(1), 16))
+    if variant == "avx2":
+        # x's 4 bytes as 4 int16 (zero-extended) repeated over the 4 64-bit groups; int16 x int16 -> int32
+        # (vpmaddwd): no saturation whatever the values; rows stored in AVX2_ROW_ORDER so that vphaddd of
+        # the two halves leaves them in order
+        wd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+        hadd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
+
+        def avx2(acc, xq, data, row, col4, j):
+            x16 = T.reinterpret("int16x16", T.broadcast(T.reinterpret("int64", T.Cast("int16x4", xq[row, T.ramp(col4, 1, 4)])), 4))
+            return acc + T.call_llvm_pure_intrin(
+                "int32x8", hadd,
+                T.call_llvm_pure_intrin("int32x8", wd, T.Cast("int16x16", data[T.ramp(j * 32, 1, 16)]), x16),
+                T.call_llvm_pure_intrin("int32x8", wd, T.Cast("int16x16", data[T.ramp(j * 32 + 16, 1, 16)]), x16))
+
+        return avx2
+
+    def generic(acc, xq, data, row, col4, j):  # int32 multiply-adds of widened bytes (any ISA, any R)
+        for c in range(BLOCK_C):
+            acc = acc + T.Cast(f"int32x{r}", T.broadcast(xq[row, col4 + c], r)) * T.Cast(
+                f"int32x{r}", data[T.ramp(j * r * BLOCK_C + c, BLOCK_C, r)])
+        return acc
+
+    return generic
+
+
 def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: Any, relu: bool = False,
                   acc_only: bool = False, variant: str | None = None, requant: tuple[float, int] | None = None):
     """PrimFunc ``f(xq[M, K] u8, data[nnzb*R*4] i8, indices[nnzb] i32, indptr[N/R+1] i32, scale[N] f32,
     corr[N] i32, bias[N] f32, y[M, N])`` (``y`` int32 with ``acc_only``; uint8 with ``requant = (s_y, z_y)``:
-    ``clip(round(y / s_y) + z_y, 0, 255)``, the next layer's quantized input; else float32)."""
+    ``clip(round(y / s_y) + z_y, 0, 255)``, the next layer's quantized input; else float32). One task per
+    block row; batch rows in tiles of ``m_tile`` (their accumulators live in registers); the per-block
+    update is the variant's (:func:`_block_update`)."""
     from tvm.script import tirx as T
 
     n, k = b_shape
@@ -200,6 +252,7 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
     ydt = "int32" if acc_only else ("uint8" if requant else "float32")
     xdt = "int8" if variant in SIGNED_X else "uint8"
     zero_f = T.float32(0)
+    update = _block_update(variant, r)
 
     def out(v, s, c, bb):
         if acc_only:
@@ -211,156 +264,27 @@ def make_primfunc(m: int, b_shape: tuple[int, int], r: int, nnzb: int, target: A
             return T.Cast("uint8", T.min(T.max(q, zero_f), T.float32(255)))
         return y
 
-    if variant == "vnni":
-        vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
-
-        @T.prim_func
-        def vnni(xq: T.Buffer((m, k), "uint8"), data: T.Buffer((nnzb_ * 64,), "int8"),
-                 indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
-                 scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
-                 y: T.Buffer((m, n), ydt)):
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            for i in task(nbr):
-                for mo in T.serial(m // mt):
-                    acc = T.decl_buffer((mt * 16,), "int32", scope=CPU_STACK)
-                    for mi in T.unroll(mt):
-                        acc[T.ramp(mi * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
-                    for j in T.serial(indptr[i], indptr[i + 1]):
-                        for mi in T.unroll(mt):
-                            acc[T.ramp(mi * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                "int32x16", vpdpbusd, acc[T.ramp(mi * 16, 1, 16)],
-                                T.reinterpret("int8x64", T.broadcast(
-                                    T.reinterpret("int32", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)]), 16)),
-                                data[T.ramp(j * 64, 1, 64)])
-                    for mi in T.serial(mt):
-                        for rr in T.vectorized(16):
-                            y[mo * mt + mi, i * 16 + rr] = out(acc[mi * 16 + rr], scale[i * 16 + rr], corr[i * 16 + rr],
-                                                     bias[i * 16 + rr])
-
-        return vnni
-
-    if variant == "sdot":
-        sdot = T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8")
-
-        @T.prim_func
-        def sdot_fn(xq: T.Buffer((m, k), "int8"), data: T.Buffer((nnzb_ * 16,), "int8"),
-                    indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
-                    scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
-                    y: T.Buffer((m, n), ydt)):
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            for i in task(nbr):
-                for mo in T.serial(m // mt):
-                    acc = T.decl_buffer((mt * 4,), "int32", scope=CPU_STACK)
-                    for mi in T.unroll(mt):
-                        acc[T.ramp(mi * 4, 1, 4)] = T.broadcast(T.int32(0), 4)
-                    for j in T.serial(indptr[i], indptr[i + 1]):
-                        for mi in T.unroll(mt):
-                            acc[T.ramp(mi * 4, 1, 4)] = T.call_llvm_pure_intrin(
-                                "int32x4", sdot, acc[T.ramp(mi * 4, 1, 4)], data[T.ramp(j * 16, 1, 16)],
-                                T.reinterpret("int8x16", T.broadcast(
-                                    T.reinterpret("int32", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)]), 4)))
-                    for mi in T.serial(mt):
-                        for rr in T.vectorized(4):
-                            y[mo * mt + mi, i * 4 + rr] = out(acc[mi * 4 + rr], scale[i * 4 + rr], corr[i * 4 + rr],
-                                                    bias[i * 4 + rr])
-
-        return sdot_fn
-
-    if variant == "avx2_ubs":
-        pmaddubsw = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
-        pmaddwd1 = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
-
-        @T.prim_func
-        def avx2_ubs(xq: T.Buffer((m, k), "uint8"), data: T.Buffer((nnzb_ * 32,), "int8"),
-                     indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
-                     scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
-                     y: T.Buffer((m, n), ydt)):
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            for i in task(nbr):
-                for mo in T.serial(m // mt):
-                    acc = T.decl_buffer((mt * 8,), "int32", scope=CPU_STACK)
-                    for mi in T.unroll(mt):
-                        acc[T.ramp(mi * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
-                    for j in T.serial(indptr[i], indptr[i + 1]):
-                        for mi in T.unroll(mt):
-                            # u8 x s8 pairs into int16 (cannot saturate: |w| <= 64), then pairs of those into
-                            # int32 by a multiply-add with ones: one row's 4 products per int32 lane
-                            acc[T.ramp(mi * 8, 1, 8)] = acc[T.ramp(mi * 8, 1, 8)] + T.call_llvm_pure_intrin(
-                                "int32x8", pmaddwd1, T.call_llvm_pure_intrin(
-                                    "int16x16", pmaddubsw,
-                                    T.reinterpret("int8x32", T.broadcast(
-                                        T.reinterpret("int32", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)]), 8)),
-                                    data[T.ramp(j * 32, 1, 32)]),
-                                T.broadcast(T.int16(1), 16))
-                    for mi in T.serial(mt):
-                        for rr in T.vectorized(8):
-                            y[mo * mt + mi, i * 8 + rr] = out(acc[mi * 8 + rr], scale[i * 8 + rr], corr[i * 8 + rr],
-                                                              bias[i * 8 + rr])
-
-        return avx2_ubs
-
-    if variant == "avx2":
-        pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
-        phaddd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.phadd.d")
-
-        @T.prim_func
-        def avx2(xq: T.Buffer((m, k), "uint8"), data: T.Buffer((nnzb_ * 32,), "int8"),
-                 indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
-                 scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
-                 y: T.Buffer((m, n), ydt)):
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            for i in task(nbr):
-                for mo in T.serial(m // mt):
-                    acc = T.decl_buffer((mt * 8,), "int32", scope=CPU_STACK)
-                    for mi in T.unroll(mt):
-                        acc[T.ramp(mi * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
-                    for j in T.serial(indptr[i], indptr[i + 1]):
-                        for mi in T.unroll(mt):
-                            # x's 4 bytes as 4 int16 (zero-extended), repeated over the 4 64-bit groups; products
-                            # are int16 x int16 -> int32 (vpmaddwd): no saturation whatever the values
-                            acc[T.ramp(mi * 8, 1, 8)] = acc[T.ramp(mi * 8, 1, 8)] + T.call_llvm_pure_intrin(
-                                "int32x8", phaddd,
-                                T.call_llvm_pure_intrin(
-                                    "int32x8", pmaddwd, T.Cast("int16x16", data[T.ramp(j * 32, 1, 16)]),
-                                    T.reinterpret("int16x16", T.broadcast(T.reinterpret(
-                                        "int64", T.Cast("int16x4", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)])), 4))),
-                                T.call_llvm_pure_intrin(
-                                    "int32x8", pmaddwd, T.Cast("int16x16", data[T.ramp(j * 32 + 16, 1, 16)]),
-                                    T.reinterpret("int16x16", T.broadcast(T.reinterpret(
-                                        "int64", T.Cast("int16x4", xq[mo * mt + mi, T.ramp(indices[j] * 4, 1, 4)])), 4))))
-                    for mi in T.serial(mt):
-                        for rr in T.vectorized(8):
-                            y[mo * mt + mi, i * 8 + rr] = out(acc[mi * 8 + rr], scale[i * 8 + rr], corr[i * 8 + rr],
-                                                    bias[i * 8 + rr])
-
-        return avx2
-
     @T.prim_func
-    def generic(xq: T.Buffer((m, k), xdt), data: T.Buffer((nnzb_ * r * 4,), "int8"),
-                indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
-                scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
-                y: T.Buffer((m, n), ydt)):
+    def kernel(xq: T.Buffer((m, k), xdt), data: T.Buffer((nnzb_ * r * BLOCK_C,), "int8"),
+               indices: T.Buffer((nnzb_,), "int32"), indptr: T.Buffer((nbr + 1,), "int32"),
+               scale: T.Buffer((n,), "float32"), corr: T.Buffer((n,), "int32"), bias: T.Buffer((n,), "float32"),
+               y: T.Buffer((m, n), ydt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         for i in task(nbr):
             for mo in T.serial(m // mt):
                 acc = T.decl_buffer((mt * r,), "int32", scope=CPU_STACK)
                 for mi in T.unroll(mt):
-                    for rr in T.vectorized(r):
-                        acc[mi * r + rr] = 0
+                    acc[T.ramp(mi * r, 1, r)] = T.broadcast(T.int32(0), r)
                 for j in T.serial(indptr[i], indptr[i + 1]):
                     for mi in T.unroll(mt):
-                        for rr in T.vectorized(r):
-                            acc[mi * r + rr] = (
-                                acc[mi * r + rr]
-                                + T.Cast("int32", xq[mo * mt + mi, indices[j] * 4]) * T.Cast("int32", data[(j * r + rr) * 4])
-                                + T.Cast("int32", xq[mo * mt + mi, indices[j] * 4 + 1]) * T.Cast("int32", data[(j * r + rr) * 4 + 1])
-                                + T.Cast("int32", xq[mo * mt + mi, indices[j] * 4 + 2]) * T.Cast("int32", data[(j * r + rr) * 4 + 2])
-                                + T.Cast("int32", xq[mo * mt + mi, indices[j] * 4 + 3]) * T.Cast("int32", data[(j * r + rr) * 4 + 3]))
+                        acc[T.ramp(mi * r, 1, r)] = update(acc[T.ramp(mi * r, 1, r)], xq, data, mo * mt + mi,
+                                                           indices[j] * BLOCK_C, j)
                 for mi in T.serial(mt):
                     for rr in T.vectorized(r):
-                        y[mo * mt + mi, i * r + rr] = out(acc[mi * r + rr], scale[i * r + rr], corr[i * r + rr], bias[i * r + rr])
+                        y[mo * mt + mi, i * r + rr] = out(acc[mi * r + rr], scale[i * r + rr], corr[i * r + rr],
+                                                          bias[i * r + rr])
 
-    return generic
+    return kernel
 
 
 def kernel_args(xq: np.ndarray, b: BSRInt8, sx: float, zx: int, bias: np.ndarray | None = None,
