@@ -555,7 +555,13 @@ def _build(r: _Run, stage: bundle_mod.StagedDir) -> _Build:
             say(f"      warning: artifact not produced: {exc.one_line()}")
     if b.artifact_runs is not None:
         r.compare(f"artifact({p.spec.tag})", "original.onnx", "lossy", b.artifact_runs, r.ref_runs)
-        r.compare(f"artifact({p.spec.tag})", "compressed.onnx", "compile", b.artifact_runs, r.comp_runs)
+        # int8 kernels quantize activations with their own rounding (a near-tie can land one step away from
+        # onnxruntime's): gated like onnxruntime's own fused int8 kernels, as a lossy change
+        int8 = any(str(L.get("precision", "")).startswith("int8") and L.get("lowered")
+                   for rec in b.target_passes or [] if rec.get("name") == "lower.sparse"
+                   for L in (rec.get("stats") or {}).get("layers", []))
+        r.compare(f"artifact({p.spec.tag})", "compressed.onnx", "lossy" if int8 else "compile", b.artifact_runs,
+                  r.comp_runs)
         if r.accuracy is not None:
             r.accuracy["artifact"] = verify.accuracy(b.artifact_runs, r.verif.labels)
     if b.artifact is None and b.runtime_choice["name"] == "tvm":

@@ -732,6 +732,10 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
         return 0, opset
     variant = si.variant_for(tvm_target)
     r = si.BLOCK_ROWS.get(variant, 4)
+    # once one int8 layer runs the sparse kernel the model is compiled for TVM: its dense int8 layers then
+    # take the same kernel with every block stored (the dense int8 path), not TVM's generic
+    # dequantize / MatMulInteger code (MiniLM, 16 sparse + 20 dense int8 layers: 156 ms with the generic code)
+    any_sparse = bool(_int8_sparse_layers(graph, tvm_target, cfg.min_sparsity))
     lowered = 0
     for node in list(graph.nodes):
         dyn = _dynamic_int8(node)
@@ -753,7 +757,7 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
             continue
         n, k = wq.shape
         zeros = 1.0 - np.count_nonzero(wq) / wq.size
-        if zeros < cfg.min_sparsity:
+        if zeros < cfg.min_sparsity and not any_sparse:
             continue
         m = _static_m(x, shapes)
         rec = {"node": label, "op": node.op, "shape": [n, k], "batch": m, "sparsity": round(float(zeros), 4),
@@ -783,8 +787,12 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
         if b is not None:
             rec["stored_density"] = round(b.density(), 4)
             if b.density() > 1.0 - cfg.min_sparsity:
-                why = (f"{b.density():.0%} of its {r}x4 blocks hold a non-zero (needs <= {1 - cfg.min_sparsity:.0%}: "
-                       f"use a block pattern, e.g. --pattern {r}x4)")
+                if any_sparse:
+                    b = si.to_bsr_int8(wq, sw, r, keep_all=True)
+                    rec.update(stored_density=1.0, kernel=f"int8 {variant} (dense: every block)")
+                else:
+                    why = (f"{b.density():.0%} of its {r}x4 blocks hold a non-zero (needs <= "
+                           f"{1 - cfg.min_sparsity:.0%}: use a block pattern, e.g. --pattern {r}x4)")
         if why is not None:
             rec["lowered"] = False
             layers.append(rec)
@@ -827,35 +835,42 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
     return lowered, opset
 
 
+def _int8_layer(node: gs.Node):
+    """``(Wq [N, K], w_scale [N])`` of an int8 layer the int8 kernels take (static QDQ or onnxruntime's
+    dynamic form), else None."""
+    dyn = _dynamic_int8(node)
+    if dyn is not None:
+        return dyn[1], dyn[2]
+    if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
+        return None
+    wq_sw = _qdq_weight(node)
+    return wq_sw if wq_sw is not None and _qdq_input(node) is not None else None
+
+
+def _int8_sparse_layers(graph: gs.Graph, tvm_target, min_sparsity: float) -> list[str]:
+    from targets import sparse_int8 as si
+
+    r = si.BLOCK_ROWS.get(si.variant_for(tvm_target), 4)
+    out = []
+    for node in graph.nodes:
+        got = _int8_layer(node)
+        if got is None or got[0].shape[0] % r or got[0].shape[1] % 4:
+            continue
+        if si.to_bsr_int8(got[0], got[1], r).density() <= 1.0 - min_sparsity:
+            out.append(node.name or node.outputs[0].name)
+    return out
+
+
 def int8_sparse_candidates(model: onnx.ModelProto, tvm_target, min_sparsity: float = 0.5) -> list[str]:
     """QDQ int8 MatMul/Gemm layers of ``model`` that ``lower.sparse`` would turn into int8 sparse kernels on
     ``tvm_target`` (x86 or aarch64; ``min_sparsity`` of the R x 4 blocks empty): the pipeline compiles a quantized
     model for TVM instead of shipping it to onnxruntime when there is at least one."""
-    from targets import sparse_int8 as si
     from targets.sparse_kernels import target_family
 
     if target_family(tvm_target) not in ("x86", "arm") or not any(
             n.op_type in ("DequantizeLinear", "DynamicQuantizeLinear") for n in model.graph.node):
         return []
-    r = si.BLOCK_ROWS.get(si.variant_for(tvm_target), 4)
-    out = []
-    for node in gs.import_onnx(model).nodes:
-        dyn = _dynamic_int8(node)
-        if dyn is not None:
-            wq_sw = (dyn[1], dyn[2])
-        elif node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
-            continue
-        else:
-            wq_sw = _qdq_weight(node)
-            if wq_sw is None or _qdq_input(node) is None:
-                continue
-        wq = wq_sw[0]
-        n, k = wq.shape
-        if n % r or k % 4:
-            continue
-        if si.to_bsr_int8(wq, wq_sw[1], r).density() <= 1.0 - min_sparsity:
-            out.append(node.name or node.outputs[0].name)
-    return out
+    return _int8_sparse_layers(gs.import_onnx(model), tvm_target, min_sparsity)
 
 
 def lower_int8_all(model: onnx.ModelProto, target_spec) -> onnx.ModelProto:

@@ -88,13 +88,16 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / sw[:, None]), -127, 127).astype(np.int8), sw
 
 
-def to_bsr_int8(wq: np.ndarray, sw: np.ndarray, r: int) -> BSRInt8:
-    """Store the R x 4 blocks of ``wq`` that hold any non-zero (``N % R == 0``, ``K % 4 == 0``)."""
+def to_bsr_int8(wq: np.ndarray, sw: np.ndarray, r: int, keep_all: bool = False) -> BSRInt8:
+    """Store the R x 4 blocks of ``wq`` that hold any non-zero (``N % R == 0``, ``K % 4 == 0``); ``keep_all``:
+    every block (the dense int8 layer through the same kernel)."""
     n, k = wq.shape
     if n % r or k % BLOCK_C:
         raise ValueError(f"weight [{n}, {k}] not divisible by {r}x{BLOCK_C} blocks")
     blocks = wq.reshape(n // r, r, k // BLOCK_C, BLOCK_C).transpose(0, 2, 1, 3)  # [N/R, K/4, R, 4]
     keep = np.abs(blocks.astype(np.int16)).reshape(n // r, k // BLOCK_C, -1).max(axis=2) > 0
+    if keep_all:
+        keep = np.ones_like(keep)
     bi, bj = np.nonzero(keep)
     data = np.ascontiguousarray(blocks[bi, bj], np.int8)
     indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)

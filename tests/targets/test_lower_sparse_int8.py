@@ -223,3 +223,23 @@ def test_dynamic_int8_matmuls_lower_and_run(qdq_mlp, tmp_path):
         want = ref_s.run(None, {"x": x})[0]
         got = tvm_backend.run_library(lib, {"x": x})[0]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_dense_int8_layers_join_when_the_model_goes_to_tvm(tmp_path):
+    """One block-sparse int8 layer sends the model to TVM; its dense int8 layers then run the same kernel
+    with every block stored (not TVM's generic dequantize code), and the lowered graph still matches."""
+    from bench.sparse_int8 import mlp_weights, onnx_mlp, ort_int8
+
+    rng = np.random.default_rng(8)
+    sparse = mlp_weights(WIDTH, 1, 0.9, rng)[0]
+    dense = mlp_weights(WIDTH, 1, 0.0, rng)[0]
+    q8 = ort_int8(onnx_mlp([sparse, dense, sparse], tmp_path / "m.onnx"),
+                  rng.standard_normal((16, WIDTH)).astype(np.float32), tmp_path / "m8.onnx")
+    lowered, res = _lower(q8)
+    layers = [L for L in res.stats["layers"] if L.get("precision") == "int8"]
+    assert len(layers) == 3 and all(L["lowered"] for L in layers)
+    assert [L["stored_density"] == 1.0 for L in layers] == [False, True, False]
+    assert "dense: every block" in layers[1]["kernel"]
+    x = {"x": rng.standard_normal((1, WIDTH)).astype(np.float32)}
+    want = runtime.session(onnx.load(str(q8))).run(None, x)[0]
+    np.testing.assert_allclose(runtime.session(lowered).run(None, x)[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
