@@ -86,7 +86,7 @@ class ArmTarget(Target):
             runs_here=runs_here,
             extra={"artifact_name": artifact, "simd": "neon-128",
                    "core_model": core.llvm_cpu if core else None,
-                   "patterns": pattern_speedups(cost_isa(tvm_target))},
+                   "patterns": pattern_speedups(cost_isa(tvm_target), tvm_target=tvm_target)},
         )
 
     def compile(

@@ -356,12 +356,19 @@ def predict(op: str, n: int, k: int, m: int, bsz: int, stored_density: float, bl
 REFERENCE_LAYERS = (("gemv 1024x1024", "MatMul", 1024, 1024, 1), ("conv1x1 256ch 14x14px", "Conv", 256, 256, 196))
 
 
-def pattern_speedups(isa: str, patterns: tuple[str, ...] = ("unstructured", "4x1", "8x1", "16x1")) -> dict:
+def pattern_speedups(isa: str, patterns: tuple[str, ...] = ("unstructured", "4x1", "8x1", "16x1"),
+                     tvm_target=None) -> dict:
     """What the ``isa`` fit predicts dense/sparse per pattern at 90% zeros on ``REFERENCE_LAYERS``:
-    the figures behind a target's default pattern, shown by ``compress explain-target``."""
+    the figures behind a target's default pattern, shown by ``compress explain-target``; with
+    ``tvm_target``, also the block the int8 sparse kernel takes there (``--pattern RxC --quantize int8``)."""
     from targets.sparse_kernels import parse_block
 
     out = {"cost_model": models_for(isa)[1], "sparsity": 0.9}
+    if tvm_target is not None:
+        from targets import sparse_int8 as si
+
+        v = si.variant_for(tvm_target)
+        out["int8_sparse"] = {"kernel": v, "pattern": f"{si.BLOCK_ROWS.get(v, 4)}x4"}
     for pat in patterns:
         block = (1, 1) if pat == "unstructured" else parse_block(pat)
         out[pat] = {name: round(predict(op, n, k, m, 1, 0.1, block, "cpu", isa=isa)[0], 2)

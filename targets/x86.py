@@ -40,6 +40,14 @@ def _knobs(flags: set[str] | frozenset[str]) -> tuple[int, str, str | None]:
     return (16 if wide else 8), "unstructured", vnni
 
 
+def _patterns(tvm_target: dict) -> dict:
+    """The cost model's speed-up per sparsity pattern and the int8 sparse kernel's block for this code
+    (``targets.lower_sparse.pattern_speedups``; shown by ``compress explain-target``)."""
+    from targets.lower_sparse import cost_isa, pattern_speedups
+
+    return pattern_speedups(cost_isa(tvm_target), tvm_target=tvm_target)
+
+
 class X86Target(Target):
     required_passes = TVM_FRONTEND_PASSES + ("lower.sparse",)  # BSR kernels where the cost model predicts a win
     name = "x86"
@@ -120,6 +128,7 @@ class X86Target(Target):
                 "host_cpu": host.model_name,
                 "host_llvm_cpu": llvm_host_cpu() if host is detect_host() else host.model_name.removeprefix("profile:"),
                 "host_simd": host.simd_summary,
+                "patterns": _patterns(tvm_target),
             },
         )
 

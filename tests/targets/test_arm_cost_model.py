@@ -137,3 +137,12 @@ def test_calibration_counts_classes_and_checks_kernels_on_aarch64(tmp_path):
     by = {(k["op"], k["block"]): k["insns"]["total"] for k in kernels}
     assert by[("MatMul", "8x1")] < by[("MatMul", "dense")] / 2  # 90% 8x1: far fewer instructions
     assert by[("Conv", "8x1")] < by[("Conv", "dense")] / 2
+
+
+def test_explain_target_names_the_int8_sparse_block():
+    """explain-target tells which block pattern the int8 sparse kernel takes for the target's code."""
+    import targets
+
+    assert targets.resolve("x86-avx2")[1].extra["patterns"]["int8_sparse"] == {"kernel": "avx2", "pattern": "8x4"}
+    assert targets.resolve("x86-avx512vnni")[1].extra["patterns"]["int8_sparse"] == {"kernel": "vnni", "pattern": "16x4"}
+    assert targets.resolve("arm-a76")[1].extra["patterns"]["int8_sparse"] == {"kernel": "sdot", "pattern": "4x4"}
