@@ -204,7 +204,26 @@ def describe(p: Plan) -> list[str]:
         lines.append(f"  {i}. {ps.name} {config_dict(ps.config) or ''}  [{provider}]")
     if p.target.required_passes and not p.opts.no_compile:
         lines.append(f"target lowering (on a copy handed to the {p.spec.tag} backend): {', '.join(p.target.required_passes)}")
+    lines += _int8_sparse_plan(p)
     return lines
+
+
+def _int8_sparse_plan(p: Plan) -> list[str]:
+    """With --sparsity and --quantize int8: whether the pattern's zeros can reach the target's int8 sparse
+    kernel (R x 4 blocks, ``explain-target``'s ``patterns.int8_sparse``), and what would if not."""
+    from passes.sparsity_patterns import parse_pattern
+
+    info = ((p.spec.extra or {}).get("patterns") or {}).get("int8_sparse")
+    if not info or p.opts.sparsity <= 0 or p.opts.quantize != "int8" or p.opts.no_compile:
+        return []
+    kr = int(info["pattern"].split("x")[0])
+    pat = parse_pattern(p.opts.pattern)
+    if pat.kind == "block" and pat.r % kr == 0 and pat.c % 4 == 0:
+        return [f"int8 sparse: {p.opts.pattern} zeros leave whole {info['pattern']} blocks empty: the int8 layers that "
+                f"keep them run the {info['kernel']} int8 sparse kernel in the {p.spec.tag} artifact"]
+    return [f"int8 sparse: {p.opts.pattern} zeros do not empty the {info['pattern']} blocks the {info['kernel']} int8 "
+            f"kernel skips, so the quantized model runs in onnxruntime at dense int8 speed; --pattern {info['pattern']} "
+            f"(or a multiple, e.g. {kr * 2}x4) would use the int8 sparse kernel"]
 
 
 def _compile_artifact(p: Plan, src: Path, bdir: Path, shapes: dict[str, list[int]], say: Say, session: Any = None):

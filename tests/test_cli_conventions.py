@@ -152,3 +152,21 @@ def test_quiet_and_json_output(cli, tmp_path):
     assert doc["min_cosine"] > 0.99 and isinstance(doc["warnings"], list) and "[1/6] load" in r.err
     rep = json.loads((tmp_path / "j" / "report.json").read_text())
     assert doc["warnings"] == rep["warnings"] and doc["sparsity"] == rep["stats"]["compressed"]["sparsity"]
+
+
+def test_dry_run_says_whether_int8_sparse_kernels_apply(tmp_path):
+    """--dry-run with --sparsity and --quantize int8 names the target's int8 block and whether the pattern
+    reaches it (unstructured zeros: onnxruntime at dense int8 speed, and the pattern that would do)."""
+    from compressor import pipeline
+    from compressor.recipe import Options
+    from models.zoo import ensure_built
+
+    model = ensure_built("mlp", tmp_path)
+    lines = pipeline.describe(pipeline.plan(Options(model=str(model), target="x86-avx2", sparsity=0.9,
+                                                    quantize="int8")))
+    assert any("do not empty the 8x4 blocks" in ln and "--pattern 8x4" in ln for ln in lines)
+    lines = pipeline.describe(pipeline.plan(Options(model=str(model), target="x86-avx2", sparsity=0.9,
+                                                    pattern="16x4", quantize="int8")))
+    assert any("16x4 zeros leave whole 8x4 blocks empty" in ln for ln in lines)
+    assert not any("int8 sparse" in ln for ln in pipeline.describe(pipeline.plan(
+        Options(model=str(model), target="x86-avx2", sparsity=0.9))))
