@@ -66,18 +66,22 @@ class BSRInt8:
         n, k = self.shape
         return self.nnzb * self.r * BLOCK_C / float(n * k)
 
+    def block_rows(self) -> np.ndarray:
+        """The block row of every stored block (``indptr`` expanded)."""
+        return np.repeat(np.arange(len(self.indptr) - 1), np.diff(self.indptr))
+
     def dense(self) -> np.ndarray:
         """The int8 weight ``[N, K]`` (zeros where no block is stored)."""
         n, k = self.shape
-        w = np.zeros((n // self.r, self.r, k // BLOCK_C, BLOCK_C), np.int8)
-        for i in range(n // self.r):
-            for j in range(self.indptr[i], self.indptr[i + 1]):
-                w[i, :, self.indices[j], :] = self.data[j]
-        return w.reshape(n, k)
+        w = np.zeros((n // self.r, k // BLOCK_C, self.r, BLOCK_C), np.int8)
+        w[self.block_rows(), self.indices] = self.data
+        return w.transpose(0, 2, 1, 3).reshape(n, k)
 
     def row_sums(self) -> np.ndarray:
-        """``sum_k Wq[n, k]`` per row (int32)."""
-        return self.dense().astype(np.int64).sum(axis=1).astype(np.int32)
+        """``sum_k Wq[n, k]`` per row (int32), from the stored blocks."""
+        sums = np.zeros((len(self.indptr) - 1, self.r), np.int64)
+        np.add.at(sums, self.block_rows(), self.data.astype(np.int64).sum(axis=2))
+        return sums.reshape(-1).astype(np.int32)
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,16 +92,29 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / sw[:, None]), -127, 127).astype(np.int8), sw
 
 
+def _blocks(wq: np.ndarray, r: int) -> np.ndarray:
+    """``wq [N, K]`` as its R x 4 blocks ``[N/R, K/4, R, 4]`` (a view)."""
+    n, k = wq.shape
+    if n % r or k % BLOCK_C:
+        raise ValueError(f"weight [{n}, {k}] not divisible by {r}x{BLOCK_C} blocks")
+    return wq.reshape(n // r, r, k // BLOCK_C, BLOCK_C).transpose(0, 2, 1, 3)
+
+
+def _nonempty(blocks: np.ndarray) -> np.ndarray:
+    return (blocks != 0).any(axis=(2, 3))
+
+
+def block_density(wq: np.ndarray, r: int) -> float:
+    """Share of ``wq``'s R x 4 blocks that hold a non-zero (what :func:`to_bsr_int8` would store)."""
+    return float(_nonempty(_blocks(wq, r)).mean())
+
+
 def to_bsr_int8(wq: np.ndarray, sw: np.ndarray, r: int, keep_all: bool = False) -> BSRInt8:
     """Store the R x 4 blocks of ``wq`` that hold any non-zero (``N % R == 0``, ``K % 4 == 0``); ``keep_all``:
     every block (the dense int8 layer through the same kernel)."""
     n, k = wq.shape
-    if n % r or k % BLOCK_C:
-        raise ValueError(f"weight [{n}, {k}] not divisible by {r}x{BLOCK_C} blocks")
-    blocks = wq.reshape(n // r, r, k // BLOCK_C, BLOCK_C).transpose(0, 2, 1, 3)  # [N/R, K/4, R, 4]
-    keep = np.abs(blocks.astype(np.int16)).reshape(n // r, k // BLOCK_C, -1).max(axis=2) > 0
-    if keep_all:
-        keep = np.ones_like(keep)
+    blocks = _blocks(wq, r)
+    keep = np.ones(blocks.shape[:2], bool) if keep_all else _nonempty(blocks)
     bi, bj = np.nonzero(keep)
     data = np.ascontiguousarray(blocks[bi, bj], np.int8)
     indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
@@ -135,17 +152,28 @@ BLOCK_ROWS = {"vnni": 16, "avx2": 8, "avx2_ubs": 8, "sdot": 4}  # block height p
 UBS_MAX_ABS_W = 64
 
 
-def refine_variant(variant: str, wq_blocks: np.ndarray) -> str:
-    """``avx2_ubs`` for the avx2 kernel when every weight fits ``UBS_MAX_ABS_W`` (no int16 saturation)."""
-    if variant == "avx2" and (wq_blocks.size == 0 or int(np.abs(wq_blocks.astype(np.int16)).max()) <= UBS_MAX_ABS_W):
-        return "avx2_ubs"
-    return variant
 # sdot multiplies signed bytes: that kernel takes X as int8 with the zero point shifted by -128
 # (x_s8 = x_u8 - 128 exactly), so its zero-point correction is (zx - 128) * rowsum(Wq)
 SIGNED_X = frozenset({"sdot"})
 # avx2: rows of an 8 x 4 block stored as 0, 1, 4, 5, 2, 3, 6, 7: vphaddd of the two vpmaddwd results
 # (rows 0,1,4,5 and 2,3,6,7, one int16 pair each) then yields rows 0..7 in order
 AVX2_ROW_ORDER = (0, 1, 4, 5, 2, 3, 6, 7)
+
+
+def refine_variant(variant: str, wq_blocks: np.ndarray) -> str:
+    """``avx2_ubs`` for the avx2 kernel when every weight fits ``UBS_MAX_ABS_W`` (no int16 saturation)."""
+    if variant == "avx2" and (wq_blocks.size == 0 or int(np.abs(wq_blocks.astype(np.int16)).max()) <= UBS_MAX_ABS_W):
+        return "avx2_ubs"
+    return variant
+
+
+def weight_arrays(b: BSRInt8, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(data, indices)`` as the ``variant``'s kernel reads them: the blocks flat (rows in
+    ``AVX2_ROW_ORDER`` for avx2), one zero block / index for an empty weight (buffers may not be empty)."""
+    blocks = b.data if b.nnzb else np.zeros((1, b.r, BLOCK_C), np.int8)
+    if variant == "avx2":
+        blocks = blocks[:, list(AVX2_ROW_ORDER)]
+    return np.ascontiguousarray(blocks).reshape(-1), (b.indices if b.nnzb else np.zeros(1, np.int32))
 
 
 def reference_acc(xq: np.ndarray, b: BSRInt8) -> np.ndarray:
@@ -296,15 +324,11 @@ def kernel_args(xq: np.ndarray, b: BSRInt8, sx: float, zx: int, bias: np.ndarray
     blocks' rows in ``AVX2_ROW_ORDER``; the sdot kernel takes ``x - 128`` as int8 and the correction
     for it (its ``acc_only`` output is then ``(Xq - 128) @ Wq^T``)."""
     scale, corr, bias_ = epilogue_args(b, sx, zx, bias)
-    blocks = b.data if b.nnzb else np.zeros((1, b.r, BLOCK_C), np.int8)
-    if variant == "avx2":
-        blocks = blocks[:, list(AVX2_ROW_ORDER)]
-    data = np.ascontiguousarray(blocks).reshape(-1)
+    data, idx = weight_arrays(b, variant)
     xq = np.ascontiguousarray(xq, np.uint8)
     if variant in SIGNED_X:
         xq = (xq.astype(np.int16) - 128).astype(np.int8)
         corr = (corr.astype(np.int64) - 128 * b.row_sums().astype(np.int64)).astype(np.int32)
-    idx = b.indices if b.nnzb else np.zeros(1, np.int32)
     return [xq, data, idx, b.indptr, scale, corr, bias_]
 
 
@@ -376,10 +400,10 @@ def make_dynamic_quantize(size: int, target: Any, signed: bool = False):
 
 
 def relax_converters(tvm_target: Any) -> dict[str, type]:
-    """Converters for ``compressor::SparseQMatMul[Relu]`` (``compressor.sparse_ops``): ``X`` quantized to
-    uint8 with Relax ops (``clip(round(X / x_scale) + x_zero_point, 0, 255)``), then ``call_tir`` of the
-    int8 kernel for the target (the layer's R x 4 blocks must be the variant's height; the generic
-    kernel takes any R)."""
+    """Converters for ``compressor::SparseQMatMul[Relu]`` and ``SparseDQMatMul`` (``compressor.sparse_ops``):
+    ``X`` quantized with Relax ops (static: ``clip(round(X / x_scale) + x_zero_point)``) or by the
+    ``dynamic_quantize`` kernel (once per input tensor), then ``call_tir`` of the int8 kernel for the target
+    (the layer's R x 4 blocks must be the variant's height; the generic kernel takes any R)."""
     from tvm import relax
     from tvm.ir import expr as tvm_ir_expr
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
@@ -411,14 +435,19 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
             v = refine_variant(v, data)
             b = BSRInt8((n, k), r, data.astype(np.int8), indices.astype(np.int32), indptr.astype(np.int32),
                         np.ones(n, np.float32))
-            blocks = b.data if b.nnzb else np.zeros((1, r, BLOCK_C), np.int8)
-            if v == "avx2":
-                blocks = blocks[:, list(AVX2_ROW_ORDER)]
             prim = make_primfunc(m, (n, k), r, b.nnzb, tvm_target, relu, variant=v).without_attr("global_symbol")
             gv = bb.add_func(prim, f"bsr_int8_{r}x4_{v}" + ("_relu" if relu else ""))
             x2 = x if len(shape) == 2 else relax.op.reshape(x, (m, k))
+
+            def call(xq, scale_, corr_):  # the kernel on this layer's arrays, back to X's leading dims
+                wdata, widx = weight_arrays(b, v)
+                args = [bb.normalize(xq), relax.const(wdata), relax.const(widx), relax.const(b.indptr),
+                        scale_, corr_, relax.const(bias.astype(np.float32))]
+                y = relax.call_tir(gv, args, relax.TensorType((m, n), "float32"))
+                return y if len(shape) == 2 else relax.op.reshape(bb.normalize(y), (*shape[:-1], n))
+
             if dynamic:
-                return dynamic_call(bb, gv, x2, v, b, blocks, w_scale, rowsum, bias, shape, m, n)
+                return dynamic_call(bb, call, x2, v, b, w_scale, rowsum, shape, m)
             sx, zx = float(np.asarray(xs).reshape(())), float(np.asarray(xz).reshape(()))
             # X is quantized in its zero point's type (uint8, or int8 as quantize.int8 does for aarch64) and
             # shifted by +-128 into the kernel's (int8 for sdot, else uint8); sum((x + shift) w) adds
@@ -430,20 +459,13 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
                              relax.const(np.float32(zx + shift)))
             xq = relax.op.astype(relax.op.clip(q, lo, lo + 255), "int8" if k_signed else "uint8")
             corr = corr.astype(np.int64) + shift * b.row_sums().astype(np.int64)
-            args = [bb.normalize(xq), relax.const(np.ascontiguousarray(blocks).reshape(-1)),
-                    relax.const(b.indices if b.nnzb else np.zeros(1, np.int32)), relax.const(b.indptr),
-                    relax.const(scale.astype(np.float32)), relax.const(corr.astype(np.int32)),
-                    relax.const(bias.astype(np.float32))]
-            y = relax.call_tir(gv, args, relax.TensorType((m, n), "float32"))
-            if len(shape) != 2:
-                y = relax.op.reshape(bb.normalize(y), (*shape[:-1], n))
-            return y
+            return call(xq, relax.const(scale.astype(np.float32)), relax.const(corr.astype(np.int32)))
 
         return type(f"Convert{op}", (OnnxOpConverter,), {"_impl_v1": classmethod(_impl_v1)})
 
     quantized: dict[tuple, tuple] = {}  # (id of X, signed) -> (X, xq, xs, xz): X quantized once per tensor
 
-    def dynamic_call(bb, gv, x2, v, b, blocks, w_scale, rowsum, bias, shape, m, n):
+    def dynamic_call(bb, call, x2, v, b, w_scale, rowsum, shape, m):
         """DynamicQuantizeLinear (``make_dynamic_quantize``, once per input tensor: the q/k/v projections
         share it), then the kernel with the per-call scale and correction vectors."""
         f32 = lambda v_: relax.const(np.float32(v_))  # noqa: E731
@@ -462,13 +484,7 @@ def relax_converters(tvm_target: Any) -> dict[str, type]:
         scale = relax.op.multiply(xs, relax.const(w_scale.astype(np.float32)))
         corr = relax.op.multiply(relax.op.astype(relax.op.add(xz, f32(shift)), "int32"),
                                  relax.const(rowsum.astype(np.int32)))
-        args = [bb.normalize(xq), relax.const(np.ascontiguousarray(blocks).reshape(-1)),
-                relax.const(b.indices if b.nnzb else np.zeros(1, np.int32)), relax.const(b.indptr),
-                bb.normalize(scale), bb.normalize(corr), relax.const(bias.astype(np.float32))]
-        y = relax.call_tir(gv, args, relax.TensorType((m, n), "float32"))
-        if len(shape) != 2:
-            y = relax.op.reshape(bb.normalize(y), (*shape[:-1], n))
-        return y
+        return call(xq, bb.normalize(scale), bb.normalize(corr))
 
     if target_family(tvm_target) not in ("x86", "arm"):
         return {}
