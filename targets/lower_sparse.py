@@ -726,12 +726,55 @@ def _dynamic_int8(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray, gs.
     return dql.inputs[0], np.ascontiguousarray(wq.T), sw, mul
 
 
+@dataclass
+class _Int8Layer:
+    """An int8 MatMul/Gemm the int8 kernels take: static QDQ (``x_scale``/``x_zp`` tensors, ``sx``/``zx``) or
+    onnxruntime's dynamic form (``dyn_mul``: the Mul whose output the layer's result is)."""
+    x: gs.Tensor
+    wq: np.ndarray  # [N, K] int8
+    sw: np.ndarray  # [N]
+    dyn_mul: gs.Node | None = None
+    x_scale: gs.Tensor | None = None
+    x_zp: gs.Tensor | None = None
+    sx: float = 1.0
+    zx: int = 0
+
+
+def _int8_layer(node: gs.Node) -> _Int8Layer | None:
+    dyn = _dynamic_int8(node)
+    if dyn is not None:
+        return _Int8Layer(dyn[0], dyn[1], dyn[2], dyn_mul=dyn[3])
+    if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
+        return None
+    wq_sw = _qdq_weight(node)
+    xin = _qdq_input(node) if wq_sw is not None else None
+    if xin is None:
+        return None
+    return _Int8Layer(xin[0], wq_sw[0], wq_sw[1], None, *xin[1:])
+
+
+def _int8_sparse_layers(graph: gs.Graph, tvm_target, min_sparsity: float) -> list[str]:
+    from targets import sparse_int8 as si
+
+    r = si.BLOCK_ROWS.get(si.variant_for(tvm_target), 4)
+    out = []
+    for node in graph.nodes:
+        L = _int8_layer(node)
+        if L is None or L.wq.shape[0] % r or L.wq.shape[1] % 4:
+            continue
+        if si.block_density(L.wq, r) <= 1.0 - min_sparsity:
+            out.append(node.name or node.outputs[0].name)
+    return out
+
+
 def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dict, outputs: set[str], opset: int,
                 warnings: list[str], layers: list[dict]) -> tuple[int, int]:
-    """QDQ int8 MatMul/Gemm layers with a sparse int8 weight -> ``compressor::SparseQMatMul[Relu]``
-    (``targets.sparse_int8``: x86 VNNI / AVX2, aarch64 sdot or the generic kernel). Decision: no int8 cost fit yet; the layer is lowered
-    when at least ``min_sparsity`` of its R x 4 weight blocks are empty (what the build's alternative runs
-    is the frontend's dequantized float MatMul). Returns (lowered count, opset)."""
+    """Int8 MatMul/Gemm layers (static QDQ, or onnxruntime's dynamic form) with a block-sparse weight ->
+    ``compressor::SparseQMatMul[Relu]`` / ``SparseDQMatMul`` (``targets.sparse_int8``: x86 VNNI / AVX2,
+    aarch64 sdot or the generic kernel). Decision: no int8 cost fit yet; a layer is lowered when at least
+    ``min_sparsity`` of its R x 4 weight blocks are empty (the build's alternative is the frontend's
+    dequantized float code), and then the model's other int8 layers too, with every block stored.
+    Returns (lowered count, opset)."""
     from targets import sparse_int8 as si
     from targets.sparse_kernels import target_family
 
@@ -745,20 +788,11 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
     any_sparse = bool(_int8_sparse_layers(graph, tvm_target, cfg.min_sparsity))
     lowered = 0
     for node in list(graph.nodes):
-        dyn = _dynamic_int8(node)
-        if dyn is not None:
-            x, wq, sw, dyn_mul = dyn
-            x_scale = x_zp = None
-            sx, zx = 1.0, 0
-        else:
-            if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
-                continue
-            wq_sw = _qdq_weight(node)
-            xin = _qdq_input(node) if wq_sw is not None else None
-            if xin is None:
-                continue
-            wq, sw = wq_sw
-            x, x_scale, x_zp, sx, zx = xin
+        L = _int8_layer(node)
+        if L is None:
+            continue
+        x, wq, sw, dyn_mul = L.x, L.wq, L.sw, L.dyn_mul
+        dyn = dyn_mul is not None
         label = node.name or node.outputs[0].name
         if any(fnmatch.fnmatch(label, p) for p in cfg.ignore):
             continue
@@ -768,7 +802,7 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
             continue
         m = _static_m(x, shapes)
         rec = {"node": label, "op": node.op, "shape": [n, k], "batch": m, "sparsity": round(float(zeros), 4),
-               "block": f"{r}x4", "precision": "int8" + (" dynamic" if dyn is not None else ""),
+               "block": f"{r}x4", "precision": "int8" + (" dynamic" if dyn else ""),
                "kernel": f"int8 {variant}",
                "cost_model": "int8: empty-block share (no int8 kernel fit yet)"}
         why = None
@@ -790,16 +824,18 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
             else:
                 bias = np.broadcast_to(np.asarray(cv, np.float32).reshape(-1) * np.float32(node.attrs.get("beta", 1.0)),
                                        (n,)).astype(np.float32)
-        b = si.to_bsr_int8(wq, sw, r) if why is None else None
-        if b is not None:
-            rec["stored_density"] = round(b.density(), 4)
-            if b.density() > 1.0 - cfg.min_sparsity:
-                if any_sparse:
-                    b = si.to_bsr_int8(wq, sw, r, keep_all=True)
+        b = None
+        if why is None:
+            density = si.block_density(wq, r)
+            rec["stored_density"] = round(density, 4)
+            dense = density > 1.0 - cfg.min_sparsity
+            if dense and not any_sparse:
+                why = (f"{density:.0%} of its {r}x4 blocks hold a non-zero (needs <= "
+                       f"{1 - cfg.min_sparsity:.0%}: use a block pattern, e.g. --pattern {r}x4)")
+            else:
+                b = si.to_bsr_int8(wq, sw, r, keep_all=dense)
+                if dense:
                     rec.update(stored_density=1.0, kernel=f"int8 {variant} (dense: every block)")
-                else:
-                    why = (f"{b.density():.0%} of its {r}x4 blocks hold a non-zero (needs <= "
-                           f"{1 - cfg.min_sparsity:.0%}: use a block pattern, e.g. --pattern {r}x4)")
         if why is not None:
             rec["lowered"] = False
             layers.append(rec)
@@ -810,7 +846,7 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
                   gs.Constant(f"{pre}_indptr", b.indptr)]
         relu_node = None
         opset = _relabel_opset(graph, opset, warnings)
-        if dyn is not None:  # the scale and correction depend on X's range: computed per call
+        if dyn:  # the scale and correction depend on X's range: computed per call
             op, result = OP_DQ, dyn_mul.outputs[0]
             _ensure_function(graph, op, opset)
             new = gs.Node(op=op, name=f"{label}_sparse8", domain=DOMAIN, inputs=[
@@ -825,10 +861,10 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
                 relu_node, op = cons[0], OP_Q_RELU
             result = relu_node.outputs[0] if relu_node is not None else out
             _ensure_function(graph, op, opset)
-            scale, corr, bias_ = si.epilogue_args(b, sx, zx, bias)
+            scale, corr, bias_ = si.epilogue_args(b, L.sx, L.zx, bias)
             consts = [*arrays, gs.Constant(f"{pre}_scale", scale), gs.Constant(f"{pre}_corr", corr),
                       gs.Constant(f"{pre}_bias", bias_)]
-            new = gs.Node(op=op, name=f"{label}_sparse8", domain=DOMAIN, inputs=[x, *consts, x_scale, x_zp],
+            new = gs.Node(op=op, name=f"{label}_sparse8", domain=DOMAIN, inputs=[x, *consts, L.x_scale, L.x_zp],
                           outputs=[result])
             dead_nodes = (node, relu_node)
         for dead in dead_nodes:
@@ -840,32 +876,6 @@ def _lower_int8(graph: gs.Graph, cfg: LowerSparseConfig, tvm_target, shapes: dic
         layers.append(rec)
         lowered += 1
     return lowered, opset
-
-
-def _int8_layer(node: gs.Node):
-    """``(Wq [N, K], w_scale [N])`` of an int8 layer the int8 kernels take (static QDQ or onnxruntime's
-    dynamic form), else None."""
-    dyn = _dynamic_int8(node)
-    if dyn is not None:
-        return dyn[1], dyn[2]
-    if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
-        return None
-    wq_sw = _qdq_weight(node)
-    return wq_sw if wq_sw is not None and _qdq_input(node) is not None else None
-
-
-def _int8_sparse_layers(graph: gs.Graph, tvm_target, min_sparsity: float) -> list[str]:
-    from targets import sparse_int8 as si
-
-    r = si.BLOCK_ROWS.get(si.variant_for(tvm_target), 4)
-    out = []
-    for node in graph.nodes:
-        got = _int8_layer(node)
-        if got is None or got[0].shape[0] % r or got[0].shape[1] % 4:
-            continue
-        if si.to_bsr_int8(got[0], got[1], r).density() <= 1.0 - min_sparsity:
-            out.append(node.name or node.outputs[0].name)
-    return out
 
 
 def int8_sparse_candidates(model: onnx.ModelProto, tvm_target, min_sparsity: float = 0.5) -> list[str]:
