@@ -92,21 +92,18 @@ def _all_blocks_int8(node, inits: dict, g, kdim: int | None):
     the int8 kernel run densely, what the int8 layer costs without sparsity."""
     from onnx import helper, numpy_helper
 
-    data, indices, indptr = (numpy_helper.to_array(inits[t]) for t in node.input[1:4])
-    r = int(data.shape[1])
-    nbr = len(indptr) - 1
+    from targets.sparse_int8 import BSRInt8, to_bsr_int8
+
     if kdim is None:
         raise TargetError(f"cannot rebuild the dense int8 weight of {node.name or node.op_type} (unknown input width)")
-    nbc = int(kdim) // 4
-    full = np.zeros((nbr, nbc, r, 4), np.int8)
-    for i in range(nbr):
-        for j in range(indptr[i], indptr[i + 1]):
-            full[i, indices[j]] = data[j]
+    data, indices, indptr = (numpy_helper.to_array(inits[t]) for t in node.input[1:4])
+    r = int(data.shape[1])
+    n = (len(indptr) - 1) * r
+    sparse = BSRInt8((n, int(kdim)), r, data, indices, indptr, np.ones(n, np.float32))
+    full = to_bsr_int8(sparse.dense(), sparse.row_scale, r, keep_all=True)
     base = (node.name or node.output[0]).replace("/", "_")
     names = [f"{base}_dense8_data", f"{base}_dense8_indices", f"{base}_dense8_indptr"]
-    arrays = [full.reshape(-1, r, 4), np.tile(np.arange(nbc, dtype=np.int32), nbr),
-              (np.arange(nbr + 1) * nbc).astype(np.int32)]
-    for nm, a in zip(names, arrays):
+    for nm, a in zip(names, (full.data, full.indices, full.indptr)):
         g.initializer.append(numpy_helper.from_array(a, nm))
     return helper.make_node(node.op_type, [node.input[0], *names, *node.input[4:]], list(node.output),
                             name=f"{base}_dense8", domain=node.domain)
