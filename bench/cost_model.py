@@ -208,15 +208,15 @@ def _label(r: dict) -> str:
 
 
 def features(op: str, kind: str, n: int, k: int, m: int, density: float, block: tuple[int, int],
-             perm: bool = False) -> np.ndarray:
+             perm: bool = False, caches: tuple[int, int] | None = None) -> np.ndarray:
     """Regressors of the time models (targets.lower_sparse.kernel_time): the same function
     the pass evaluates, so the fit and the pass cannot disagree."""
     from targets.lower_sparse import time_features
 
-    return np.asarray(time_features(op, kind, n, k, m, density, block, perm), np.float64)
+    return np.asarray(time_features(op, kind, n, k, m, density, block, perm, caches), np.float64)
 
 
-def fit(rows: list[dict]) -> dict[str, list[float]]:
+def fit(rows: list[dict], caches: tuple[int, int] | None = None) -> dict[str, list[float]]:
     """Non-negative least squares of every kernel's time model on relative error (each row
     of the system divided by the measured time), per model key of
     ``targets.lower_sparse.model_key``."""
@@ -239,7 +239,7 @@ def fit(rows: list[dict]) -> dict[str, list[float]]:
             perm = kind == "sparse" and r.get("kernel") == "perm"
             key = model_key(r["op"], kind, m, block, perm)
             a, y = systems.setdefault(key, ([], []))
-            a.append(features(r["op"], kind, n, k, m, r["density"], block, perm) / (t * 1e-3))
+            a.append(features(r["op"], kind, n, k, m, r["density"], block, perm, caches) / (t * 1e-3))
             y.append(1.0)
     out = {}
     for key, (a, y) in sorted(systems.items()):

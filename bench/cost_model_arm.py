@@ -147,27 +147,27 @@ def fit_core(kernels: list[dict], core) -> tuple[dict, list[dict]]:
     from targets import lower_sparse as ls
 
     rows = paired_rows(kernels, core)
-    with ls.cache_sizes(core.l2_bytes, core.l3_bytes):
-        coef = cm.fit(rows)
-        for r in rows:
-            r["measured"] = r["dense_ms"] / r["sparse_ms"]
-        _predict(rows, coef, "pred_fit")
-        shapes = sorted({(r["op"], r["n"], r["k"], r["m"]) for r in rows})
-        fold = {s: i % 2 for i, s in enumerate(shapes)}
-        for f in (0, 1):
-            train = [r for r in rows if fold[(r["op"], r["n"], r["k"], r["m"])] != f]
-            test = [r for r in rows if fold[(r["op"], r["n"], r["k"], r["m"])] == f]
-            _predict(test, {**coef, **cm.fit(train)}, "pred_cv")  # a kernel only in this fold: full fit
+    caches = (core.l2_bytes, core.l3_bytes)
+    coef = cm.fit(rows, caches)
+    for r in rows:
+        r["measured"] = r["dense_ms"] / r["sparse_ms"]
+    _predict(rows, coef, "pred_fit", caches)
+    shapes = sorted({(r["op"], r["n"], r["k"], r["m"]) for r in rows})
+    fold = {s: i % 2 for i, s in enumerate(shapes)}
+    for f in (0, 1):
+        train = [r for r in rows if fold[(r["op"], r["n"], r["k"], r["m"])] != f]
+        test = [r for r in rows if fold[(r["op"], r["n"], r["k"], r["m"])] == f]
+        _predict(test, {**coef, **cm.fit(train, caches)}, "pred_cv", caches)  # a kernel only in this fold: full fit
     return coef, rows
 
 
-def _predict(rows: list[dict], coef: dict, key: str) -> None:
+def _predict(rows: list[dict], coef: dict, key: str, caches: tuple[int, int]) -> None:
     from targets import lower_sparse as ls
     from targets.sparse_kernels import parse_block
 
     for r in rows:
         blk = parse_block(r["block"])
-        feats = lambda kind, d: ls.time_features(r["op"], kind, r["n"], r["k"], r["m"], d, blk)  # noqa: E731
+        feats = lambda kind, d: ls.time_features(r["op"], kind, r["n"], r["k"], r["m"], d, blk, caches=caches)  # noqa: E731
         t = {kind: max(sum(a * b for a, b in zip(coef[ls.model_key(r["op"], kind, r["m"], blk)], feats(kind, d))), 1e-12)
              for kind, d in (("dense", 1.0), ("sparse", r["density"]))}
         r[key] = t["dense"] / t["sparse"]

@@ -106,7 +106,6 @@ unrolled S-step GRU stores its recurrent weight once, not S - 1 times. Stats cou
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import logging
@@ -219,19 +218,6 @@ def models_for(isa: str) -> tuple[dict[str, list[float]], str]:
     """(time-model constants, ISA they were fitted for) for ``isa`` (:func:`fit_for`)."""
     f = fit_for(isa)
     return f.models, f.isa
-
-
-@contextlib.contextmanager
-def cache_sizes(cache_bytes: int, llc_bytes: int):
-    """Compute the L2/L3 features with other cache sizes inside the block (the arm calibration fits a
-    core's constants with that core's caches)."""
-    global CACHE_BYTES, LLC_BYTES
-    saved = CACHE_BYTES, LLC_BYTES
-    CACHE_BYTES, LLC_BYTES = int(cache_bytes), int(llc_bytes)
-    try:
-        yield
-    finally:
-        CACHE_BYTES, LLC_BYTES = saved
 
 
 # CUDA: no GPU on the dev host, so no measured ratios yet. Prior: a bandwidth-bound kernel
