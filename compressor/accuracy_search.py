@@ -68,6 +68,11 @@ class SearchResult:
     unsearchable: list[str] = field(default_factory=list)  # changes the search cannot revert (why)
     model: onnx.ModelProto | None = None  # the compressed model with the reverted weights restored
     kind: str = "values"  # values: pruned weights given back | quantized: int8 layers back to fp32
+    steps: int = 0  # how many of the ranked steps (half / full reverts, best gain first) the passing configuration takes
+    # the configuration after the first k steps: (model, reverted, halved, zeros over the searchable weights);
+    # set by search() (values kind) for callers that probe other counts (the fine-tuning bisection)
+    configure: Callable[[int], tuple[onnx.ModelProto, list[Layer], list[Layer], float]] | None = field(
+        default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "passed": self.passed, "rounds": self.rounds, "budget": self.budget,
@@ -236,19 +241,22 @@ def search(original: onnx.ModelProto, compressed: onnx.ModelProto, attrib_feeds:
             lo = mid
     if hi is None:
         return res
-    res.passed = True
-    final = state_of(hi)
-    res.reverted = [x for x in layers if final.get(x.weight) == "full"]
-    res.halved = [x for x in layers if final.get(x.weight) == "half"]
-    vals = values(final)
-    res.zeros_after = sum(float(np.sum(vals[x.weight] == 0)) for x in layers) / max(total, 1)
-    res.error_after = _rel_error(run(attrib_feeds, final), ref_attrib)
-    m = onnx.ModelProto()
-    m.CopyFrom(compressed)
-    for i, t in enumerate(m.graph.initializer):
-        if t.name in final:
-            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(vals[t.name].astype(comp_vals[t.name].dtype), t.name))
-    res.model = m
+
+    def configure(k: int) -> tuple[onnx.ModelProto, list[Layer], list[Layer], float]:
+        st = state_of(k)
+        vals = values(st)
+        m = onnx.ModelProto()
+        m.CopyFrom(compressed)
+        for i, t in enumerate(m.graph.initializer):
+            if t.name in st:
+                m.graph.initializer[i].CopyFrom(numpy_helper.from_array(vals[t.name].astype(comp_vals[t.name].dtype), t.name))
+        zeros = sum(float(np.sum(vals[x.weight] == 0)) for x in layers) / max(total, 1)
+        return (m, [x for x in layers if st.get(x.weight) == "full"], [x for x in layers if st.get(x.weight) == "half"],
+                zeros)
+
+    res.passed, res.steps, res.configure = True, hi, configure
+    res.model, res.reverted, res.halved, res.zeros_after = configure(hi)
+    res.error_after = _rel_error(run(attrib_feeds, state_of(hi)), ref_attrib)
     return res
 
 

@@ -432,6 +432,43 @@ def _compress(r: _Run) -> list[Any]:
 FINETUNE = "finetune.distill"
 
 
+def _finetune_bisect(r: _Run, res: Any, gate: Any, budget: int) -> tuple[Any, Any, dict, int, list] | None:
+    """Fine-tuning recovers part of what pruning loses, so the one-shot search (which stops at the first
+    configuration that passes *without* fine-tuning) gives back more than needed. Fine-tune the searched
+    configuration; when it passes, bisect the number of search steps between 0 (the plain fine-tuned
+    model, which failed) and the search's count, fine-tuning each probe: the fewest steps whose
+    fine-tuned model passes the gate. At most ``max(1, budget // 2)`` fine-tunings. Returns (model, runs,
+    fine-tuning stats, steps, rounds) of the kept configuration; ``res`` is updated to describe it."""
+    ps, prov, ctx = r.finetune
+    rounds: list[dict[str, Any]] = []
+
+    def probe(k: int) -> tuple[Any, Any, dict, list[str]]:
+        model, _, _, _ = res.configure(k)
+        tuned, recs = PassManager([(ps, prov)], [ProgressInstrument(r.say)]).run(model, ctx)
+        runs = runtime.run_all(runtime.session(tuned), r.verif.feeds)
+        fails = gate(runs)
+        rounds.append({"steps": k, "passed": not fails, "failure": fails[0] if fails else None})
+        r.say(f"      fine-tune round {len(rounds)}: {k} of {res.steps} search steps given back, fine-tuned -> "
+              f"{'gate passes' if not fails else fails[0]}")
+        return tuned, runs, recs[0].stats, fails
+
+    limit = max(1, budget // 2)
+    tuned, runs, stats, fails = probe(res.steps)
+    if fails:
+        return None
+    best = (tuned, runs, stats, res.steps)
+    lo, hi = 0, res.steps  # fine-tuned: lo fails (the run's own fine-tuning), hi passes
+    while hi - lo > 1 and len(rounds) < limit:
+        mid = (lo + hi) // 2
+        tuned, runs, stats, fails = probe(mid)
+        if fails:
+            lo = mid
+        else:
+            hi, best = mid, (tuned, runs, stats, mid)
+    _, res.reverted, res.halved, res.zeros_after = res.configure(best[3])
+    return (*best, rounds)
+
+
 def _search(r: _Run) -> None:
     """Accuracy-aware search (``compressor.accuracy_search``) when the one-shot result misses the gate:
     revert the weights that cause most of the error until it passes or ``--search-budget`` runs out."""
@@ -472,20 +509,19 @@ def _search(r: _Run) -> None:
             say("      fine-tuning did not reach the gate: searching the one-shot model, then fine-tuning the result")
         res = accuracy_search.search(base, r.before_finetune if after_ft else r.compressed, attrib, r.verif.feeds,
                                      r.ref_runs, gate, budget, say, executor=ex)
-        if after_ft and res.passed and res.model is not None:
-            ps, prov, ctx = r.finetune
-            tuned, recs = PassManager([(ps, prov)], [ProgressInstrument(say)]).run(res.model, ctx)
-            runs = runtime.run_all(runtime.session(tuned), r.verif.feeds)
-            refit = (tuned, runs, recs[0].stats) if not gate(runs) else None
+        if after_ft and res.passed and res.configure is not None:
+            refit = _finetune_bisect(r, res, gate, budget)
             r.warnings.append("accuracy search ran on the one-shot model (fine-tuning alone missed the gate); the searched "
-                              "configuration was fine-tuned again: "
-                              + ("kept" if refit else "it missed the gate, so the searched one-shot weights were kept"))
+                              "configurations were fine-tuned again: "
+                              + (f"kept the one that gives back fewest weights ({refit[3]} of the {res.steps} search steps)"
+                                 if refit else "none passed the gate, so the searched one-shot weights were kept"))
     r.search = res.to_dict()
     if r.before_finetune is not None and budget > 0 and not quantized:
         r.search["searched"] = "one-shot model (before fine-tuning)"
         r.search["refinetuned"] = refit is not None
         if refit:
             r.search["refinetune"] = refit[2]
+            r.search["refinetune_rounds"] = refit[4]
     r.search["hint"] = res.top3_hint()
     for note in res.unsearchable:
         r.warnings.append(f"accuracy search: {note}")

@@ -284,6 +284,13 @@ def test_finetune_that_misses_the_gate_searches_the_one_shot_model_then_finetune
     assert s["passed"] and s["searched"] == "one-shot model (before fine-tuning)" and s["refinetuned"] is True
     assert s["refinetune"]["steps"] >= 1 and s["zeros_after"] > 0.2
     assert any("fine-tuned again: kept" in w for w in rep["warnings"])
+    # the fine-tuned configurations are bisected over the search's steps: the first probe is the search's
+    # own count, and the kept one is the fewest steps whose fine-tuned model passed
+    rounds = s["refinetune_rounds"]
+    assert rounds[0]["passed"] and all(x["steps"] <= rounds[0]["steps"] for x in rounds)
+    kept = min(x["steps"] for x in rounds if x["passed"])
+    assert all(not x["passed"] for x in rounds if x["steps"] < kept)
+    assert f"({kept} of the {rounds[0]['steps']} search steps)" in " ".join(rep["warnings"])
     m = onnx.load(str(out / "model.onnx"))
     ws = [numpy_helper.to_array(t) for t in m.graph.initializer if t.data_type == TensorProto.FLOAT and t.dims and len(t.dims) > 1]
     assert sum(int(np.sum(w == 0)) for w in ws) > 0.2 * sum(w.size for w in ws)
