@@ -32,12 +32,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from compressor.errors import InputError, UsageError
 
@@ -94,8 +95,17 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path) -> None:
             raise InputError(f"external data file missing for tensor {tensor.name!r}: {loc}")
 
 
-def read_model(path: Path) -> onnx.ModelProto:
-    """Read and check a model file; one-line InputError on any problem."""
+def source_files(path: Path, model: onnx.ModelProto) -> list[Path]:
+    """The files a model read from ``path`` consists of: the protobuf and its external data files."""
+    locs = {e.value for t in onnx.external_data_helper._get_all_tensors(model) if t.data_location == TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
+    return [path, *sorted(path.parent / loc for loc in locs)]
+
+
+def read_model(path: Path, load_data: bool = True) -> onnx.ModelProto:
+    """Read and check a model file; one-line InputError on any problem. ``load_data=False`` leaves
+    external data on disk (``attach_external_data`` loads it): graph-level work before that point
+    handles the graph, not the weights."""
     if not path.exists():
         raise InputError(f"model file not found: {path}")
     if not path.is_file():
@@ -105,17 +115,13 @@ def read_model(path: Path) -> onnx.ModelProto:
         model = onnx.load_model_from_string(data)
     except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
         raise InputError(f"not an ONNX model (truncated or corrupt protobuf): {path}: {type(exc).__name__}") from exc
+    del data
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         raise InputError(f"not an ONNX model (no graph found): {path}")
     bad = _bad_string(model)
     if bad:
         raise InputError(f"not an ONNX model (corrupt protobuf): {path}: field {bad} is not valid UTF-8")
     _check_external_locations(model, path.parent)
-    if any(t.data_location == TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)):
-        try:
-            onnx.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise InputError(f"cannot read the model's external data: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
     check_tensor_data(model)
     opset = default_opset(model)
     if opset is None or opset < MIN_OPSET or opset > MAX_OPSET:
@@ -123,8 +129,30 @@ def read_model(path: Path) -> onnx.ModelProto:
             f"unsupported opset {opset} for the default ONNX domain",
             hint=f"supported: {MIN_OPSET}..{MAX_OPSET} (below {TARGET_MIN_OPSET} is converted)",
         )
-    _checker(model, "model fails onnx.checker")
+    if has_external_data(model):
+        # the file's own check: onnx resolves the external data beside the model and reads only the graph
+        _checker(str(path), "model fails onnx.checker")
+        if load_data:
+            attach_external_data(model, path.parent)
+    else:
+        _checker(model, "model fails onnx.checker")  # the weights' structure: check_tensor_data above
     return model
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model))
+
+
+def attach_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Load the model's external data (locations checked by ``read_model``) into its tensors, and check
+    that every tensor holds as many values as its dims say."""
+    if not has_external_data(model):
+        return
+    try:
+        onnx.load_external_data_for_model(model, str(base_dir))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"cannot read the model's external data: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
+    check_tensor_data(model)
 
 
 def _bad_string(msg, where: str = "model") -> str | None:
@@ -149,9 +177,12 @@ def _bad_string(msg, where: str = "model") -> str | None:
     return None
 
 
-def _checker(model: onnx.ModelProto, what: str) -> None:
+def _checker(model: onnx.ModelProto | str, what: str) -> None:
     try:
-        onnx.checker.check_model(model, full_check=False)
+        if isinstance(model, str):
+            onnx.checker.check_model(model, full_check=False)
+        else:  # the graph without the data of its large weights (serializing them costs a copy each)
+            check_weightless(model, full_check=False)
     except Exception as exc:  # ValidationError, and the C++ checker's other errors on corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{what}: {first}") from exc
@@ -468,10 +499,108 @@ def _infer_guarded(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.load_model_from_string(payload[1:])
 
 
+WEIGHTLESS_MIN_BYTES = 1 << 16  # initializers at least this large are left out of weightless copies
+IN_MEMORY = "__compressor_in_memory__"  # the external-data location of a weightless placeholder
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * _itemsize(t.data_type)
+
+
+def _repeated(fd) -> bool:
+    rep = getattr(fd, "is_repeated", None)  # protobuf >= 5; ``label`` before
+    return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED
+
+
+def weightless(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of ``model`` without the data of its large main-graph initializers, and those initializers.
+    Each one left out becomes a placeholder of the same name, type and dims marked as external data
+    (location ``IN_MEMORY``): shape inference and the checker's structure see the same graph, and
+    onnxruntime takes the values through ``add_external_initializers``. What graph-level tools
+    serialize is then the graph, not the weights (a protobuf copy per call; over 2 GB, impossible)."""
+    skel = onnx.ModelProto()
+    for fd, val in model.ListFields():
+        if fd.name == "graph":
+            continue
+        if _repeated(fd):
+            getattr(skel, fd.name).extend(val)
+        elif fd.message_type is not None:
+            getattr(skel, fd.name).CopyFrom(val)
+        else:
+            setattr(skel, fd.name, val)
+    big: list[onnx.TensorProto] = []
+    for fd, val in model.graph.ListFields():
+        if fd.name == "initializer":
+            continue
+        if _repeated(fd):
+            getattr(skel.graph, fd.name).extend(val)
+        else:
+            setattr(skel.graph, fd.name, val)
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL and _tensor_bytes(t) >= min_bytes:
+            big.append(t)
+            ph = skel.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+            ph.data_location = TensorProto.EXTERNAL
+            ph.external_data.add(key="location", value=IN_MEMORY)
+        else:
+            skel.graph.initializer.append(t)
+    return skel, big
+
+
+def check_weightless(model: onnx.ModelProto, full_check: bool = True) -> None:
+    """``onnx.checker.check_model`` (with strict shape inference when ``full_check``) on the model's
+    structure: a model with large initializers is checked as its weightless copy, saved with an empty
+    data file the placeholders point to (the checker resolves external data by path and reads none of
+    it), so the weights are never serialized and a model over 2 GB can be checked. Raises what the
+    checker raises."""
+    skel, big = weightless(model)
+    if not big:
+        onnx.checker.check_model(model, full_check=full_check)
+        if full_check:
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        return
+    import tempfile
+
+    for t in skel.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location" and e.value == IN_MEMORY:
+                e.value = "weights.bin"
+    with tempfile.TemporaryDirectory(prefix="compressor-check-") as d:
+        (Path(d) / "weights.bin").touch()
+        onnx.save_model(skel, str(Path(d) / "model.onnx"))
+        onnx.checker.check_model(str(Path(d) / "model.onnx"), full_check=full_check)
+
+
+def _infer_weightless(model: onnx.ModelProto, data_prop: bool) -> onnx.ModelProto:
+    """Shape inference on the model's weightless copy; the inferred graph structure (nodes with their
+    subgraphs, value_info, inputs, outputs) is moved back into ``model`` itself, whose weights are
+    never copied. Returns ``model``."""
+    skel, _ = weightless(model)
+    out = _infer(skel, data_prop)
+    g = model.graph
+    for name in ("node", "value_info", "input", "output"):
+        field = getattr(g, name)
+        del field[:]
+        field.extend(getattr(out.graph, name))
+    return model
+
+
 def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
     """Strict shape inference. Data propagation (the values of Shape computations, so a Reshape whose
     target is computed from Shape gets a static output) runs only where a graph has Shape/Size nodes,
-    and, where ``os.fork`` exists, in a child process under a memory limit (``_infer_guarded``)."""
+    and, where ``os.fork`` exists, in a child process under a memory limit (``_infer_guarded``).
+    A model with large initializers is inferred on its weightless copy (``weightless``) and updated in
+    place: onnx's inference serializes the model it gets, twice."""
+    if any(t.data_location != TensorProto.EXTERNAL and _tensor_bytes(t) >= WEIGHTLESS_MIN_BYTES
+           for t in model.graph.initializer):
+        return _infer_weightless(model, data_prop)
+    return _infer(model, data_prop)
+
+
+def _infer(model: onnx.ModelProto, data_prop: bool) -> onnx.ModelProto:
     try:
         if data_prop and _has_shape_ops(model):
             if hasattr(os, "fork") and model.ByteSize() < 1_800_000_000:
@@ -503,7 +632,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graphsurgeon graph, keeping the original model's metadata."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph, do_type_check=True)
+    model = _export_filled(graph)
     model.ir_version = like.ir_version
     model.producer_name = like.producer_name or "compressor"
     del model.opset_import[:]
@@ -518,6 +647,50 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
                 list(model.opset_import), ignore_unknown=True))
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
+    return model
+
+
+def _export_filled(graph: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx`` with the data of large constants written once, into the final model: exported
+    as they are, each passes through graphsurgeon's GraphProto and again through ``make_model``'s
+    copy (three weight-sized copies alive at once). They are exported as placeholders and filled
+    in the model afterwards; the graph is left as it was."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    swapped: dict[str, tuple[gs.Constant, Any]] = {}
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for t in g.tensors().values():
+            if not isinstance(t, gs.Constant) or t.name in swapped or isinstance(t._values, type(None)):
+                continue
+            vals = t._values
+            lazy = isinstance(vals, LazyValues)
+            if lazy and (type(vals) is not LazyValues or vals.tensor.data_location == TensorProto.EXTERNAL):
+                continue  # sparse values; data still on disk
+            nbytes = vals.nbytes if lazy else getattr(vals, "nbytes", 0)
+            if nbytes < WEIGHTLESS_MIN_BYTES or (not lazy and not isinstance(vals, np.ndarray)):
+                continue
+            dtype = vals.tensor.data_type if lazy else onnx.helper.np_dtype_to_tensor_dtype(vals.dtype)
+            ph = TensorProto(name=t.name, data_type=dtype, dims=list(vals.shape))
+            ph.data_location = TensorProto.EXTERNAL
+            ph.external_data.add(key="location", value=IN_MEMORY)
+            swapped[t.name] = (t, vals)
+            t._values = LazyValues(ph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=True)
+    finally:
+        for t, vals in swapped.values():
+            t._values = vals
+    if swapped:
+        for tp in onnx.external_data_helper._get_all_tensors(model):
+            hit = swapped.get(tp.name)
+            if hit is None or tp.data_location != TensorProto.EXTERNAL:
+                continue
+            vals = hit[1]
+            if isinstance(vals, LazyValues):
+                tp.CopyFrom(vals.tensor)
+            else:
+                tp.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(vals), hit[0].name))
+            tp.name = hit[0].name
     return model
 
 
@@ -619,7 +792,20 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Lift Constant nodes into initializers and fold constant subgraphs."""
     graph = to_graph(model)
     fold_constants(graph)
-    return to_model(graph, model)
+    out = to_model(graph, model)
+    del graph
+    collect()
+    return out
+
+
+def collect() -> None:
+    """Collect reference cycles now: a dropped graphsurgeon graph (nodes and tensors refer to each other)
+    holds, through its lazily loaded constants, the protobuf it was imported from, and a sub-message
+    keeps its whole model's memory alive; left to the next automatic collection, that is one more
+    weight-sized copy alive per stage."""
+    import gc
+
+    gc.collect()
 
 
 def available_memory() -> int:
@@ -742,11 +928,16 @@ def name_nodes(model: onnx.ModelProto) -> int:
 
 
 def load(path: Path, input_shapes: dict[str, list[int]] | None = None, data_shapes: dict[str, tuple[int, ...]] | None = None,
-         notes: list[str] | None = None) -> onnx.ModelProto:
+         notes: list[str] | None = None, files: list[Path] | None = None) -> onnx.ModelProto:
     """Full load stage: read, check, convert opset, fix shapes, check resources, normalise, infer shapes.
     ``data_shapes``: array shapes of the run's data files (``npz_shapes``), which fix dynamic dims left
-    open by ``input_shapes``; ``notes`` receives a line per input fixed that way."""
-    model = read_model(path)
+    open by ``input_shapes``; ``notes`` receives a line per input fixed that way; ``files`` the files
+    the model was read from (``source_files``)."""
+    model = read_model(path, load_data=False)  # external data stays on disk through the graph-level checks
+    if files is not None:
+        files[:] = source_files(path, model)
+    if (default_opset(model) or TARGET_MIN_OPSET) < TARGET_MIN_OPSET:
+        attach_external_data(model, path.parent)  # the version converter's result is checked in memory
     model = _convert_opset(model)
     _normalize_ir(model)
     name_nodes(model)
@@ -757,6 +948,7 @@ def load(path: Path, input_shapes: dict[str, list[int]] | None = None, data_shap
     check_resources(model)  # inferred intermediates, before data propagation, folding or running anything
     model = infer_shapes(model)
     check_resources(model)  # shapes computed from Shape chains
+    attach_external_data(model, path.parent)
     model = normalize(model)
     model = infer_shapes(model)
     for _ in range(4):  # a folded Shape chain gives the next Reshape a static shape, whose output feeds the next
@@ -784,9 +976,84 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, shape, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
 
 
+SINGLE_FILE_MAX = 1_800_000_000  # above this, a model is saved with its weights in ``<name>.data``
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save, using external data when the model is too large for one protobuf."""
-    if model.ByteSize() > 1_800_000_000:
-        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(model, str(path))
+    """Save without serializing the model as a whole (one weight-sized copy, and impossible over 2 GB):
+    the graph is written without its initializers, then each initializer on its own. Up to
+    ``SINGLE_FILE_MAX`` bytes one protobuf file (the same message ``onnx.save_model`` writes, fields in
+    another order); above it the weights go to ``<name>.data`` beside it (page-aligned external data).
+    ``model`` is not modified."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if model.ByteSize() <= SINGLE_FILE_MAX:
+        _save_streamed(model, path)
+        if data.exists():
+            data.unlink()  # a stale weight file from an earlier, larger save
+        return
+    skel, big = weightless(model, min_bytes=1024)
+    offsets: dict[str, tuple[int, int]] = {}
+    with open(data, "wb") as f:
+        for t in big:
+            pad = (-f.tell()) % 4096
+            f.write(b"\0" * pad)
+            raw = t.raw_data if t.raw_data else numpy_helper.to_array(t).tobytes()
+            offsets[t.name] = (f.tell(), len(raw))
+            f.write(raw)
+            del raw
+    for t in skel.graph.initializer:
+        if t.name in offsets and any(e.key == "location" and e.value == IN_MEMORY for e in t.external_data):
+            del t.external_data[:]
+            off, n = offsets[t.name]
+            for k, v in (("location", data.name), ("offset", str(off)), ("length", str(n))):
+                t.external_data.add(key=k, value=v)
+    _save_streamed(skel, path)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+_GRAPH_KEY = bytes([(7 << 3) | 2])  # ModelProto.graph, length-delimited
+_INIT_KEY = bytes([(5 << 3) | 2])  # GraphProto.initializer, length-delimited
+
+
+def _save_streamed(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` as one protobuf, its main-graph initializers serialized one at a time."""
+    rest = onnx.ModelProto()
+    for fd, val in model.ListFields():
+        if fd.name == "graph":
+            continue
+        if _repeated(fd):
+            getattr(rest, fd.name).extend(val)
+        elif fd.message_type is not None:
+            getattr(rest, fd.name).CopyFrom(val)
+        else:
+            setattr(rest, fd.name, val)
+    graph = onnx.GraphProto()
+    for fd, val in model.graph.ListFields():
+        if fd.name == "initializer":
+            continue
+        if _repeated(fd):
+            getattr(graph, fd.name).extend(val)
+        else:
+            setattr(graph, fd.name, val)
+    head = graph.SerializeToString()
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    glen = len(head) + sum(1 + len(_varint(n)) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(rest.SerializeToString())
+        if model.HasField("graph"):
+            f.write(_GRAPH_KEY + _varint(glen) + head)
+            for t, n in zip(model.graph.initializer, sizes):
+                f.write(_INIT_KEY + _varint(n))
+                f.write(t.SerializeToString())

@@ -60,8 +60,7 @@ class Instrument:
 
 def check_model(model: onnx.ModelProto, after: str) -> None:
     try:
-        onnx.checker.check_model(model, full_check=True)
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        ir.check_weightless(model, full_check=True)
     except Exception as exc:
         raise PassError(f"graph invalid after {after}: {' '.join(str(exc).split())[:300]}") from exc
 
@@ -173,5 +172,7 @@ class PassManager:
                 raise (PluginError(msg) if is_plugin else PassError(msg)) from exc
             records.append(rec)
         out = ir.to_model(graph, model)
+        del graph
+        ir.collect()  # the graph's arrays and the input model it holds: gone before the checks copy anything
         check_model(out, "the last pass" if self.passes else "load")
         return ir.infer_shapes(out), records

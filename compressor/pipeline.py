@@ -311,6 +311,37 @@ def _host_description() -> str:
     return f"{h.model_name} ({h.arch}, {h.simd_summary})"
 
 
+class StageClock:
+    """Wall time and memory per stage of a run (report.json ``stages``): each ``enter`` closes the stage
+    before it with its seconds, the process's resident memory at its end and the peak so far
+    (``ru_maxrss``: the peak of the whole process up to that point, imports included)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._name: str | None = None
+        self._t = time.perf_counter()
+
+    @staticmethod
+    def _rss_mb() -> tuple[float, float]:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        try:
+            with open("/proc/self/statm") as f:
+                now = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        except OSError:
+            now = float("nan")
+        return now, peak
+
+    def enter(self, name: str | None) -> None:
+        t = time.perf_counter()
+        if self._name is not None:
+            now, peak = self._rss_mb()
+            self.rows.append({"stage": self._name, "seconds": round(t - self._t, 3), "rss_mb": round(now, 1),
+                              "peak_rss_mb": round(peak, 1)})
+        self._name, self._t = name, t
+
+
 @dataclass
 class _Run:
     """State of one execution, filled stage by stage (see ``execute``)."""
@@ -333,6 +364,8 @@ class _Run:
     search: dict[str, Any] | None = None  # the accuracy search's result, when it ran
     before_finetune: onnx.ModelProto | None = None  # the one-shot model, when finetune.distill ran after it
     finetune: tuple[Any, Any, Any] | None = None  # (pass, provider, context) of that finetune.distill run
+    clock: StageClock = dataclasses.field(default_factory=StageClock)
+    source_files: list[Path] = dataclasses.field(default_factory=list)  # the model file and its external data
 
     @property
     def out_names(self) -> list[str]:
@@ -353,8 +386,9 @@ def _load(p: Plan, say: Say) -> _Run:
     model_path = Path(opts.model)
     say(f"[1/6] load {model_path}")
     shape_notes: list[str] = []
+    files: list[Path] = []
     model = ir.load(model_path, ir.parse_input_shapes(opts.input_shape), ir.npz_shapes(opts.calib, opts.eval, opts.finetune),
-                    shape_notes)
+                    shape_notes, files)
     for line in shape_notes:
         say(f"      {line}")
     inputs, outputs = ir.input_specs(model), ir.output_specs(model)
@@ -373,7 +407,7 @@ def _load(p: Plan, say: Say) -> _Run:
         warnings.append(f"verification uses random inputs ({verif.source}): weak evidence; pass --eval data.npz for real data")
         warnings += verif.notes
     tol = verify.Tolerances(opts.min_cosine, opts.min_top1, opts.max_accuracy_drop)
-    return _Run(p, say, warnings, model, inputs, outputs, verif, calib, tol)
+    return _Run(p, say, warnings, model, inputs, outputs, verif, calib, tol, source_files=files)
 
 
 def _reference_runs(r: _Run) -> list[list[np.ndarray]]:
@@ -393,8 +427,10 @@ def _compress(r: _Run) -> list[Any]:
     """Stages 2-4: reference outputs, the pass pipeline, the compressed model verified with onnxruntime."""
     opts, say = r.p.opts, r.say
     say("[2/6] reference outputs (onnxruntime, optimizations disabled)")
+    r.clock.enter("reference")
     r.ref_runs = _reference_runs(r)
     say(f"[3/6] passes ({len(r.p.passes)})")
+    r.clock.enter("passes")
     instruments = [ProgressInstrument(say)]
     if opts.check_each_pass:
         instruments.append(ValidityInstrument(r.model))
@@ -419,12 +455,14 @@ def _compress(r: _Run) -> list[Any]:
     for rec in records:
         r.warnings += [f"{rec.name}: {w}" for w in rec.warnings]
     say("[4/6] verify compressed model (onnxruntime)")
+    r.clock.enter("verify")
     r.comp_runs = runtime.run_all(runtime.session(r.compressed), r.verif.feeds)
     r.comparisons = []
     r.compare("compressed.onnx", "original.onnx", "lossy", r.comp_runs, r.ref_runs)
     if r.labelled:
         r.accuracy = {"original": verify.accuracy(r.ref_runs, r.verif.labels), "compressed": verify.accuracy(r.comp_runs, r.verif.labels),
                       "n": len(r.verif.feeds), "max_drop": r.tol.max_accuracy_drop, "artifact": None}
+    r.clock.enter("search")
     _search(r)
     return records
 
@@ -739,7 +777,10 @@ def execute(p: Plan, say: Say) -> tuple[dict[str, Any], int]:
         import_ray()
     t_start = time.perf_counter()
     src_hash = sha256_file(model_path) if model_path.is_file() else None
+    clock = StageClock()
+    clock.enter("load")
     r = _load(p, say)
+    r.clock = clock
     from compressor.executor import RunExecutor
 
     with RunExecutor(opts.executor, opts.ray_address) as r.session:
@@ -752,18 +793,23 @@ def _execute_rest(p: Plan, say: Say, r: _Run, model_path: Path, src_hash: str | 
     stage = bundle_mod.StagedDir(p.output)
     try:
         bdir = stage.path
+        r.clock.enter("write model")
         ir.save_model(r.compressed, bdir / "model.onnx")
         from compressor.sparse_storage import write_sparse_weights
 
         sparse_storage = write_sparse_weights(r.compressed, bdir / "weights.sparse.npz")
+        r.clock.enter("compile")
         b = _build(r, stage)
         say("[6/6] measure and write bundle")
+        r.clock.enter("measure")
         latency = _measure(r, b, bdir)
-        before = stats.compute(r.model, model_path.stat().st_size)
-        after = stats.compute(r.compressed, (bdir / "model.onnx").stat().st_size)
+        before = stats.compute(r.model, sum(f.stat().st_size for f in r.source_files or [model_path]))
+        weights_file = ["model.onnx.data"] if (bdir / "model.onnx.data").exists() else []  # over ir.SINGLE_FILE_MAX
+        after = stats.compute(r.compressed, sum((bdir / f).stat().st_size for f in ["model.onnx", *weights_file]))
         _write_selfcheck(r, b, bdir)
         status, gate_failures = _gate(r)
         artifact = b.artifact
+        r.clock.enter(None)
         rep: dict[str, Any] = {
             "tool": {"name": "compressor", "version": compressor.__version__},
             "status": status,
@@ -787,8 +833,9 @@ def _execute_rest(p: Plan, say: Say, r: _Run, model_path: Path, src_hash: str | 
             "bundle": str(p.output),
             "sparse_storage": sparse_storage,
             "wall_seconds": round(time.perf_counter() - t_start, 2),
+            "stages": r.clock.rows,
         }
-        files = ["model.onnx", "selfcheck/inputs.npz", "selfcheck/expected.npz", "selfcheck/original.npz", "run_bundle.py",
+        files = ["model.onnx", *weights_file, "selfcheck/inputs.npz", "selfcheck/expected.npz", "selfcheck/original.npz", "run_bundle.py",
                  sparse_storage["file"]] + ([str(artifact.path), *getattr(artifact, "extra_files", ())] if artifact else [])
         manifest = {
             "schema_version": bundle_mod.MANIFEST_SCHEMA_VERSION,

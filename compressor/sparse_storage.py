@@ -113,24 +113,33 @@ def _nbytes(parts: dict[str, np.ndarray]) -> int:
 
 def write_sparse_weights(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
     """Write ``model`` compactly to ``path`` (.npz). Returns {"dense_bytes", "stored_bytes", "file", "encodings"}."""
+    import zipfile
+
+    from compressor import ir
+
     path = Path(path)
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
+    skeleton, _ = ir.weightless(model, min_bytes=0)  # the graph without weights: no copy of them
     del skeleton.graph.initializer[:]
-    arrays: dict[str, np.ndarray] = {}
     index, counts = [], {}
-    for i, init in enumerate(model.graph.initializer):
-        a = numpy_helper.to_array(init)
-        enc, parts = min(_encodings(a), key=lambda e: _nbytes(e[1]))
-        counts[enc] = counts.get(enc, 0) + 1
-        index.append({"name": init.name, "dtype": a.dtype.str, "shape": list(a.shape), "enc": enc, "parts": sorted(parts)})
-        for k, v in parts.items():
-            arrays[f"{i}.{k}"] = v
-    meta = {"format": "compressor.sparse_weights", "version": FORMAT_VERSION, "initializers": index}
-    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    arrays["__skeleton__"] = np.frombuffer(skeleton.SerializeToString(), dtype=np.uint8)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
+    # np.savez_compressed's format (a zip of .npy members), written one initializer at a time: the encoded
+    # parts of one tensor in memory at once, not of all
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        def put(name: str, arr: np.ndarray) -> None:
+            with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+
+        for i, init in enumerate(model.graph.initializer):
+            a = numpy_helper.to_array(init)
+            enc, parts = min(_encodings(a), key=lambda e: _nbytes(e[1]))
+            counts[enc] = counts.get(enc, 0) + 1
+            index.append({"name": init.name, "dtype": a.dtype.str, "shape": list(a.shape), "enc": enc, "parts": sorted(parts)})
+            for k, v in parts.items():
+                put(f"{i}.{k}", v)
+            del a, parts
+        meta = {"format": "compressor.sparse_weights", "version": FORMAT_VERSION, "initializers": index}
+        put("__meta__", np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        put("__skeleton__", np.frombuffer(skeleton.SerializeToString(), dtype=np.uint8))
     tmp.replace(path)
     return {"dense_bytes": int(model.ByteSize()), "stored_bytes": int(path.stat().st_size), "file": path.name, "encodings": counts}
 

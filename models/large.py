@@ -142,3 +142,59 @@ def model_path(name: str, cache: Path) -> Path:
         p = cache / f"{name.replace('-', '_')}.onnx"
         return p if p.is_file() else LARGE[name](p)
     return ensure_built(name, cache)
+
+
+def build_mlp_external(path: Path, width: int, layers: int, inp: int | None = None, classes: int = 10,
+                       seed: int = 0) -> Path:
+    """A ``layers``-deep ReLU MLP of ``width`` (MatMul + Add per layer, then a ``classes`` head) whose
+    weights live in one external-data file beside the model (``<name>.data``), written layer by layer
+    so that a model larger than the generator's memory (a 1B-parameter, 4 GB one) can be built.
+    Random weights scaled 1/sqrt(fan-in) (activations stay O(1) through the depth), batch 1."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    inp = inp or width
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    data_name = path.name + ".data"
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    offset = 0
+    with open(path.parent / data_name, "wb") as f:
+        def external(name: str, arr: np.ndarray) -> None:
+            nonlocal offset
+            pad = (-offset) % 4096  # page-aligned: runtimes can map the tensors instead of copying them
+            f.write(b"\0" * pad)
+            offset += pad
+            raw = np.ascontiguousarray(arr, dtype=np.float32)
+            f.write(raw.tobytes())
+            tp = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(raw.shape))
+            tp.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(raw.nbytes))):
+                tp.external_data.add(key=k, value=v)
+            offset += raw.nbytes
+            inits.append(tp)
+
+        x, cin = "x", inp
+        dims = [width] * layers + [classes]
+        for i, cout in enumerate(dims):
+            w = np.empty((cin, cout), np.float32)
+            for r0 in range(0, cin, 1024):  # in row blocks: no float64 copy of a whole 4096x8192 layer
+                w[r0:r0 + 1024] = rng.standard_normal((min(1024, cin - r0), cout), dtype=np.float32) / np.sqrt(cin)
+            external(f"fc{i}.weight", w)
+            external(f"fc{i}.bias", (rng.standard_normal(cout, dtype=np.float32) * 0.1))
+            del w
+            y = "logits" if i == len(dims) - 1 else f"h{i}"
+            nodes.append(helper.make_node("MatMul", [x, f"fc{i}.weight"], [f"mm{i}"], name=f"MatMul_{i}"))
+            nodes.append(helper.make_node("Add", [f"mm{i}", f"fc{i}.bias"], [y if i == len(dims) - 1 else f"pre{i}"],
+                                          name=f"Add_{i}"))
+            if i < len(dims) - 1:
+                nodes.append(helper.make_node("Relu", [f"pre{i}"], [y], name=f"Relu_{i}"))
+            x, cin = y, cout
+    graph = helper.make_graph(nodes, "mlp_external", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inp])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="models.large")
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path

@@ -73,6 +73,7 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
+from compressor import ir
 from compressor.errors import PassError, UsageError
 from compressor.pass_base import Pass, PassContext, PassResult
 from passes import quant_common as qc
@@ -204,7 +205,8 @@ class Int8Quantizer:
         self.candidates, self.matmuls, self.range_feeds = candidates, matmuls, range_feeds
         self.dir = workdir
         self.src = workdir / "float.onnx"
-        onnx.save(model, self.src)
+        ir.save_model(model, self.src)  # streamed; weights in float.onnx.data above ir.SINGLE_FILE_MAX
+        self.large = model.ByteSize() > ir.SINGLE_FILE_MAX  # onnxruntime's quantizer then writes external data too
         self.blocked = [n.name for n in model.graph.node if n.op_type in cfg.op_block_list]
         self.builds = 0
 
@@ -243,7 +245,7 @@ class Int8Quantizer:
                 reduce_range=self.scheme.reduce_range, activation_type=_qtype(self.scheme.activation),
                 weight_type=_qtype(self.scheme.weight), calibrate_method=_calibration_method(method),
                 nodes_to_quantize=nodes, nodes_to_exclude=exclude + self.blocked, op_types_to_quantize=self._op_types(),
-                calibration_cache_path=str(cache),
+                calibration_cache_path=str(cache), use_external_data_format=self.large,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": self.scheme.symmetric_activations,
                                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}},
             )
@@ -261,6 +263,7 @@ class Int8Quantizer:
                 str(src), str(dst), weight_type=QuantType.QInt8, reduce_range=self.scheme.reduce_range,
                 per_channel=self.cfg.per_channel, nodes_to_quantize=nodes, nodes_to_exclude=exclude + self.blocked,
                 op_types_to_quantize=op_types, extra_options={"MatMulConstBOnly": True},
+                use_external_data_format=self.large,
             )
 
     def build(self, plan: Plan | None, only: list[str] | None, exclude: list[str]) -> onnx.ModelProto:
