@@ -44,7 +44,7 @@ def model_for(size: str, cache: Path) -> Path:
     return path
 
 
-def run_one(model: Path, flags: list[str], out: Path, timeout: float) -> dict:
+def run_one(model: Path, flags: list[str], out: Path, timeout: float, max_mb: float = 0.0) -> dict:
     cmd = [str(REPO / ".venv" / "bin" / "compress"), str(model), "--target", "x86", "--no-gate", "--force", "--quiet",
            "-o", str(out), *flags]
     t0 = time.perf_counter()
@@ -60,7 +60,7 @@ def run_one(model: Path, flags: list[str], out: Path, timeout: float) -> dict:
         root = None
     import threading
 
-    stop = threading.Event()
+    stop, killed = threading.Event(), threading.Event()
 
     def sample() -> None:  # the run's processes together (compile and measure run in child processes)
         nonlocal tree_peak
@@ -68,6 +68,10 @@ def run_one(model: Path, flags: list[str], out: Path, timeout: float) -> dict:
             try:
                 procs = [root, *root.children(recursive=True)]
                 tree_peak = max(tree_peak, sum(p.memory_info().rss for p in procs) / 2**20)
+                if max_mb and tree_peak > max_mb:  # stop before the kernel's OOM killer picks a process
+                    killed.set()
+                    for p in procs[::-1]:
+                        p.kill()
             except Exception:  # noqa: BLE001 - a child ended between listing and reading
                 pass
             stop.wait(0.1)
@@ -100,6 +104,8 @@ def run_one(model: Path, flags: list[str], out: Path, timeout: float) -> dict:
         r = json.loads(rep.read_text())
         row["stages"] = r.get("stages", [])
         row["runtime"] = (r.get("runtime") or {}).get("name")
+    elif killed.is_set():
+        row["error"] = f"stopped at {tree_peak:.0f} MB resident (--max-mb {max_mb:.0f})"
     else:
         row["error"] = " ".join(err.strip().splitlines()[-1:])[:300] if err.strip() else f"exit {code}"
     return row
@@ -112,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--no-compile", action="store_true", help="pass --no-compile (the TVM stage left out)")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--max-mb", type=float, default=0.0,
+                    help="stop a run whose processes hold more than this (MB); default: 85%% of the machine's memory")
     ap.add_argument("--results", type=Path, default=None, help="JSON of every row (resumes: rows done are kept)")
     ap.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     a = ap.parse_args(argv)
@@ -119,14 +127,15 @@ def main(argv=None) -> int:
 
     results = json.loads(a.results.read_text()) if a.results and a.results.exists() else {}
     extra = ["--no-compile"] if a.no_compile else []
+    max_mb = a.max_mb or 0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     for size in ["tiny", *a.sizes.split(",")]:
         model = model_for(size, a.cache)
         wbytes = (model.parent / (model.name + ".data")).stat().st_size
-        for mode in (["sparsity"] if size == "tiny" else a.modes.split(",")):
+        for mode in a.modes.split(","):
             key = f"{size}/{mode}{'/nc' if a.no_compile else ''}"
             if key in results:
                 continue
-            row = run_one(model, MODES[mode] + extra, a.cache / size / f"out_{mode}", a.timeout)
+            row = run_one(model, MODES[mode] + extra, a.cache / size / f"out_{mode}", a.timeout, max_mb)
             row.update(size=size, mode=mode, weight_mb=round(wbytes / 2**20, 1))
             results[key] = row
             print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
@@ -144,15 +153,16 @@ def report(results: dict, host: str) -> list[str]:
     def peak(r: dict) -> float:
         return max(r["peak_mb"], r.get("tree_peak_mb") or 0.0)
 
-    fixed = next((peak(r) for k, r in results.items() if k.startswith("tiny/")), None)
+    fixed = {r["mode"] + ("/nc" if k.endswith("/nc") else ""): peak(r) for k, r in results.items() if k.startswith("tiny/")}
     lines = ["# Whole `compress` runs as the model grows: wall time and peak resident memory", "",
              f"Measured by `bench/memory_scale.py` on {host}. Models: `models.large.build_mlp_external` (ReLU MLP, "
              "random weights, external data). Every run: `compress MODEL --target x86 --no-gate --force --quiet` + the "
              "mode's flags. peak = the largest sum of resident memory over the run's processes (the CLI and the "
              "compile / measurement children it starts; sampled every 0.1 s), else the CLI process's ru_maxrss; "
              "x weights = peak / weight bytes (lower is better; the "
-             f"issue's bound is 3x); fixed = the same command on a {SIZES['tiny'][0]}-wide model "
-             f"({fixed if fixed is not None else '?'} MB: interpreter and library imports), over weights = "
+             f"issue's bound is 3x); fixed = the same command (same mode) on a {SIZES['tiny'][0]}-wide model "
+             f"(interpreter, libraries, the compile child: "
+             f"{', '.join(f'{k} {v:.0f} MB' for k, v in fixed.items()) or '?'}), over weights = "
              "(peak - fixed) / weight bytes.", "",
              "| size | mode | compile | exit | weights MB | wall s | peak MB | x weights | over weights | runtime | "
              "slowest stages (s) | peak after stage (MB) |",
@@ -163,7 +173,8 @@ def report(results: dict, host: str) -> list[str]:
         stages = r.get("stages") or []
         slow = ", ".join(f"{s['stage']} {s['seconds']:.0f}" for s in sorted(stages, key=lambda s: -s["seconds"])[:3])
         peaks = ", ".join(f"{s['stage']} {s['peak_rss_mb']:.0f}" for s in stages)
-        over = "" if fixed is None else f"{(peak(r) - fixed) / r['weight_mb']:.2f}"
+        f = fixed.get(r["mode"] + ("/nc" if key.endswith("/nc") else ""))
+        over = "" if f is None else f"{(peak(r) - f) / r['weight_mb']:.2f}"
         lines.append(f"| {r['size']} | {r['mode']} | {'no' if key.endswith('/nc') else 'yes'} | "
                      f"{r['exit']}{': ' + r['error'] if r.get('error') else ''} | {r['weight_mb']:.0f} | {r['wall_s']:.0f} | "
                      f"{peak(r):.0f} | {peak(r) / r['weight_mb']:.2f} | {over} | {r.get('runtime') or ''} | "

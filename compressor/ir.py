@@ -515,6 +515,19 @@ def _repeated(fd) -> bool:
     return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED
 
 
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of message ``src`` into the empty ``dst`` of the same type, but ``skip``."""
+    for fd, val in src.ListFields():
+        if fd.name == skip:
+            continue
+        if _repeated(fd):
+            getattr(dst, fd.name).extend(val)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(val)
+        else:
+            setattr(dst, fd.name, val)
+
+
 def weightless(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
     """A copy of ``model`` without the data of its large main-graph initializers, and those initializers.
     Each one left out becomes a placeholder of the same name, type and dims marked as external data
@@ -522,23 +535,9 @@ def weightless(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) ->
     onnxruntime takes the values through ``add_external_initializers``. What graph-level tools
     serialize is then the graph, not the weights (a protobuf copy per call; over 2 GB, impossible)."""
     skel = onnx.ModelProto()
-    for fd, val in model.ListFields():
-        if fd.name == "graph":
-            continue
-        if _repeated(fd):
-            getattr(skel, fd.name).extend(val)
-        elif fd.message_type is not None:
-            getattr(skel, fd.name).CopyFrom(val)
-        else:
-            setattr(skel, fd.name, val)
+    _copy_fields(model, skel, "graph")
     big: list[onnx.TensorProto] = []
-    for fd, val in model.graph.ListFields():
-        if fd.name == "initializer":
-            continue
-        if _repeated(fd):
-            getattr(skel.graph, fd.name).extend(val)
-        else:
-            setattr(skel.graph, fd.name, val)
+    _copy_fields(model.graph, skel.graph, "initializer")
     for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL and _tensor_bytes(t) >= min_bytes:
             big.append(t)
@@ -650,11 +649,12 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _export_filled(graph: gs.Graph) -> onnx.ModelProto:
+def _export_filled(graph: gs.Graph, fill: bool = True, type_check: bool = True) -> onnx.ModelProto:
     """``gs.export_onnx`` with the data of large constants written once, into the final model: exported
     as they are, each passes through graphsurgeon's GraphProto and again through ``make_model``'s
     copy (three weight-sized copies alive at once). They are exported as placeholders and filled
-    in the model afterwards; the graph is left as it was."""
+    in the model afterwards; the graph is left as it was. ``fill=False``: left as placeholders (external
+    data at ``IN_MEMORY``), a weightless model for graph-level tools."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
     swapped: dict[str, tuple[gs.Constant, Any]] = {}
@@ -676,11 +676,11 @@ def _export_filled(graph: gs.Graph) -> onnx.ModelProto:
             swapped[t.name] = (t, vals)
             t._values = LazyValues(ph)
     try:
-        model = gs.export_onnx(graph, do_type_check=True)
+        model = gs.export_onnx(graph, do_type_check=type_check)
     finally:
         for t, vals in swapped.values():
             t._values = vals
-    if swapped:
+    if swapped and fill:
         for tp in onnx.external_data_helper._get_all_tensors(model):
             hit = swapped.get(tp.name)
             if hit is None or tp.data_location != TensorProto.EXTERNAL:
@@ -692,6 +692,12 @@ def _export_filled(graph: gs.Graph) -> onnx.ModelProto:
                 tp.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(vals), hit[0].name))
             tp.name = hit[0].name
     return model
+
+
+def export_weightless(graph: gs.Graph, type_check: bool = False) -> onnx.ModelProto:
+    """The graph exported without the data of its large constants (``weightless``'s placeholders), for
+    shape inference and checks; the graph itself is not changed (no cleanup, no sort)."""
+    return _export_filled(graph, fill=False, type_check=type_check)
 
 
 def _rename(t: gs.Tensor, name: str) -> None:
@@ -1030,23 +1036,9 @@ _INIT_KEY = bytes([(5 << 3) | 2])  # GraphProto.initializer, length-delimited
 def _save_streamed(model: onnx.ModelProto, path: Path) -> None:
     """Write ``model`` as one protobuf, its main-graph initializers serialized one at a time."""
     rest = onnx.ModelProto()
-    for fd, val in model.ListFields():
-        if fd.name == "graph":
-            continue
-        if _repeated(fd):
-            getattr(rest, fd.name).extend(val)
-        elif fd.message_type is not None:
-            getattr(rest, fd.name).CopyFrom(val)
-        else:
-            setattr(rest, fd.name, val)
+    _copy_fields(model, rest, "graph")
     graph = onnx.GraphProto()
-    for fd, val in model.graph.ListFields():
-        if fd.name == "initializer":
-            continue
-        if _repeated(fd):
-            getattr(graph, fd.name).extend(val)
-        else:
-            setattr(graph, fd.name, val)
+    _copy_fields(model.graph, graph, "initializer")
     head = graph.SerializeToString()
     sizes = [t.ByteSize() for t in model.graph.initializer]
     glen = len(head) + sum(1 + len(_varint(n)) + n for n in sizes)

@@ -56,6 +56,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from compressor import ir
 from compressor.errors import UsageError
 from compressor.pass_base import Pass, PassContext, PassResult
 from passes.channel_deps import DepGraph, Group, build, lookup
@@ -839,7 +840,8 @@ def _edit_grouped(w: np.ndarray, removed: np.ndarray, g: int, mode: str, fill: f
 
 def _reinfer_shapes(graph: gs.Graph) -> None:
     """Give the intermediate tensors their new static shapes (ONNX shape inference)."""
-    inferred = onnx.shape_inference.infer_shapes(gs.export_onnx(graph.copy(), do_type_check=False))
+    # the weightless export: inference needs the graph and the constants' shapes, not their values
+    inferred = onnx.shape_inference.infer_shapes(ir.export_weightless(graph))
     shapes = {}
     for vi in inferred.graph.value_info:
         tt = vi.type.tensor_type
