@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compressor import ir
 from compressor.errors import InputError
 
 
@@ -33,7 +34,7 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     existing = {o.name for o in m.graph.output}
     types: dict[str, int] = {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(m)
+        inferred = ir.inferred_structure(m)
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
             if vi.type.HasField("tensor_type"):
                 types[vi.name] = vi.type.tensor_type.elem_type

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from compressor import ir
 from compressor import sparse_ops
 from compressor.errors import EXIT_DEPENDENCY, EXIT_GATE, EXIT_INPUT, EXIT_OK, InputError, TargetError, UsageError
 
@@ -122,7 +123,7 @@ def densify_sparse_ops(model):
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = ir.inferred_structure(model)
     dims = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]

@@ -464,7 +464,7 @@ def _infer_guarded(model: onnx.ModelProto) -> onnx.ModelProto:
     import resource
 
     # inference copies the model a few times; propagated shape values are small
-    limit = min(memory_limit_bytes(), 1 << 30) + 4 * model.ByteSize()
+    limit = min(memory_limit_bytes(), 1 << 30) + 4 * model_bytes(model)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: infer, write "K"+model or "E"+message, exit without cleanup handlers
@@ -513,6 +513,20 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 def _repeated(fd) -> bool:
     rep = getattr(fd, "is_repeated", None)  # protobuf >= 5; ``label`` before
     return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED
+
+
+def inferred_structure(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes(model)`` (its defaults) on the weightless copy: the inferred
+    value_info, inputs and outputs of ``model`` without a copy of its weights (and over 2 GB). The
+    large initializers in the result are placeholders; read values from ``model``."""
+    return onnx.shape_inference.infer_shapes(weightless(model)[0])
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialized size, also over protobuf's 2 GB limit (where ``ByteSize()`` raises): the
+    weightless graph plus each large initializer on its own."""
+    skel, big = weightless(model)
+    return skel.ByteSize() + sum(t.ByteSize() + 8 for t in big)  # + the field key and length of each
 
 
 def _copy_fields(src, dst, skip: str) -> None:
@@ -602,7 +616,7 @@ def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelPr
 def _infer(model: onnx.ModelProto, data_prop: bool) -> onnx.ModelProto:
     try:
         if data_prop and _has_shape_ops(model):
-            if hasattr(os, "fork") and model.ByteSize() < 1_800_000_000:
+            if hasattr(os, "fork") and model_bytes(model) < 1_800_000_000:
                 return _infer_guarded(model)
             return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=False)
@@ -993,7 +1007,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     ``model`` is not modified."""
     path = Path(path)
     data = path.with_name(path.name + ".data")
-    if model.ByteSize() <= SINGLE_FILE_MAX:
+    if model_bytes(model) <= SINGLE_FILE_MAX:
         _save_streamed(model, path)
         if data.exists():
             data.unlink()  # a stale weight file from an earlier, larger save

@@ -141,7 +141,7 @@ def write_sparse_weights(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
         put("__meta__", np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
         put("__skeleton__", np.frombuffer(skeleton.SerializeToString(), dtype=np.uint8))
     tmp.replace(path)
-    return {"dense_bytes": int(model.ByteSize()), "stored_bytes": int(path.stat().st_size), "file": path.name, "encodings": counts}
+    return {"dense_bytes": int(ir.model_bytes(model)), "stored_bytes": int(path.stat().st_size), "file": path.name, "encodings": counts}
 
 
 def read_sparse_weights(path: Path) -> onnx.ModelProto:

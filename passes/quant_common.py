@@ -45,6 +45,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from compressor import ir
 from compressor.errors import PassError
 from compressor.metrics import cosine  # noqa: F401  (re-exported: quantizers compare with it)
 
@@ -73,7 +74,7 @@ def export_model(graph: gs.Graph, ctx: Any) -> onnx.ModelProto:
         g.cleanup(remove_unused_graph_inputs=False).toposort()
         model = gs.export_onnx(g, do_type_check=True)
         model.ir_version = min(model.ir_version, 8) if model.ir_version else 8
-    return onnx.shape_inference.infer_shapes(model)
+    return ir.infer_shapes(model, data_prop=False)  # strict, on the weightless copy (the model is a fresh export)
 
 
 def replace_graph(graph: gs.Graph, model: onnx.ModelProto) -> None:

@@ -206,7 +206,7 @@ class Int8Quantizer:
         self.dir = workdir
         self.src = workdir / "float.onnx"
         ir.save_model(model, self.src)  # streamed; weights in float.onnx.data above ir.SINGLE_FILE_MAX
-        self.large = model.ByteSize() > ir.SINGLE_FILE_MAX  # onnxruntime's quantizer then writes external data too
+        self.large = ir.model_bytes(model) > ir.SINGLE_FILE_MAX  # onnxruntime's quantizer then writes external data too
         self.blocked = [n.name for n in model.graph.node if n.op_type in cfg.op_block_list]
         self.builds = 0
 

@@ -117,6 +117,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
+from compressor import ir
 from compressor.errors import UsageError
 from compressor.pass_base import Pass, PassContext, PassResult
 
@@ -566,7 +567,7 @@ def _inferred_shapes(graph: gs.Graph, ctx: PassContext) -> dict[str, list]:
     if ctx.template is None:
         return {}
     try:
-        model = onnx.shape_inference.infer_shapes(ctx.export(graph))
+        model = ir.inferred_structure(ctx.export(graph))
     except Exception as exc:  # pragma: no cover - defensive: shapes then come from the graph
         log.debug("shape inference failed: %s", exc)
         return {}

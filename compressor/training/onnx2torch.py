@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
+from compressor import ir
 from compressor.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def batch_1_reshapes(model: onnx.ModelProto) -> dict[str, str]:
     static shapes (``copy``). Both equal the original at batch 1; the batched run is checked against single
     samples before it is used."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = ir.inferred_structure(model)
     except Exception:  # noqa: BLE001 - no static shapes: only the count rule applies
         inferred = model
     dim0 = {}

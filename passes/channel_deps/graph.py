@@ -40,6 +40,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from compressor import ir
+
 log = logging.getLogger(__name__)
 
 Space = tuple[str, int]  # (tensor name, axis)
@@ -104,7 +106,7 @@ class GraphView:
         self.graph = graph
         self.opset = opset
         self.balanced = balanced  # grouped Conv nodes visited in balanced mode (see the module docstring)
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = ir.inferred_structure(model)
         self.shapes: dict[str, tuple[int, ...]] = {}
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             tt = vi.type.tensor_type
