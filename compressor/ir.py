@@ -510,6 +510,24 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
     return n * _itemsize(t.data_type)
 
 
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's values from its dims and type (4-bit types packed two per byte), without
+    reading them (``len(t.raw_data)`` copies the data)."""
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return (n + 1) // 2 if t.data_type in _PACKED_4BIT else n * _itemsize(t.data_type)
+
+
+def constant_values(c: gs.Constant) -> np.ndarray:
+    """A graphsurgeon constant's values without caching them in the graph: a lazily loaded constant stays
+    lazy (``c.values`` would keep a loaded copy in the graph for the rest of the pass)."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    vals = c._values
+    return vals.load() if isinstance(vals, LazyValues) else np.asarray(vals)
+
+
 def _repeated(fd) -> bool:
     rep = getattr(fd, "is_repeated", None)  # protobuf >= 5; ``label`` before
     return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED

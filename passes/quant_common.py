@@ -261,7 +261,7 @@ def structural_sensitive_layers(graph: gs.Graph, names: list[str]) -> dict[str, 
 
 def float_zero_masks(graph: gs.Graph) -> dict[str, np.ndarray]:
     """weight name -> boolean zero mask for the float weights of Conv/Gemm/MatMul layers."""
-    return {w.name: np.asarray(w.values) == 0 for _, w in weight_layers(graph, ("Conv", "ConvTranspose", "Gemm", "MatMul"))}
+    return {w.name: ir.constant_values(w) == 0 for _, w in weight_layers(graph, ("Conv", "ConvTranspose", "Gemm", "MatMul"))}
 
 
 def _const(model_inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
@@ -386,7 +386,7 @@ def zero_preservation(before: dict[str, np.ndarray], model: onnx.ModelProto, pas
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    return int(sum(len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
+    return int(sum(ir.tensor_nbytes(t) for t in model.graph.initializer))  # from dims: no copy of the data
 
 
 # --------------------------------------------------------------------------- mixed precision
