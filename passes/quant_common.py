@@ -180,6 +180,15 @@ def fidelity(cand: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> float
 
 # --------------------------------------------------------------------------- layers and zeros
 
+def _float_constant(w: gs.Constant) -> bool:
+    """Whether a constant holds floats, from its recorded dtype (loading the values would keep a copy of
+    them in the graph); a dtype numpy does not know (bfloat16, float8) is read from the values."""
+    try:
+        return np.dtype(w.dtype).kind == "f"
+    except TypeError:
+        return np.asarray(w.values).dtype.kind == "f"
+
+
 def weight_layers(graph: gs.Graph, op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul")) -> list[tuple[gs.Node, gs.Constant]]:
     """(node, float constant weight) of every quantizable layer, in graph order."""
     out = []
@@ -188,7 +197,7 @@ def weight_layers(graph: gs.Graph, op_types: tuple[str, ...] = ("Conv", "Gemm", 
         if node.op not in op_types or idx is None or len(node.inputs) <= idx:
             continue
         w = node.inputs[idx]
-        if isinstance(w, gs.Constant) and np.asarray(w.values).dtype.kind == "f":
+        if isinstance(w, gs.Constant) and _float_constant(w):
             out.append((node, w))
     return out
 
