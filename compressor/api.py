@@ -96,7 +96,9 @@ def _options(model: Any, kwargs: dict[str, Any], tmp: Path) -> Options:
             raise UsageError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
         name = "".join(c if c.isalnum() or c in "._-" else "_" for c in (model.graph.name or "model")) or "model"
         path = tmp / f"{name}.onnx"
-        onnx.save_model(model, str(path))
+        from compressor import ir
+
+        ir.save_model(model, path)  # streamed; external data beside it over 1.8 GB (the model is not modified)
         if kw.get("output") is None:  # the default name, in the working directory (not the temporary one)
             from compressor.pipeline import default_output_name
             import targets

@@ -76,8 +76,9 @@ def _copies_external_initializers() -> bool:
 
 def _weightless_source(model: onnx.ModelProto, so: ort.SessionOptions, keep: list[np.ndarray]) -> bytes:
     """The serialized model for onnxruntime, its large initializers handed over as arrays
-    (``add_external_initializers``: onnxruntime uses the buffers, no copy) instead of inside the bytes
-    (serialized, parsed and copied again: three weight-sized copies at once, and impossible over 2 GB)."""
+    (``add_external_initializers``; onnxruntime 1.32 copies them once when the session is made, see
+    ``_copies_external_initializers``) instead of inside the bytes (serialized, parsed and copied again:
+    three weight-sized copies at once, and impossible over 2 GB). ``keep`` receives the arrays."""
     from onnx import numpy_helper
 
     from compressor import ir
