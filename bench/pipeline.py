@@ -53,6 +53,8 @@ def main() -> None:
     lines = [f"# compress wall time per model (sparsity {a.sparsity})", "",
              f"Host: {h.model_name} ({h.simd_summary}). Latencies: median, onnxruntime ORT_ENABLE_ALL vs the TVM artifact (untuned), batch 1.", ""]
     lines += table(rows, ["model", "target", "exit", "wall s", "params", "sparsity", "ORT orig ms", "ORT comp ms", "TVM ms", "min cosine"])
+    lines += ["", "Wall time and peak resident memory of whole runs at 16M, 140M and 1B parameters (sparsity, structured, "
+              "int8; x86), with the time and memory of each stage: `bench/memory_scale.md` (`bench/memory_scale.py`)."]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
