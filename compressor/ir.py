@@ -503,13 +503,6 @@ WEIGHTLESS_MIN_BYTES = 1 << 16  # initializers at least this large are left out 
 IN_MEMORY = "__compressor_in_memory__"  # the external-data location of a weightless placeholder
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    n = 1
-    for d in t.dims:
-        n *= int(d)
-    return n * _itemsize(t.data_type)
-
-
 def tensor_nbytes(t: onnx.TensorProto) -> int:
     """Bytes of a tensor's values from its dims and type (4-bit types packed two per byte), without
     reading them (``len(t.raw_data)`` copies the data)."""
@@ -526,6 +519,11 @@ def constant_values(c: gs.Constant) -> np.ndarray:
 
     vals = c._values
     return vals.load() if isinstance(vals, LazyValues) else np.asarray(vals)
+
+
+def _left_out(t: onnx.TensorProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) -> bool:
+    """Whether ``weightless`` replaces this initializer by a placeholder: its data is in memory and large."""
+    return t.data_location != TensorProto.EXTERNAL and tensor_nbytes(t) >= min_bytes
 
 
 def _repeated(fd) -> bool:
@@ -571,7 +569,7 @@ def weightless(model: onnx.ModelProto, min_bytes: int = WEIGHTLESS_MIN_BYTES) ->
     big: list[onnx.TensorProto] = []
     _copy_fields(model.graph, skel.graph, "initializer")
     for t in model.graph.initializer:
-        if t.data_location != TensorProto.EXTERNAL and _tensor_bytes(t) >= min_bytes:
+        if _left_out(t, min_bytes):
             big.append(t)
             ph = skel.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
             ph.data_location = TensorProto.EXTERNAL
@@ -625,8 +623,7 @@ def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelPr
     and, where ``os.fork`` exists, in a child process under a memory limit (``_infer_guarded``).
     A model with large initializers is inferred on its weightless copy (``weightless``) and updated in
     place: onnx's inference serializes the model it gets, twice."""
-    if any(t.data_location != TensorProto.EXTERNAL and _tensor_bytes(t) >= WEIGHTLESS_MIN_BYTES
-           for t in model.graph.initializer):
+    if any(_left_out(t) for t in model.graph.initializer):
         return _infer_weightless(model, data_prop)
     return _infer(model, data_prop)
 
@@ -692,7 +689,7 @@ def _export_filled(graph: gs.Graph, fill: bool = True, type_check: bool = True) 
     swapped: dict[str, tuple[gs.Constant, Any]] = {}
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for t in g.tensors().values():
-            if not isinstance(t, gs.Constant) or t.name in swapped or isinstance(t._values, type(None)):
+            if not isinstance(t, gs.Constant) or t.name in swapped or t._values is None:
                 continue
             vals = t._values
             lazy = isinstance(vals, LazyValues)

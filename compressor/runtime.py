@@ -88,9 +88,7 @@ def _weightless_source(model: onnx.ModelProto, so: ort.SessionOptions, keep: lis
         return model.SerializeToString()
     names, values = [], []
     for t in big:
-        arr = numpy_helper.to_array(t)
-        if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
+        arr = numpy_helper.to_array(t)  # a new contiguous array
         keep.append(arr)
         names.append(t.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(arr))
